@@ -1,0 +1,49 @@
+"""Attention over the KV cache. The jnp versions here are the reference and the CPU path;
+on GPU the decode attention is a Pallas kernel with the same signature (kernels/attention.py)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
+    """q [B, Hq, D]; k/v_cache [B, Hkv, S, D]; lengths [B] valid positions (incl. current). -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) * scale
+    valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgs,bhsd->bhgd", probs, v_cache.astype(jnp.float32))
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, scale):
+    if jax.default_backend() == "gpu":
+        try:
+            from .kernels.attention import decode_attention as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None:
+            return kernel(q, k_cache, v_cache, lengths, scale)
+    return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+
+
+def prefill_attention(q, k, v, lengths, scale):
+    """Causal attention within a prompt. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B]. -> [B, T, Hq, D].
+
+    Key j is visible to query i when j <= i and j < lengths[b]; padded queries compute junk nobody reads.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) * scale
+    pos = jnp.arange(t)
+    visible = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -1,0 +1,124 @@
+"""Command line: realizar-jax generate | perplexity | inspect | convert | bench.
+
+Every failure the user can cause (missing file, damaged model, bad argument) ends in one line on
+stderr and a non-zero exit code, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import RealizarError
+
+DEFAULT_MODEL = Path(__file__).parent / "data" / "default.gguf"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as argparse does, without the usage block
+        print(f"realizar-jax: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _resolve_model(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    if not DEFAULT_MODEL.exists():
+        raise FileNotFoundError(f"no --model given and the embedded default model is missing ({DEFAULT_MODEL})")
+    print(f"realizar-jax: no --model given; using the embedded default model ({DEFAULT_MODEL.name}, "
+          f"a small LLaMA trained on Python's standard library)", file=sys.stderr)
+    return DEFAULT_MODEL
+
+
+def cmd_generate(args) -> int:
+    import realizar_jax as rj
+    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or None)
+    pieces = (model.chat([{"role": "user", "content": args.prompt}], stream=True, **kw) if args.chat
+              else model.stream(args.prompt, **kw))
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[realizar-jax] {model.last_stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    import realizar_jax as rj
+    text = Path(args.file).read_text(encoding="utf-8")
+    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len)
+    ppl = model.perplexity(text, stride=args.stride)
+    print(f"{ppl:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="realizar-jax", description="LLM inference on JAX for GGUF and safetensors models")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text (streams to stdout, stats to stderr)")
+    g.add_argument("--model", help="a .gguf file or HF folder (default: the embedded model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--max-seq-len", type=_positive_int)
+    g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("perplexity", help="perplexity of a text file")
+    x.add_argument("file")
+    x.add_argument("--model")
+    x.add_argument("--stride", type=_positive_int)
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    x.add_argument("--max-seq-len", type=_positive_int)
+    x.set_defaults(func=cmd_perplexity)
+
+    for name, module, fn, helptext in [
+        ("inspect", "inspect", "inspect_main", "show a model's config, memory estimate and tensors by role"),
+        ("convert", "convert", "convert_main", "convert an HF folder to GGUF (optionally quantized)"),
+        ("bench", "bench", "bench_main", "benchmark load/compile/prefill/decode on random-weight GGUFs"),
+    ]:
+        s = sub.add_parser(name, help=helptext, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=_delegate(module, fn))
+    return p
+
+
+def _delegate(module: str, fn: str):
+    def run(args) -> int:
+        import importlib
+        return importlib.import_module(f"realizar_jax.{module}").__dict__[fn](args.rest)
+    return run
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RealizarError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
+        print(f"realizar-jax: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

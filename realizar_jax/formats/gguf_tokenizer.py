@@ -1,0 +1,230 @@
+"""The `tokenizer.ggml.*` GGUF metadata for an HF model folder, as llama.cpp's convert_hf_to_gguf.py writes it.
+
+Two vocab kinds, chosen like the converter's llama path (tokenizer.model first, else tokenizer.json):
+
+* SentencePiece `tokenizer.model` -> model 'llama', pre 'default': tokens (pieces, '▁' kept), scores,
+  token_type (NORMAL / UNKNOWN / CONTROL / UNUSED / BYTE for '<0x00>'..'<0xFF>', USER_DEFINED for added
+  tokens from tokenizer_config.json's added_tokens_decoder, which also get score -1000).
+* byte-level BPE `tokenizer.json` -> model 'gpt2', pre (below), tokens (byte-level strings, 'Ġ' etc.),
+  token_type (NORMAL, CONTROL for special added tokens or ones that look special like '<|...|>',
+  USER_DEFINED for other added tokens), merges ('a b' strings).
+
+Both get bos/eos/unk/sep/pad ids, add_bos_token/add_eos_token and chat_template through gguf-py's own
+`gguf.SpecialVocab` (the converter's code for these), so ids and flags follow llama.cpp exactly.
+When config.json's vocab_size is larger than the tokenizer's, the gap is filled with '[PAD{i}]' UNUSED
+tokens, as the converter does (the embedding matrix and the token list must have the same length).
+
+`tokenizer.ggml.pre` names llama.cpp's pre-tokenizer regex. The converter identifies it by hashing the
+token ids of a probe text, which only works for published vocabularies; we match the regex itself in
+tokenizer.json's pre_tokenizer instead (see `PRE_TOKENIZER_REGEXES`):
+    llama3 regex ('\\p{N}{1,3}', used by Llama 3.x)       -> 'llama-bpe'
+    qwen2 regex  (single digits '\\p{N}', Qwen2/2.5/3)     -> 'qwen2'
+    ByteLevel(use_regex=True) or the GPT-2 regex           -> 'gpt-2'
+    anything else                                         -> 'default' with a warning (llama.cpp would then
+                                                             split text differently from HF)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import gguf
+
+from ..errors import TokenizerError
+
+logger = logging.getLogger(__name__)
+
+Field = tuple[str, object, "gguf.GGUFValueType | None"]
+
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# regex in tokenizer.json -> llama.cpp's name for it (tokenizer.ggml.pre)
+PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
+
+
+def _looks_special(text: str) -> bool:
+    # The converter's heuristic: some models leave control tokens marked non-special.
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: cannot read JSON: {e}") from e
+
+
+def _config_vocab_size(hf_dir: Path) -> int | None:
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = _read_json(cfg_path)
+    n = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` name for a byte-level BPE tokenizer.json (see module doc)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    regexes = []
+    for step in steps:
+        if step.get("type") == "Split":
+            regexes.append((step.get("pattern") or {}).get("Regex"))
+        elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            regexes.append(GPT2_REGEX)
+    if len(regexes) == 1 and regexes[0] in PRE_TOKENIZER_REGEXES:
+        return PRE_TOKENIZER_REGEXES[regexes[0]]
+    logger.warning("unrecognised BPE pre-tokenizer %r; writing tokenizer.ggml.pre='default' "
+                   "(llama.cpp may split text differently from the HF tokenizer)", regexes)
+    return "default"
+
+
+def _is_byte_level(tokenizer_json: dict) -> bool:
+    def has_byte_level(node) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has_byte_level(n) for n in node.get("pretokenizers", []) or [])
+    return has_byte_level(tokenizer_json.get("pre_tokenizer"))
+
+
+def _bpe_vocab(hf_dir: Path, tok_json: dict, n_vocab: int | None):
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or not _is_byte_level(tok_json):
+        raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: only byte-level BPE tokenizer.json files are supported "
+                             f"without a tokenizer.model (model type {model.get('type')!r})")
+    id_to_tok: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
+    added = {}
+    for a in tok_json.get("added_tokens") or []:
+        id_to_tok[int(a["id"])] = a["content"]
+        added[int(a["id"])] = a
+    if not id_to_tok:
+        raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: empty vocabulary")
+    size = max(id_to_tok) + 1
+    if n_vocab is not None:
+        if n_vocab < size:
+            raise TokenizerError(f"{hf_dir}: config.json vocab_size {n_vocab} is smaller than the tokenizer's "
+                                 f"largest id {size - 1}")
+        size = n_vocab
+    tokens, types = [], []
+    for i in range(size):
+        tok = id_to_tok.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+        elif i in added:
+            if added[i].get("special") or _looks_special(tok):
+                types.append(int(gguf.TokenType.CONTROL))
+            else:
+                tok = tok.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalised
+                types.append(int(gguf.TokenType.USER_DEFINED))
+            tokens.append(tok)
+        else:
+            tokens.append(tok)
+            types.append(int(gguf.TokenType.NORMAL))
+    return tokens, types
+
+
+def _spm_vocab(hf_dir: Path, n_vocab: int | None):
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError as e:  # pragma: no cover - sentencepiece is a test/convert dependency
+        raise TokenizerError("reading tokenizer.model needs the `sentencepiece` package") from e
+    sp = SentencePieceProcessor()
+    path = hf_dir / "tokenizer.model"
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from e
+    size = n_vocab or sp.vocab_size()
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-10000.0] * size
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for i in range(min(size, sp.vocab_size())):
+        tokens[i] = sp.IdToPiece(i)
+        scores[i] = float(sp.GetScore(i))
+        types[i] = int(gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                       else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                       else gguf.TokenType.NORMAL)
+    if sp.vocab_size() > size:
+        logger.warning("%s: tokenizer has %d pieces but config.json vocab_size is %d; extra pieces dropped",
+                       path, sp.vocab_size(), size)
+    extra = {}
+    if (hf_dir / "added_tokens.json").is_file():
+        extra.update({int(i): {"content": t} for t, i in _read_json(hf_dir / "added_tokens.json").items()})
+    if (hf_dir / "tokenizer_config.json").is_file():
+        decoder = _read_json(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        extra.update({int(i): d for i, d in decoder.items()})
+    for i, d in sorted(extra.items()):
+        if i >= size:
+            logger.warning("%s: added token %r has id %d >= vocab size %d; skipped", hf_dir, d["content"], i, size)
+            continue
+        text = d["content"]
+        if d.get("special") or _looks_special(text):
+            types[i] = int(gguf.TokenType.CONTROL)
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = int(gguf.TokenType.USER_DEFINED)
+        tokens[i], scores[i] = text, -1000.0
+    return tokens, scores, types
+
+
+def gguf_tokenizer_fields(hf_dir) -> list[Field]:
+    """The `tokenizer.ggml.*` (and `tokenizer.chat_template`) key/values for the HF model folder `hf_dir`.
+
+    Returns a list of `(key, value, vtype)`: `vtype` is the `gguf.GGUFValueType` of a scalar (STRING, UINT32,
+    BOOL), or None for an array, whose element type gguf-py infers from the Python values exactly as the
+    converter's typed helpers do (str -> STRING, int -> INT32, float -> FLOAT32). Write them with::
+
+        for key, value, vtype in gguf_tokenizer_fields(hf_dir):
+            if vtype is None:
+                writer.add_array(key, value)
+            else:
+                writer.add_key_value(key, value, vtype)
+
+    Raises TokenizerError when the folder has no usable tokenizer.
+    """
+    hf_dir = Path(hf_dir)
+    n_vocab = _config_vocab_size(hf_dir)
+    # A scratch writer (never opened on disk) lets gguf-py's own helpers pick keys and value types.
+    w = gguf.GGUFWriter(path=None, arch="llama")
+    if (hf_dir / "tokenizer.model").is_file():
+        tokens, scores, types = _spm_vocab(hf_dir, n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=len(tokens))
+    elif (hf_dir / "tokenizer.json").is_file():
+        tok_json = _read_json(hf_dir / "tokenizer.json")
+        tokens, types = _bpe_vocab(hf_dir, tok_json, n_vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre_tokenizer_name(tok_json))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens))
+        if not special.merges:
+            raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: BPE tokenizer has no merges")
+    else:
+        raise TokenizerError(f"{hf_dir}: no tokenizer.model or tokenizer.json")
+    try:
+        special.add_to_gguf(w, quiet=True)
+    except ValueError as e:
+        raise TokenizerError(f"{hf_dir}: {e}") from e
+    fields: list[Field] = []
+    for key, v in w.kv_data[0].items():
+        if key.startswith("tokenizer."):
+            fields.append((key, v.value, None if v.type == gguf.GGUFValueType.ARRAY else v.type))
+    return fields

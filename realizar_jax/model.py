@@ -1,0 +1,133 @@
+"""The model as pure functions over (params, cache, tokens). Jitted by the engine; usable directly.
+
+One code path for llama/mistral/qwen2/qwen3: branches are config flags only (qkv bias, q/k norm).
+Weights are roles; `matmul` hides whether one is a dense array or packed quantized blocks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .attention import decode_attention, prefill_attention
+from .cache import KVCache
+from .config import ModelConfig
+from .quant.matmul import embedding_lookup, matmul
+from .weights import LayerParams, Params
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm as HF computes it: normalize in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_tables(inv_freq, positions):
+    """cos/sin [..., head_dim] (halves layout) for integer positions [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., heads, D]; cos/sin broadcast over heads. HF's rotate_half convention, in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
+
+
+def _project_qkv(lp: LayerParams, h, positions, inv_freq, config: ModelConfig):
+    """h [..., hidden] -> q [..., Hq, D], k/v [..., Hkv, D] with biases, q/k norms and RoPE applied."""
+    q, k, v = matmul(h, lp.wq), matmul(h, lp.wk), matmul(h, lp.wv)
+    if config.qkv_bias:
+        q, k, v = q + lp.bq.astype(h.dtype), k + lp.bk.astype(h.dtype), v + lp.bv.astype(h.dtype)
+    lead = h.shape[:-1]
+    q = q.reshape(*lead, config.num_heads, config.head_dim)
+    k = k.reshape(*lead, config.num_kv_heads, config.head_dim)
+    v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:
+        q, k = rms_norm(q, lp.q_norm, config.norm_eps), rms_norm(k, lp.k_norm, config.norm_eps)
+    cos, sin = rope_tables(inv_freq, positions)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _mlp(lp: LayerParams, x, config: ModelConfig):
+    h = rms_norm(x, lp.ffn_norm, config.norm_eps)
+    return matmul(jax.nn.silu(matmul(h, lp.w_gate)) * matmul(h, lp.w_up), lp.w_down)
+
+
+def _lm_head(params: Params, x, config: ModelConfig):
+    x = rms_norm(x, params.final_norm, config.norm_eps)
+    return matmul(x, params.lm_head).astype(jnp.float32)
+
+
+def prefill(params: Params, cache: KVCache, tokens, lengths, *, config: ModelConfig, dtype=None,
+            all_logits: bool = False):
+    """Run prompts [B, T] (right-padded; lengths [B] real tokens) from position 0 and fill the cache.
+
+    Returns (logits, cache): logits [B, T, V] if all_logits else [B, V] at each prompt's last token.
+    """
+    dtype = jnp.dtype(dtype or cache.k.dtype)
+    b, t = tokens.shape
+    scale = config.head_dim ** -0.5
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = embedding_lookup(params.embed, tokens, dtype)
+    ks, vs = cache.k, cache.v
+    for i, lp in enumerate(params.layers):
+        h = rms_norm(x, lp.attn_norm, config.norm_eps)
+        q, k, v = _project_qkv(lp, h, positions, params.rope_inv_freq, config)
+        attn = prefill_attention(q, k, v, lengths, scale)
+        ks = ks.at[i, :, :, :t].set(k.swapaxes(1, 2).astype(ks.dtype))
+        vs = vs.at[i, :, :, :t].set(v.swapaxes(1, 2).astype(vs.dtype))
+        x = x + matmul(attn.reshape(b, t, -1), lp.wo)
+        x = x + _mlp(lp, x, config)
+    if not all_logits:
+        x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    return _lm_head(params, x, config), KVCache(ks, vs, lengths.astype(jnp.int32))
+
+
+def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig, dtype=None):
+    """One token per sequence [B] at position cache.lengths -> (logits [B, V] float32, cache with lengths + 1)."""
+    dtype = jnp.dtype(dtype or cache.k.dtype)
+    b = tokens.shape[0]
+    scale = config.head_dim ** -0.5
+    pos = cache.lengths
+    rows = jnp.arange(b)
+    x = embedding_lookup(params.embed, tokens, dtype)
+    ks, vs = cache.k, cache.v
+    for i, lp in enumerate(params.layers):
+        h = rms_norm(x, lp.attn_norm, config.norm_eps)
+        q, k, v = _project_qkv(lp, h, pos, params.rope_inv_freq, config)
+        ks = ks.at[i, rows, :, pos].set(k.astype(ks.dtype))  # [B, Hkv, D] written at each row's position
+        vs = vs.at[i, rows, :, pos].set(v.astype(vs.dtype))
+        attn = decode_attention(q, ks[i], vs[i], pos + 1, scale)
+        x = x + matmul(attn.reshape(b, -1), lp.wo)
+        x = x + _mlp(lp, x, config)
+    return _lm_head(params, x, config), KVCache(ks, vs, pos + 1)
+
+
+def decode_step(params: Params, cache: KVCache, tokens, key, sampling, seen=None, *, config: ModelConfig,
+                dtype=None):
+    """Feed tokens [B], sample the next ones on device. Returns (next_tokens [B], logits [B, V], cache, seen)."""
+    from .sampling import sample, update_seen
+    logits, cache = decode_logits(params, cache, tokens, config=config, dtype=dtype)
+    next_tokens = sample(logits, sampling, key, seen)
+    if seen is not None:
+        seen = update_seen(seen, next_tokens)
+    return next_tokens, logits, cache, seen
+
+
+def decode_loop(params: Params, cache: KVCache, tokens, key, sampling, seen, *, config: ModelConfig, steps: int,
+                dtype=None):
+    """`steps` decode steps on device in one call (lax.scan): -> (tokens [steps, B], cache, seen, last tokens).
+
+    tokens[j] is the token sampled at step j; the host reads them once per call, not once per token.
+    """
+    def body(carry, step_key):
+        cache, toks, seen = carry
+        nxt, _, cache, seen = decode_step(params, cache, toks, step_key, sampling, seen, config=config, dtype=dtype)
+        return (cache, nxt, seen), nxt
+
+    (cache, last, seen), out = jax.lax.scan(body, (cache, tokens, seen), jax.random.split(key, steps))
+    return out, cache, seen, last

@@ -1,0 +1,188 @@
+"""The role-keyed weights pytree, and the builder that fills it from a validated ModelSource.
+
+This is the one place that knows how a file's tensors become model weights: fused tensors are split,
+GGUF's llama Q/K row permutation is undone (the model always uses HF's "halves" RoPE), quantized
+tensors stay packed as QTensor, dense ones become arrays of the requested dtype. Model code sees roles only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .errors import MissingTensorError, ShapeMismatchError, UnsupportedQuantError
+from .formats import ModelSource, TensorSource
+from .quant.qtensor import QTensor
+from .roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape, required_global_roles,
+                    required_layer_roles, tensor_name)
+
+DENSE_QTYPES = ("F32", "F16", "BF16")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerParams:
+    attn_norm: jax.Array
+    wq: jax.Array | QTensor
+    wk: jax.Array | QTensor
+    wv: jax.Array | QTensor
+    wo: jax.Array | QTensor
+    ffn_norm: jax.Array
+    w_gate: jax.Array | QTensor
+    w_up: jax.Array | QTensor
+    w_down: jax.Array | QTensor
+    bq: jax.Array | None = None
+    bk: jax.Array | None = None
+    bv: jax.Array | None = None
+    q_norm: jax.Array | None = None
+    k_norm: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Params:
+    embed: jax.Array | QTensor  # [vocab, hidden]
+    layers: tuple[LayerParams, ...]
+    final_norm: jax.Array
+    lm_head: jax.Array | QTensor  # [vocab, hidden]; the embedding itself when tied
+    rope_inv_freq: jax.Array  # float32 [head_dim // 2], scaling already applied
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies with the config's scaling (linear or llama3), as HF computes them."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    if s.kind == "linear":
+        return (inv / s.factor).astype(np.float32)
+    if s.kind == "llama3":
+        low_wavelen = s.original_context_length / s.low_freq_factor
+        high_wavelen = s.original_context_length / s.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (s.original_context_length / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling {s.kind!r}")
+
+
+def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert permutation: per head, GGUF row (j, half) holds HF row (half, j)."""
+    per_head = rows.shape[0] // n_heads
+    tail = rows.shape[1:]
+    return rows.reshape(n_heads, per_head // 2, 2, *tail).swapaxes(1, 2).reshape(rows.shape)
+
+
+class _Reader:
+    """Fetches role tensors from a source as numpy arrays (memmapped until converted)."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.fmt = source.format
+
+    def get(self, role: str, layer: int | None) -> TensorSource | None:
+        return self.source.tensors.get(tensor_name(role, self.fmt, layer))
+
+    def rows_of(self, role: str, layer: int | None) -> tuple[np.ndarray, str] | None:
+        """(data, qtype) of a role, splitting a fused tensor when the separate one is absent."""
+        t = self.get(role, layer)
+        if t is not None:
+            return t.data, t.qtype
+        for fused, parts in FUSED.items():
+            if role in parts:
+                f = self.get(fused, layer)
+                if f is None:
+                    continue
+                sizes = [expected_shape(p, self.source.config)[0] for p in parts]
+                start = sum(sizes[:parts.index(role)])
+                return f.data[start:start + sizes[parts.index(role)]], f.qtype
+        return None
+
+
+def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None) -> Params:
+    """Turn a validated ModelSource into a Params pytree on the default device.
+
+    transform_matrix: optional callable (QTensor -> leaf) applied to each packed weight, e.g. a GPU repack.
+    """
+    config = source.config
+    reader = _Reader(source)
+    dtype = jnp.dtype(dtype)
+    missing: list[str] = []
+    permute = source.format == "gguf" and config.architecture in GGUF_QK_PERMUTED_ARCHS
+
+    def leaf(role: str, layer: int | None, optional: bool = False):
+        found = reader.rows_of(role, layer)
+        name = tensor_name(role, source.format, layer)
+        if found is None:
+            if not optional:
+                missing.append(name)
+            return None
+        data, qtype = found
+        want = expected_shape(role, config)
+        if permute and role in ("wq", "wk", "bq", "bk"):
+            data = _unpermute_rows(np.asarray(data), config.num_heads if role in ("wq", "bq") else config.num_kv_heads)
+        if ROLES[role].kind == "vector":
+            arr = np.asarray(data, dtype=np.float32).reshape(-1)
+            if arr.shape != want:
+                raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
+            return jnp.asarray(arr)
+        if qtype in DENSE_QTYPES:
+            arr = np.asarray(data)
+            if arr.shape != want:
+                raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
+            return jnp.asarray(arr.astype(dtype))
+        from .quant.types import row_bytes
+        try:
+            nbytes = row_bytes(qtype, want[1])
+        except (KeyError, ValueError) as exc:
+            raise UnsupportedQuantError(str(exc), path=source.path, tensor=name) from None
+        packed = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+        if packed.shape != (want[0], nbytes):
+            raise ShapeMismatchError(f"expected {want} in {qtype} ({want[0]} rows of {nbytes} bytes), found "
+                                     f"{packed.shape[0]} rows of {packed.shape[1]} bytes", path=source.path, tensor=name)
+        q = QTensor(jnp.asarray(packed), qtype, want)
+        return transform_matrix(q) if transform_matrix is not None else q
+
+    embed = leaf("embed", None)
+    lm_head = embed if config.tie_embeddings else leaf("lm_head", None)
+    final_norm = leaf("final_norm", None)
+    layers = []
+    needed = set(required_layer_roles(config))
+    for i in range(config.num_layers):
+        fields = {r: leaf(r, i, optional=r not in needed) for r in
+                  ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down",
+                   "bq", "bk", "bv", "q_norm", "k_norm")}
+        if not config.qkv_bias:
+            fields.update(bq=None, bk=None, bv=None)
+        if not config.qk_norm:
+            fields.update(q_norm=None, k_norm=None)
+        layers.append(LayerParams(**fields))
+    if missing:
+        raise MissingTensorError(f"{len(missing)} required tensor(s) missing, first: {', '.join(missing[:5])}",
+                                 path=source.path)
+    inv = rope_inv_freq(config)
+    freqs = reader.get("rope_freqs", None)
+    if freqs is not None:  # llama3 scaling stored as per-frequency divisors (llama.cpp's rope_freqs.weight)
+        factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+        if factors.shape != inv.shape:
+            raise ShapeMismatchError(f"expected shape {inv.shape}, found {factors.shape}", path=source.path,
+                                     tensor=freqs.name)
+        inv = rope_inv_freq(config.replace(rope_scaling=None)) / factors
+    return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head,
+                  rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32))
+
+
+def param_bytes(params: Params) -> int:
+    """Device bytes held by the weights (a tied LM head counted once)."""
+    seen, total = set(), 0
+    for x in jax.tree_util.tree_leaves(params):
+        if id(x) not in seen:
+            seen.add(id(x))
+            total += int(x.nbytes)
+    return total
