@@ -184,7 +184,7 @@ class Model:
     def _run(self, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
              repetition_penalty=1.0, seed=0, stop=None, stop_token_ids=None):
         """Yields (row, new token ids) per chunk; returns via StopIteration the per-row finish reasons + stats."""
-        from .sampling import make_sampling_params, seen_from_prompts
+        from .sampling import make_sampling_params, seen_mask_from_tokens
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         b = len(prompts)
@@ -200,7 +200,7 @@ class Model:
         stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
         key = jax.random.PRNGKey(int(seed))
         tokens, lengths = self._pad(prompts)
-        seen = seen_from_prompts(prompts, self.config.vocab_size)
+        seen = seen_mask_from_tokens(tokens, self.config.vocab_size, lengths)
 
         compiled_before = self._prefill.compile_seconds + self._sample.compile_seconds + \
             self._decode_loop.compile_seconds
@@ -336,9 +336,9 @@ class Model:
 
 
 def _sample_first(_, logits, sampling, key, seen):
-    from .sampling import sample, update_seen
+    from .sampling import sample, update_seen_mask
     tok = sample(logits, sampling, key, seen)
-    return tok, update_seen(seen, tok)
+    return tok, update_seen_mask(seen, tok)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

@@ -110,11 +110,11 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
 def decode_step(params: Params, cache: KVCache, tokens, key, sampling, seen=None, *, config: ModelConfig,
                 dtype=None):
     """Feed tokens [B], sample the next ones on device. Returns (next_tokens [B], logits [B, V], cache, seen)."""
-    from .sampling import sample, update_seen
+    from .sampling import sample, update_seen_mask
     logits, cache = decode_logits(params, cache, tokens, config=config, dtype=dtype)
     next_tokens = sample(logits, sampling, key, seen)
     if seen is not None:
-        seen = update_seen(seen, next_tokens)
+        seen = update_seen_mask(seen, next_tokens)
     return next_tokens, logits, cache, seen
 
 

@@ -115,7 +115,7 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """
     x = logits.astype(jnp.float32)
     temp = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    x = x / temp
+    x = x
     v = x.shape[-1]
     x_asc = jnp.sort(x, axis=-1)
     neg_inf = jnp.float32(-jnp.inf)

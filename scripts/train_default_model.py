@@ -5,11 +5,13 @@ Self-contained (JAX + optax + tokenizers + safetensors); it does not use the pac
 code, so the package can be tested against a model it did not produce itself.
 
   data       the running interpreter's stdlib *.py files (no test dirs, no site-packages), sorted;
-             a file is held out when md5(relative path) mod 50 == 0
+             split by file on h = md5(relative path) mod 20: h == 0 validation (picks the checkpoint),
+             h == 1 test (the reported held-out numbers), the rest training
   tokenizer  byte-level BPE (GPT-2 pre-tokenizer regex) trained with `tokenizers` on the train files
   model      LLaMA (RMSNorm, HF "halves" RoPE, SwiGLU, GQA, tied embeddings) in plain JAX
   training   AdamW + warmup + cosine, bf16 compute, f32 master weights, residual dropout, fixed seed;
-             the step count fits a wall-time budget (or --steps), the best held-out checkpoint is kept
+             the step count is min(--max-epochs, what fits --device-time-budget) or --steps; the
+             checkpoint with the lowest validation loss is kept
   output     an HF LlamaForCausalLM folder: config.json, model*.safetensors, tokenizer.json,
              tokenizer_config.json, train_log.json
 
@@ -75,8 +77,10 @@ def stdlib_files(max_files: int | None = None) -> list[tuple[str, str]]:
     return out[:max_files] if max_files else out
 
 
-def is_heldout(rel: str) -> bool:
-    return int(hashlib.md5(rel.encode()).hexdigest(), 16) % 50 == 0
+def split_of(rel: str) -> str:
+    """Deterministic split by file (md5 of the path, so it does not depend on PYTHONHASHSEED)."""
+    h = int(hashlib.md5(rel.encode()).hexdigest(), 16) % 20
+    return {0: "valid", 1: "test"}.get(h, "train")
 
 
 def train_tokenizer(texts: list[str], vocab: int):
@@ -269,8 +273,6 @@ def save_hf(out: Path, cfg: ModelCfg, params, tok, save_dtype: str = "float32",
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tok, save_dtype), indent=1))
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg), indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=1))
     return files + ["config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
@@ -295,15 +297,17 @@ def run(args) -> dict:
     dtype = jnp.bfloat16 if (on_gpu and args.dtype == "auto") or args.dtype == "bfloat16" else jnp.float32
 
     files = stdlib_files(args.max_files)
-    train_docs = [t for r, t in files if not is_heldout(r)]
-    held_docs = [t for r, t in files if is_heldout(r)]
-    if not held_docs:  # tiny runs (--max-files) may draw no held-out file: hold out the last one
-        held_docs, train_docs = train_docs[-1:], train_docs[:-1]
-    log(f"{len(files)} stdlib files: {len(train_docs)} train, {len(held_docs)} held out")
+    docs = {k: [t for r, t in files if split_of(r) == k] for k in ("train", "valid", "test")}
+    for k in ("valid", "test"):  # tiny runs (--max-files) may draw no such file: take the last train one
+        if not docs[k]:
+            docs[k], docs["train"] = docs["train"][-1:], docs["train"][:-1]
+    train_docs, valid_docs, held_docs = docs["train"], docs["valid"], docs["test"]
+    log(f"{len(files)} stdlib files: {len(train_docs)} train, {len(valid_docs)} valid, {len(held_docs)} test")
     tok = train_tokenizer(train_docs, cfg.vocab)
-    train_ids, held_ids = encode_docs(tok, train_docs), encode_docs(tok, held_docs)
+    train_ids, valid_ids, held_ids = (encode_docs(tok, d) for d in (train_docs, valid_docs, held_docs))
     held_bytes = sum(len(t.encode()) for t in held_docs)
-    log(f"tokens: train {train_ids.size:,}  held-out {held_ids.size:,} ({held_bytes / held_ids.size:.2f} B/tok)")
+    log(f"tokens: train {train_ids.size:,}  valid {valid_ids.size:,}  test {held_ids.size:,} "
+        f"({held_bytes / held_ids.size:.2f} B/tok)")
 
     key = jax.random.PRNGKey(args.seed)
     key, k_init = jax.random.split(key)
@@ -355,7 +359,8 @@ def run(args) -> dict:
         return ids[idx]
 
     held_w = windows(held_ids) if held_ids.size > T + 1 else held_ids[None, :]
-    train_w = windows(train_ids[::1], max_windows=held_w.shape[0])  # same-size train sample, no dropout
+    valid_w = windows(valid_ids) if valid_ids.size > T + 1 else valid_ids[None, :]
+    train_w = windows(train_ids, max_windows=held_w.shape[0])  # same-size train sample, no dropout
 
     def evaluate(p, ev, w):
         tot, n = 0.0, 0
@@ -381,7 +386,7 @@ def run(args) -> dict:
             log(f"attention={impl} failed: {type(e).__name__}: {str(e)[:200]}")
     else:
         raise RuntimeError("no attention implementation compiled")
-    evaluate(params, ev, held_w[:1])  # compile eval outside the timed loop
+    evaluate(params, ev, valid_w), evaluate(params, ev, held_w)  # compile eval shapes outside the timed loop
 
     steps_per_epoch = max(1, (train_ids.size) // (B * T))
     max_steps = args.steps or int(args.max_epochs * steps_per_epoch)
@@ -408,19 +413,19 @@ def run(args) -> dict:
             pending = []
             log(f"step {step_i:6d}/{total}  loss {losses[-1][1]:.4f}  lr {lr_at(step_i, args.lr, args.warmup, total):.2e}")
         if step_i % args.eval_every == 0 or step_i == total:
-            hl = evaluate(params, ev, held_w)
-            evals.append({"step": step_i, "heldout_loss": hl, "time_s": time.time() - t_train})
-            if hl < best[0]:
-                best = (hl, jax.tree_util.tree_map(lambda x: x.copy(), params), step_i)
-            log(f"step {step_i:6d}  held-out loss {hl:.4f}  ppl {math.exp(hl):.2f}")
+            vl, hl = evaluate(params, ev, valid_w), evaluate(params, ev, held_w)
+            evals.append({"step": step_i, "valid_loss": vl, "heldout_loss": hl, "time_s": time.time() - t_train})
+            if vl < best[0]:
+                best = (vl, jax.tree_util.tree_map(lambda x: x.copy(), params), step_i)
+            log(f"step {step_i:6d}  valid loss {vl:.4f}  test loss {hl:.4f}  ppl {math.exp(hl):.2f}")
     train_time = time.time() - t_train
     final_held = evals[-1]["heldout_loss"] if evals else evaluate(params, ev, held_w)
     if best[1] is not None and args.keep_best:
         params = best[1]
-    held = evaluate(params, ev, held_w)
+    held, valid = evaluate(params, ev, held_w), evaluate(params, ev, valid_w)
     train_eval = evaluate(params, ev, train_w)
     shipped_step = best[2] if (best[1] is not None and args.keep_best) else step_i
-    log(f"shipped step {shipped_step}: held-out {held:.4f} nats/token (ppl {math.exp(held):.2f}, "
+    log(f"shipped step {shipped_step}: valid {valid:.4f}, test {held:.4f} nats/token (ppl {math.exp(held):.2f}, "
         f"{held / math.log(2) * held_ids.size / held_bytes:.3f} bits/byte); train-sample {train_eval:.4f}")
 
     out = Path(args.out)
@@ -433,8 +438,10 @@ def run(args) -> dict:
     result = {
         "recipe": {
             "data": "Python stdlib *.py of the training interpreter (no test/tests/idle_test/site-packages dirs), "
-                    "sorted; held out when int(md5(relpath), 16) % 50 == 0",
-            "python": platform.python_version(), "train_files": len(train_docs), "heldout_files": len(held_docs),
+                    "sorted; split by file on int(md5(relpath), 16) % 20: 0 valid, 1 test (held-out), "
+                    "else train",
+            "python": platform.python_version(), "train_files": len(train_docs), "valid_files": len(valid_docs),
+            "heldout_files": len(held_docs), "valid_tokens": int(valid_ids.size),
             "train_tokens": int(train_ids.size), "heldout_tokens": int(held_ids.size),
             "heldout_bytes": held_bytes,
             "tokenizer": f"byte-level BPE (tokenizers, GPT-2 regex), vocab {cfg.vocab}, specials {BOS} {EOS} {PAD}",
@@ -450,7 +457,7 @@ def run(args) -> dict:
         "epochs": round(total / steps_per_epoch, 2),
         "final_train_loss": float(np.mean([l for _, l in losses[-20:]])),
         "final_heldout_loss": final_held,
-        "shipped_step": shipped_step, "heldout_loss": held, "heldout_ppl": math.exp(held),
+        "shipped_step": shipped_step, "valid_loss": valid, "heldout_loss": held, "heldout_ppl": math.exp(held),
         "heldout_bits_per_byte": held / math.log(2) * held_ids.size / held_bytes,
         "train_sample_loss": train_eval,
         "evals": evals, "losses": losses[:: max(1, len(losses) // 400)],
@@ -478,7 +485,7 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1)
@@ -486,9 +493,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", choices=["auto", "xla", "cudnn"], default="auto")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
-                   help="ship the checkpoint with the lowest held-out loss")
+                   help="ship the checkpoint with the lowest validation loss")
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=200)
     return p.parse_args(argv)
 
 

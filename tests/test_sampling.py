@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 from realizar_jax.sampling import (
     SamplingParams,
+    apply_repetition_penalty,
     filter_logits,
     make_sampling_params,
     sample,
@@ -29,6 +30,10 @@ B, V = 4, 64  # fixed shapes: every hypothesis example reuses the same compiled 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _filter = jax.jit(filter_logits)
+_penalize = jax.jit(apply_repetition_penalty)
+_seen = jax.jit(seen_mask_from_tokens, static_argnums=1)
+_update = jax.jit(update_seen_mask)
+T = 40  # token rows are padded to T; `lengths` varies what counts
 _sample = jax.jit(sample)
 # Many independent draws of the same rows in one call: vmap over keys.
 _draws = jax.jit(jax.vmap(sample, in_axes=(None, None, 0, None)))
@@ -113,8 +118,8 @@ def test_greedy_is_argmax_of_penalized_logits(seed, scale, pens):
     np.testing.assert_array_equal(np.asarray(_sample(jnp.asarray(x), params, key, jnp.asarray(seen))), want)
     # Mixed batch: greedy rows stay argmax while the others sample.
     mixed = make_sampling_params(B, temperature=[0.0, 5.0, 0.0, 5.0])
-    toks = np.asarray(_draws(jnp.asarray(x), mixed, _keys(seed, 200), None))
-    np.testing.assert_array_equal(toks[:, [0, 2]], np.broadcast_to(x.argmax(-1)[[0, 2]], (200, 2)))
+    toks = np.asarray(_draws(jnp.asarray(x), mixed, _keys(seed, 400), None))
+    np.testing.assert_array_equal(toks[:, [0, 2]], np.broadcast_to(x.argmax(-1)[[0, 2]], (400, 2)))
     assert len(set(toks[:, 1].tolist())) > 1
 
 
@@ -148,19 +153,21 @@ def test_draw_frequencies_follow_filtered_distribution():
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.5, 8.0), pens=row_floats(0.3, 3.0),
-       t=st.integers(1, 40))
+       t=st.integers(1, T))
 def test_repetition_penalty_equals_hf(seed, scale, pens, t):
     x = _logits(seed, scale)
     rng = np.random.default_rng(seed + 2)
-    ids = rng.integers(0, V, (B, t))
-    seen = seen_mask_from_tokens(jnp.asarray(ids), V)
+    ids = rng.integers(0, V, (B, T))
+    seen = _seen(jnp.asarray(ids), V, jnp.full((B,), t))
+    ids = ids[:, :t]
     params = make_sampling_params(B, repetition_penalty=pens)
-    from realizar_jax.sampling import apply_repetition_penalty
-    got = np.asarray(jax.jit(apply_repetition_penalty)(jnp.asarray(x), params.repetition_penalty, seen))
+    got = np.asarray(_penalize(jnp.asarray(x), params.repetition_penalty, seen))
     for b in range(B):
         proc = RepetitionPenaltyLogitsProcessor(penalty=float(np.float32(pens[b])))
         want = proc(torch.from_numpy(ids[b : b + 1]), torch.from_numpy(x[b : b + 1].copy())).numpy()[0]
-        np.testing.assert_array_equal(got[b], want)
+        # XLA turns x / penalty into x * (1 / penalty): equal to HF within one float32 ulp.
+        np.testing.assert_allclose(got[b], want, rtol=2.5e-7, atol=0)
+        np.testing.assert_array_equal(got[b] != x[b], want != x[b])
 
 
 def _hf_filter(row: np.ndarray, temp: float, k: int, p: float, m: float) -> np.ndarray:
@@ -181,7 +188,7 @@ def _near_boundary(row, temp, k, p, m) -> bool:
     """True when float rounding could legitimately flip a top-p / min-p decision (ties to the threshold)."""
     z = row.astype(np.float64) / (temp if temp > 0 else 1.0)
     if k > 0:
-        z = np.where(z >= np.sort(z)[-k], z, -np.inf)
+        z = np.where(z >= np.sort(z)[-min(k, z.size)], z, -np.inf)
     if p < 1:
         pr = np.exp(z - z.max())
         pr /= pr.sum()
@@ -243,18 +250,18 @@ def test_changing_params_does_not_recompile():
 # ---------------------------------------------------------------- helpers and validation
 
 @SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 30))
-def test_seen_mask_from_tokens_and_update(seed, t):
+@given(seed=st.integers(0, 2**31 - 1))
+def test_seen_mask_from_tokens_and_update(seed):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, V, (B, t))
-    lengths = rng.integers(0, t + 1, B)
-    got = np.asarray(seen_mask_from_tokens(jnp.asarray(ids), V, lengths=jnp.asarray(lengths)))
+    ids = rng.integers(0, V, (B, T))
+    lengths = rng.integers(0, T + 1, B)
+    got = np.asarray(_seen(jnp.asarray(ids), V, jnp.asarray(lengths)))
     want = np.zeros((B, V), bool)
     for b in range(B):
         want[b, ids[b, : lengths[b]]] = True
     np.testing.assert_array_equal(got, want)
     new = rng.integers(0, V, B)
-    upd = np.asarray(update_seen_mask(jnp.asarray(got), jnp.asarray(new, jnp.int32)))
+    upd = np.asarray(_update(jnp.asarray(got), jnp.asarray(new, jnp.int32)))
     want[np.arange(B), new] = True
     np.testing.assert_array_equal(upd, want)
 

@@ -4,7 +4,8 @@ Two vocab kinds, chosen like the converter's llama path (tokenizer.model first, 
 
 * SentencePiece `tokenizer.model` -> model 'llama', pre 'default': tokens (pieces, '▁' kept), scores,
   token_type (NORMAL / UNKNOWN / CONTROL / UNUSED / BYTE for '<0x00>'..'<0xFF>', USER_DEFINED for added
-  tokens from tokenizer_config.json's added_tokens_decoder, which also get score -1000).
+  tokens from tokenizer_config.json's added_tokens_decoder, which also get score -1000). Special ids missing
+  from config.json / tokenizer_config.json fall back to the SentencePiece model's own bos/eos/unk/pad ids.
 * byte-level BPE `tokenizer.json` -> model 'gpt2', pre (below), tokens (byte-level strings, 'Ġ' etc.),
   token_type (NORMAL, CONTROL for special added tokens or ones that look special like '<|...|>',
   USER_DEFINED for other added tokens), merges ('a b' strings).
@@ -32,16 +33,11 @@ from pathlib import Path
 import gguf
 
 from ..errors import TokenizerError
+from ..tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
 logger = logging.getLogger(__name__)
 
 Field = tuple[str, object, "gguf.GGUFValueType | None"]
-
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 # regex in tokenizer.json -> llama.cpp's name for it (tokenizer.ggml.pre)
 PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
@@ -102,8 +98,12 @@ def _is_byte_level(tokenizer_json: dict) -> bool:
 def _bpe_vocab(hf_dir: Path, tok_json: dict, n_vocab: int | None):
     model = tok_json.get("model") or {}
     if model.get("type") != "BPE" or not _is_byte_level(tok_json):
-        raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: only byte-level BPE tokenizer.json files are supported "
-                             f"without a tokenizer.model (model type {model.get('type')!r})")
+        # e.g. a SentencePiece-style tokenizer.json (Metaspace + byte fallback) saved without its tokenizer.model:
+        # its merges do not carry the piece scores llama.cpp's 'llama' vocab needs.
+        raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: only byte-level BPE tokenizer.json files can be "
+                             f"converted (model type {model.get('type')!r}, pre-tokenizer "
+                             f"{(tok_json.get('pre_tokenizer') or {}).get('type')!r}); for a SentencePiece model "
+                             f"put its tokenizer.model in the folder")
     id_to_tok: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
     added = {}
     for a in tok_json.get("added_tokens") or []:
@@ -177,7 +177,8 @@ def _spm_vocab(hf_dir: Path, n_vocab: int | None):
             text = text.replace("\u2581", " ")
             types[i] = int(gguf.TokenType.USER_DEFINED)
         tokens[i], scores[i] = text, -1000.0
-    return tokens, scores, types
+    own_ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    return tokens, scores, types, {k: v for k, v in own_ids.items() if 0 <= v < size}
 
 
 def gguf_tokenizer_fields(hf_dir) -> list[Field]:
@@ -200,13 +201,15 @@ def gguf_tokenizer_fields(hf_dir) -> list[Field]:
     # A scratch writer (never opened on disk) lets gguf-py's own helpers pick keys and value types.
     w = gguf.GGUFWriter(path=None, arch="llama")
     if (hf_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _spm_vocab(hf_dir, n_vocab)
+        tokens, scores, types, own_ids = _spm_vocab(hf_dir, n_vocab)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
         special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=len(tokens))
+        for typ, tid in own_ids.items():  # without config.json ids, use the model's own (llama.cpp's defaults)
+            special.special_token_ids.setdefault(typ, tid)
     elif (hf_dir / "tokenizer.json").is_file():
         tok_json = _read_json(hf_dir / "tokenizer.json")
         tokens, types = _bpe_vocab(hf_dir, tok_json, n_vocab)

@@ -5,8 +5,8 @@ Legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) go through gguf-py, whose quantizers
 ours: llama.cpp's reference algorithm (`quantize_row_q{4,5,6}_K_ref`), vectorised over all
 sub-blocks at once:
 - Q4_K/Q5_K: per 32-value sub-block, `make_qkx2_quants` fits scale and min by weighted least
-  squares (weights |x| + rms of the sub-block) over 21 (Q4_K) or 16 (Q5_K) trial step sizes and
-  keeps the fit with the lowest weighted squared error; the 8 scales and 8 mins are then coded in
+  squares (weights |x| + rms of the sub-block) over 21 (Q4_K) or 16 (Q5_K) trial step sizes,
+  keeping each fit that lowers the weighted squared error (and moving the grid's min with it); the 8 scales and 8 mins are then coded in
   6 bits against the largest of each, and the values requantized with the coded scales.
 - Q6_K: per 16-value sub-block, `make_qx_quants` (rmse_type 1: weights x^2) tries 19 symmetric
   step sizes; the 16 scales are coded as int8 against the one of largest magnitude.
@@ -90,13 +90,15 @@ def _f16_bytes(v):
 
 
 def _make_qkx2(x, w, nmax, rmin, rdelta, nstep):
-    """Vectorised make_qkx2_quants over rows of x [M, n]: returns (scale [M], the_min [M] >= 0)."""
+    """Vectorised make_qkx2_quants over rows of x [M, n]: returns (scale [M], the_min [M] >= 0).
+
+    As in llama.cpp the search is sequential: each improvement moves `min`, which shifts the grid
+    (x - min) and the step (max - min) of every later trial.
+    """
     f32 = np.float32
     mn = np.minimum(x.min(axis=1), 0)
     mx = x.max(axis=1)
     flat = mx == mn
-    span = np.where(flat, f32(1), mx - mn)
-    xm = x - mn[:, None]
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     sum_w = w64.sum(axis=1)
     sum_x = (w64 * x64).sum(axis=1)
@@ -106,32 +108,32 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep):
         return (scale * scale * sl2 + 2 * scale * minv * sl - 2 * scale * sxl
                 + minv * minv * sum_w - 2 * minv * sum_x + sum_x2)
 
-    def sums(iscale):
-        q = np.clip(_rint(iscale[:, None] * xm), 0, nmax).astype(np.float64)
+    def sums(iscale, minv):
+        q = np.clip(_rint(iscale[:, None] * (x - minv[:, None])), 0, nmax).astype(np.float64)
         wq = w64 * q
         return wq.sum(axis=1), np.einsum("ij,ij->i", wq, q), np.einsum("ij,ij->i", wq, x64)
 
-    iscale = f32(nmax) / span
-    best_scale = (f32(1) / iscale).astype(np.float64)
-    best_min = mn.astype(np.float64)
-    best_err = error(best_scale, best_min, *sums(iscale))
     with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = f32(nmax) / np.where(flat, f32(1), mx - mn)
+        best_scale = f32(1) / iscale
+        best_min = mn
+        best_err = error(best_scale.astype(np.float64), mn.astype(np.float64), *sums(iscale, mn))
         for step in range(nstep + 1):
-            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
-            sl, sl2, sxl = sums(iscale)
+            iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (mx - best_min)
+            sl, sl2, sxl = sums(iscale, best_min)
             det = sum_w * sl2 - sl * sl
-            scale = (sum_w * sxl - sum_x * sl) / det
-            minv = (sl2 * sum_x - sl * sxl) / det
+            scale = ((sum_w * sxl - sum_x * sl) / det).astype(f32)
+            minv = ((sl2 * sum_x - sl * sxl) / det).astype(f32)
             pos = minv > 0
-            minv = np.where(pos, 0.0, minv)
-            scale = np.where(pos, sxl / sl2, scale)
-            err = error(scale, minv, sl, sl2, sxl)
-            better = (det > 0) & (err < best_err)
+            minv = np.where(pos, f32(0), minv)
+            scale = np.where(pos, (sxl / sl2).astype(f32), scale)
+            err = error(scale.astype(np.float64), minv.astype(np.float64), sl, sl2, sxl)
+            better = ~flat & (det > 0) & (err < best_err)
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)
             best_min = np.where(better, minv, best_min)
-    best_scale = np.where(flat, 0.0, best_scale)
-    return best_scale.astype(np.float32), (-best_min).astype(np.float32)
+    best_scale = np.where(flat, f32(0), best_scale)
+    return best_scale.astype(f32), (-best_min).astype(f32)
 
 
 def _make_qx(x, nmax):

@@ -1,0 +1,229 @@
+"""Write a GGUF file from an HF model folder, laid out the way llama.cpp's tools make them.
+
+convert_hf_to_gguf.py decides names, metadata and the llama Q/K row permutation; llama-quantize
+decides which tensor gets which type. We do both in one pass:
+- names from roles.py; Mistral is written as general.architecture 'llama' (as llama.cpp does);
+- llama-arch attn_q/attn_k rows are permuted for ggml's adjacent-pair RoPE, qwen2/qwen3 are not;
+- llama3 rope scaling becomes a rope_freqs.weight tensor (plus `realizar.rope.scaling.*` keys, which
+  llama.cpp ignores, so that the exact HF parameters survive the round trip);
+- 1-D tensors (norms, biases, rope_freqs) stay F32; 2-D ones get the requested type, or for q4_k_m
+  llama-quantize's mix; a row length that is not a whole number of blocks falls back like
+  llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
+The output is streamed tensor by tensor into a temp file next to OUT and renamed into place only
+when complete, so a failure never leaves a half-written OUT.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..quant.types import QTYPE_SIZES
+from ..roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
+from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
+_BASE_QTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K",
+               "q6_k": "Q6_K", "q4_k_m": "Q4_K"}
+_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+# llama-quantize's convert_incompatible_tensor: a type whose blocks fit rows that K-quants do not.
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quantize's choice of layers whose attn_v / ffn_down get more bits in *_K_M files."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def fit_qtype(qtype: str, row_length: int) -> str:
+    """`qtype`, or llama-quantize's fallback when row_length is not a whole number of its blocks."""
+    if row_length % QTYPE_SIZES.get(qtype, (1, 0))[0] == 0:
+        return qtype
+    alt = _FALLBACK.get(qtype)
+    if alt is not None and row_length % QTYPE_SIZES[alt][0] == 0:
+        return alt
+    return "F16"
+
+
+def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str, num_layers: int,
+               has_output: bool) -> str:
+    """The gguf qtype a tensor is written in for `--quant quant`."""
+    if quant not in _BASE_QTYPE:
+        raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
+    if len(shape) < 2 or quant == "f32":
+        return "F32"
+    qtype = _BASE_QTYPE[quant]
+    if quant == "q4_k_m":
+        if role == "lm_head" or (role == "embed" and not has_output):
+            qtype = "Q6_K" if shape[-1] % 256 == 0 else "Q8_0"
+        elif role in ("wv", "w_down") and use_more_bits(layer, num_layers):
+            qtype = "Q6_K"
+    return fit_qtype(qtype, shape[-1])
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows from HF's halves layout to ggml's interleaved pairs (llama.cpp's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    name: str  # gguf name
+    role: str
+    layer: int | None
+    source: str | None  # HF tensor name, None for generated tensors
+    shape: tuple[int, ...]
+    qtype: str
+
+    @property
+    def nbytes(self) -> int:
+        block, size = QTYPE_SIZES[self.qtype]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+
+
+def _plan(src, role_map, quant: str) -> list[_Planned]:
+    c = src.config
+    has_output = ("lm_head", None) in role_map and not c.tie_embeddings
+    order = [("embed", None)]
+    if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
+        order.append(("rope_freqs", None))
+    for i in range(c.num_layers):
+        order += [(r, i) for r in ROLES if ROLES[r].per_layer and (r, i) in role_map]
+    order += [("final_norm", None)] + ([("lm_head", None)] if has_output else [])
+    plan = []
+    for role, layer in order:
+        if role == "rope_freqs":
+            shape = (c.head_dim // 2,)
+            plan.append(_Planned("rope_freqs.weight", role, None, None, shape, "F32"))
+            continue
+        hf_name = role_map[(role, layer)]
+        shape = tuple(src.tensors[hf_name].shape)
+        qtype = plan_qtype(role, layer, shape, quant, c.num_layers, has_output)
+        plan.append(_Planned(tensor_name(role, "gguf", layer), role, layer, hf_name, shape, qtype))
+    return plan
+
+
+def _tensor_bytes(src, p: _Planned) -> np.ndarray:
+    """The planned tensor's data as the array GGUFWriter writes (dense typed, or uint8 blocks)."""
+    from ..quant.quantize import quantize
+    c = src.config
+    if p.source is None:
+        return llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
+    x = np.asarray(src.tensors[p.source].data, dtype=np.float32)
+    if GGUF_ARCH[c.architecture] in GGUF_QK_PERMUTED_ARCHS:
+        if p.role in ("wq", "bq"):
+            x = permute_qk(x, c.num_heads)
+        elif p.role in ("wk", "bk"):
+            x = permute_qk(x, c.num_kv_heads)
+    if p.qtype == "F32":
+        return np.ascontiguousarray(x)
+    if p.qtype == "F16":
+        return x.astype(np.float16)
+    try:
+        return quantize(x, p.qtype)
+    except ValueError as e:
+        raise ModelFormatError(f"cannot quantize to {p.qtype}: {e}", path=src.path, tensor=p.source) from None
+
+
+def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan: list[_Planned]):
+    c = src.config
+    arch = GGUF_ARCH[c.architecture]
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(int(_FILE_TYPE[quant]))
+    if any(p.qtype not in ("F32", "F16", "BF16") for p in plan):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(c.vocab_size)
+    w.add_context_length(c.context_length)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    s = c.rope_scaling
+    if s is not None and s.kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(s.factor)
+    elif s is not None and s.kind == "llama3":
+        if arch != "llama":
+            raise ModelFormatError(f"llama3 rope scaling on a {c.architecture} model cannot be written as GGUF",
+                                   path=src.path)
+        w.add_float32(REALIZAR_ROPE_PREFIX + "factor", s.factor)
+        w.add_float32(REALIZAR_ROPE_PREFIX + "low_freq_factor", s.low_freq_factor)
+        w.add_float32(REALIZAR_ROPE_PREFIX + "high_freq_factor", s.high_freq_factor)
+        w.add_uint32(REALIZAR_ROPE_PREFIX + "original_context_length", s.original_context_length)
+    for key, value, vtype in _tokenizer_fields(hf_dir):
+        if vtype is None:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+
+
+def _tokenizer_fields(hf_dir: Path):
+    from .gguf_tokenizer import gguf_tokenizer_fields
+    return gguf_tokenizer_fields(hf_dir)
+
+
+def write_gguf(hf_dir, out, quant: str = "f16", *, progress: bool | None = None) -> Path:
+    """Convert the HF model folder `hf_dir` to the GGUF file `out` with `quant` (see QUANT_CHOICES).
+
+    The folder is opened and validated first (ModelFormatError on any problem); tokenizer problems
+    raise TokenizerError. Returns the output path.
+    """
+    from .hf_dir import open_hf_dir
+    from .validate import validate_roles
+
+    quant = quant.lower()
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
+    hf_dir, out = Path(hf_dir), Path(out)
+    src = open_hf_dir(hf_dir)
+    plan = _plan(src, validate_roles(src), quant)
+    arch = GGUF_ARCH[src.config.architecture]
+
+    w = gguf.GGUFWriter(path=None, arch=arch)
+    _metadata(w, src, quant, hf_dir.resolve().name, hf_dir, plan)
+    for p in plan:
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype])
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w.write_header_to_file(path=Path(tmp))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        if progress is None:
+            progress = sys.stderr.isatty()
+        from tqdm import tqdm
+        with tqdm(total=sum(p.nbytes for p in plan), unit="B", unit_scale=True, desc=f"writing {out.name}",
+                  disable=not progress) as bar:
+            for p in plan:
+                data = _tensor_bytes(src, p)
+                if data.nbytes != p.nbytes:  # our plan and the quantizer must agree on the layout
+                    raise AssertionError(f"{p.name}: {data.nbytes} bytes of {p.qtype}, planned {p.nbytes}")
+                w.write_tensor_data(data)
+                bar.update(p.nbytes)
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,281 @@
+"""Open a Hugging Face model folder (config.json + *.safetensors) as a validated ModelSource.
+
+The safetensors header (8-byte little-endian length, then JSON) is parsed here rather than by the
+safetensors package, whose numpy backend cannot hand out bf16 and which would not tell us which
+field of a damaged header is wrong. Every length and offset is checked against the file size
+before the data is np.memmap'ed (nothing is copied).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..config import ModelConfig, RopeScaling
+from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
+from ..roles import canonical_architecture
+from . import ModelSource, TensorSource
+from .gguf_file import default_add_bos
+
+# safetensors dtype -> (gguf qtype spelling, numpy dtype)
+ST_DTYPES = {"F32": ("F32", np.dtype(np.float32)), "F16": ("F16", np.dtype(np.float16)),
+             "BF16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+ST_KNOWN_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F64", "F8_E4M3", "F8_E5M2",
+                   "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except FileNotFoundError:
+        raise MissingTensorError(f"{what} not found", path=path) from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedFileError(f"{what} is not valid JSON: {e}", path=path) from None
+    if not isinstance(value, dict):
+        raise DamagedFileError(f"{what} should hold a JSON object", path=path)
+    return value
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parsed and checked header of one .safetensors file -> (entries by name, data start offset)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise DamagedFileError(f"file is {size} bytes, too short for a safetensors header", path=path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise DamagedFileError(f"header length {n} exceeds the file ({size} bytes) or the "
+                                   f"{MAX_HEADER_BYTES}-byte limit", path=path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedFileError(f"header is not valid JSON: {str(e)[:120]}", path=path) from None
+    if not isinstance(header, dict):
+        raise DamagedFileError("header is not a JSON object", path=path)
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise DamagedFileError("header entry is not an object", path=path, tensor=name)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise DamagedFileError(f"bad shape {shape!r:.80}", path=path, tensor=name)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise DamagedFileError(f"data_offsets {offsets!r:.80} outside the {data_len} data bytes",
+                                   path=path, tensor=name)
+        if dtype not in ST_DTYPES:
+            if dtype in ST_KNOWN_DTYPES:
+                raise UnsupportedQuantError(f"dtype {dtype} is not supported (supported: F32, F16, BF16)",
+                                            path=path, tensor=name)
+            raise DamagedFileError(f"unknown dtype {dtype!r:.40}", path=path, tensor=name)
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        if n_elements * ST_DTYPES[dtype][1].itemsize != offsets[1] - offsets[0]:
+            raise DamagedFileError(f"{dtype} {shape} needs {n_elements * ST_DTYPES[dtype][1].itemsize} bytes but "
+                                   f"data_offsets span {offsets[1] - offsets[0]}", path=path, tensor=name)
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise DamagedFileError(f"data of {a!r} and {b!r} overlap", path=path, tensor=b)
+    return header, data_start
+
+
+def _open_safetensors(path: Path) -> dict[str, TensorSource]:
+    header, data_start = read_safetensors_header(path)
+    if not header:
+        return {}
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, entry in header.items():
+        qtype, dtype = ST_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        data = mm[data_start + begin:data_start + end].view(dtype).reshape(entry["shape"])
+        out[name] = TensorSource(name, qtype, tuple(entry["shape"]), data)
+    return out
+
+
+def _weight_files(folder: Path) -> list[tuple[Path, set[str] | None]]:
+    """The safetensors files to read, each with the tensor names the index assigns to it (or None)."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        index = _read_json(index_path, INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DamagedFileError("index has no weight_map", path=index_path)
+        files: dict[str, set[str]] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or Path(fname).name != fname or not fname.endswith(".safetensors"):
+                raise DamagedFileError(f"weight_map names file {fname!r:.80}", path=index_path, tensor=name)
+            files.setdefault(fname, set()).add(name)
+        for fname in files:
+            if not (folder / fname).is_file():
+                raise MissingTensorError(f"shard {fname} named by the index is missing", path=index_path)
+        return [(folder / fname, names) for fname, names in sorted(files.items())]
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise MissingTensorError("no *.safetensors files in the folder", path=folder)
+    return [(p, None) for p in paths]
+
+
+def _tensors(folder: Path) -> dict[str, TensorSource]:
+    tensors: dict[str, TensorSource] = {}
+    for path, names in _weight_files(folder):
+        got = _open_safetensors(path)
+        if names is not None:
+            absent = sorted(names - got.keys())
+            if absent:
+                raise MissingTensorError(f"{len(absent)} tensor(s) the index assigns to this shard are not in it: "
+                                         f"{', '.join(absent[:5])}", path=path, tensor=absent[0])
+        for name, t in got.items():
+            if name in tensors:
+                raise DamagedFileError("tensor appears in more than one shard", path=path, tensor=name)
+            tensors[name] = t
+    return tensors
+
+
+# ---- ModelConfig from config.json ----------------------------------------------------------------
+
+def _rope(cfg: dict, path) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from the transformers<5 (`rope_theta`, `rope_scaling`) or >=5 (`rope_parameters`) form."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if isinstance(params, dict) and not isinstance(scaling, dict):
+        scaling = params
+    theta = cfg.get("rope_theta", (params or {}).get("rope_theta", 10000.0) if isinstance(params, dict) else 10000.0)
+    if not isinstance(scaling, dict):
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    try:
+        if kind == "linear":
+            return theta, RopeScaling("linear", factor=float(scaling["factor"]))
+        if kind == "llama3":
+            return theta, RopeScaling("llama3", factor=float(scaling["factor"]),
+                                      low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                                      high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                                      original_context_length=int(scaling.get("original_max_position_embeddings",
+                                                                              8192)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedFileError(f"config.json rope scaling {scaling!r:.120} is malformed: {e}", path=path) from None
+    raise ModelFormatError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)", path=path)
+
+
+def _token_id(tok_json: dict | None, content) -> int | None:
+    if tok_json is None or not isinstance(content, (str, dict)):
+        return None
+    if isinstance(content, dict):
+        content = content.get("content")
+    for a in tok_json.get("added_tokens") or []:
+        if a.get("content") == content:
+            return a.get("id")
+    return ((tok_json.get("model") or {}).get("vocab") or {}).get(content)
+
+
+def _bos_in_post_processor(tok_json: dict | None) -> bool | None:
+    """Whether tokenizer.json's TemplateProcessing puts a special token first (how Llama 3 adds BOS)."""
+    if tok_json is None:
+        return None
+    pp = tok_json.get("post_processor") or {}
+    steps = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            return bool(single) and "SpecialToken" in single[0]
+    return None
+
+
+def _ids(value) -> list[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) -> ModelConfig:
+    path = folder / "config.json"
+    name = cfg.get("model_type") or (cfg.get("architectures") or [None])[0]
+    if not isinstance(name, str):
+        raise ModelFormatError("config.json names no model_type or architectures", path=path)
+    arch = canonical_architecture(name, path=path)
+    tok_cfg = _read_json(folder / "tokenizer_config.json", "tokenizer_config.json") \
+        if (folder / "tokenizer_config.json").is_file() else {}
+    tok_json = _read_json(folder / "tokenizer.json", "tokenizer.json") \
+        if (folder / "tokenizer.json").is_file() else None
+    gen_cfg = _read_json(folder / "generation_config.json", "generation_config.json") \
+        if (folder / "generation_config.json").is_file() else {}
+
+    bos = cfg.get("bos_token_id")
+    if not isinstance(bos, int) or isinstance(bos, bool):
+        bos = _token_id(tok_json, tok_cfg.get("bos_token"))
+    eos = list(dict.fromkeys(_ids(cfg.get("eos_token_id")) + _ids(gen_cfg.get("eos_token_id"))))
+    if not eos:
+        eos = _ids(_token_id(tok_json, tok_cfg.get("eos_token")))
+    add_bos = tok_cfg.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = _bos_in_post_processor(tok_json)
+    if add_bos is None:
+        add_bos = default_add_bos(arch, bos)
+
+    try:
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                           and heads > 0 else 0)
+        theta, scaling = _rope(cfg, path)
+        embed = tensors.get("model.embed_tokens.weight")
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=cfg.get("vocab_size") or (embed.shape[0] if embed is not None else 0),
+            hidden_size=hidden,
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            context_length=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            bos_token_id=bos,
+            eos_token_ids=tuple(eos),
+            add_bos=add_bos,
+        )
+    except ModelFormatError:
+        raise
+    except KeyError as e:
+        raise DamagedFileError(f"config.json lacks {e.args[0]!r}", path=path) from None
+    except (TypeError, ValueError) as e:
+        raise DamagedFileError(f"config.json is inconsistent: {e}", path=path) from None
+
+
+def open_hf_dir(path) -> ModelSource:
+    """Open and validate an HF model folder; tensors stay memory-mapped. Raises ModelFormatError subclasses."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFormatError("no such folder", path=folder)
+    cfg = _read_json(folder / "config.json", "config.json")
+    tensors = _tensors(folder)
+    config = config_from_hf(cfg, folder, tensors)
+    source = ModelSource(path=folder, format="hf", config=config, tensors=tensors, metadata=cfg)
+    from .validate import validate_roles
+    validate_roles(source)
+    return source

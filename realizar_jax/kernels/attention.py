@@ -1,0 +1,120 @@
+"""Decode attention over a KV cache: one query token per sequence, GQA, ragged valid lengths.
+
+Flash-decoding: grid (batch, kv head, split of the sequence axis). A program takes the G query
+heads that share its kv head (padded to 16 rows so the two products run on tensor cores), walks
+only the valid positions of its split in blocks of BT, and keeps an online softmax (running max m,
+running sum l, unnormalised output o). Splits past a sequence's length do no loads at all. The
+partial (o, m, l) of every split are merged in a few XLA ops.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NEG = -1e30  # finite "minus infinity": empty splits must not turn the merge into NaN
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
+    """Plain jnp: q [B,Hq,D], caches [B,Hkv,S,D], lengths [B] (valid positions) -> [B,Hq,D]."""
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).astype(jnp.float32)
+    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) * scale
+    valid = jnp.arange(S)[None, :] < lengths[:, None]                     # [B, S]
+    s = jnp.where(valid[:, None, None, :], s, NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache.astype(jnp.float32))
+    return o.reshape(B, Hq, D).astype(q.dtype)
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss):
+    s = pl.program_id(2)
+    length = len_ref[()]
+    start = s * ss
+    n = jnp.clip((length - start + bt - 1) // bt, 0, ss // bt)
+    q = q_ref[...]
+    gp, d = q.shape
+
+    def body(t, carry):
+        o, m, l = carry
+        k = k_ref[pl.ds(t * bt, bt), :]
+        qk = pl.dot(q.astype(k.dtype), k, trans_b=True) * scale           # [gp, bt] f32
+        pos = start + t * bt + jnp.arange(bt)
+        qk = jnp.where((pos < length)[None, :], qk, NEG)
+        m_new = jnp.maximum(m, qk.max(axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(qk - m_new[:, None])
+        v = v_ref[pl.ds(t * bt, bt), :]
+        o = o * corr[:, None] + pl.dot(p.astype(v.dtype), v)
+        return o, m_new, l * corr + p.sum(axis=1)
+
+    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), NEG, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, n, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "bt", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, splits: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Pallas flash-decoding; same signature and result as decode_attention_ref."""
+    from .gemv import interpret_mode
+    if interpret is None:
+        interpret = interpret_mode()
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    bt = min(bt, S)
+    if S % bt or D % 16 or (D & (D - 1)):
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    gp = max(16, 1 << (G - 1).bit_length())
+    if splits is None:
+        splits = 1
+        while B * Hkv * splits < 2 * 132 and S % (splits * 2 * bt) == 0:
+            splits *= 2
+    if S % splits:
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    ss = S // splits
+    bt = min(bt, ss)
+    if ss % bt or bt < 16:
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    qg = q.reshape(B, Hkv, G, D)
+    if gp != G:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - G), (0, 0)))
+    kernel = functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, splits),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, None, gp, D), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, splits, Hkv, gp, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
+            jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
+    mx = m.max(axis=1, keepdims=True)
+    w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
+    num = (o * w[..., None]).sum(axis=1)
+    den = (l * w).sum(axis=1)
+    out = num / den[..., None]
+    return out[:, :, :G].reshape(B, Hq, D).astype(q.dtype)

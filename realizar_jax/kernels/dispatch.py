@@ -1,0 +1,39 @@
+"""kernel_matmul: the GPU route behind quant.matmul.matmul(x, w).
+
+Decode (<= 8 activation rows): Pallas GEMV on packed weights (GpuQTensor). Prefill (more rows):
+dequantize the packed matrix to bf16 in XLA and use the tensor-core dot (the weight is re-read as
+bf16 once per call, which at 512 tokens costs less than the matmul itself). Dense weights use
+XLA's dot. Anything else (a QTensor of a type without a GPU layout) dequantizes and dots.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .gemv import gemv, interpret_mode
+from .layout import GpuQTensor, dequantize_gpu
+
+GEMV_MAX_ROWS = 8
+
+
+def _dense_dot(x2, w):
+    return jax.lax.dot_general(x2, w.astype(x2.dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def kernel_matmul(x: jax.Array, w) -> jax.Array:
+    """x [..., in] @ w.T -> [..., out] in x.dtype with float32 accumulation."""
+    lead, cols = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    M = x2.shape[0]
+    if isinstance(w, GpuQTensor):
+        if M <= GEMV_MAX_ROWS:
+            y = gemv(x2, w, interpret=interpret_mode())
+        else:
+            y = _dense_dot(x2.astype(jnp.bfloat16), dequantize_gpu(w, jnp.bfloat16))
+    elif hasattr(w, "qtype"):   # QTensor without a GPU layout
+        from ..quant.dequant import dequantize
+        y = _dense_dot(x2.astype(jnp.bfloat16), dequantize(w, jnp.bfloat16))
+    else:
+        y = _dense_dot(x2, w)
+    return y.reshape(*lead, y.shape[-1]).astype(x.dtype)

@@ -1,0 +1,122 @@
+"""Decode GEMV (1..8 activation rows) over packed weights, dequantizing in registers (Pallas/Triton).
+
+Grid (row tiles, K splits). A program owns BN output rows and one K split; it walks that split in
+tiles of BS superblocks (256 values each), loads the packed tile of every layout array, dequantizes
+it to float32 with layout.dequant_parts (the same function the jnp path uses), and multiplies by
+the matching slice of x (split with layout.split_x outside the kernel, so no shuffles inside).
+Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them.
+Decode is bandwidth-bound: the split count is chosen so that enough programs are in flight to
+cover all SMs even for narrow matrices (K/V projections have 512..1024 rows).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .layout import SB, GpuQTensor, dequant_parts, split_x
+
+N_SM = 132  # H100 SXM; only used to size the grid
+
+
+def interpret_mode() -> bool:
+    """Run Pallas kernels in interpret mode when there is no GPU (or when forced for tests)."""
+    if os.environ.get("REALIZAR_PALLAS_INTERPRET", "") == "1":
+        return True
+    return jax.default_backend() != "gpu"
+
+
+def _pick(nsb: int, rows: int, bn: int, bs: int, target_programs: int):
+    bs = min(bs, nsb)
+    while nsb % bs:
+        bs //= 2
+    bn = min(bn, rows)
+    while rows % bn:
+        bn //= 2
+    tiles = nsb // bs
+    splits = 1
+    for s in range(1, tiles + 1):
+        if tiles % s == 0:
+            splits = s
+            if (rows // bn) * s >= target_programs:
+                break
+    return bn, bs, splits
+
+
+def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
+    w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
+    i, s = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(i * bn, bn)
+
+    def body(t, accs):
+        ks = pl.ds((s * tiles + t) * bs, bs)
+        loaded = [r[(rows, ks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
+        ws = dequant_parts(qtype, loaded)                       # [bn, bs, P] float32 each
+        if use_dot:
+            acc = accs
+            for w, xr in zip(ws, x_refs):
+                P = w.shape[-1]
+                xt = xr[:, ks, :].reshape(nb, bs * P)            # [nb(>=16), bs*P]
+                acc = acc + pl.dot(w.reshape(bn, bs * P).astype(jnp.bfloat16),
+                                   xt.astype(jnp.bfloat16), trans_b=True)
+            return acc
+        new = []
+        for b in range(nb):
+            a = accs[b]
+            for w, xr in zip(ws, x_refs):
+                P = w.shape[-1]
+                xb = xr[b, ks, :].astype(jnp.float32).reshape(1, bs * P)
+                a = a + jnp.sum(w.reshape(bn, bs * P) * xb, axis=1)
+            new.append(a)
+        return tuple(new)
+
+    if use_dot:
+        init = jnp.zeros((bn, nb), jnp.float32)
+        acc = jax.lax.fori_loop(0, tiles, body, init)
+        o_ref[...] = acc.T
+    else:
+        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(nb))
+        accs = jax.lax.fori_loop(0, tiles, body, init)
+        for b in range(nb):
+            o_ref[b, :] = accs[b]
+
+
+@functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
+                                             "target_programs", "interpret"))
+def gemv(x: jax.Array, w, *, bn: int = 32, bs: int = 2, num_warps: int = 4, num_stages: int = 3,
+         use_dot: bool | None = None, target_programs: int = 2 * N_SM, interpret: bool = False):
+    """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
+
+    w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is.
+    """
+    if isinstance(w, GpuQTensor):
+        qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
+    else:
+        rows, cols = w.shape
+        qtype, parts = "DENSE", (w.reshape(rows, cols // SB, SB),)
+    B = x.shape[0]
+    nsb = cols // SB
+    if use_dot is None:
+        use_dot = B > 4
+    nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
+    xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
+    xs = split_x(xp, "Q8_0" if qtype == "DENSE" else qtype)
+    bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
+    tiles = nsb // bs // splits   # K tiles per split
+    kq = "DENSE_ID" if qtype == "DENSE" else qtype
+    kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
+                               tiles=tiles, nb=nb, use_dot=use_dot)
+    out = pl.pallas_call(
+        kernel,
+        grid=(rows // bn, splits),
+        out_specs=pl.BlockSpec((None, nb, bn), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((splits, nb, rows), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"gemv_{qtype.lower()}",
+    )(*parts, *xs)
+    return out.sum(axis=0)[:B]

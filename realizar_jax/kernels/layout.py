@@ -1,0 +1,233 @@
+"""GpuQTensor: GGUF blocks re-laid out (same bytes, give or take 3%) so a Pallas kernel can read them.
+
+The file's blocks interleave f16 scales with packed quants, which a Triton tile cannot load as
+vectors. `repack_for_gpu` splits each block's fields into separate arrays whose leading axes are
+[rows, superblocks] (a superblock = 256 input values for every type here, so one kernel tiling
+fits all), keeping every quant bit and every scale. Device bytes vs file bytes:
+Q8_0, Q4_0, Q6_K, Q5_K: identical; Q4_K: 148 / 144 (+2.8%, the 6-bit sub-scales stored as bytes).
+
+Each layout also fixes how the 256 input values of a superblock are split into "parts": a part
+is the set of values that one packed array field (e.g. the low nibbles) multiplies. The kernels
+compute sum_parts <dequant(part), x_part>, with x split the same way once per call (x is tiny).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SB = 256  # values per superblock, every layout
+GPU_QTYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176),
+          "Q6_K": (256, 210)}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class GpuQTensor:
+    """A [rows=out, cols=in] quantized matrix in the GPU layout of `qtype` (see module doc)."""
+    parts: tuple  # arrays, each with leading axes [rows, cols // 256]; meaning fixed by qtype
+    qtype: str = field(metadata=dict(static=True))
+    shape: tuple[int, int] = field(metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(p.size * p.dtype.itemsize for p in self.parts))
+
+    def __repr__(self) -> str:
+        return f"GpuQTensor({self.qtype}, shape={self.shape}, nbytes={self.nbytes})"
+
+
+def supports_gpu_layout(qtype: str, shape) -> bool:
+    return qtype in GPU_QTYPES and shape[1] % SB == 0
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _k_scales(s: np.ndarray):
+    """Q4_K/Q5_K 12-byte packed scales [..., 12] -> (sc, m) uint8 [..., 8] (6-bit values)."""
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    m = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    m[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, m
+
+
+def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]:
+    """File bytes uint8 [rows, row_bytes] -> the numpy parts of the GPU layout (see GpuQTensor)."""
+    rows, cols = shape
+    if not supports_gpu_layout(qtype, shape):
+        raise ValueError(f"no GPU layout for {qtype} {shape}")
+    bs, ts = _BLOCK[qtype]
+    nsb = cols // SB
+    b = np.asarray(data, np.uint8).reshape(rows, nsb, SB // bs, ts)
+    if qtype == "Q8_0":   # qs int8 [r, nsb, 8, 32], d f16 [r, nsb, 8]
+        return (np.ascontiguousarray(b[..., 2:]).view(np.int8), _f16(b[..., :2]))
+    if qtype == "Q4_0":   # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]
+        return (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2]))
+    b = b[:, :, 0]
+    if qtype in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, m = _k_scales(b[..., 4:16])
+        # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1
+        qs = b[..., -128:].reshape(rows, nsb, 4, 32)
+        parts = [np.ascontiguousarray(qs)]
+        if qtype == "Q5_K":   # qh [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
+            parts.append(np.ascontiguousarray(b[..., 16:48]))
+        return (*parts, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
+                np.ascontiguousarray(m[..., 0::2]), np.ascontiguousarray(m[..., 1::2]), d, dmin)
+    if qtype == "Q6_K":
+        q = _q6_values(b)                                   # [r, nsb, 256] in 0..63
+        g = q.reshape(rows, nsb, 4, 4, 16)                  # group 4t+c of 16 values
+        lo, hi = g & 15, g >> 4
+        ql_e = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)       # [r, nsb, 4, 16]
+        ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
+        qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+        sc = b[..., 192:208].view(np.int8).reshape(rows, nsb, 4, 4)   # [t, c]
+        return (ql_e.astype(np.uint8), ql_o.astype(np.uint8), qh.astype(np.uint8),
+                *(np.ascontiguousarray(sc[..., c]) for c in range(4)), _f16(b[..., 208:210]))
+    raise AssertionError(qtype)
+
+
+def _q6_values(b: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [..., 210] -> unsigned 6-bit quants [..., 256] in natural value order."""
+    ql = b[..., :128].astype(np.uint8)
+    qh = b[..., 128:192].astype(np.uint8)
+    out = np.empty(b.shape[:-1] + (256,), np.uint8)
+    for n in range(2):
+        a, c, h = ql[..., n * 64:n * 64 + 32], ql[..., n * 64 + 32:n * 64 + 64], qh[..., n * 32:n * 32 + 32]
+        o = n * 128
+        out[..., o:o + 32] = (a & 15) | ((h & 3) << 4)
+        out[..., o + 32:o + 64] = (c & 15) | (((h >> 2) & 3) << 4)
+        out[..., o + 64:o + 96] = (a >> 4) | (((h >> 4) & 3) << 4)
+        out[..., o + 96:o + 128] = (c >> 4) | (((h >> 6) & 3) << 4)
+    return out
+
+
+def repack_for_gpu(q):
+    """QTensor (file blocks) -> GpuQTensor on the default device. A QTensor whose type (or row
+    length) has no GPU layout is returned unchanged: quant.matmul dequantizes it + XLA dot."""
+    if not supports_gpu_layout(q.qtype, q.shape):
+        return q
+    parts = repack_blocks(np.asarray(q.data), q.qtype, q.shape)
+    return GpuQTensor(tuple(jnp.asarray(p) for p in parts), q.qtype, tuple(q.shape))
+
+
+# ---- x split into the parts each layout multiplies: x [B, cols] -> list of [B, nsb, P] --------
+
+def split_x(x: jax.Array, qtype: str) -> list:
+    B, cols = x.shape
+    nsb = cols // SB
+    if qtype == "Q8_0" or qtype == "DENSE":
+        return [x.reshape(B, nsb, SB)]
+    if qtype == "Q4_0":
+        v = x.reshape(B, nsb, 8, 2, 16)
+        return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
+    if qtype in ("Q4_K", "Q5_K"):
+        v = x.reshape(B, nsb, 4, 2, 32)
+        return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
+    if qtype == "Q6_K":
+        v = x.reshape(B, nsb, 4, 4, 16)
+        return [v[:, :, :, c].reshape(B, nsb, 64) for c in range(4)]
+    raise ValueError(qtype)
+
+
+# ---- dequantization of a tile, shared by the kernels (on loaded values) and by the jnp path ----
+
+def dequant_parts(qtype: str, p) -> list:
+    """Loaded layout arrays (leading axes [N, S]) -> list of float32 [N, S, P] matching split_x."""
+    f32 = jnp.float32
+    if qtype == "DENSE_ID":   # a dense matrix viewed as [rows, nsb, 256]
+        return [p[0].astype(f32)]
+    if qtype == "Q8_0":
+        qs, d = p
+        w = qs.astype(f32) * d.astype(f32)[..., None]
+        return [w.reshape(w.shape[0], w.shape[1], SB)]
+    if qtype == "Q4_0":
+        qs, d = p
+        q = qs.astype(jnp.int32)
+        d = d.astype(f32)[..., None]
+        out = []
+        for v in (q & 15, q >> 4):
+            w = (v - 8).astype(f32) * d
+            out.append(w.reshape(w.shape[0], w.shape[1], 128))
+        return out
+    if qtype in ("Q4_K", "Q5_K"):
+        if qtype == "Q4_K":
+            qs, sce, sco, me, mo, d, dmin = p
+            qh = None
+        else:
+            qs, qh, sce, sco, me, mo, d, dmin = p
+        q = qs.astype(jnp.int32)
+        d = d.astype(f32)[..., None]
+        dmin = dmin.astype(f32)[..., None]
+        lo, hi = q & 15, q >> 4
+        if qh is not None:   # [N, S, 32] -> bit 2j / 2j+1 of byte l for chunk j
+            h = qh.astype(jnp.int32)[:, :, None, :]
+            sh = (jnp.arange(4, dtype=jnp.int32) * 2).reshape(1, 1, 4, 1)
+            lo = lo + (((h >> sh) & 1) << 4)
+            hi = hi + (((h >> (sh + 1)) & 1) << 4)
+        out = []
+        for v, sc, m in ((lo, sce, me), (hi, sco, mo)):
+            s = (d * sc.astype(f32))[..., None]
+            mm = (dmin * m.astype(f32))[..., None]
+            w = v.astype(f32) * s - mm
+            out.append(w.reshape(w.shape[0], w.shape[1], 128))
+        return out
+    if qtype == "Q6_K":
+        ql_e, ql_o, qh, s0, s1, s2, s3, d = p
+        e, o, h = ql_e.astype(jnp.int32), ql_o.astype(jnp.int32), qh.astype(jnp.int32)
+        d = d.astype(f32)[..., None]
+        quants = ((e & 15) | ((h & 3) << 4), (e >> 4) | (((h >> 2) & 3) << 4),
+                  (o & 15) | (((h >> 4) & 3) << 4), (o >> 4) | (((h >> 6) & 3) << 4))
+        out = []
+        for v, s in zip(quants, (s0, s1, s2, s3)):
+            w = (v - 32).astype(f32) * (d * s.astype(f32))[..., None]
+            out.append(w.reshape(w.shape[0], w.shape[1], 64))
+        return out
+    raise ValueError(qtype)
+
+
+def _merge_parts(qtype: str, parts: list, rows: int, nsb: int) -> jax.Array:
+    """Inverse of split_x for dequantized weights: list of [rows, nsb, P] -> [rows, nsb*256]."""
+    if qtype == "Q8_0":
+        return parts[0].reshape(rows, nsb * SB)
+    if qtype == "Q4_0":
+        w = jnp.stack([p.reshape(rows, nsb, 8, 16) for p in parts], axis=3)
+    elif qtype in ("Q4_K", "Q5_K"):
+        w = jnp.stack([p.reshape(rows, nsb, 4, 32) for p in parts], axis=3)
+    elif qtype == "Q6_K":
+        w = jnp.stack([p.reshape(rows, nsb, 4, 16) for p in parts], axis=3)
+    else:
+        raise ValueError(qtype)
+    return w.reshape(rows, nsb * SB)
+
+
+def dequantize_gpu(w: GpuQTensor, dtype=jnp.float32) -> jax.Array:
+    """The dense [rows, cols] matrix a GpuQTensor stands for (jnp; used for prefill and tests)."""
+    rows, cols = w.shape
+    nsb = cols // SB
+    return _merge_parts(w.qtype, dequant_parts(w.qtype, w.parts), rows, nsb).astype(dtype)
+
+
+def gather_rows(w: GpuQTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Dequantized rows `ids` (any int shape) of a packed [vocab, dim] table -> ids.shape + (dim,).
+
+    Only the gathered rows' blocks are read and dequantized (an embedding lookup of a quantized
+    token_embd). Out-of-range ids are clamped, as jnp.take(mode='clip') does for dense tables.
+    """
+    rows, cols = w.shape
+    flat = jnp.clip(jnp.asarray(ids).reshape(-1), 0, rows - 1)
+    parts = [jnp.take(p, flat, axis=0) for p in w.parts]
+    dense = _merge_parts(w.qtype, dequant_parts(w.qtype, parts), flat.shape[0], cols // SB)
+    return dense.reshape(*jnp.shape(ids), cols).astype(dtype)

@@ -1,0 +1,77 @@
+"""`matmul(x, w)`: the one entry model code uses for every weight, dense or quantized.
+
+Model code never branches on how a weight is stored: it calls `matmul(x, w)` with w either a dense
+[out, in] array or a QTensor of logical shape (out, in), and `embedding_lookup(table, ids)`.
+Quantized weights go through `_quantized_matmul`, the single dispatch point that the Pallas kernels
+replace; the reference here dequantizes to x's dtype and runs an XLA dot.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .dequant import dequantize, dequantize_rows
+from .qtensor import QTensor
+from ..kernels.layout import GpuQTensor, gather_rows
+from ..kernels.dispatch import kernel_matmul
+
+
+def _check(x, in_features: int, what: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"matmul needs floating activations, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"matmul: x has shape {tuple(x.shape)} but {what} takes {in_features} input features")
+
+
+def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w[out, in].T -> [..., out] in x's dtype, accumulated in float32."""
+    w = w.astype(x.dtype)
+    # float32 models are the exact reference: keep GPUs from silently using TF32 for them
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                        precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _quantized_matmul(x: jax.Array, w: QTensor) -> jax.Array:
+    """Reference path for packed weights: dequantize to x's dtype, then a dense dot.
+
+    This is the dispatch point for quantized kernels: swap this function (same signature and
+    result) for one that picks a fused dequant-matmul kernel by w.qtype and the shapes.
+    """
+    return _dense_matmul(x, dequantize(w, x.dtype))
+
+
+def matmul(x, w) -> jax.Array:
+    """x [..., in] times a weight w [out, in] (dense array or QTensor) -> x @ w.T, [..., out], x.dtype."""
+    x = jnp.asarray(x)
+    if isinstance(w, GpuQTensor):  # packed GPU layout: Pallas GEMV / dequant + dot (kernels/)
+        _check(x, w.shape[1], repr(w))
+        return kernel_matmul(x, w)
+    if isinstance(w, QTensor):
+        _check(x, w.shape[1], repr(w))
+        return _quantized_matmul(x, w)
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"matmul: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
+    _check(x, w.shape[1], f"weight of shape {tuple(w.shape)}")
+    return _dense_matmul(x, w)
+
+
+def embedding_lookup(table, ids, dtype=None) -> jax.Array:
+    """Rows `ids` (any int shape S) of an embedding table [vocab, dim] -> S + (dim,).
+
+    A QTensor table is gathered packed and only those rows dequantized. dtype defaults to the
+    table's dtype (float32 for a QTensor). Out-of-range ids are clamped.
+    """
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"embedding ids must be integers, got {ids.dtype}")
+    if isinstance(table, GpuQTensor):
+        return gather_rows(table, ids, jnp.float32 if dtype is None else dtype)
+    if isinstance(table, QTensor):
+        return dequantize_rows(table, ids, jnp.float32 if dtype is None else dtype)
+    table = jnp.asarray(table)
+    rows = jnp.take(table, ids, axis=0, mode="clip")
+    return rows if dtype is None else rows.astype(dtype)

@@ -1,0 +1,12 @@
+"""Session fixtures shared by the test files: tiny HF models and their GGUF conversions (tests/fixtures.py)."""
+from __future__ import annotations
+
+import pytest
+
+from fixtures import ModelFiles
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> ModelFiles:
+    """`model_files.hf("qwen3")`, `model_files.gguf("llama", "q4_k_m")`: built once per session, then cached."""
+    return ModelFiles(tmp_path_factory.mktemp("models"))

@@ -1,0 +1,142 @@
+"""Pallas kernels (interpret mode on CPU) vs independent references: gguf-py dequantize + numpy.
+
+The same checks run on the GPU (compiled, not interpreted) under `pytest -m gpu`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention_ref, dequantize_gpu,
+                                  gemv, kernel_matmul, repack_blocks)
+from realizar_jax.kernels.layout import GPU_QTYPES
+from realizar_jax.synth import random_blocks
+
+ON_GPU = jax.default_backend() == "gpu"
+SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _packed(qtype, rows, cols, rng):
+    data = random_blocks(qtype, rows, cols, rng)
+    w = GpuQTensor(tuple(jnp.asarray(p) for p in repack_blocks(data, qtype, (rows, cols))),
+                   qtype, (rows, cols))
+    ref = quants.dequantize(data, GGMLQuantizationType[qtype]).reshape(rows, cols)
+    return w, ref.astype(np.float64)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 32]), nsb=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_repack_dequantize_is_exact(qtype, rows, nsb, seed):
+    w, ref = _packed(qtype, rows, nsb * 256, np.random.default_rng(seed))
+    np.testing.assert_array_equal(np.asarray(dequantize_gpu(w), np.float64), ref)
+    file_bytes = random_blocks(qtype, rows, nsb * 256, np.random.default_rng(0)).nbytes
+    assert file_bytes <= w.nbytes <= 1.05 * file_bytes   # the 5% device-bytes budget
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 32, 48]), nsb=st.integers(1, 4),
+       batch=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_gemv_matches_gguf_reference(qtype, rows, nsb, batch, seed):
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, rows, nsb * 256, rng)
+    x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
+    y = gemv(jnp.asarray(x), w, bn=16, bs=2, target_programs=4, interpret=not ON_GPU)
+    assert y.shape == (batch, rows) and np.isfinite(np.asarray(y)).all()
+    # batch <= 4: float32 FMAs; batch > 4: bf16 tensor-core dot (2^-8 relative rounding of inputs)
+    tol = 2e-5 if batch <= 4 else 1.5e-2
+    assert _rel(y, x.astype(np.float64) @ ref.T) < tol
+
+
+@settings(max_examples=4, **SETTINGS)
+@given(rows=st.sampled_from([16, 32]), nsb=st.integers(1, 3), batch=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_gemv_dense_bf16(rows, nsb, batch, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, nsb * 256)).astype(np.float32)
+    x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
+    y = gemv(jnp.asarray(x), jnp.asarray(w, jnp.bfloat16), bn=16, bs=1, interpret=not ON_GPU)
+    wb = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert _rel(y, x.astype(np.float64) @ wb.T) < 2e-5
+
+
+@settings(max_examples=3, **SETTINGS)
+@given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), tokens=st.sampled_from([2, 9, 17]),
+       seed=st.integers(0, 2**31))
+def test_kernel_matmul_routes_and_matches(qtype, tokens, seed):
+    """Leading dims kept, x.dtype returned; 2 rows -> GEMV kernel, 9/17 rows -> dequant + bf16 dot."""
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, 32, 512, rng)
+    x = rng.standard_normal((1, tokens, 512)).astype(np.float32)
+    y = kernel_matmul(jnp.asarray(x, jnp.bfloat16), w)
+    assert y.shape == (1, tokens, 32) and y.dtype == jnp.bfloat16
+    xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert _rel(y.astype(jnp.float32), xb @ ref.T) < 1.5e-2
+
+
+def _attn_numpy(q, k, v, lengths, scale):
+    B, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    out = np.zeros((B, Hq, D))
+    for b in range(B):
+        for h in range(Hq):
+            kk, vv = k[b, h // G, :lengths[b]], v[b, h // G, :lengths[b]]
+            s = kk @ q[b, h] * scale
+            p = np.exp(s - s.max())
+            out[b, h] = (p / p.sum()) @ vv
+    return out
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(batch=st.integers(1, 3), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4, 8]),
+       seq=st.sampled_from([32, 64, 128]), dim=st.sampled_from([16, 64]), splits=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2**31))
+def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, hkv * group, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, hkv, seq, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, hkv, seq, dim)).astype(np.float32)
+    lengths = rng.integers(1, seq + 1, batch).astype(np.int32)
+    past = np.arange(seq)[None, None, :] >= lengths[:, None, None]
+    k[np.broadcast_to(past, k.shape[:3])] = 1e4                      # garbage past the length
+    scale = dim ** -0.5
+    want = _attn_numpy(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), lengths, scale)
+    ref = decode_attention_ref(*map(jnp.asarray, (q, k, v, lengths)), scale)
+    np.testing.assert_allclose(np.asarray(ref), want, atol=2e-5)
+    got = decode_attention(*map(jnp.asarray, (q, k, v, lengths)), scale, bt=16, splits=splits,
+                           interpret=not ON_GPU)
+    # on the GPU the two products run on tensor cores (tf32/bf16 inputs)
+    np.testing.assert_allclose(np.asarray(got), want, atol=3e-2 if ON_GPU else 2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_large_shapes():
+    """Real layer shapes, compiled on the GPU: every packed type and decode attention with bf16 KV."""
+    assert ON_GPU
+    rng = np.random.default_rng(7)
+    for qtype in GPU_QTYPES:
+        w, ref = _packed(qtype, 1024, 4096, rng)
+        for batch in (1, 4, 8):
+            x = rng.standard_normal((batch, 4096)).astype(np.float32)
+            xb = jnp.asarray(x, jnp.bfloat16)
+            y = kernel_matmul(xb, w)
+            want = np.asarray(xb.astype(jnp.float32), np.float64) @ ref.T
+            assert _rel(y.astype(jnp.float32), want) < 1.5e-2, (qtype, batch)
+    B, Hq, Hkv, S, D = 2, 32, 8, 2048, 128
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.bfloat16)
+    lengths = jnp.asarray([1500, 37], jnp.int32)
+    got = decode_attention(q, k, v, lengths, D ** -0.5).astype(jnp.float32)
+    want = decode_attention_ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                lengths, D ** -0.5)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2

@@ -1,0 +1,200 @@
+"""numpy quantizers: round-trip error bounds per type, gguf-py reads our blocks, jnp agrees bit for bit."""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import quants as gq
+from gguf.constants import GGMLQuantizationType as GT
+from hypothesis import given, settings, strategies as st
+
+from realizar_jax.quant import QTensor, dequantize, dequantize_blocks, quantize, quantize_qtensor, row_bytes
+
+QTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+FAMILIES = ("gauss", "uniform", "laplace", "positive", "negative", "outliers", "subscales",
+            "suboffsets", "integers", "constant")
+ROWS, COLS = 2, 512
+deq = jax.jit(dequantize_blocks, static_argnames=("qtype", "dtype"))
+
+
+def make_values(seed, family, scale, rows=ROWS, cols=COLS):
+    """Test weights of one family; every 256-value super-block rescaled to max |x| == scale."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, cols // 256, 256)
+    if family == "gauss":
+        x = rng.standard_normal(shape)
+    elif family == "uniform":
+        x = rng.uniform(-1, 1, shape)
+    elif family == "laplace":
+        x = rng.laplace(size=shape)
+    elif family == "positive":
+        x = rng.uniform(0.5, 1, shape)
+    elif family == "negative":
+        x = -rng.uniform(0.5, 1, shape)
+    elif family == "outliers":  # tiny weights with a few huge ones
+        x = rng.standard_normal(shape) * 1e-3
+        x[..., ::97] = rng.standard_normal(x[..., ::97].shape) * 10
+    elif family == "subscales":  # sub-blocks of 16 spanning 4 decades
+        x = rng.standard_normal((*shape[:2], 16, 16)) * 10.0 ** rng.uniform(-4, 0, (*shape[:2], 16, 1))
+    elif family == "suboffsets":  # small spread around a per-32 offset
+        x = rng.standard_normal((*shape[:2], 8, 32)) * 0.01 + rng.uniform(-1, 1, (*shape[:2], 8, 1))
+    elif family == "integers":
+        x = np.round(rng.standard_normal(shape) * 3) + 0.5
+    else:
+        x = np.ones(shape) * rng.uniform(-1, 1, (*shape[:2], 1))
+    x = x.reshape(shape)
+    x = x / np.abs(x).max(axis=-1, keepdims=True) * scale
+    return x.reshape(rows, cols).astype(np.float32)
+
+
+# A subnormal f16 scale is off by at most half its ulp (2^-25); times the largest quant*sub-scale
+# product that is the worst absolute error it can add.
+_SUBNORMAL = 2.0 ** -25
+_K_NMAX = {"Q4_K": 15, "Q5_K": 31}
+
+
+def error_bound(qtype, x):
+    """Largest |dequant(quant(x)) - x| each element may have, broadcast to x's shape.
+
+    Legacy types (proved from the algorithm): Q8_0 rounds to steps of d = A/127 (A = block max |x|),
+    so <= d/2, plus up to 127 * f16 rounding of d (2^-11 relative). Q4_0/Q5_0 map the signed max
+    to -8/-16, so the opposite extreme clips by one step: <= A/8 (A/16). Q4_1/Q5_1 step over
+    max-min: half a step, plus the f16 rounding of d and of the min.
+    K-quants (the fit is a search, so measured, then given margin): Q4_K/Q5_K stay within 1.5
+    steps of a grid with nmax steps over the super-block's span [min(x,0), max(x,0)] -- half a step
+    of rounding plus the 6-bit coding of each sub-block's scale and min (worst seen over 10^5 adversarial
+    super-blocks: 0.96 / 1.11 steps); Q6_K within 1.25 steps of A/32 (worst seen 0.79).
+    """
+    bs = 32 if qtype[-1] != "K" else 256
+    xb = x.reshape(-1, bs).astype(np.float64)
+    amax = np.abs(xb).max(axis=1, keepdims=True)
+    span = xb.max(axis=1, keepdims=True) - xb.min(axis=1, keepdims=True)
+    if qtype == "Q8_0":
+        b = amax * (1 / 254 + 2.0 ** -11) + 127 * _SUBNORMAL
+    elif qtype in ("Q4_0", "Q5_0"):
+        n = 8 if qtype == "Q4_0" else 16
+        b = amax * (1 / n + 2.0 ** -11) + n * _SUBNORMAL
+    elif qtype in ("Q4_1", "Q5_1"):
+        n = 15 if qtype == "Q4_1" else 31
+        b = span / (2 * n) * 1.001 + (span + amax) * 2.0 ** -10 + n * _SUBNORMAL
+    elif qtype in _K_NMAX:
+        n = _K_NMAX[qtype]
+        kspan = np.maximum(xb.max(axis=1, keepdims=True), 0) - np.minimum(xb.min(axis=1, keepdims=True), 0)
+        b = 1.5 * kspan / n + 63 * (n + 1) * _SUBNORMAL
+    else:  # Q6_K
+        b = 1.25 * amax / 32 + 128 * 32 * _SUBNORMAL
+    return np.broadcast_to(b, xb.shape).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), family=st.sampled_from(FAMILIES), scale=st.floats(0.25, 64.0))
+def test_round_trip_within_bound_and_readable_by_gguf(qtype, seed, family, scale):
+    x = make_values(seed, family, scale)
+    q = quantize(x, qtype)
+    assert q.dtype == np.uint8 and q.shape == (ROWS, row_bytes(qtype, COLS))
+    ref = gq.dequantize(q, GT[qtype])
+    ours = np.asarray(deq(q, qtype=qtype))
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    err = np.abs(ref.astype(np.float64) - x)
+    bound = error_bound(qtype, x)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert (err <= bound).all(), f"{family}: |err| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+# Typical quality on Gaussian weights (sigma 0.02, like a real layer), RMS error / RMS weight over
+# the matrix. Uniform rounding noise is step/sqrt(12): Q8_0 step ~ 2.1 sigma/127 -> 0.005;
+# Q4_0 step ~ 2.1 sigma/8 plus clipping -> 0.086; Q4_1/Q5_1 step ~ 4.1 sigma/15 (/31) -> 0.078 (0.038).
+# The K-quant search must beat the plain min/max grid of the same width (Q4_1 0.078, Q5_1 0.038);
+# Q6_K step ~ 1.8 sigma/32 -> 0.017. Bounds are measured values (3 seeds) plus ~6-10%.
+TYPICAL_RMS = {"Q8_0": 0.006, "Q4_0": 0.092, "Q4_1": 0.083, "Q5_0": 0.046, "Q5_1": 0.041,
+               "Q4_K": 0.076, "Q5_K": 0.038, "Q6_K": 0.0195, "F16": 3e-4, "BF16": 2.2e-3}
+
+
+@pytest.mark.parametrize("qtype", list(TYPICAL_RMS))
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_typical_relative_rms_error(qtype, seed):
+    x = (np.random.default_rng(seed).standard_normal((32, 1024)) * 0.02).astype(np.float32)
+    y = np.asarray(deq(quantize(x, qtype), qtype=qtype), np.float64)
+    rel = np.sqrt(((y - x) ** 2).mean() / (x.astype(np.float64) ** 2).mean())
+    assert rel < TYPICAL_RMS[qtype]
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_dense_passthrough(seed):
+    x = (np.random.default_rng(seed).standard_normal((3, 48)) * 100).astype(np.float32)
+    np.testing.assert_array_equal(quantize(x, "F32"), x.view(np.uint8))
+    np.testing.assert_array_equal(quantize(x, "F16"), x.astype("<f2").view(np.uint8))
+    np.testing.assert_array_equal(quantize(x, "BF16"), gq.quantize(x, GT.BF16))  # gguf-py: ggml's rounding
+    np.testing.assert_array_equal(np.asarray(deq(quantize(x, "F32"), qtype="F32")), x)
+
+
+def test_quantize_qtensor_round_trip():
+    x = make_values(5, "gauss", 1.0, rows=8, cols=512)
+    q = quantize_qtensor(x, "Q4_K")
+    assert isinstance(q, QTensor) and q.qtype == "Q4_K" and q.shape == (8, 512)
+    np.testing.assert_array_equal(np.asarray(q.data), quantize(x, "Q4_K"))
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), gq.dequantize(quantize(x, "Q4_K"), GT.Q4_K))
+
+
+def test_quantize_rejects_bad_input():
+    x = np.ones((2, 256), np.float32)
+    with pytest.raises(ValueError, match="multiple of the Q4_K block size"):
+        quantize(x[:, :100], "Q4_K")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(np.where(np.arange(256) == 3, np.nan, x), "Q8_0")
+    with pytest.raises(ValueError, match="cannot quantize to Q3_K"):
+        quantize(x, "Q3_K")
+    with pytest.raises(ValueError, match="65504"):
+        quantize(x * 1e5, "Q6_K")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_4096_square_takes_seconds(qtype):
+    x = (np.random.default_rng(0).standard_normal((4096, 4096)) * 0.02).astype(np.float32)
+    t = time.process_time()
+    quantize(x, qtype)
+    assert time.process_time() - t < 8.0
+
+
+def _ggml_library():
+    """llama.cpp's ggml (REALIZAR_GGML_LIB, or the one llama-cpp-python ships), or skip."""
+    path = os.environ.get("REALIZAR_GGML_LIB")
+    if not path:
+        llama_cpp = pytest.importorskip("llama_cpp")
+        libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        found = [f for f in os.listdir(libdir) if f.startswith("libggml-base")] if os.path.isdir(libdir) else []
+        if not found:
+            pytest.skip("llama-cpp-python has no libggml-base")
+        path = os.path.join(libdir, found[0])
+    return ctypes.CDLL(path)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matches_llama_cpp_reference_quantizer(qtype):
+    """Legacy types: byte-identical to quantize_row_*_ref. K-quants: same algorithm, but llama.cpp
+    accumulates in float32 (with FMA contraction depending on the build) where we use float64, so
+    near-ties between trial scales may resolve differently: most blocks identical, error no worse."""
+    lib = _ggml_library()
+    fn = getattr(lib, f"quantize_row_{qtype.lower()[:-2]}{qtype[-2:]}_ref")
+    x = np.concatenate([make_values(s, f, 1.0, rows=8, cols=1024) for s, f in enumerate(FAMILIES)])
+    ref = np.zeros((x.shape[0], row_bytes(qtype, x.shape[1])), np.uint8)
+    fn(x.ctypes.data_as(ctypes.c_void_p), ref.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    ours = quantize(x, qtype)
+    if qtype[-1] != "K":
+        np.testing.assert_array_equal(ours, ref)
+        return
+    y_ours, y_ref = gq.dequantize(ours, GT[qtype]), gq.dequantize(ref, GT[qtype])
+    same = (y_ours.reshape(-1, 256) == y_ref.reshape(-1, 256)).all(axis=1)
+    assert same.mean() > 0.75
+    rms = lambda y: np.sqrt(((y - x) ** 2).mean())
+    assert rms(y_ours) <= 1.01 * rms(y_ref)
