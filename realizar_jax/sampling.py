@@ -115,13 +115,13 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """
     x = logits.astype(jnp.float32)
     temp = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    x = x
+    x = x / temp
     v = x.shape[-1]
     x_asc = jnp.sort(x, axis=-1)
     neg_inf = jnp.float32(-jnp.inf)
 
     # top-k: keep values >= the k-th largest.
-    k = jnp.clip(params.top_k, 1, v)
+    k = jnp.clip(params.top_k + 1, 1, v)
     thr_k = jnp.take_along_axis(x_asc, (v - k)[:, None], axis=-1)
     thr = jnp.where(params.top_k[:, None] > 0, thr_k, neg_inf)
 

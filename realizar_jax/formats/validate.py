@@ -54,6 +54,9 @@ def validate_roles(source) -> dict[RoleKey, str]:
     """Map (role, layer) -> tensor name for `source`, raising a ModelFormatError subclass on any problem:
     tensors no role explains, missing roles, shapes that disagree with the config, quantized vectors."""
     config, path, fmt = source.config, source.path, source.format
+    if config.num_layers * 4 > len(source.tensors):  # every layer has >= 4 tensors; also bounds the loops below
+        raise MissingTensorError(f"the config says {config.num_layers} layers but the model has only "
+                                 f"{len(source.tensors)} tensors", path=path)
     found: dict[RoleKey, str] = {}
     unknown = []
     for name in source.tensors:

@@ -1,0 +1,203 @@
+"""`realizar-jax bench`: load / compile / prefill / decode speed on one device, in one process.
+
+    realizar-jax bench --shape llama3-8b --quant q4_k_m [--batch 1] [--prompt-len 512] [--gen 128]
+    realizar-jax bench --model PATH [...] [--json OUT]
+
+With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.synth;
+cached under --dir), so the same file can be given to llama.cpp's llama-bench. Decode speed is
+also expressed as effective bandwidth: the weight bytes one decode step must read (every matrix,
+only B rows of an untied embedding table) times steps per second, against the device's measured
+copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written) of a large elementwise op."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((int(gib * (1 << 30)) // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t)
+    del a
+    return 2 * (int(gib * (1 << 30)) // 2) * 2 / float(np.median(ts)) / 1e9
+
+
+def _leaf_bytes(tree) -> int:
+    import jax
+    seen, total = set(), 0
+    for x in jax.tree_util.tree_leaves(tree):
+        if id(x) not in seen:
+            seen.add(id(x))
+            total += int(x.size * x.dtype.itemsize)
+    return total
+
+
+def decode_read_bytes(params, config, batch: int) -> int:
+    """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows."""
+    total = _leaf_bytes(params)
+    if not config.tie_embeddings:
+        emb = _leaf_bytes(params.embed)
+        total -= emb - emb * batch // config.vocab_size
+    return total
+
+
+def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from . import engine, model as M
+    from .cache import init_cache
+
+    res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
+                 "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                 "jax": jax.__version__}
+    res["copy_GBps"] = copy_bandwidth()
+    log(f"copy bandwidth {res['copy_GBps']:.0f} GB/s")
+    max_seq = 1 << (prompt_len + gen - 1).bit_length()
+    t = time.perf_counter()
+    m = engine.load(path, dtype=dtype, max_seq_len=max_seq, batch=batch)
+    jax.block_until_ready(m.params)
+    res["load_s"] = time.perf_counter() - t
+    params, config = m.params, m.config
+    res["weight_device_bytes"] = _leaf_bytes(params)
+    res["file_bytes"] = os.path.getsize(path)
+    read = decode_read_bytes(params, config, batch)
+    res["decode_read_bytes"] = read
+    log(f"loaded in {res['load_s']:.1f}s; weights on device {res['weight_device_bytes']/1e9:.3f} GB "
+        f"(file {res['file_bytes']/1e9:.3f} GB)")
+    kv = jnp.dtype(dtype)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+
+    prefill = jax.jit(lambda p, c, t, l: M.prefill(p, c, t, l, config=config), donate_argnums=1)
+
+    def step(p, c, tok):
+        logits, c = M.decode_logits(p, c, tok, config=config)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), c
+    decode = jax.jit(step, donate_argnums=1)
+
+    cache = init_cache(config, batch, max_seq, kv)
+    t = time.perf_counter()
+    prefill_c = prefill.lower(params, cache, tokens, lengths).compile()
+    res["compile_prefill_s"] = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        cache = init_cache(config, batch, max_seq, kv)
+        jax.block_until_ready(cache)
+        t = time.perf_counter()
+        logits, cache = prefill_c(params, cache, tokens, lengths)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t)
+    res["prefill_s"] = float(np.median(times))
+    res["prefill_tok_s"] = batch * prompt_len / res["prefill_s"]
+    res["prefill_finite"] = bool(jnp.isfinite(logits).all())
+    log(f"prefill {prompt_len} tok x {batch}: {res['prefill_s']*1e3:.1f} ms = {res['prefill_tok_s']:.0f} tok/s")
+
+    tok = jnp.argmax(logits.reshape(batch, -1, logits.shape[-1])[:, -1], axis=-1).astype(jnp.int32)
+    t = time.perf_counter()
+    decode_c = decode.lower(params, cache, tok).compile()
+    res["compile_decode_s"] = time.perf_counter() - t
+    tok, cache = decode_c(params, cache, tok)   # warm-up step (first call allocations)
+    jax.block_until_ready(tok)
+    n = gen - 1
+    t = time.perf_counter()
+    out = []
+    for _ in range(n):
+        tok, cache = decode_c(params, cache, tok)
+        out.append(tok)
+    jax.block_until_ready(tok)
+    dt = time.perf_counter() - t
+    res["decode_s_per_step"] = dt / n
+    res["decode_tok_s"] = batch * n / dt
+    res["decode_steps_per_s"] = n / dt
+    res["decode_GBps"] = read * n / dt / 1e9
+    res["decode_pct_copy"] = 100 * res["decode_GBps"] / res["copy_GBps"]
+    res["decode_floor_tok_s"] = batch * res["copy_GBps"] * 1e9 / read
+    res["compile_s"] = res["compile_prefill_s"] + res["compile_decode_s"]
+    res["tokens_in_range"] = bool(all(0 <= int(x.min()) and int(x.max()) < config.vocab_size for x in out[-2:]))
+    log(f"decode {n} steps x {batch}: {res['decode_s_per_step']*1e3:.2f} ms/step = "
+        f"{res['decode_tok_s']:.0f} tok/s, {res['decode_GBps']:.0f} GB/s "
+        f"({res['decode_pct_copy']:.0f}% of copy bw)")
+    return res
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("model", "model", "{}"), ("B", "batch", "{}"), ("load s", "load_s", "{:.1f}"),
+            ("compile s", "compile_s", "{:.1f}"), ("weights GB", "weight_device_bytes", "{:.2f}"),
+            ("prefill tok/s", "prefill_tok_s", "{:.0f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
+            ("GB/s", "decode_GBps", "{:.0f}"), ("% copy", "decode_pct_copy", "{:.0f}")]
+    lines = [" | ".join(c[0] for c in cols)]
+    for r in rows:
+        vals = []
+        for _, k, f in cols:
+            v = r.get(k, "")
+            if k == "weight_device_bytes" and v != "":
+                v = v / 1e9
+            if k == "model":
+                v = Path(str(v)).name
+            vals.append(f.format(v) if v != "" else "-")
+        lines.append(" | ".join(vals))
+    return "\n".join(lines)
+
+
+def bench_main(argv=None) -> int:
+    from .synth import QUANTS, SHAPES, write_synthetic_gguf
+    ap = argparse.ArgumentParser(prog="realizar-jax bench", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a .gguf file or HF folder to benchmark")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="synthesize a random-weight GGUF of this shape")
+    ap.add_argument("--quant", choices=QUANTS, default="q4_k_m")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dir", default=os.environ.get("REALIZAR_BENCH_DIR", "/tmp/realizar-bench"),
+                    help="where synthesized GGUFs are cached")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
+        print("bench: --batch and --prompt-len must be >= 1, --gen >= 2", file=sys.stderr)
+        return 2
+    if args.model:
+        path = Path(args.model)
+        if not path.exists():
+            print(f"bench: {path}: no such file or directory", file=sys.stderr)
+            return 2
+        synth_s = None
+    else:
+        shape = args.shape or "llama3.2-1b"
+        os.makedirs(args.dir, exist_ok=True)
+        path = Path(args.dir) / f"{shape}-{args.quant}.gguf"
+        t = time.perf_counter()
+        if not path.exists():
+            print(f"synthesizing {path} ...", flush=True)
+            write_synthetic_gguf(path, shape, args.quant)
+        synth_s = time.perf_counter() - t
+    res = run_bench(path, batch=args.batch, prompt_len=args.prompt_len, gen=args.gen, dtype=args.dtype)
+    res["synth_s"] = synth_s
+    if args.shape:
+        res["shape"], res["quant"] = args.shape, args.quant
+    print(format_table([res]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())
