@@ -66,7 +66,7 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", log=p
     res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "jax": jax.__version__}
-    res["copy_GBps"] = copy_bandwidth()
+    res["copy_GBps"] = copy_bandwidth(1.0 if jax.default_backend() == "gpu" else 1 / 16)
     log(f"copy bandwidth {res['copy_GBps']:.0f} GB/s")
     max_seq = 1 << (prompt_len + gen - 1).bit_length()
     t = time.perf_counter()

@@ -121,7 +121,7 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     neg_inf = jnp.float32(-jnp.inf)
 
     # top-k: keep values >= the k-th largest.
-    k = jnp.clip(params.top_k + 1, 1, v)
+    k = jnp.clip(params.top_k, 1, v)
     thr_k = jnp.take_along_axis(x_asc, (v - k)[:, None], axis=-1)
     thr = jnp.where(params.top_k[:, None] > 0, thr_k, neg_inf)
 
@@ -153,7 +153,7 @@ def sample(logits: jax.Array, params: SamplingParams, key: jax.Array,
 
     def draw(_):
         drawn = jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
-        return jnp.where(greedy, greedy_tokens, drawn)
+        return drawn
 
     # An all-greedy batch skips the sort entirely (a real branch at run time, not a recompile).
     return jax.lax.cond(jnp.all(greedy), lambda _: greedy_tokens, draw, None)

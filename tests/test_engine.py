@@ -83,3 +83,29 @@ def test_bad_arguments_raise_clear_errors(pair):
         model.generate([1, 2], max_new_tokens=2, temperature=-1)
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate("text needs a tokenizer", max_new_tokens=2)
+
+
+def _hf_perplexity(hf, ids, window, stride):
+    """HF's sliding-window perplexity recipe, in torch."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        target_len = end - max(prev_end, begin + 1) if begin == 0 else end - prev_end
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids[begin:end]])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        for pos in range(end - target_len, end):
+            nll -= float(logp[pos - begin - 1, ids[pos]])
+            count += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    return float(np.exp(nll / count))
+
+
+@pytest.mark.parametrize("window,stride", [(64, 64), (24, 10)])
+def test_perplexity_equals_hf_sliding_window(pair, window, stride):
+    hf, model = pair
+    ids = [int(i) for i in np.random.default_rng(13).integers(0, 101, 57)]
+    ours = model.perplexity(ids, stride=stride, window=window)
+    assert ours == pytest.approx(_hf_perplexity(hf, ids, window, stride), rel=1e-4)

@@ -1,0 +1,70 @@
+"""Synthetic GGUFs (real llama layout, Q4_K_M type mix) and the bench harness end to end on CPU."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from realizar_jax.bench import bench_main, decode_read_bytes
+from realizar_jax.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
+
+
+@settings(max_examples=10, deadline=None)
+@given(qtype=st.sampled_from(["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"]),
+       rows=st.integers(1, 4), nsb=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_random_blocks_dequantize_finite(qtype, rows, nsb, seed):
+    data = random_blocks(qtype, rows, nsb * 256, np.random.default_rng(seed))
+    w = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    assert w.shape == (rows, nsb * 256) and np.isfinite(w).all()
+    assert 1e-3 < np.abs(w).mean() < 0.2 and np.unique(w).size > 16   # not degenerate
+
+
+def test_q4_k_m_mix_follows_llama_quantize():
+    plan = {name: qt for name, _, qt in tensor_plan(SHAPES["llama3-8b"], "q4_k_m")}
+    assert plan["token_embd.weight"] == "Q4_K" and plan["output.weight"] == "Q6_K"
+    # llama-quantize use_more_bits for 32 layers: i < 4, i >= 28, or (i - 4) % 3 == 2
+    more = [i for i in range(32) if plan[f"blk.{i}.attn_v.weight"] == "Q6_K"]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert [i for i in range(32) if plan[f"blk.{i}.ffn_down.weight"] == "Q6_K"] == more
+    assert all(plan[f"blk.{i}.ffn_up.weight"] == "Q4_K" for i in range(32))
+    tied = {name: qt for name, _, qt in tensor_plan(SHAPES["llama3.2-1b"], "q4_k_m")}
+    assert tied["token_embd.weight"] == "Q6_K" and "output.weight" not in tied
+
+
+def test_synthetic_gguf_reads_back(tmp_path):
+    path = write_synthetic_gguf(tmp_path / "t.gguf", "tiny", "q4_k_m", seed=3)
+    r = gguf.GGUFReader(path)
+    shape = SHAPES["tiny"]
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["llama.block_count"].contents() == shape.n_layer
+    assert r.fields["llama.attention.head_count_kv"].contents() == shape.n_kv
+    assert len(r.fields["tokenizer.ggml.tokens"].data) == shape.vocab
+    plan = tensor_plan(shape, "q4_k_m")
+    assert [t.name for t in r.tensors] == [p[0] for p in plan]
+    for t, (_, shp, qt) in zip(r.tensors, plan):
+        assert t.tensor_type.name == qt
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert w.shape == shp and np.isfinite(w).all()
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "bf16"])
+def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
+    out = tmp_path / "r.json"
+    rc = bench_main(["--shape", "tiny", "--quant", quant, "--prompt-len", "8", "--gen", "3",
+                     "--dir", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["prefill_finite"] and res["tokens_in_range"]
+    for k in ("copy_GBps", "load_s", "compile_s", "prefill_tok_s", "decode_tok_s", "decode_GBps"):
+        assert res[k] > 0, k
+    assert 0.9 * res["file_bytes"] < res["weight_device_bytes"] < 1.1 * res["file_bytes"] + 3e6
+    assert "decode tok/s" in capsys.readouterr().out
+
+
+def test_bench_rejects_missing_model(tmp_path, capsys):
+    assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "no such file" in capsys.readouterr().err
