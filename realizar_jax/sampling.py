@@ -153,7 +153,7 @@ def sample(logits: jax.Array, params: SamplingParams, key: jax.Array,
 
     def draw(_):
         drawn = jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
-        return drawn
+        return jnp.where(greedy, greedy_tokens, drawn)
 
     # An all-greedy batch skips the sort entirely (a real branch at run time, not a recompile).
     return jax.lax.cond(jnp.all(greedy), lambda _: greedy_tokens, draw, None)

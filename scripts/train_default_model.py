@@ -96,7 +96,7 @@ def train_tokenizer(texts: list[str], vocab: int):
     tok.train_from_iterator(texts, trainer=trainer)
     # HF-style: encode() prepends <|bos|> (as LLaMA-3 tokenizers do).
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
@@ -474,7 +474,7 @@ def parse_args(argv=None):
     p.add_argument("--device-time-budget", type=float, default=240.0,
                    help="seconds of training wall time (steps chosen after timing the first ones)")
     p.add_argument("--steps", type=int, default=0, help="fixed number of steps (overrides the budget)")
-    p.add_argument("--max-epochs", type=float, default=40.0)
+    p.add_argument("--max-epochs", type=float, default=30.0)
     p.add_argument("--max-files", type=int, default=0, help="use only the first N stdlib files (tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, default=4096)
@@ -487,8 +487,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.5)
+    p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--attn", choices=["auto", "xla", "cudnn"], default="auto")
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default="float32")

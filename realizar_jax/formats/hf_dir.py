@@ -73,8 +73,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
                 and 0 <= offsets[0] <= offsets[1] <= data_len):
             raise DamagedFileError(f"data_offsets {offsets!r:.80} outside the {data_len} data bytes",
                                    path=path, tensor=name)
-        if dtype not in ST_DTYPES:
-            if dtype in ST_KNOWN_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            if isinstance(dtype, str) and dtype in ST_KNOWN_DTYPES:
                 raise UnsupportedQuantError(f"dtype {dtype} is not supported (supported: F32, F16, BF16)",
                                             path=path, tensor=name)
             raise DamagedFileError(f"unknown dtype {dtype!r:.40}", path=path, tensor=name)

@@ -42,14 +42,15 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss)
     def body(t, carry):
         o, m, l = carry
         k = k_ref[pl.ds(t * bt, bt), :]
-        qk = pl.dot(q.astype(k.dtype), k, trans_b=True) * scale           # [gp, bt] f32
+        qk = jax.lax.dot_general(q.astype(k.dtype), k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * scale           # [gp, bt] f32
         pos = start + t * bt + jnp.arange(bt)
         qk = jnp.where((pos < length)[None, :], qk, NEG)
         m_new = jnp.maximum(m, qk.max(axis=1))
         corr = jnp.exp(m - m_new)
         p = jnp.exp(qk - m_new[:, None])
         v = v_ref[pl.ds(t * bt, bt), :]
-        o = o * corr[:, None] + pl.dot(p.astype(v.dtype), v)
+        o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l * corr + p.sum(axis=1)
 
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), NEG, jnp.float32),

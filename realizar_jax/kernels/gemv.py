@@ -47,6 +47,11 @@ def _pick(nsb: int, rows: int, bn: int, bs: int, target_programs: int):
     return bn, bs, splits
 
 
+def _dot_t(a, b):
+    """a [m, k] @ b[n, k].T -> [m, n] float32 (tensor cores for bf16 inputs)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
@@ -61,16 +66,17 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             for w, xr in zip(ws, x_refs):
                 P = w.shape[-1]
                 xt = xr[:, ks, :].reshape(nb, bs * P)            # [nb(>=16), bs*P]
-                acc = acc + pl.dot(w.reshape(bn, bs * P).astype(jnp.bfloat16),
-                                   xt.astype(jnp.bfloat16), trans_b=True)
+                acc = acc + _dot_t(w.reshape(bn, bs * P).astype(jnp.bfloat16), xt.astype(jnp.bfloat16))
             return acc
+        # elementwise accumulate [bn, bs*P] per row of x; the cross-thread reduction happens
+        # once after the loop, not once per tile
         new = []
         for b in range(nb):
             a = accs[b]
             for w, xr in zip(ws, x_refs):
                 P = w.shape[-1]
                 xb = xr[b, ks, :].astype(jnp.float32).reshape(1, bs * P)
-                a = a + jnp.sum(w.reshape(bn, bs * P) * xb, axis=1)
+                a = a + w.reshape(bn, bs * P) * xb
             new.append(a)
         return tuple(new)
 
@@ -79,10 +85,11 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
         acc = jax.lax.fori_loop(0, tiles, body, init)
         o_ref[...] = acc.T
     else:
-        init = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(nb))
+        width = bs * {"Q4_K": 128, "Q5_K": 128, "Q4_0": 128, "Q6_K": 64}.get(qtype, SB)
+        init = tuple(jnp.zeros((bn, width), jnp.float32) for _ in range(nb))
         accs = jax.lax.fori_loop(0, tiles, body, init)
         for b in range(nb):
-            o_ref[b, :] = accs[b]
+            o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",

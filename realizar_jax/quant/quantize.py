@@ -1,18 +1,21 @@
 """numpy quantizers: float32 [..., cols] -> uint8 [..., row_bytes] blocks in GGUF layout.
 
-Legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) go through gguf-py, whose quantizers follow llama.cpp's
-`quantize_row_*_ref` (Q8_0 bit-exactly, per its docs). gguf-py has no K-quant quantizers, so Q4_K, Q5_K and Q6_K are
-ours: llama.cpp's reference algorithm (`quantize_row_q{4,5,6}_K_ref`), vectorised over all
-sub-blocks at once:
+Legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) go through gguf-py; its output is byte-identical to
+llama.cpp's `quantize_row_*_ref` (checked against ggml-quants.c, tests marked llamacpp).
+gguf-py has no K-quant quantizers, so Q4_K, Q5_K and Q6_K are ours: llama.cpp's reference
+algorithm (`quantize_row_q{4,5,6}_K_ref`), vectorised over all sub-blocks at once:
 - Q4_K/Q5_K: per 32-value sub-block, `make_qkx2_quants` fits scale and min by weighted least
   squares (weights |x| + rms of the sub-block) over 21 (Q4_K) or 16 (Q5_K) trial step sizes,
-  keeping each fit that lowers the weighted squared error (and moving the grid's min with it); the 8 scales and 8 mins are then coded in
-  6 bits against the largest of each, and the values requantized with the coded scales.
+  keeping each fit that lowers the weighted squared error (and moving the grid's min with it);
+  the 8 scales and 8 mins are coded in 6 bits against the largest of each, and the values
+  requantized with the coded scales.
 - Q6_K: per 16-value sub-block, `make_qx_quants` (rmse_type 1: weights x^2) tries 19 symmetric
   step sizes; the 16 scales are coded as int8 against the one of largest magnitude.
-Differences from llama.cpp, none of which changes the format: the trial errors are computed from
-the same weighted sums in float64 (algebraically equal to llama.cpp's per-element loop, so near-ties
-may break differently), and quants of a sub-block whose coded scale is 0 are written as 0.
+Differences from llama.cpp, none of which changes the format: sums and trial errors are computed
+in float64 from the weighted sums (algebraically equal to llama.cpp's float32 loops, whose own
+rounding depends on the build's FMA contraction), so near-ties between trial scales may resolve
+differently -- most blocks come out identical, the others with the same error on average; quants
+of a sub-block whose coded scale is 0 are written as 0.
 """
 from __future__ import annotations
 
