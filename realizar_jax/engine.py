@@ -257,7 +257,7 @@ class Model:
                 r, tok = next(gen)
                 if stopped[r] or decoders[r] is None:
                     continue
-                piece = decoders[r].add(tok)
+                piece = decoders[r].push(tok)
                 if piece:
                     texts[r] += piece
                     hit = _find_stop(texts[r], stop)

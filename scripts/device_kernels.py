@@ -117,7 +117,7 @@ def main():
             res["gemv"].append(dict(qt=qt, impl="xla", shape="gate_up", B=1, t=t, GBps=b / t / 1e9))
             print(f"{qt} xla gate_up B1 {t*1e6:.1f}us {b/t/1e9:.0f} GB/s")
         best = None
-        cfgs = [(bn, bs, 4, 3, 264) for bn in (16, 32, 64) for bs in (1, 2, 4)]
+        cfgs = [(bn, bs, 4, 3, 264) for bn in (16, 32, 64) for bs in (2, 4, 8)]
         if args.quick:
             cfgs = cfgs[:4]
         for cfg in cfgs:

@@ -468,9 +468,36 @@ def run(args) -> dict:
     return result
 
 
+def ship(hf_dir: str, data_dir: str, quant: str = "q8_0", notes: dict | None = None) -> dict:
+    """Convert the HF folder with the package's converter and write <data_dir>/default.gguf plus
+    default_model.json (the recipe and measured numbers from train_log.json)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from realizar_jax.convert import convert_main
+
+    data = Path(data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    gguf_path = data / "default.gguf"
+    if convert_main([hf_dir, str(gguf_path), "--quant", quant, "--no-progress"]) != 0:
+        raise SystemExit(f"conversion of {hf_dir} failed")
+    log = json.loads((Path(hf_dir) / "train_log.json").read_text())
+    keep = ("device", "jax", "train_time_s", "total_time_s", "epochs", "final_train_loss", "valid_loss",
+            "heldout_loss", "heldout_ppl", "heldout_bits_per_byte", "train_sample_loss", "shipped_step")
+    info = {"name": Path(hf_dir).name, **log["recipe"], **{k: log[k] for k in keep},
+            "heldout_note": "per token, on the test split (files with md5(path) % 20 == 1) of the "
+                            "training interpreter's stdlib, bf16 weights before quantization",
+            "gguf_quant": quant.upper(), "gguf_bytes": gguf_path.stat().st_size,
+            "gguf_sha256": hashlib.sha256(gguf_path.read_bytes()).hexdigest(),
+            "rebuild": "see TRAINING.md", **(notes or {})}
+    (data / "default_model.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--out", help="output HF folder (required unless --ship)")
+    p.add_argument("--ship", metavar="HF_DIR", help="instead of training: convert HF_DIR to Q8_0 GGUF and "
+                   "write realizar_jax/data/default.gguf + default_model.json")
+    p.add_argument("--notes", help="with --ship: a JSON file of extra measured numbers to record")
     p.add_argument("--device-time-budget", type=float, default=240.0,
                    help="seconds of training wall time (steps chosen after timing the first ones)")
     p.add_argument("--steps", type=int, default=0, help="fixed number of steps (overrides the budget)")
@@ -500,7 +527,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.ship:
+        notes = json.loads(Path(args.notes).read_text()) if args.notes else None
+        info = ship(args.ship, str(Path(__file__).resolve().parents[1] / "realizar_jax" / "data"), notes=notes)
+        print(json.dumps({k: info[k] for k in ("gguf_bytes", "heldout_loss", "heldout_ppl")}))
+        return 0
+    if not args.out:
+        raise SystemExit("--out is required")
+    run(args)
     return 0
 
 

@@ -1,7 +1,7 @@
 """kernel_matmul: the GPU route behind quant.matmul.matmul(x, w).
 
 Decode (<= 8 activation rows): Pallas GEMV on packed weights (GpuQTensor). Prefill (more rows):
-dequantize the packed matrix to bf16 in XLA and use the tensor-core dot (the weight is re-read as
+dequantize the packed matrix to x's dtype (bf16) in XLA and use the tensor-core dot (the weight is re-read as
 bf16 once per call, which at 512 tokens costs less than the matmul itself). Dense weights use
 XLA's dot. Anything else (a QTensor of a type without a GPU layout) dequantizes and dots.
 """
@@ -30,10 +30,10 @@ def kernel_matmul(x: jax.Array, w) -> jax.Array:
         if M <= GEMV_MAX_ROWS:
             y = gemv(x2, w, interpret=interpret_mode())
         else:
-            y = _dense_dot(x2.astype(jnp.bfloat16), dequantize_gpu(w, jnp.bfloat16))
+            y = _dense_dot(x2, dequantize_gpu(w, x2.dtype))
     elif hasattr(w, "qtype"):   # QTensor without a GPU layout
         from ..quant.dequant import dequantize
-        y = _dense_dot(x2.astype(jnp.bfloat16), dequantize(w, jnp.bfloat16))
+        y = _dense_dot(x2, dequantize(w, x2.dtype))
     else:
         y = _dense_dot(x2, w)
     return y.reshape(*lead, y.shape[-1]).astype(x.dtype)
