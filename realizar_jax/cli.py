@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .errors import RealizarError
 
-DEFAULT_MODEL = Path(__file__).parent / "data" / "default.gguf"
+from . import default_model_path
+
+DEFAULT_MODEL = default_model_path()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -69,10 +69,16 @@ def prefill(params: Params, cache: KVCache, tokens, lengths, *, config: ModelCon
     Returns (logits, cache): logits [B, T, V] if all_logits else [B, V] at each prompt's last token.
     """
     dtype = jnp.dtype(dtype or cache.k.dtype)
-    b, t = tokens.shape
+    x = embedding_lookup(params.embed, tokens, dtype)
+    return prefill_embeddings(params, cache, x, lengths, config=config, all_logits=all_logits)
+
+
+def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: ModelConfig, all_logits: bool = False):
+    """prefill() from input embeddings x [B, T, hidden] instead of token ids: what jax.grad differentiates
+    for input attribution (weights, packed ones included, stay constants)."""
+    b, t = x.shape[:2]
     scale = config.head_dim ** -0.5
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = embedding_lookup(params.embed, tokens, dtype)
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
         h = rms_norm(x, lp.attn_norm, config.norm_eps)

@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.total --format=csv | tee "$OUT/gpu.txt"
 if [ "${2:-}" = "pytest" ]; then
-  timeout 240 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
+  timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
 fi
 for cfg in $1; do
   shape=${cfg%%:*}; quant=${cfg##*:}

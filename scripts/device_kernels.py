@@ -105,7 +105,7 @@ def main():
     # 2) sweep tiles on the 8B gate/up shape, then time the best on all 8B shapes
     shapes = {"qkv_o": (4096, 4096), "gate_up": (14336, 4096), "down": (4096, 14336),
               "kv": (1024, 4096)}
-    qts = ["Q4_K", "Q8_0", "Q6_K", "BF16"]
+    qts = os.environ.get("QTS", "Q4_K,Q8_0,Q6_K,BF16").split(",")
     if args.quick:
         qts = ["Q4_K", "BF16"]
     for qt in qts:
@@ -117,7 +117,7 @@ def main():
             res["gemv"].append(dict(qt=qt, impl="xla", shape="gate_up", B=1, t=t, GBps=b / t / 1e9))
             print(f"{qt} xla gate_up B1 {t*1e6:.1f}us {b/t/1e9:.0f} GB/s")
         best = None
-        cfgs = [(bn, bs, 4, 3, 264) for bn in (16, 32, 64) for bs in (2, 4, 8)]
+        cfgs = [(bn, bs, 4, 3, 264) for bn in (8, 16, 32) for bs in (2, 4, 8)]
         if args.quick:
             cfgs = cfgs[:4]
         for cfg in cfgs:
@@ -136,8 +136,8 @@ def main():
         if best is None:
             continue
         bn, bs, _, _, _ = best[1]
-        for cfg in [(bn, bs, 8, 3, 264), (bn, bs, 4, 4, 264), (bn, bs, 4, 2, 264),
-                    (bn, bs, 4, 3, 528), (bn, bs, 4, 3, 132)]:
+        for cfg in [(bn, bs, 8, 3, 264), (bn, bs, 2, 3, 264), (bn, bs, 1, 3, 264), (bn, bs, 4, 4, 264),
+                    (bn, bs, 4, 2, 264), (bn, bs, 4, 3, 528)]:
             if args.quick:
                 break
             try:

@@ -479,6 +479,7 @@ def ship(hf_dir: str, data_dir: str, quant: str = "q8_0", notes: dict | None = N
     gguf_path = data / "default.gguf"
     if convert_main([hf_dir, str(gguf_path), "--quant", quant, "--no-progress"]) != 0:
         raise SystemExit(f"conversion of {hf_dir} failed")
+    gguf_path.chmod(0o644)  # the converter writes through a private temp file
     log = json.loads((Path(hf_dir) / "train_log.json").read_text())
     keep = ("device", "jax", "train_time_s", "total_time_s", "epochs", "final_train_loss", "valid_loss",
             "heldout_loss", "heldout_ppl", "heldout_bits_per_byte", "train_sample_loss", "shipped_step")

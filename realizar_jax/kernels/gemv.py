@@ -85,7 +85,7 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
         acc = jax.lax.fori_loop(0, tiles, body, init)
         o_ref[...] = acc.T
     else:
-        width = bs * {"Q4_K": 128, "Q5_K": 128, "Q4_0": 128, "Q6_K": 64}.get(qtype, SB)
+        width = bs * {"Q4_K": 32, "Q5_K": 128, "Q4_0": 128, "Q6_K": 16, "Q8_0": 64}.get(qtype, SB)
         init = tuple(jnp.zeros((bn, width), jnp.float32) for _ in range(nb))
         accs = jax.lax.fori_loop(0, tiles, body, init)
         for b in range(nb):
@@ -94,7 +94,7 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
                                              "target_programs", "interpret"))
-def gemv(x: jax.Array, w, *, bn: int = 32, bs: int = 2, num_warps: int = 4, num_stages: int = 3,
+def gemv(x: jax.Array, w, *, bn: int = 16, bs: int = 2, num_warps: int = 4, num_stages: int = 3,
          use_dot: bool | None = None, target_programs: int = 2 * N_SM, interpret: bool = False):
     """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
@@ -107,11 +107,13 @@ def gemv(x: jax.Array, w, *, bn: int = 32, bs: int = 2, num_warps: int = 4, num_
         qtype, parts = "DENSE", (w.reshape(rows, cols // SB, SB),)
     B = x.shape[0]
     nsb = cols // SB
-    if use_dot is None:
-        use_dot = B > 4
+    if use_dot is None:   # bf16 tensor-core dot for 5..8 rows; float32 models stay exact
+        use_dot = B > 4 and x.dtype != jnp.float32
+    if use_dot:
+        bn = max(bn, 16)   # tensor-core tiles are at least 16 x 16
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
-    xs = split_x(xp, "Q8_0" if qtype == "DENSE" else qtype)
+    xs = split_x(xp, qtype)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
     kq = "DENSE_ID" if qtype == "DENSE" else qtype

@@ -71,8 +71,8 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
     bs, ts = _BLOCK[qtype]
     nsb = cols // SB
     b = np.asarray(data, np.uint8).reshape(rows, nsb, SB // bs, ts)
-    if qtype == "Q8_0":   # qs int8 [r, nsb, 8, 32], d f16 [r, nsb, 8]
-        return (np.ascontiguousarray(b[..., 2:]).view(np.int8), _f16(b[..., :2]))
+    if qtype == "Q8_0":   # qs as int32 words [r, nsb, 8, 8] (byte k of word w: value 4w+k), d [r, nsb, 8]
+        return (np.ascontiguousarray(b[..., 2:]).view(np.int32), _f16(b[..., :2]))
     if qtype == "Q4_0":   # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]
         return (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2]))
     b = b[:, :, 0]
@@ -81,6 +81,8 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
         sc, m = _k_scales(b[..., 4:16])
         # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1
         qs = b[..., -128:].reshape(rows, nsb, 4, 32)
+        if qtype == "Q4_K":   # int32 words [r, nsb, 4, 8]: byte k of word w is byte l = 4w+k
+            qs = np.ascontiguousarray(qs).view(np.int32)
         parts = [np.ascontiguousarray(qs)]
         if qtype == "Q5_K":   # qh [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
             parts.append(np.ascontiguousarray(b[..., 16:48]))
@@ -94,7 +96,8 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
         ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
         qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
         sc = b[..., 192:208].view(np.int8).reshape(rows, nsb, 4, 4)   # [t, c]
-        return (ql_e.astype(np.uint8), ql_o.astype(np.uint8), qh.astype(np.uint8),
+        words = [np.ascontiguousarray(a.astype(np.uint8)).view(np.int32) for a in (ql_e, ql_o, qh)]
+        return (*words,                                     # int32 [r, nsb, 4, 4] each
                 *(np.ascontiguousarray(sc[..., c]) for c in range(4)), _f16(b[..., 208:210]))
     raise AssertionError(qtype)
 
@@ -128,17 +131,23 @@ def repack_for_gpu(q):
 def split_x(x: jax.Array, qtype: str) -> list:
     B, cols = x.shape
     nsb = cols // SB
-    if qtype == "Q8_0" or qtype == "DENSE":
+    if qtype == "DENSE":
         return [x.reshape(B, nsb, SB)]
+    if qtype == "Q8_0":
+        v = x.reshape(B, nsb, 8, 8, 4)
+        return [v[..., k].reshape(B, nsb, 64) for k in range(4)]
     if qtype == "Q4_0":
         v = x.reshape(B, nsb, 8, 2, 16)
         return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
-    if qtype in ("Q4_K", "Q5_K"):
+    if qtype == "Q5_K":
         v = x.reshape(B, nsb, 4, 2, 32)
         return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
-    if qtype == "Q6_K":
-        v = x.reshape(B, nsb, 4, 4, 16)
-        return [v[:, :, :, c].reshape(B, nsb, 64) for c in range(4)]
+    if qtype == "Q4_K":   # part (k, h): byte k of each word, low (h=0) or high nibble
+        v = x.reshape(B, nsb, 4, 2, 8, 4)
+        return [v[:, :, :, h, :, k].reshape(B, nsb, 32) for k in range(4) for h in range(2)]
+    if qtype == "Q6_K":   # part (c, k): quant c (group 4t+c) from byte k of each word
+        v = x.reshape(B, nsb, 4, 4, 4, 4)
+        return [v[:, :, :, c, :, k].reshape(B, nsb, 16) for c in range(4) for k in range(4)]
     raise ValueError(qtype)
 
 
@@ -150,9 +159,13 @@ def dequant_parts(qtype: str, p) -> list:
     if qtype == "DENSE_ID":   # a dense matrix viewed as [rows, nsb, 256]
         return [p[0].astype(f32)]
     if qtype == "Q8_0":
-        qs, d = p
-        w = qs.astype(f32) * d.astype(f32)[..., None]
-        return [w.reshape(w.shape[0], w.shape[1], SB)]
+        qs, d = p                                           # int32 words [N, S, 8, 8]
+        d = d.astype(f32)[..., None]
+        out = []
+        for k in range(4):
+            w = ((qs << (24 - 8 * k)) >> 24).astype(f32) * d  # sign-extended byte k
+            out.append(w.reshape(w.shape[0], w.shape[1], 64))
+        return out
     if qtype == "Q4_0":
         qs, d = p
         q = qs.astype(jnp.int32)
@@ -162,12 +175,20 @@ def dequant_parts(qtype: str, p) -> list:
             w = (v - 8).astype(f32) * d
             out.append(w.reshape(w.shape[0], w.shape[1], 128))
         return out
-    if qtype in ("Q4_K", "Q5_K"):
-        if qtype == "Q4_K":
-            qs, sce, sco, me, mo, d, dmin = p
-            qh = None
-        else:
-            qs, qh, sce, sco, me, mo, d, dmin = p
+    if qtype == "Q4_K":
+        qs, sce, sco, me, mo, d, dmin = p                   # qs int32 words [N, S, 4, 8]
+        d = d.astype(f32)[..., None]
+        dmin = dmin.astype(f32)[..., None]
+        scale = [(d * sce.astype(f32))[..., None], (d * sco.astype(f32))[..., None]]
+        mins = [(dmin * me.astype(f32))[..., None], (dmin * mo.astype(f32))[..., None]]
+        out = []
+        for k in range(4):
+            for h in range(2):
+                w = ((qs >> (8 * k + 4 * h)) & 15).astype(f32) * scale[h] - mins[h]
+                out.append(w.reshape(w.shape[0], w.shape[1], 32))
+        return out
+    if qtype == "Q5_K":
+        qs, qh, sce, sco, me, mo, d, dmin = p
         q = qs.astype(jnp.int32)
         d = d.astype(f32)[..., None]
         dmin = dmin.astype(f32)[..., None]
@@ -185,31 +206,34 @@ def dequant_parts(qtype: str, p) -> list:
             out.append(w.reshape(w.shape[0], w.shape[1], 128))
         return out
     if qtype == "Q6_K":
-        ql_e, ql_o, qh, s0, s1, s2, s3, d = p
-        e, o, h = ql_e.astype(jnp.int32), ql_o.astype(jnp.int32), qh.astype(jnp.int32)
+        e, o, h, s0, s1, s2, s3, d = p                     # words int32 [N, S, 4, 4]
         d = d.astype(f32)[..., None]
-        quants = ((e & 15) | ((h & 3) << 4), (e >> 4) | (((h >> 2) & 3) << 4),
-                  (o & 15) | (((h >> 4) & 3) << 4), (o >> 4) | (((h >> 6) & 3) << 4))
         out = []
-        for v, s in zip(quants, (s0, s1, s2, s3)):
-            w = (v - 32).astype(f32) * (d * s.astype(f32))[..., None]
-            out.append(w.reshape(w.shape[0], w.shape[1], 64))
+        for c, s in enumerate((s0, s1, s2, s3)):
+            ql = e if c < 2 else o
+            sc = (d * s.astype(f32))[..., None]
+            for k in range(4):
+                nib = (ql >> (8 * k + 4 * (c % 2))) & 15
+                hi = (h >> (8 * k + 2 * c)) & 3
+                w = ((nib | (hi << 4)) - 32).astype(f32) * sc
+                out.append(w.reshape(w.shape[0], w.shape[1], 16))
         return out
     raise ValueError(qtype)
 
 
+def _part_order(qtype: str) -> np.ndarray:
+    """Natural value index (0..255) of each position of the concatenated parts of split_x."""
+    idx = np.arange(SB, dtype=np.float32).reshape(1, SB)
+    parts = split_x(jnp.asarray(idx), qtype)
+    return np.concatenate([np.asarray(p).reshape(-1) for p in parts]).astype(np.int32)
+
+
 def _merge_parts(qtype: str, parts: list, rows: int, nsb: int) -> jax.Array:
     """Inverse of split_x for dequantized weights: list of [rows, nsb, P] -> [rows, nsb*256]."""
-    if qtype == "Q8_0":
-        return parts[0].reshape(rows, nsb * SB)
-    if qtype == "Q4_0":
-        w = jnp.stack([p.reshape(rows, nsb, 8, 16) for p in parts], axis=3)
-    elif qtype in ("Q4_K", "Q5_K"):
-        w = jnp.stack([p.reshape(rows, nsb, 4, 32) for p in parts], axis=3)
-    elif qtype == "Q6_K":
-        w = jnp.stack([p.reshape(rows, nsb, 4, 16) for p in parts], axis=3)
-    else:
-        raise ValueError(qtype)
+    w = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    inv = np.argsort(_part_order(qtype))
+    if not np.array_equal(inv, np.arange(SB)):
+        w = w[..., inv]
     return w.reshape(rows, nsb * SB)
 
 
