@@ -112,7 +112,15 @@ def _delegate(module: str, fn: str):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in ("inspect", "convert", "bench"):
+        # argparse's REMAINDER drops a leading option (`convert --help`, `inspect --json X`): hand the
+        # subcommand every argument itself, its own parser checks them.
+        args = parser.parse_args(argv[:1])
+        args.rest = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (RealizarError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:

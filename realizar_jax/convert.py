@@ -14,7 +14,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors and the tokenizer files")
     p.add_argument("out", help="output .gguf path (written atomically)")
     p.add_argument("--quant", default="f16", type=str.lower, choices=QUANT_CHOICES,
-                   help="tensor type: f16 (default), q8_0, q4_0, q4_k, q6_k, q4_k_m (llama-quantize's mix), "
+                   help="tensor type: f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m (llama-quantize's mix), "
                         "f32, bf16; 1-D tensors always stay F32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

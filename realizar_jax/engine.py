@@ -370,8 +370,10 @@ def free_device_memory() -> int | None:
 
 
 def load(path, dtype=None, max_seq_len: int | None = None, *, kv_dtype=None, batch: int = 1,
-         check_memory: bool = True) -> Model:
-    """Load a .gguf file or an HF folder: validate, check memory, build the role-keyed pytree."""
+         check_memory: bool = True, progress: bool | None = None) -> Model:
+    """Load a .gguf file or an HF folder: validate, check memory, build the role-keyed pytree.
+
+    progress: a progress bar on stderr while weights load; None shows it for files of 256 MiB or more."""
     from .formats import open_model
     from .memory import check_fits, estimate_memory, weight_bytes_of
     path = Path(path)
@@ -392,7 +394,7 @@ def load(path, dtype=None, max_seq_len: int | None = None, *, kv_dtype=None, bat
         if free is not None:
             check_fits(est, free, path)
     from .weights import build_params
-    params = build_params(source, dtype, transform_matrix=_gpu_repack())
+    params = build_params(source, dtype, transform_matrix=_gpu_repack(), progress=progress)
     tokenizer = _load_tokenizer(source)
     return Model(config, params, tokenizer, dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv, path=path,
                  source_format=source.format)

@@ -6,6 +6,7 @@ tensors stay packed as QTensor, dense ones become arrays of the requested dtype.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import jax
@@ -20,6 +21,7 @@ from .roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape, requir
                     required_layer_roles, tensor_name)
 
 DENSE_QTYPES = ("F32", "F16", "BF16")
+PROGRESS_MIN_BYTES = 256 * 2**20  # progress=None shows a bar only for files at least this large
 
 
 @jax.tree_util.register_dataclass
@@ -105,11 +107,29 @@ class _Reader:
         return None
 
 
-def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None) -> Params:
+def _progress_bar(source: ModelSource, progress: bool | None):
+    """A tqdm bar over the file's tensor bytes on stderr: reading a large file from disk is the slow part."""
+    from tqdm import tqdm
+    total = sum(t.nbytes for t in source.tensors.values())
+    show = total >= PROGRESS_MIN_BYTES if progress is None else bool(progress)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {source.path.name}",
+                file=sys.stderr, disable=not show)
+
+
+def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None,
+                 progress: bool | None = None) -> Params:
     """Turn a validated ModelSource into a Params pytree on the default device.
 
     transform_matrix: optional callable (QTensor -> leaf) applied to each packed weight, e.g. a GPU repack.
+    progress: show a progress bar on stderr (True/False); None shows it when the tensors total >= 256 MiB.
     """
+    with _progress_bar(source, progress) as bar:
+        params = _build_params(source, dtype, transform_matrix, bar)
+        bar.update(bar.total - bar.n)  # 1-D and unused tensors were not counted one by one
+    return params
+
+
+def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
     config = source.config
     reader = _Reader(source)
     dtype = jnp.dtype(dtype)
@@ -117,6 +137,13 @@ def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=No
     permute = source.format == "gguf" and config.architecture in GGUF_QK_PERMUTED_ARCHS
 
     def leaf(role: str, layer: int | None, optional: bool = False):
+        out = _leaf(role, layer, optional)
+        found = reader.rows_of(role, layer)
+        if found is not None:
+            bar.update(found[0].nbytes)
+        return out
+
+    def _leaf(role: str, layer: int | None, optional: bool = False):
         found = reader.rows_of(role, layer)
         name = tensor_name(role, source.format, layer)
         if found is None:

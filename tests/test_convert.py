@@ -152,3 +152,17 @@ def test_convert_refuses_invalid_folder(model_files, tmp_path):
     with pytest.raises(ModelFormatError, match="missing"):
         write_gguf(folder, tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_q5_k_through_the_cli(model_files, tmp_path, capsys):
+    from realizar_jax.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--help"])  # options before the positionals reach convert's own parser
+    assert exit_.value.code == 0 and "q5_k" in capsys.readouterr().out
+    out = tmp_path / "q5.gguf"
+    assert main(["convert", "--quant", "q5_k", "--no-progress", str(model_files.hf("llama")), str(out)]) == 0
+    meta, reader = _fields(out)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q5_K_S
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert {types[f"blk.{i}.{r}.weight"] for i in range(2) for r in ("attn_q", "attn_v", "ffn_down")} == {"Q5_K"}
+    assert {types["token_embd.weight"], types["output.weight"]} == {"Q5_K"}

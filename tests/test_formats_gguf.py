@@ -21,7 +21,8 @@ from realizar_jax.roles import tensor_name
 # embeddings and rows that are not whole K-quant blocks; f16 for all variants (see test_config_parity).
 QUANT_VARIANTS = ("llama", "qwen3", "qwen2_tied", "small")
 # Relative RMS error of a dequantized tensor vs its source: catches wrong orientation or permutation.
-MAX_REL_ERR = {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_0": 0.06, "Q4_0": 0.15, "Q4_K": 0.12, "F16": 1e-3}
+MAX_REL_ERR = {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.06, "Q5_0": 0.06, "Q5_1": 0.06, "Q4_0": 0.15, "Q4_K": 0.12,
+               "F16": 1e-3}
 
 
 _ROWS = 256  # dequantize in fixed-size row chunks so jit compiles once per (qtype, row bytes)
@@ -122,15 +123,15 @@ def _check_file(hf_path, gguf_path):
     return g
 
 
-@pytest.mark.parametrize("quant", GGUF_QUANTS)
+@pytest.mark.parametrize("quant", GGUF_QUANTS + ("q5_k",))
 @pytest.mark.parametrize("variant", QUANT_VARIANTS)
 def test_every_tensor_reads_back(model_files, variant, quant):
     g = _check_file(model_files.hf(variant), model_files.gguf(variant, quant))
     qtypes = {t.qtype for t in g.tensors.values()}
     if quant == "q4_k_m" and variant != "small":
         assert {"Q4_K", "Q6_K", "F32"} <= qtypes  # the llama-quantize mix, see test_convert
-    if quant in ("q4_k", "q6_k") and variant == "small":
-        assert qtypes <= {"Q5_0", "Q8_0", "F32"}  # hidden 64: no whole 256-blocks, fallback types
+    if quant in ("q4_k", "q5_k", "q6_k") and variant == "small":
+        assert qtypes <= {"Q5_0", "Q5_1", "Q8_0", "F32"}  # hidden 64: no whole 256-blocks, fallback types
 
 
 @pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v not in QUANT_VARIANTS])
@@ -204,3 +205,18 @@ def test_tensors_are_memory_mapped_read_only(model_files):
             base = base.base
         assert isinstance(base, np.memmap) or isinstance(t.data, np.memmap), t.name
         assert not t.data.flags.writeable
+
+
+@pytest.mark.parametrize("progress", [None, False, True])
+def test_load_progress_bar_only_when_large_or_asked(model_files, capsys, monkeypatch, progress):
+    import realizar_jax.weights as weights
+    src = open_model(model_files.gguf("qwen2_tied", "q8_0"))
+    total = sum(t.nbytes for t in src.tensors.values())
+    assert total < weights.PROGRESS_MIN_BYTES
+    weights.build_params(src, "float32", progress=progress)
+    err = capsys.readouterr().err
+    assert (f"loading {src.path.name}" in err and "100%" in err) == bool(progress)
+    assert err == "" or progress
+    monkeypatch.setattr(weights, "PROGRESS_MIN_BYTES", total)  # a "large" file: shown unless refused
+    weights.build_params(src, "float32", progress=progress)
+    assert ("100%" in capsys.readouterr().err) == (progress is not False)

@@ -24,28 +24,38 @@ FUZZ = settings(deadline=3000, suppress_health_check=[HealthCheck.too_slow, Heal
 
 
 def header_fields(buf: bytes):
-    """(offset, size, what) of every count/length/type/dim/offset field of a GGUF header."""
+    """(offset, size, what) of every count/length/type/dim/offset field of a GGUF header, and its end.
+
+    Used on already-fuzzed files too, so every loop is bounded by the buffer length."""
     fields = [(8, 8, "tensor_count"), (16, 8, "kv_count")]
     n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    if n_tensors > len(buf) or n_kv > len(buf):
+        raise ValueError("counts beyond the buffer")
     pos = 24
 
-    def value(vtype, pos):
+    def value(vtype, pos, depth=0):
         if vtype in SCALAR:
             fields.append((pos, SCALAR[vtype], "scalar"))
             return pos + SCALAR[vtype]
         if vtype == 8:
             fields.append((pos, 8, "strlen"))
             return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+        if vtype != 9 or depth > 3:
+            raise ValueError("bad type")
         itype, count = struct.unpack_from("<IQ", buf, pos)
         fields.extend([(pos, 4, "array_type"), (pos + 4, 8, "array_count")])
         pos += 12
+        if count > len(buf):
+            raise ValueError("array beyond the buffer")
         if itype in SCALAR:
             return pos + count * SCALAR[itype]
         for i in range(count):
-            if i < 3:
-                pos = value(itype, pos)
-            else:  # only the first few elements of long arrays are fuzz targets
+            if i < 3 or itype != 8:  # only the first few strings of long arrays are fuzz targets
+                pos = value(itype, pos, depth + 1)
+            else:
                 pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            if pos > len(buf):
+                raise ValueError("past the end")
         return pos
 
     for _ in range(n_kv):
@@ -57,6 +67,8 @@ def header_fields(buf: bytes):
         fields.append((pos, 8, "namelen"))
         pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
         n_dims = struct.unpack_from("<I", buf, pos)[0]
+        if n_dims > 8:
+            raise ValueError("n_dims")
         fields.append((pos, 4, "n_dims"))
         pos += 4
         fields.extend((pos + 8 * i, 8, "dim") for i in range(n_dims))

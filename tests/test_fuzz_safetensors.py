@@ -79,8 +79,18 @@ def _apply_header_edit(header: dict, edit):
     header = json.loads(json.dumps(header))
     names = [k for k in header if k != "__metadata__"]
     which, field, value = edit
+    if not names:
+        return header
     name = names[which % len(names)]
     entry = header[name]
+    try:
+        _edit_entry(header, name, entry, which, field, value)
+    except (TypeError, KeyError, IndexError, AttributeError):
+        pass  # an earlier edit already broke this entry's structure: leave it
+    return header
+
+
+def _edit_entry(header, name, entry, which, field, value):
     if field in ("dtype", "shape", "data_offsets"):
         entry[field] = value
     elif field == "shape_item" and entry["shape"]:
@@ -91,7 +101,6 @@ def _apply_header_edit(header: dict, edit):
         entry.pop(["dtype", "shape", "data_offsets"][which % 3])
     else:
         header[name] = value
-    return header
 
 
 @settings(FUZZ, max_examples=150)

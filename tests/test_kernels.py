@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention_ref, dequantize_gpu,
                                   gemv, kernel_matmul, repack_blocks)
+from realizar_jax.kernels.gemm import gemm
 from realizar_jax.kernels.layout import GPU_QTYPES
 from realizar_jax.synth import random_blocks
 
@@ -77,10 +78,36 @@ def test_kernel_matmul_routes_and_matches(qtype, tokens, seed):
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, 32, 512, rng)
     x = rng.standard_normal((1, tokens, 512)).astype(np.float32)
-    y = kernel_matmul(jnp.asarray(x, jnp.bfloat16), w)
+    y = jax.jit(kernel_matmul)(jnp.asarray(x, jnp.bfloat16), w)   # traced, as inside the model
     assert y.shape == (1, tokens, 32) and y.dtype == jnp.bfloat16
     xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
     assert _rel(y.astype(jnp.float32), xb @ ref.T) < 1.5e-2
+
+
+@settings(max_examples=4, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), tokens=st.sampled_from([9, 20, 33]), nsb=st.integers(1, 2),
+       seed=st.integers(0, 2**31))
+def test_prefill_gemm_matches_gguf_reference(qtype, tokens, nsb, seed):
+    """Pallas prefill GEMM (ragged M padded to the tile, several row tiles) vs gguf-py dequant + numpy."""
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, 48, nsb * 256, rng)
+    x = jnp.asarray(rng.standard_normal((tokens, nsb * 256)), jnp.bfloat16)
+    y = gemm(x, w, tiles=(16, 16, 1, 4, 2), interpret=not ON_GPU)
+    assert y.shape == (tokens, 48) and y.dtype == jnp.float32
+    # bf16 weights in the dot: error within bf16 rounding of the weights (2**-8 relative)
+    assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ ref.T) < 1e-2
+
+
+@pytest.mark.parametrize("route", ["pallas", "xla"])
+def test_prefill_routes_agree(route, monkeypatch):
+    """Both prefill routes behind kernel_matmul give the reference product (the env var picks one)."""
+    monkeypatch.setenv("REALIZAR_PREFILL_GEMM", route)
+    rng = np.random.default_rng(5)
+    w, ref = _packed("Q4_K", 32, 512, rng)
+    x = jnp.asarray(rng.standard_normal((2, 9, 512)), jnp.bfloat16)
+    y = jax.jit(kernel_matmul)(x, w)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
+    assert y.shape == (2, 9, 32) and _rel(y.astype(jnp.float32), want) < 1.5e-2
 
 
 def _attn_numpy(q, k, v, lengths, scale):
@@ -131,6 +158,10 @@ def test_gpu_kernels_large_shapes():
             y = kernel_matmul(xb, w)
             want = np.asarray(xb.astype(jnp.float32), np.float64) @ ref.T
             assert _rel(y.astype(jnp.float32), want) < 1.5e-2, (qtype, batch)
+        x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
+        want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
+        assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")
+        assert _rel(kernel_matmul(x, w).astype(jnp.float32), want) < 1.5e-2, (qtype, "prefill route")
     B, Hq, Hkv, S, D = 2, 32, 8, 2048, 128
     q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.bfloat16)

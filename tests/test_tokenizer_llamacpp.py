@@ -68,9 +68,12 @@ def _check(style, ours, llm, text):
         return
     want = llm.tokenize(text.encode("utf-8"), add_bos=ours.add_bos, special=True)
     assert ours.encode(text) == want, text
-    got = llm.detokenize(want, special=False).decode("utf-8", errors="replace")
+    # llama-cpp-python's detokenize drops a leading space whenever the first token is BOS, whatever the
+    # tokenizer (a Llama-1 workaround of the wrapper, not llama.cpp's); BOS renders as nothing here anyway
+    body = want[1:] if want[:1] == [llm.token_bos()] else want
+    got = llm.detokenize(body, special=False).decode("utf-8", errors="replace")
     mine = ours.decode(want)
-    # llama-cpp-python may keep SentencePiece's leading space that llama_detokenize strips
+    # the raw pieces keep SentencePiece's leading space, which llama_detokenize and HF strip
     assert mine == got or (style == "spm" and got == " " + mine), text
 
 

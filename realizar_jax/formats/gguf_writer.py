@@ -29,12 +29,13 @@ from ..roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
 from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
+QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
 _BASE_QTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K",
-               "q6_k": "Q6_K", "q4_k_m": "Q4_K"}
+               "q5_k": "Q5_K", "q6_k": "Q6_K", "q4_k_m": "Q4_K"}
 _FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+              "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
               "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 # llama-quantize's convert_incompatible_tensor: a type whose blocks fit rows that K-quants do not.
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}

@@ -21,6 +21,9 @@ from jax.experimental.pallas import triton as plgpu
 from .layout import SB, GpuQTensor, dequant_parts, split_x
 
 N_SM = 132  # H100 SXM; only used to size the grid
+# (rows per program, superblocks per K step, warps, pipeline stages): best of an H100 sweep on the
+# 14336x4096 matrix (BENCHMARKS.md); for Q4_K re-checked after the int->float bit trick
+TILES = {"Q4_K": (32, 2, 4, 2), "Q8_0": (8, 4, 2, 3), "Q6_K": (8, 4, 4, 3), "DENSE": (16, 2, 8, 3)}
 
 
 def interpret_mode() -> bool:
@@ -94,17 +97,22 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
                                              "target_programs", "interpret"))
-def gemv(x: jax.Array, w, *, bn: int = 16, bs: int = 2, num_warps: int = 4, num_stages: int = 3,
-         use_dot: bool | None = None, target_programs: int = 2 * N_SM, interpret: bool = False):
+def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
+         num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
+         interpret: bool = False):
     """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
-    w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is.
+    w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
+    best measured on an H100 for the 14336x4096 matrix (BENCHMARKS.md).
     """
     if isinstance(w, GpuQTensor):
         qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
     else:
         rows, cols = w.shape
         qtype, parts = "DENSE", (w.reshape(rows, cols // SB, SB),)
+    d_bn, d_bs, d_nw, d_ns = TILES.get(qtype, (16, 2, 4, 3))
+    bn, bs = bn or d_bn, bs or d_bs
+    num_warps, num_stages = num_warps or d_nw, num_stages or d_ns
     B = x.shape[0]
     nsb = cols // SB
     if use_dot is None:   # bf16 tensor-core dot for 5..8 rows; float32 models stay exact

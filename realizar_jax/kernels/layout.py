@@ -153,6 +153,22 @@ def split_x(x: jax.Array, qtype: str) -> list:
 
 # ---- dequantization of a tile, shared by the kernels (on loaded values) and by the jnp path ----
 
+_MAGIC = 0x4B000000   # float32 bit pattern of 2**23: OR-ing a small int n into its mantissa gives 2**23 + n
+_TWO23 = float(2 ** 23)
+_BYTE_SIGNS = 0x80808080 - (1 << 32)   # the int32 with bit 7 of every byte set
+
+
+def _small_int_to_f32(v, offset: int = 0):
+    """float32(v - offset) for ints 0 <= v < 2**23, without an int->float convert instruction.
+
+    Why: on Hopper a cvt.f32.s32 issues at 16/clk/SM against 64 for logic ops and 128 for FMAs, so
+    one convert per weight made the decode GEMV ALU-bound far below HBM bandwidth. bitcast(v | 2**23
+    bits) is exactly 2**23 + v; subtracting 2**23 + offset is exact too, so results are bit-identical.
+    """
+    f = jax.lax.bitcast_convert_type(v | _MAGIC, jnp.float32)
+    return f - (_TWO23 + offset)
+
+
 def dequant_parts(qtype: str, p) -> list:
     """Loaded layout arrays (leading axes [N, S]) -> list of float32 [N, S, P] matching split_x."""
     f32 = jnp.float32
@@ -162,8 +178,9 @@ def dequant_parts(qtype: str, p) -> list:
         qs, d = p                                           # int32 words [N, S, 8, 8]
         d = d.astype(f32)[..., None]
         out = []
+        biased = qs ^ _BYTE_SIGNS                           # each signed byte b -> b + 128, unsigned
         for k in range(4):
-            w = ((qs << (24 - 8 * k)) >> 24).astype(f32) * d  # sign-extended byte k
+            w = _small_int_to_f32((biased >> (8 * k)) & 255, 128) * d  # signed byte k
             out.append(w.reshape(w.shape[0], w.shape[1], 64))
         return out
     if qtype == "Q4_0":
@@ -172,7 +189,7 @@ def dequant_parts(qtype: str, p) -> list:
         d = d.astype(f32)[..., None]
         out = []
         for v in (q & 15, q >> 4):
-            w = (v - 8).astype(f32) * d
+            w = _small_int_to_f32(v, 8) * d
             out.append(w.reshape(w.shape[0], w.shape[1], 128))
         return out
     if qtype == "Q4_K":
@@ -184,7 +201,7 @@ def dequant_parts(qtype: str, p) -> list:
         out = []
         for k in range(4):
             for h in range(2):
-                w = ((qs >> (8 * k + 4 * h)) & 15).astype(f32) * scale[h] - mins[h]
+                w = _small_int_to_f32((qs >> (8 * k + 4 * h)) & 15) * scale[h] - mins[h]
                 out.append(w.reshape(w.shape[0], w.shape[1], 32))
         return out
     if qtype == "Q5_K":
@@ -202,7 +219,7 @@ def dequant_parts(qtype: str, p) -> list:
         for v, sc, m in ((lo, sce, me), (hi, sco, mo)):
             s = (d * sc.astype(f32))[..., None]
             mm = (dmin * m.astype(f32))[..., None]
-            w = v.astype(f32) * s - mm
+            w = _small_int_to_f32(v) * s - mm
             out.append(w.reshape(w.shape[0], w.shape[1], 128))
         return out
     if qtype == "Q6_K":
@@ -215,7 +232,7 @@ def dequant_parts(qtype: str, p) -> list:
             for k in range(4):
                 nib = (ql >> (8 * k + 4 * (c % 2))) & 15
                 hi = (h >> (8 * k + 2 * c)) & 3
-                w = ((nib | (hi << 4)) - 32).astype(f32) * sc
+                w = _small_int_to_f32(nib | (hi << 4), 32) * sc
                 out.append(w.reshape(w.shape[0], w.shape[1], 16))
         return out
     raise ValueError(qtype)
@@ -223,8 +240,8 @@ def dequant_parts(qtype: str, p) -> list:
 
 def _part_order(qtype: str) -> np.ndarray:
     """Natural value index (0..255) of each position of the concatenated parts of split_x."""
-    idx = np.arange(SB, dtype=np.float32).reshape(1, SB)
-    parts = split_x(jnp.asarray(idx), qtype)
+    idx = np.arange(SB, dtype=np.int32).reshape(1, SB)   # numpy: also callable while tracing
+    parts = split_x(idx, qtype)
     return np.concatenate([np.asarray(p).reshape(-1) for p in parts]).astype(np.int32)
 
 
@@ -242,6 +259,24 @@ def dequantize_gpu(w: GpuQTensor, dtype=jnp.float32) -> jax.Array:
     rows, cols = w.shape
     nsb = cols // SB
     return _merge_parts(w.qtype, dequant_parts(w.qtype, w.parts), rows, nsb).astype(dtype)
+
+
+def dequantize_gpu_part_order(w: GpuQTensor, dtype=jnp.bfloat16) -> jax.Array:
+    """The dense matrix with each superblock's columns in part order (split_x's), not natural order.
+
+    x_part_order(x) @ this.T == x @ dequantize_gpu(w).T, without permuting the big matrix: the
+    prefill GEMM permutes the small activations instead of gathering every weight column.
+    """
+    rows, cols = w.shape
+    parts = dequant_parts(w.qtype, w.parts)
+    dense = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    return dense.reshape(rows, cols).astype(dtype)
+
+
+def x_part_order(x: jax.Array, qtype: str) -> jax.Array:
+    """x [M, cols] with each superblock's values reordered as split_x's parts, flattened back."""
+    parts = split_x(x, qtype)
+    return (jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]).reshape(x.shape)
 
 
 def gather_rows(w: GpuQTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
