@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
-# One device call for issue 4: GPU tests, kernel microbench (picks the prefill route), whole-model benches.
-# usage (device tool, carry .whl): bash scripts/device_issue4.sh
+# One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
+# benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
+# steps (default all, in this order): micro q4 q8 tests bf16
+#   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
+#          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
+#   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; tests: pytest -m gpu; bf16: 8B bf16 bench
 set -o pipefail
 export PYTHONUNBUFFERED=1
+STEPS=${*:-micro q4 q8 tests bf16}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-date -u | tee -a "$OUT/gpu.txt"
-timeout 150 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
-ROUTE=$(grep -o 'PREFILL_ROUTE=[a-z]*' "$OUT/microbench.log" | tail -1 | cut -d= -f2)
-export REALIZAR_PREFILL_GEMM=${ROUTE:-xla}
-echo "prefill route for the benches: $REALIZAR_PREFILL_GEMM" | tee -a "$OUT/bench.log"
-for cfg in llama3-8b:q4_k_m llama3.2-1b:q4_k_m llama3.2-1b:q8_0; do
-  shape=${cfg%%:*}; quant=${cfg##*:}
-  timeout 200 python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
-     --json "$OUT/bench-$shape-$quant-b1.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
-done
-timeout 170 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider -x 2>&1 \
-  | tail -25 | tee "$OUT/pytest_gpu.log"
-timeout 150 python3 -m realizar_jax.bench --shape llama3-8b --quant bf16 --dir /tmp/rb \
-   --json "$OUT/bench-llama3-8b-bf16-b1.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+date -u | tee -a "$OUT/gpu.txt"; git log --oneline -1 2>/dev/null | tee -a "$OUT/gpu.txt"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+bench() {  # shape quant
+  timeout 240 python3 -m realizar_jax.bench --shape "$1" --quant "$2" --dir /tmp/rb \
+     --json "$OUT/bench-$1-$2-b1.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+}
+if has micro; then
+  timeout 200 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
+  if [ "${USE_DEFAULTS:-0}" != 1 ]; then
+    TILES=$(grep -o 'GEMV_TILES=.*' "$OUT/microbench.log" | tail -1 | cut -d= -f2-)
+    ROUTE=$(grep -o 'PREFILL_ROUTE=[a-z]*' "$OUT/microbench.log" | tail -1 | cut -d= -f2)
+    [ -n "$TILES" ] && export REALIZAR_GEMV_TILES="$TILES"
+    [ -n "$ROUTE" ] && export REALIZAR_PREFILL_GEMM="$ROUTE"
+  fi
+fi
+echo "benches run with REALIZAR_GEMV_TILES=${REALIZAR_GEMV_TILES:-<defaults>}" \
+     "REALIZAR_PREFILL_GEMM=${REALIZAR_PREFILL_GEMM:-<default>}" | tee -a "$OUT/bench.log"
+if has q4; then bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
+if has q8; then bench llama3.2-1b q8_0; fi
+if has tests; then
+  timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider -x 2>&1 \
+    | tail -25 | tee "$OUT/pytest_gpu.log"
+fi
+if has bf16; then bench llama3-8b bf16; fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
 from realizar_jax.bench import format_table

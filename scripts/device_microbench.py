@@ -1,6 +1,7 @@
-"""Device run: decode GEMV at its default tiles + a small Q4_K tile sweep, and the two prefill routes
-(Pallas GEMM vs XLA dequantize + dot) at 512 tokens on Llama-3-8B shapes. Prints one line per timing;
-writes microbench.json under $OUT; prints the faster prefill route last as `PREFILL_ROUTE=...`.
+"""Device run: decode GEMV (the dequantize-then-multiply kernel vs the factored kernel over a tile
+sweep, dense bf16 vs XLA's dot) and the two prefill routes (Pallas GEMM vs XLA dequantize + dot) at
+512 tokens on Llama-3-8B shapes. Prints one line per timing; writes microbench.json under $OUT; prints
+the best tiles as `GEMV_TILES=<json>` and the faster prefill route last as `PREFILL_ROUTE=...`.
 Weights rotate among copies totalling > 4x L2 so timings measure HBM, not cache.
 """
 from __future__ import annotations
@@ -18,15 +19,20 @@ import jax.numpy as jnp  # noqa: E402
 
 from realizar_jax.kernels.dispatch import kernel_matmul  # noqa: E402
 from realizar_jax.kernels.gemm import gemm  # noqa: E402
-from realizar_jax.kernels.gemv import TILES, gemv  # noqa: E402
-from realizar_jax.kernels.layout import GpuQTensor, repack_blocks  # noqa: E402
+from realizar_jax.kernels.gemv import TILES, gemv, interpret_mode  # noqa: E402
+IN = interpret_mode()
+from realizar_jax.kernels.layout import GpuQTensor, dequantize_gpu_part_order, repack_blocks  # noqa: E402
 from realizar_jax.synth import random_blocks  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
+# MICROBENCH_SMOKE=1: tiny shapes, one repetition, interpret mode on CPU (checks the script, not speed)
+SMOKE = os.environ.get("MICROBENCH_SMOKE") == "1"
+R, C, T = (64, 512, 16) if SMOKE else (14336, 4096, 512)   # big matrix rows, cols; prefill tokens
+ROT = 1e5 if SMOKE else 1.0   # divides the rotation totals
 res = {"gemv": [], "gemm": []}
 
 
-def timed(f, *args, reps=15):
+def timed(f, *args, reps=1 if SMOKE else 15):
     jax.block_until_ready(f(*args))
     ts = []
     for _ in range(reps):
@@ -37,6 +43,7 @@ def timed(f, *args, reps=15):
 
 
 def packed_copies(qt, rows, cols, rng, total=250e6):
+    total /= ROT
     data = random_blocks(qt, rows, cols, rng)
     w = GpuQTensor(tuple(jnp.asarray(p) for p in repack_blocks(data, qt, (rows, cols))), qt, (rows, cols))
     n = max(2, int(np.ceil(total / w.nbytes)))
@@ -49,45 +56,93 @@ def per_matrix(ws, x, fn):
 
 
 rng = np.random.default_rng(0)
-a = jnp.ones((512 * 1024 * 1024,), jnp.bfloat16)
+a = jnp.ones((1024 if SMOKE else 512 * 1024 * 1024,), jnp.bfloat16)
 copy = 2 * a.nbytes / timed(jax.jit(lambda a: a + 1), a) / 1e9
 del a
 print(f"copy bandwidth {copy:.0f} GB/s", flush=True)
 res["copy_GBps"] = copy
 
-# decode GEMV, gate/up shape 14336 x 4096
-x1 = jnp.asarray(rng.standard_normal((1, 4096)), jnp.bfloat16)
-for qt in ("Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0"):
-    ws = packed_copies(qt, 14336, 4096, rng)
-    cfgs = [TILES.get(qt, (16, 2, 4, 3))]
-    if qt == "Q4_K":
-        cfgs += [(16, 4, 4, 2), (32, 4, 4, 2), (32, 2, 8, 2), (64, 2, 4, 2)]
-    for bn, bs, nw, ns in cfgs:
-        try:
-            t = per_matrix(ws, x1, lambda x, w: gemv(x, w, bn=bn, bs=bs, num_warps=nw, num_stages=ns))
-        except Exception as e:  # noqa: BLE001
-            print("gemv", qt, (bn, bs, nw, ns), "FAIL", type(e).__name__, str(e)[:300], flush=True)
-            continue
-        gbps = ws[0].nbytes / t / 1e9
-        res["gemv"].append(dict(qt=qt, cfg=(bn, bs, nw, ns), us=t * 1e6, GBps=gbps))
-        print(f"gemv {qt} {(bn, bs, nw, ns)} {t*1e6:.1f} us {gbps:.0f} GB/s {100*gbps/copy:.0f}% copy", flush=True)
-    del ws
+# decode GEMV, gate/up shape 14336 x 4096: the dequantize-then-multiply kernel at its old default
+# tiles against the factored kernel (qdot.py) over a tile sweep; dense bf16 also against XLA's dot
+x1 = jnp.asarray(rng.standard_normal((1, C)), jnp.bfloat16)
+SWEEP = {
+    "Q4_K": [(32, 2, 4, 2), (16, 2, 4, 2), (16, 4, 4, 3), (32, 1, 4, 3), (64, 1, 4, 3), (32, 2, 8, 3),
+             (64, 2, 8, 2), (8, 4, 2, 3), (16, 1, 2, 4), (32, 4, 8, 2)],
+    "Q8_0": [(8, 4, 2, 3), (16, 2, 4, 3), (32, 1, 4, 3), (16, 4, 4, 2), (32, 2, 8, 2), (8, 2, 2, 4),
+             (16, 1, 2, 4)],
+    "Q6_K": [(8, 4, 4, 3), (16, 2, 4, 3), (32, 1, 4, 3), (16, 4, 4, 2), (32, 2, 8, 2), (8, 2, 2, 4)],
+    "DENSE": [(16, 2, 8, 3), (8, 2, 4, 3), (16, 1, 4, 3), (32, 1, 8, 3), (8, 4, 4, 2), (4, 4, 2, 3)],
+}
+best_tiles = {}
 
-# prefill at 512 tokens: Pallas GEMM (a few tiles) vs XLA dequantize + dot
-x512 = jnp.asarray(rng.standard_normal((512, 4096)), jnp.bfloat16)
+
+def gemv_row(qt, ws, label, fn, shape=f"{R}x{C}"):
+    try:
+        t = per_matrix(ws, x1, fn)
+    except Exception as e:  # noqa: BLE001
+        print("gemv", qt, shape, label, "FAIL", type(e).__name__, str(e)[:300], flush=True)
+        return None
+    nbytes = ws[0].nbytes
+    gbps = nbytes / t / 1e9
+    res["gemv"].append(dict(qt=qt, shape=shape, cfg=label, us=t * 1e6, GBps=gbps))
+    print(f"gemv {qt} {shape} {label} {t*1e6:.1f} us {gbps:.0f} GB/s {100*gbps/copy:.0f}% copy", flush=True)
+    return t
+
+
+for qt in ("Q4_K", "Q8_0", "Q6_K", "DENSE", "Q5_K", "Q4_0"):
+    if qt == "DENSE":
+        w0 = jnp.asarray(rng.standard_normal((R, C)), jnp.bfloat16)
+        ws = [w0] + [w0 + 0 for _ in range(int(np.ceil(400e6 / ROT / w0.nbytes)) - 1)]
+        gemv_row(qt, ws, "xla-dot", lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32))
+    else:
+        ws = packed_copies(qt, R, C, rng)
+    old = TILES.get(qt, (16, 2, 4, 3))
+    gemv_row(qt, ws, f"dequant{old}", lambda x, w: gemv(x, w, factored=False, interpret=IN))
+    timings = []
+    for cfg in SWEEP.get(qt, []):
+        bn, bs, nw, ns = cfg
+        t = gemv_row(qt, ws, f"factored{cfg}", lambda x, w: gemv(x, w, bn=bn, bs=bs, num_warps=nw,
+                                                                  num_stages=ns, factored=True, interpret=IN))
+        if t is not None:
+            timings.append((t, cfg))
+    del ws
+    if not timings:
+        continue
+    timings.sort()
+    best_tiles[qt] = list(timings[0][1])
+    if qt == "Q4_K":   # narrower matrices of the same layer (Q: 4096 rows, K/V: 1024 rows)
+        for rows in (R // 14 * 4, R // 14):
+            ws = packed_copies(qt, rows, C, rng)
+            for _, cfg in timings[:3]:
+                bn, bs, nw, ns = cfg
+                gemv_row(qt, ws, f"factored{cfg}", lambda x, w: gemv(x, w, bn=bn, bs=bs, num_warps=nw,
+                                                                      num_stages=ns, factored=True, interpret=IN),
+                         shape=f"{rows}x{C}")
+            del ws
+res["best_tiles"] = best_tiles
+print("GEMV_TILES=" + json.dumps(best_tiles, separators=(",", ":")), flush=True)
+
+# prefill at 512 tokens: Pallas GEMM vs XLA dequantize + dot, and the XLA route's two halves alone
+x512 = jnp.asarray(rng.standard_normal((T, C)), jnp.bfloat16)
 best = {"pallas": 0.0, "xla": 0.0}
-for qt, (rows, cols) in (("Q4_K", (14336, 4096)), ("Q6_K", (4096, 14336)), ("Q4_K", (4096, 4096))):
+for qt, (rows, cols) in (("Q4_K", (R, C)), ("Q6_K", (C, R // 14 * 14 if not SMOKE else 1024)), ("Q4_K", (C, C))):
     ws = packed_copies(qt, rows, cols, rng, total=120e6)
-    xx = x512 if cols == 4096 else jnp.asarray(rng.standard_normal((512, cols)), jnp.bfloat16)
-    flop = 2 * 512 * rows * cols
+    xx = x512 if cols == C else jnp.asarray(rng.standard_normal((T, cols)), jnp.bfloat16)
+    flop = 2 * T * rows * cols
     os.environ["REALIZAR_PREFILL_GEMM"] = "xla"
     t_x = per_matrix(ws, xx, kernel_matmul)
-    print(f"prefill {qt} {rows}x{cols} xla {t_x*1e6:.0f} us {flop/t_x/1e12:.0f} TFLOP/s", flush=True)
-    res["gemm"].append(dict(qt=qt, shape=(rows, cols), route="xla", us=t_x * 1e6))
+    t_deq = per_matrix(ws, xx, lambda x, w: dequantize_gpu_part_order(w, jnp.bfloat16))
+    dense = [dequantize_gpu_part_order(w, jnp.bfloat16) for w in ws]
+    t_dot = per_matrix(dense, xx, lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32))
+    del dense
+    print(f"prefill {qt} {rows}x{cols} xla {t_x*1e6:.0f} us {flop/t_x/1e12:.0f} TFLOP/s "
+          f"(dequant alone {t_deq*1e6:.0f} us, bf16 dot alone {t_dot*1e6:.0f} us)", flush=True)
+    res["gemm"].append(dict(qt=qt, shape=(rows, cols), route="xla", us=t_x * 1e6, dequant_us=t_deq * 1e6,
+                            dot_us=t_dot * 1e6))
     t_best = None
-    for tiles in ((64, 64, 2, 4, 2), (128, 128, 2, 8, 2), (128, 64, 4, 4, 3)):
+    for tiles in ((128, 128, 2, 8, 2),):
         try:
-            t = per_matrix(ws, xx, lambda x, w: gemm(x, w, tiles=tiles))
+            t = per_matrix(ws, xx, lambda x, w: gemm(x, w, tiles=tiles, interpret=IN))
         except Exception as e:  # noqa: BLE001
             print("gemm", qt, tiles, "FAIL", type(e).__name__, str(e)[:300], flush=True)
             continue

@@ -11,6 +11,7 @@ cover all SMs even for narrow matrices (K/V projections have 512..1024 rows).
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -19,11 +20,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .layout import SB, GpuQTensor, dequant_parts, split_x
+from .qdot import FACTORED_QTYPES, init_accumulators, prepare_x, tile_dot
 
 N_SM = 132  # H100 SXM; only used to size the grid
 # (rows per program, superblocks per K step, warps, pipeline stages): best of an H100 sweep on the
 # 14336x4096 matrix (BENCHMARKS.md); for Q4_K re-checked after the int->float bit trick
 TILES = {"Q4_K": (32, 2, 4, 2), "Q8_0": (8, 4, 2, 3), "Q6_K": (8, 4, 4, 3), "DENSE": (16, 2, 8, 3)}
+TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
+
+
+def default_tiles(qtype: str) -> tuple:
+    """TILES[qtype], unless REALIZAR_GEMV_TILES overrides it (read when a call is traced)."""
+    raw = os.environ.get(TILES_ENV)
+    if raw:
+        try:
+            override = {k: tuple(int(v) for v in t) for k, t in json.loads(raw).items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{TILES_ENV} must be JSON like {{\"Q4_K\": [32, 2, 4, 2]}}: {e}") from e
+        if qtype in override:
+            if len(override[qtype]) != 4 or min(override[qtype]) < 1:
+                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be 4 positive ints, got {override[qtype]}")
+            return override[qtype]
+    return TILES.get(qtype, (16, 2, 4, 3))
 
 
 def interpret_mode() -> bool:
@@ -95,11 +113,33 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
+def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb):
+    """qdot.tile_dot over the K tiles of one program; accumulators stay elementwise until the end."""
+    w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
+    i, s = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(i * bn, bn)
+
+    def body(t, accs):
+        ks = pl.ds((s * tiles + t) * bs, bs)
+        loaded = [r[(rows, ks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
+        xs = [[r[(b, ks) + (slice(None),) * (len(r.shape) - 2)] for r in x_refs] for b in range(nb)]
+        return tuple(tile_dot(qtype, loaded, xs, list(accs)))
+
+    init = tuple(init_accumulators(qtype, bn, bs) for _ in range(nb))
+    accs = jax.lax.fori_loop(0, tiles, body, init)
+    for b in range(nb):
+        total = None
+        for a in accs[b]:
+            r = jnp.sum(a, axis=tuple(range(1, a.ndim)))
+            total = r if total is None else total + r
+        o_ref[b, :] = total
+
+
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
-                                             "target_programs", "interpret"))
+                                             "target_programs", "interpret", "factored"))
 def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
-         interpret: bool = False):
+         interpret: bool = False, factored: bool | None = None):
     """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
@@ -110,7 +150,7 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     else:
         rows, cols = w.shape
         qtype, parts = "DENSE", (w.reshape(rows, cols // SB, SB),)
-    d_bn, d_bs, d_nw, d_ns = TILES.get(qtype, (16, 2, 4, 3))
+    d_bn, d_bs, d_nw, d_ns = default_tiles(qtype)
     bn, bs = bn or d_bn, bs or d_bs
     num_warps, num_stages = num_warps or d_nw, num_stages or d_ns
     B = x.shape[0]
@@ -120,13 +160,20 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     if use_dot:
         bn = max(bn, 16)   # tensor-core tiles are at least 16 x 16
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
+    if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
+        factored = qtype in FACTORED_QTYPES and not use_dot
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
-    xs = split_x(xp, qtype)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
-    kq = "DENSE_ID" if qtype == "DENSE" else qtype
-    kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
-                               tiles=tiles, nb=nb, use_dot=use_dot)
+    if factored:
+        xs = prepare_x(xp, qtype)
+        kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
+                                   bs=bs, tiles=tiles, nb=nb)
+    else:
+        xs = split_x(xp, qtype)
+        kq = "DENSE_ID" if qtype == "DENSE" else qtype
+        kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
+                                   tiles=tiles, nb=nb, use_dot=use_dot)
     out = pl.pallas_call(
         kernel,
         grid=(rows // bn, splits),
