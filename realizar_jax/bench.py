@@ -56,7 +56,7 @@ def decode_read_bytes(params, config, batch: int) -> int:
     return total
 
 
-def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", log=print) -> dict:
+def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, log=print) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -144,7 +144,58 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", log=p
     log(f"decode {n} steps x {batch}: {res['decode_s_per_step']*1e3:.2f} ms/step = "
         f"{res['decode_tok_s']:.0f} tok/s, {res['decode_GBps']:.0f} GB/s "
         f"({res['decode_pct_copy']:.0f}% of copy bw)")
+    if profile:   # one more decode call under the profiler: where the step's time goes, per kernel
+        jax.profiler.start_trace(str(profile), create_perfetto_trace=True)
+        tok, cache, _ = decode_c(params, cache, tok)
+        jax.block_until_ready(tok)
+        jax.profiler.stop_trace()
+        res["profile"] = summarize_trace(profile, steps=chunk)
+        for row in res["profile"]["top"]:
+            log("  {us_per_step:9.1f} us/step {calls_per_step:6.1f} calls  {name}".format(**row))
+        log(f"  GPU busy {res['profile']['busy_us_per_step']:.0f} us/step in "
+            f"{res['profile']['kernels_per_step']:.0f} kernels (decode step {res['decode_s_per_step']*1e6:.0f} us)")
     return res
+
+
+def summarize_trace(trace_dir, steps: int, top: int = 30) -> dict:
+    """Kernel time per decode step from a jax.profiler perfetto trace (the newest under trace_dir).
+
+    GPU activity is taken from the processes whose name mentions a GPU; events are grouped by name.
+    """
+    import gzip
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {"error": f"no *.trace.json.gz under {trace_dir}", "top": [], "busy_us_per_step": 0.0,
+                "kernels_per_step": 0.0}
+    with gzip.open(files[-1], "rt") as fh:
+        events = json.load(fh)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    # a GPU process also has summary lines (XLA modules, XLA ops) over the same time: count only the
+    # stream lines where the kernels run, when the trace names its threads
+    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu}
+    streams = {k for k, n in threads.items() if "stream" in n.lower()}
+    per: dict = {}
+    busy, count = 0.0, 0
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu or "dur" not in e:
+            continue
+        if streams and (e.get("pid"), e.get("tid")) not in streams:
+            continue
+        name = e.get("name", "?")
+        d = float(e["dur"])
+        tot, n = per.get(name, (0.0, 0))
+        per[name] = (tot + d, n + 1)
+        busy += d
+        count += 1
+    rows = sorted(({"name": k[:120], "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
+                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    return {"trace": str(files[-1]), "processes": sorted(names.values()),
+            "gpu_threads": sorted(set(threads.values())), "top": rows[:top],
+            "busy_us_per_step": busy / steps, "kernels_per_step": count / steps}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -180,6 +231,8 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--dir", default=os.environ.get("REALIZAR_BENCH_DIR", "/tmp/realizar-bench"),
                     help="where synthesized GGUFs are cached")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call with jax.profiler into "
+                    "DIR and print the kernels that take the step's time")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
         print("bench: --batch and --prompt-len must be >= 1, --gen >= 2", file=sys.stderr)
@@ -199,7 +252,8 @@ def bench_main(argv=None) -> int:
             print(f"synthesizing {path} ...", flush=True)
             write_synthetic_gguf(path, shape, args.quant)
         synth_s = time.perf_counter() - t
-    res = run_bench(path, batch=args.batch, prompt_len=args.prompt_len, gen=args.gen, dtype=args.dtype)
+    res = run_bench(path, batch=args.batch, prompt_len=args.prompt_len, gen=args.gen, dtype=args.dtype,
+                    profile=args.profile)
     res["synth_s"] = synth_s
     if args.shape:
         res["shape"], res["quant"] = args.shape, args.quant

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
-# steps (default all, in this order): micro q4 q8 tests bf16
+# steps (default: micro q4 q8 tests bf16; in this order): micro ncu prof q4 q8 tests bf16
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
+#   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
+#   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; tests: pytest -m gpu; bf16: 8B bf16 bench
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -14,9 +16,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"; git log --oneline -1 2>/dev/null | tee -a "$OUT/gpu.txt"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-bench() {  # shape quant
-  timeout 240 python3 -m realizar_jax.bench --shape "$1" --quant "$2" --dir /tmp/rb \
-     --json "$OUT/bench-$1-$2-b1.json" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+bench() {  # shape quant [extra args]
+  local shape=$1 quant=$2; shift 2
+  timeout 240 python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
+     --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
+     | tee -a "$OUT/bench.log"
 }
 if has micro; then
   timeout 200 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
@@ -27,9 +31,24 @@ if has micro; then
     [ -n "$ROUTE" ] && export REALIZAR_PREFILL_GEMM="$ROUTE"
   fi
 fi
+if has ncu; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for kind in q4k q8 q6k dense unpack; do
+    timeout 100 "$NCU" --clock-control none -k regex:'gemv|unpack' --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats python3 scripts/device_ncu.py $kind 2>&1 \
+      | grep -v -e '^==PROF==' -e Warning >> "$OUT/ncu.log"
+  done
+  grep -e 'gemv\|unpack' -e 'Duration' -e 'DRAM Throughput' -e 'Memory Throughput' -e 'Achieved Occupancy' \
+       -e 'Registers Per' -e 'Issue Slots Busy' -e 'No Eligible' "$OUT/ncu.log" | head -80
+fi
 echo "benches run with REALIZAR_GEMV_TILES=${REALIZAR_GEMV_TILES:-<defaults>}" \
      "REALIZAR_PREFILL_GEMM=${REALIZAR_PREFILL_GEMM:-<default>}" | tee -a "$OUT/bench.log"
-if has q4; then bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
+if has prof; then
+  bench llama3-8b q4_k_m --profile /tmp/prof8b
+  f=$(find /tmp/prof8b -name '*.trace.json.gz' | head -1); [ -n "$f" ] && cp "$f" "$OUT/decode8b.trace.json.gz"
+fi
+if has q4; then has prof || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
 if has q8; then bench llama3.2-1b q8_0; fi
 if has tests; then
   timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider -x 2>&1 \

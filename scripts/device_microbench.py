@@ -22,6 +22,7 @@ from realizar_jax.kernels.gemm import gemm  # noqa: E402
 from realizar_jax.kernels.gemv import TILES, gemv, interpret_mode  # noqa: E402
 IN = interpret_mode()
 from realizar_jax.kernels.layout import GpuQTensor, dequantize_gpu_part_order, repack_blocks  # noqa: E402
+from realizar_jax.kernels.unpack import unpack  # noqa: E402
 from realizar_jax.synth import random_blocks  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -66,12 +67,11 @@ res["copy_GBps"] = copy
 # tiles against the factored kernel (qdot.py) over a tile sweep; dense bf16 also against XLA's dot
 x1 = jnp.asarray(rng.standard_normal((1, C)), jnp.bfloat16)
 SWEEP = {
-    "Q4_K": [(32, 2, 4, 2), (16, 2, 4, 2), (16, 4, 4, 3), (32, 1, 4, 3), (64, 1, 4, 3), (32, 2, 8, 3),
-             (64, 2, 8, 2), (8, 4, 2, 3), (16, 1, 2, 4), (32, 4, 8, 2)],
-    "Q8_0": [(8, 4, 2, 3), (16, 2, 4, 3), (32, 1, 4, 3), (16, 4, 4, 2), (32, 2, 8, 2), (8, 2, 2, 4),
-             (16, 1, 2, 4)],
-    "Q6_K": [(8, 4, 4, 3), (16, 2, 4, 3), (32, 1, 4, 3), (16, 4, 4, 2), (32, 2, 8, 2), (8, 2, 2, 4)],
-    "DENSE": [(16, 2, 8, 3), (8, 2, 4, 3), (16, 1, 4, 3), (32, 1, 8, 3), (8, 4, 4, 2), (4, 4, 2, 3)],
+    "Q4_K": [(16, 4, 4, 3), (8, 4, 2, 3), (16, 2, 4, 2), (16, 8, 4, 3), (8, 8, 2, 3), (16, 4, 4, 4),
+             (16, 4, 2, 3), (32, 4, 4, 3)],
+    "Q8_0": [(8, 2, 2, 4), (16, 1, 2, 4), (8, 4, 2, 4), (16, 2, 2, 4), (8, 2, 1, 4), (16, 2, 4, 3)],
+    "Q6_K": [(16, 4, 4, 2), (16, 8, 4, 2), (32, 4, 4, 2), (16, 4, 8, 2), (8, 8, 4, 2), (8, 4, 4, 3)],
+    "DENSE": [(8, 4, 4, 2), (8, 8, 4, 2), (16, 4, 4, 2), (8, 4, 8, 2), (4, 8, 4, 2), (16, 1, 4, 3)],
 }
 best_tiles = {}
 
@@ -110,6 +110,22 @@ for qt in ("Q4_K", "Q8_0", "Q6_K", "DENSE", "Q5_K", "Q4_0"):
         continue
     timings.sort()
     best_tiles[qt] = list(timings[0][1])
+    if qt == "DENSE":   # the other shapes of an 8B layer and the lm_head, best tiles vs XLA's dot
+        bn, bs, nw, ns = timings[0][1]
+        for rows, cols in ((4096, 4096), (1024, 4096), (4096, 14336), (128256, 4096)):
+            if SMOKE:
+                rows, cols = max(16, rows // 64), 512
+            w0 = jnp.asarray(rng.standard_normal((rows, cols)), jnp.bfloat16)
+            ws = [w0] + [w0 + 0 for _ in range(max(1, int(np.ceil(400e6 / ROT / w0.nbytes))) - 1)]
+            xs_ = jnp.asarray(rng.standard_normal((1, cols)), jnp.bfloat16)
+            for label, fn in (("xla-dot", lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)),
+                              (f"factored{timings[0][1]}", lambda x, w: gemv(
+                                  x, w, bn=bn, bs=bs, num_warps=nw, num_stages=ns, factored=True, interpret=IN))):
+                t = per_matrix(ws, xs_, fn)
+                gbps = w0.nbytes / t / 1e9
+                res["gemv"].append(dict(qt=qt, shape=f"{rows}x{cols}", cfg=label, us=t * 1e6, GBps=gbps))
+                print(f"gemv {qt} {rows}x{cols} {label} {t*1e6:.1f} us {gbps:.0f} GB/s", flush=True)
+            del ws, w0
     if qt == "Q4_K":   # narrower matrices of the same layer (Q: 4096 rows, K/V: 1024 rows)
         for rows in (R // 14 * 4, R // 14):
             ws = packed_copies(qt, rows, C, rng)
@@ -124,7 +140,7 @@ print("GEMV_TILES=" + json.dumps(best_tiles, separators=(",", ":")), flush=True)
 
 # prefill at 512 tokens: Pallas GEMM vs XLA dequantize + dot, and the XLA route's two halves alone
 x512 = jnp.asarray(rng.standard_normal((T, C)), jnp.bfloat16)
-best = {"pallas": 0.0, "xla": 0.0}
+best = {"pallas": 0.0, "xla": 0.0, "unpack": 0.0}
 for qt, (rows, cols) in (("Q4_K", (R, C)), ("Q6_K", (C, R // 14 * 14 if not SMOKE else 1024)), ("Q4_K", (C, C))):
     ws = packed_copies(qt, rows, cols, rng, total=120e6)
     xx = x512 if cols == C else jnp.asarray(rng.standard_normal((T, cols)), jnp.bfloat16)
@@ -132,13 +148,20 @@ for qt, (rows, cols) in (("Q4_K", (R, C)), ("Q6_K", (C, R // 14 * 14 if not SMOK
     os.environ["REALIZAR_PREFILL_GEMM"] = "xla"
     t_x = per_matrix(ws, xx, kernel_matmul)
     t_deq = per_matrix(ws, xx, lambda x, w: dequantize_gpu_part_order(w, jnp.bfloat16))
+    t_unp = per_matrix(ws, xx, lambda x, w: unpack(w, jnp.bfloat16, interpret=IN))
+    os.environ["REALIZAR_PREFILL_GEMM"] = "unpack"
+    t_u = per_matrix(ws, xx, kernel_matmul)
     dense = [dequantize_gpu_part_order(w, jnp.bfloat16) for w in ws]
     t_dot = per_matrix(dense, xx, lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32))
     del dense
     print(f"prefill {qt} {rows}x{cols} xla {t_x*1e6:.0f} us {flop/t_x/1e12:.0f} TFLOP/s "
           f"(dequant alone {t_deq*1e6:.0f} us, bf16 dot alone {t_dot*1e6:.0f} us)", flush=True)
+    print(f"prefill {qt} {rows}x{cols} unpack {t_u*1e6:.0f} us {flop/t_u/1e12:.0f} TFLOP/s "
+          f"(Pallas unpack alone {t_unp*1e6:.0f} us)", flush=True)
     res["gemm"].append(dict(qt=qt, shape=(rows, cols), route="xla", us=t_x * 1e6, dequant_us=t_deq * 1e6,
                             dot_us=t_dot * 1e6))
+    res["gemm"].append(dict(qt=qt, shape=(rows, cols), route="unpack", us=t_u * 1e6, unpack_us=t_unp * 1e6))
+    best["unpack"] += t_u
     t_best = None
     for tiles in ((128, 128, 2, 8, 2),):
         try:
@@ -162,4 +185,4 @@ res["prefill_sum_us"] = {k: v * 1e6 for k, v in best.items()}
 with open(os.path.join(OUT, "microbench.json"), "w") as fh:
     json.dump(res, fh, indent=1)
 print("gemm best tiles", res.get("gemm_best"))
-print(f"PREFILL_ROUTE={'pallas' if best['pallas'] < best['xla'] else 'xla'}")
+print(f"PREFILL_ROUTE={min(best, key=best.get)}")

@@ -98,7 +98,7 @@ def test_prefill_gemm_matches_gguf_reference(qtype, tokens, nsb, seed):
     assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ ref.T) < 1e-2
 
 
-@pytest.mark.parametrize("route", ["pallas", "xla"])
+@pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])
 def test_prefill_routes_agree(route, monkeypatch):
     """Both prefill routes behind kernel_matmul give the reference product (the env var picks one)."""
     monkeypatch.setenv("REALIZAR_PREFILL_GEMM", route)

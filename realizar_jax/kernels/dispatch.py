@@ -1,10 +1,14 @@
 """kernel_matmul: the GPU route behind quant.matmul.matmul(x, w).
 
-Decode (<= 8 activation rows): Pallas GEMV on packed weights (GpuQTensor). Prefill (more rows):
-dequantize the packed matrix to x's dtype (bf16) in XLA and use the tensor-core dot (the weight is re-read as
-bf16 once per call, which at 512 tokens costs less than the matmul itself). The weight stays in the
-layout's part order and the activations are permuted to match, so no gather touches the big matrix.
-Dense weights use XLA's dot. Anything else (a QTensor of a type without a GPU layout) dequantizes and dots.
+Decode (<= 8 activation rows): the Pallas GEMV, on packed weights (GpuQTensor) and on dense ones.
+Prefill (more rows), one of three routes (REALIZAR_PREFILL_GEMM, default the fastest measured):
+- "unpack": a Pallas kernel unpacks the matrix to bf16 at memory speed, then XLA's tensor-core dot
+  (the weight is re-read as bf16 once per call, which at 512 tokens costs less than the matmul);
+- "xla": the same with the unpacking done by XLA from the jnp dequantizer;
+- "pallas": kernels/gemm.py, dequantizing tiles in registers inside the GEMM.
+The unpacked weight stays in the layout's part order and the activations are permuted to match, so
+no gather touches the big matrix. Dense weights use XLA's dot for prefill. Anything else (a QTensor
+of a type without a GPU layout) dequantizes and dots.
 """
 from __future__ import annotations
 
@@ -16,19 +20,37 @@ import jax.numpy as jnp
 from .gemm import gemm
 from .gemv import gemv, interpret_mode
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
+from .unpack import unpack
 
 GEMV_MAX_ROWS = 8
-# Prefill route for packed weights: "pallas" (kernels/gemm.py, dequantizes tiles in registers) or
-# "xla" (dequantize the whole matrix to bf16, then XLA's dot). Read when a function is traced.
+# Prefill route for packed weights (see the module doc). Read when a function is traced.
 PREFILL_ENV = "REALIZAR_PREFILL_GEMM"
-PREFILL_DEFAULT = "xla"
+PREFILL_ROUTES = ("unpack", "xla", "pallas")
+PREFILL_DEFAULT = "unpack"
+# Decode route for dense (bf16/f16) weights: "pallas" (gemv.py) or "xla" (XLA's dot)
+DENSE_GEMV_ENV = "REALIZAR_DENSE_GEMV"
+DENSE_GEMV_DEFAULT = "pallas"
+
+
+def _route(env: str, default: str, allowed) -> str:
+    route = os.environ.get(env, default)
+    if route not in allowed:
+        raise ValueError(f"{env} must be one of {', '.join(allowed)}; got {route!r}")
+    return route
 
 
 def prefill_route() -> str:
-    route = os.environ.get(PREFILL_ENV, PREFILL_DEFAULT)
-    if route not in ("pallas", "xla"):
-        raise ValueError(f"{PREFILL_ENV} must be 'pallas' or 'xla', got {route!r}")
-    return route
+    return _route(PREFILL_ENV, PREFILL_DEFAULT, PREFILL_ROUTES)
+
+
+def dense_gemv_applies(x: jax.Array, w: jax.Array) -> bool:
+    """Whether a dense weight's matmul should take the Pallas GEMV: decode rows, half-precision
+    activations (float32 models keep XLA's exact HIGHEST-precision dot), on a GPU, unless
+    REALIZAR_DENSE_GEMV=xla."""
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    return (jax.default_backend() == "gpu" and not interpret_mode() and 0 < rows <= GEMV_MAX_ROWS
+            and x.dtype in (jnp.bfloat16, jnp.float16) and w.ndim == 2 and w.shape[1] % 256 == 0
+            and _route(DENSE_GEMV_ENV, DENSE_GEMV_DEFAULT, ("pallas", "xla")) == "pallas")
 
 
 def _dense_dot(x2, w):
@@ -44,13 +66,19 @@ def kernel_matmul(x: jax.Array, w) -> jax.Array:
     if isinstance(w, GpuQTensor):
         if M <= GEMV_MAX_ROWS:
             y = gemv(x2, w, interpret=interpret_mode())
-        elif prefill_route() == "pallas" and w.shape[0] % 16 == 0:
-            y = gemm(x2, w, interpret=interpret_mode())
         else:
-            y = _dense_dot(x_part_order(x2, w.qtype), dequantize_gpu_part_order(w, x2.dtype))
+            route = prefill_route()
+            if route == "pallas" and w.shape[0] % 16 == 0:
+                y = gemm(x2, w, interpret=interpret_mode())
+            elif route == "unpack":
+                y = _dense_dot(x_part_order(x2, w.qtype), unpack(w, x2.dtype, interpret=interpret_mode()))
+            else:
+                y = _dense_dot(x_part_order(x2, w.qtype), dequantize_gpu_part_order(w, x2.dtype))
     elif hasattr(w, "qtype"):   # QTensor without a GPU layout
         from ..quant.dequant import dequantize
         y = _dense_dot(x2, dequantize(w, x2.dtype))
+    elif dense_gemv_applies(x2, w):
+        y = gemv(x2, w)
     else:
         y = _dense_dot(x2, w)
     return y.reshape(*lead, y.shape[-1]).astype(x.dtype)

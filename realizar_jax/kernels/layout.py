@@ -169,9 +169,17 @@ def _small_int_to_f32(v, offset: int = 0):
     return f - (_TWO23 + offset)
 
 
-def dequant_parts(qtype: str, p) -> list:
-    """Loaded layout arrays (leading axes [N, S]) -> list of float32 [N, S, P] matching split_x."""
+def dequant_parts(qtype: str, p, flat: bool = True) -> list:
+    """Loaded layout arrays (leading axes [N, S]) -> list of float32 [N, S, P] matching split_x.
+
+    flat=False keeps each part in the shape of its words, [N, S, a, b] with a * b = P (no reshape:
+    inside a Triton kernel a reshape can cost a trip through shared memory).
+    """
     f32 = jnp.float32
+
+    def done(w, P):
+        return w.reshape(w.shape[0], w.shape[1], P) if flat else w
+
     if qtype == "DENSE_ID":   # a dense matrix viewed as [rows, nsb, 256]
         return [p[0].astype(f32)]
     if qtype == "Q8_0":
@@ -181,7 +189,7 @@ def dequant_parts(qtype: str, p) -> list:
         biased = qs ^ _BYTE_SIGNS                           # each signed byte b -> b + 128, unsigned
         for k in range(4):
             w = _small_int_to_f32((biased >> (8 * k)) & 255, 128) * d  # signed byte k
-            out.append(w.reshape(w.shape[0], w.shape[1], 64))
+            out.append(done(w, 64))
         return out
     if qtype == "Q4_0":
         qs, d = p
@@ -190,7 +198,7 @@ def dequant_parts(qtype: str, p) -> list:
         out = []
         for v in (q & 15, q >> 4):
             w = _small_int_to_f32(v, 8) * d
-            out.append(w.reshape(w.shape[0], w.shape[1], 128))
+            out.append(done(w, 128))
         return out
     if qtype == "Q4_K":
         qs, sce, sco, me, mo, d, dmin = p                   # qs int32 words [N, S, 4, 8]
@@ -202,7 +210,7 @@ def dequant_parts(qtype: str, p) -> list:
         for k in range(4):
             for h in range(2):
                 w = _small_int_to_f32((qs >> (8 * k + 4 * h)) & 15) * scale[h] - mins[h]
-                out.append(w.reshape(w.shape[0], w.shape[1], 32))
+                out.append(done(w, 32))
         return out
     if qtype == "Q5_K":
         qs, qh, sce, sco, me, mo, d, dmin = p
@@ -220,7 +228,7 @@ def dequant_parts(qtype: str, p) -> list:
             s = (d * sc.astype(f32))[..., None]
             mm = (dmin * m.astype(f32))[..., None]
             w = _small_int_to_f32(v) * s - mm
-            out.append(w.reshape(w.shape[0], w.shape[1], 128))
+            out.append(done(w, 128))
         return out
     if qtype == "Q6_K":
         e, o, h, s0, s1, s2, s3, d = p                     # words int32 [N, S, 4, 4]
@@ -233,7 +241,7 @@ def dequant_parts(qtype: str, p) -> list:
                 nib = (ql >> (8 * k + 4 * (c % 2))) & 15
                 hi = (h >> (8 * k + 2 * c)) & 3
                 w = _small_int_to_f32(nib | (hi << 4), 32) * sc
-                out.append(w.reshape(w.shape[0], w.shape[1], 16))
+                out.append(done(w, 16))
         return out
     raise ValueError(qtype)
 

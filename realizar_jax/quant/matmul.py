@@ -14,7 +14,7 @@ from jax import lax
 from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
-from ..kernels.dispatch import kernel_matmul
+from ..kernels.dispatch import dense_gemv_applies, kernel_matmul
 
 
 def _check(x, in_features: int, what: str) -> None:
@@ -56,6 +56,8 @@ def matmul(x, w) -> jax.Array:
     if w.ndim != 2:
         raise ValueError(f"matmul: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
     _check(x, w.shape[1], f"weight of shape {tuple(w.shape)}")
+    if dense_gemv_applies(x, w):   # bf16 decode on a GPU: the Pallas GEMV beat XLA's dot (BENCHMARKS.md)
+        return kernel_matmul(x, w)
     return _dense_matmul(x, w)
 
 
