@@ -21,14 +21,18 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale):
+def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = None):
+    """Caches [B, Hkv, S, D], or the whole stack [L, B, Hkv, S, D] with `layer` naming one: the GPU
+    kernel then reads that layer in place (slicing it out first would copy it, every layer, every step)."""
     if jax.default_backend() == "gpu":
         try:
             from .kernels.attention import decode_attention as kernel
         except ImportError:
             kernel = None
         if kernel is not None:
-            return kernel(q, k_cache, v_cache, lengths, scale)
+            return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
     return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
 
 

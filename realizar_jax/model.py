@@ -107,7 +107,7 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
         q, k, v = _project_qkv(lp, h, pos, params.rope_inv_freq, config)
         ks = ks.at[i, rows, :, pos].set(k.astype(ks.dtype))  # [B, Hkv, D] written at each row's position
         vs = vs.at[i, rows, :, pos].set(v.astype(vs.dtype))
-        attn = decode_attention(q, ks[i], vs[i], pos + 1, scale)
+        attn = decode_attention(q, ks, vs, pos + 1, scale, layer=i)
         x = x + matmul(attn.reshape(b, -1), lp.wo)
         x = x + _mlp(lp, x, config)
     return _lm_head(params, x, config), KVCache(ks, vs, pos + 1)

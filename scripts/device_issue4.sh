@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
-# steps (default: micro q4 q8 tests bf16; in this order): micro ncu prof q4 q8 tests bf16
+# steps (default: micro q4 q8 tests bf16; in this order): micro ncu prof q4 q8 dense1b tests bf16
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
-#   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; tests: pytest -m gpu; bf16: 8B bf16 bench
+#   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
+#   tests: pytest -m gpu; bf16: 8B bf16 bench
 set -o pipefail
 export PYTHONUNBUFFERED=1
 STEPS=${*:-micro q4 q8 tests bf16}
@@ -14,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-date -u | tee -a "$OUT/gpu.txt"; git log --oneline -1 2>/dev/null | tee -a "$OUT/gpu.txt"
+date -u | tee -a "$OUT/gpu.txt"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 bench() {  # shape quant [extra args]
   local shape=$1 quant=$2; shift 2
@@ -50,6 +51,13 @@ if has prof; then
 fi
 if has q4; then has prof || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
 if has q8; then bench llama3.2-1b q8_0; fi
+if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file, same process kind
+  for route in pallas xla; do
+    REALIZAR_DENSE_GEMV=$route timeout 240 python3 -m realizar_jax.bench --shape llama3.2-1b --quant bf16 \
+      --dir /tmp/rb --json "$OUT/dense1b-$route.json" 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      | sed "s/^/[dense $route] /" | tee -a "$OUT/bench.log"
+  done
+fi
 if has tests; then
   timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider -x 2>&1 \
     | tail -25 | tee "$OUT/pytest_gpu.log"

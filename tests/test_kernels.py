@@ -58,6 +58,35 @@ def test_gemv_matches_gguf_reference(qtype, rows, nsb, batch, seed):
     assert _rel(y, x.astype(np.float64) @ ref.T) < tol
 
 
+def _int8_grid(x, group):
+    """numpy: x rounded to int8 per block of `group` values with scale amax/127 (the GEMV's int8 x)."""
+    v = x.astype(np.float64).reshape(x.shape[0], -1, group)
+    amax = np.abs(v).max(axis=-1, keepdims=True)
+    scale = (amax / 127.0).astype(np.float32).astype(np.float64)
+    inv = np.where(amax > 0, 127.0 / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.round(v.astype(np.float32) * inv), -127, 127)
+    return (q * scale).reshape(x.shape)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), rows=st.sampled_from([16, 32]),
+       nsb=st.integers(1, 3), batch=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_gemv_int8_activations(qtype, rows, nsb, batch, seed):
+    """bf16 x takes the dp4a path: exactly the gguf-py weights times x rounded to int8 per scale
+    group (checked against that rounding done in numpy), and near the unrounded product."""
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, rows, nsb * 256, rng)
+    x = np.asarray(jnp.asarray(rng.standard_normal((batch, nsb * 256)), jnp.bfloat16).astype(jnp.float32))
+    y = gemv(jnp.asarray(x, jnp.bfloat16), w, bn=16, bs=2, target_programs=4, interpret=not ON_GPU)
+    assert y.shape == (batch, rows)
+    xq = _int8_grid(x, 16 if qtype == "Q6_K" else 32)
+    assert _rel(y, xq @ ref.T) < 2e-6
+    assert _rel(y, x.astype(np.float64) @ ref.T) < 3e-2   # int8 rounding of x: ~0.5-1% here
+    y_float = gemv(jnp.asarray(x, jnp.bfloat16), w, bn=16, bs=2, target_programs=4, act="float",
+                   interpret=not ON_GPU)
+    assert _rel(y_float, x.astype(np.float64) @ ref.T) < 2e-5
+
+
 @settings(max_examples=4, **SETTINGS)
 @given(rows=st.sampled_from([16, 32]), nsb=st.integers(1, 3), batch=st.integers(1, 3),
        seed=st.integers(0, 2**31))
@@ -143,6 +172,12 @@ def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
                            interpret=not ON_GPU)
     # on the GPU the two products run on tensor cores (tf32/bf16 inputs)
     np.testing.assert_allclose(np.asarray(got), want, atol=3e-2 if ON_GPU else 2e-5)
+    # the model passes the whole layer stack and a layer index (read in place, not sliced out)
+    stack_k = jnp.stack([jnp.asarray(rng.standard_normal(k.shape), jnp.float32), jnp.asarray(k)])
+    stack_v = jnp.stack([jnp.asarray(rng.standard_normal(v.shape), jnp.float32), jnp.asarray(v)])
+    got_l = decode_attention(jnp.asarray(q), stack_k, stack_v, jnp.asarray(lengths), scale, bt=16,
+                             splits=splits, layer=1, interpret=not ON_GPU)
+    np.testing.assert_allclose(np.asarray(got_l), np.asarray(got), atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -155,9 +190,14 @@ def test_gpu_kernels_large_shapes():
         for batch in (1, 4, 8):
             x = rng.standard_normal((batch, 4096)).astype(np.float32)
             xb = jnp.asarray(x, jnp.bfloat16)
-            y = kernel_matmul(xb, w)
-            want = np.asarray(xb.astype(jnp.float32), np.float64) @ ref.T
-            assert _rel(y.astype(jnp.float32), want) < 1.5e-2, (qtype, batch)
+            y = kernel_matmul(xb, w).astype(jnp.float32)   # bf16 result: 2^-9 rounding
+            xf = np.asarray(xb.astype(jnp.float32), np.float64)
+            want = xf @ ref.T
+            assert _rel(y, want) < 3e-2, (qtype, batch)
+            if batch <= 4 and qtype in ("Q4_K", "Q8_0", "Q6_K"):   # dp4a path: exact on the int8 grid
+                assert _rel(y, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 4e-3, (qtype, batch)
+            elif batch <= 4:
+                assert _rel(y, want) < 4e-3, (qtype, batch)
         x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
         assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")

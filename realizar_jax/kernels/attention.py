@@ -62,30 +62,37 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bt", "splits", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "interpret", "layer"))
 def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
-    """Pallas flash-decoding; same signature and result as decode_attention_ref."""
+                     num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                     layer: int | None = None):
+    """Pallas flash-decoding; same signature and result as decode_attention_ref.
+
+    layer: the caches are the whole stack [L, B, Hkv, S, D] and the kernel reads layer `layer` of it
+    in place (a sliced-out operand would be copied first).
+    """
     from .gemv import interpret_mode
     if interpret is None:
         interpret = interpret_mode()
+    if layer is None:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    Hkv, S = k_cache.shape[2], k_cache.shape[3]
     G = Hq // Hkv
     bt = min(bt, S)
     if S % bt or D % 16 or (D & (D - 1)):
-        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
     gp = max(16, 1 << (G - 1).bit_length())
     if splits is None:
         splits = 1
         while B * Hkv * splits < 2 * 132 and S % (splits * 2 * bt) == 0:
             splits *= 2
     if S % splits:
-        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
     ss = S // splits
     bt = min(bt, ss)
     if ss % bt or bt < 16:
-        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
     qg = q.reshape(B, Hkv, G, D)
     if gp != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - G), (0, 0)))
@@ -96,8 +103,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, gp, D), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0)),
+            pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),

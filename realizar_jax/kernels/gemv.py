@@ -20,12 +20,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .layout import SB, GpuQTensor, dequant_parts, split_x
-from .qdot import FACTORED_QTYPES, init_accumulators, prepare_x, tile_dot
+from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, prepare_x,
+                   prepare_x_q8, tile_dot, tile_dot_q8)
 
 N_SM = 132  # H100 SXM; only used to size the grid
 # (rows per program, superblocks per K step, warps, pipeline stages): best of an H100 sweep on the
 # 14336x4096 matrix (BENCHMARKS.md); for Q4_K re-checked after the int->float bit trick
 TILES = {"Q4_K": (32, 2, 4, 2), "Q8_0": (8, 4, 2, 3), "Q6_K": (8, 4, 4, 3), "DENSE": (16, 2, 8, 3)}
+ACT_ENV = "REALIZAR_GEMV_ACT"   # "int8" (default for bf16/f16 activations) or "float"
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
@@ -113,8 +115,9 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
-def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb):
-    """qdot.tile_dot over the K tiles of one program; accumulators stay elementwise until the end."""
+def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret):
+    """qdot.tile_dot (or tile_dot_q8) over the K tiles of one program; accumulators stay
+    elementwise until the end."""
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(i * bn, bn)
@@ -123,9 +126,11 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb):
         ks = pl.ds((s * tiles + t) * bs, bs)
         loaded = [r[(rows, ks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
         xs = [[r[(b, ks) + (slice(None),) * (len(r.shape) - 2)] for r in x_refs] for b in range(nb)]
+        if q8:
+            return tuple(tile_dot_q8(qtype, loaded, xs, list(accs), interpret=interpret))
         return tuple(tile_dot(qtype, loaded, xs, list(accs)))
 
-    init = tuple(init_accumulators(qtype, bn, bs) for _ in range(nb))
+    init = tuple((init_accumulators_q8 if q8 else init_accumulators)(qtype, bn, bs) for _ in range(nb))
     accs = jax.lax.fori_loop(0, tiles, body, init)
     for b in range(nb):
         total = None
@@ -136,14 +141,17 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb):
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
-                                             "target_programs", "interpret", "factored"))
+                                             "target_programs", "interpret", "factored", "act"))
 def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
-         interpret: bool = False, factored: bool | None = None):
+         interpret: bool = False, factored: bool | None = None, act: str | None = None):
     """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
     best measured on an H100 for the 14336x4096 matrix (BENCHMARKS.md).
+    act: "int8" quantizes x per weight scale group and multiplies with integer dot products
+    (qdot.tile_dot_q8; the default for bf16/f16 x on Q4_K/Q8_0/Q6_K, REALIZAR_GEMV_ACT=float turns
+    it off); "float" keeps x in float32 (exact up to float32 rounding; always so for float32 x).
     """
     if isinstance(w, GpuQTensor):
         qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
@@ -162,13 +170,20 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
     if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
         factored = qtype in FACTORED_QTYPES and not use_dot
+    if act is None:
+        act = os.environ.get(ACT_ENV, "int8")
+        if act not in ("int8", "float"):
+            raise ValueError(f"{ACT_ENV} must be 'int8' or 'float', got {act!r}")
+        if x.dtype not in (jnp.bfloat16, jnp.float16):
+            act = "float"
+    q8 = act == "int8" and factored and qtype in Q8_ACT_QTYPES
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
     if factored:
-        xs = prepare_x(xp, qtype)
+        xs = prepare_x_q8(xp, qtype) if q8 else prepare_x(xp, qtype)
         kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
-                                   bs=bs, tiles=tiles, nb=nb)
+                                   bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret)
     else:
         xs = split_x(xp, qtype)
         kq = "DENSE_ID" if qtype == "DENSE" else qtype

@@ -167,3 +167,143 @@ def reference_gemv(x: jax.Array, qtype: str, parts) -> jax.Array:
     accs = [init_accumulators(qtype, rows, nsb) for _ in range(x.shape[0])]
     accs = tile_dot(qtype, list(parts), [[xa[b] for xa in xs] for b in range(x.shape[0])], accs)
     return jnp.stack([sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in acc) for acc in accs])
+
+
+# ---- int8 activations (bf16/f16 models): integer dot products, as llama.cpp's MMVQ kernels do ----
+#
+# x is quantized once per call to int8 in blocks that match the weight's scale groups (32 values; 16
+# for Q6_K) with one float scale per block. Four packed quants then meet four int8 activations in
+# one dp4a instruction (int32 result), so per 4 weights the inner loop is a mask, a dp4a and a
+# convert, against 4 x (select + subtract + FMA) on floats above: the float kernels were
+# issue-bound (ncu: 1.57 TB/s DRAM for Q4_K, 2/3 of issue slots busy). float32 models keep the
+# exact float path. The int32 sums stay below 2**22, so the exact 2**23 trick converts them.
+
+Q8_ACT_QTYPES = ("Q4_K", "Q8_0", "Q6_K")
+_I2F_MAGIC = 0x4B400000          # float32 bits of 1.5 * 2**23
+_I2F_BIAS = 1.5 * 2 ** 23
+_LOW_NIBBLES = 0x0F0F0F0F
+_Q6_HIGH = 0x30303030
+
+
+def _i2f(s):
+    """float32(s) for int32 |s| < 2**22: one integer add and one float subtract (no cvt)."""
+    return jax.lax.bitcast_convert_type(s + _I2F_MAGIC, jnp.float32) - _I2F_BIAS
+
+
+def dp4a(a, b, *, signed_a: bool, interpret: bool):
+    """sum over the 4 bytes of a * b (b signed int8s, a signed or unsigned), int32: one PTX dp4a."""
+    b = jnp.broadcast_to(b, a.shape)
+    if interpret:
+        out = jnp.zeros(a.shape, jnp.int32)
+        for k in range(4):
+            ak = ((a << (24 - 8 * k)) >> 24) if signed_a else ((a >> (8 * k)) & 255)
+            out = out + ak * ((b << (24 - 8 * k)) >> 24)
+        return out
+    from jax.experimental.pallas import triton as plgpu
+    asm = f"dp4a.{'s32' if signed_a else 'u32'}.s32 $0, $1, $2, $3;"
+    [r] = plgpu.elementwise_inline_asm(asm, args=[a, b, jnp.zeros(a.shape, jnp.int32)],
+                                       constraints="=r,r,r,r", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return r
+
+
+def _quantize_blocks(v):
+    """float32 [..., n] -> (int8 [..., n], scale [...]) with v ~= q * scale, |q| <= 127."""
+    amax = jnp.max(jnp.abs(v), axis=-1)
+    scale = amax / 127.0
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.round(v * inv[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def _words(q):
+    """int8 [..., 4m] -> int32 [..., m], byte k of word w = q[4w + k] (little-endian)."""
+    return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.int32)
+
+
+def prepare_x_q8(x: jax.Array, qtype: str) -> list:
+    """x [B, cols] -> the int8-activation kernel's inputs (int32 words of int8s, float block data)."""
+    B, cols = x.shape
+    nsb = cols // 256
+    x = x.astype(jnp.float32)
+    if qtype == "Q4_K":   # sub-block 2j+h = 32 values 64j + 32h + (4w + k)
+        v = x.reshape(B, nsb, 4, 2, 32)
+        q, s = _quantize_blocks(v)
+        w = _words(q)                                        # [B, nsb, 4, 2, 8]
+        # the mins meet the same rounded x as the quants, so the result is exactly the dequantized
+        # weights times the rounded x (with the true sums the two large terms cancel unevenly)
+        sums = s * q.astype(jnp.float32).sum(axis=-1)
+        return [w[:, :, :, 0], w[:, :, :, 1], s[..., 0], s[..., 1], sums[..., 0], sums[..., 1]]
+    if qtype == "Q8_0":   # block of 32 values = 8 words
+        q, s = _quantize_blocks(x.reshape(B, nsb, 8, 32))
+        return [_words(q), s]
+    if qtype == "Q6_K":   # group (t, c) = 16 values 64t + 16c + (4w + k)
+        q, s = _quantize_blocks(x.reshape(B, nsb, 4, 4, 16))
+        w = _words(q)                                        # [B, nsb, 4(t), 4(c), 4(w)]
+        zero = 32.0 * s * q.astype(jnp.float32).sum(axis=-1)   # the -32 zero point, per group
+        return ([w[:, :, :, c] for c in range(4)] + [s[..., c] for c in range(4)]
+                + [zero[..., c] for c in range(4)])
+    raise ValueError(qtype)
+
+
+def init_accumulators_q8(qtype: str, bn: int, bs: int) -> tuple:
+    shapes = {"Q4_K": [(bn, bs, 4, 8), (bn, bs, 4)], "Q8_0": [(bn, bs, 8, 8)],
+              "Q6_K": [(bn, bs, 4, 4), (bn, bs, 4)]}[qtype]
+    return tuple(jnp.zeros(s, jnp.float32) for s in shapes)
+
+
+def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool) -> list:
+    """tile_dot for int8 activations (prepare_x_q8's arrays in xs[b])."""
+    f32 = jnp.float32
+    if qtype == "Q8_0":
+        qs, d = w
+        d = d.astype(f32)
+        out = []
+        for (a,), (xw, sx) in zip(accs, xs):
+            s = _i2f(dp4a(qs, xw[None], signed_a=True, interpret=interpret))
+            out.append((a + s * (d * sx[None])[..., None],))
+        return out
+    if qtype == "Q4_K":
+        qs, sce, sco, me, mo, d, dmin = w
+        nib = (qs & _LOW_NIBBLES, (qs >> 4) & _LOW_NIBBLES)
+        d = d.astype(f32)[..., None]
+        dmin = dmin.astype(f32)[..., None]
+        scales = (d * sce.astype(f32), d * sco.astype(f32))
+        mins = (dmin * me.astype(f32), dmin * mo.astype(f32))
+        out = []
+        for (a, c), (xw0, xw1, sx0, sx1, sum0, sum1) in zip(accs, xs):
+            for h, xw, sx, sm in ((0, xw0, sx0, sum0), (1, xw1, sx1, sum1)):
+                s = _i2f(dp4a(nib[h], xw[None], signed_a=False, interpret=interpret))
+                a = a + s * (scales[h] * sx[None])[..., None]
+                c = c - mins[h] * sm[None]
+            out.append((a, c))
+        return out
+    if qtype == "Q6_K":
+        e, o, h, s0, s1, s2, s3, d = w
+        d = d.astype(f32)[..., None]
+        scales = [d * s.astype(f32) for s in (s0, s1, s2, s3)]
+        quants = []
+        for c in range(4):   # bytes of quant c: low nibble from e/o, bits 4-5 from h's bits 2c, 2c+1
+            ql = (e if c < 2 else o) >> (4 * (c % 2))
+            hs = (h << (4 - 2 * c)) if c < 3 else (h >> 2)
+            quants.append((ql & _LOW_NIBBLES) | (hs & _Q6_HIGH))
+        out = []
+        for (a, corr), xb in zip(accs, xs):
+            xw, sx, zero = xb[0:4], xb[4:8], xb[8:12]
+            for c in range(4):
+                s = _i2f(dp4a(quants[c], xw[c][None], signed_a=False, interpret=interpret))
+                a = a + s * (scales[c] * sx[c][None])[..., None]
+                corr = corr - scales[c] * zero[c][None]
+            out.append((a, corr))
+        return out
+    raise ValueError(qtype)
+
+
+def reference_gemv_q8(x: jax.Array, qtype: str, parts) -> jax.Array:
+    """The int8-activation product over a whole matrix in plain jnp (dp4a emulated)."""
+    rows, nsb = parts[0].shape[:2]
+    xs = prepare_x_q8(x, qtype)
+    accs = [init_accumulators_q8(qtype, rows, nsb) for _ in range(x.shape[0])]
+    accs = tile_dot_q8(qtype, list(parts), [[xa[b] for xa in xs] for b in range(x.shape[0])], accs,
+                       interpret=True)
+    return jnp.stack([sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in acc) for acc in accs])
