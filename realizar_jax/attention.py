@@ -2,6 +2,8 @@
 on GPU the decode attention is a Pallas kernel with the same signature (kernels/attention.py)."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -21,16 +23,28 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
+ATTN_INPLACE_ENV = "REALIZAR_ATTN_INPLACE"   # "1": the GPU kernel reads the layer from the stack
+
+
 def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = None):
-    """Caches [B, Hkv, S, D], or the whole stack [L, B, Hkv, S, D] with `layer` naming one: the GPU
-    kernel then reads that layer in place (slicing it out first would copy it, every layer, every step)."""
+    """Caches [B, Hkv, S, D], or the whole stack [L, B, Hkv, S, D] with `layer` naming one.
+
+    With REALIZAR_ATTN_INPLACE=1 the GPU kernel reads that layer of the stack in place. Otherwise
+    the layer is sliced out first, which XLA does by copying it (every layer, every step: 2 x 2 MB
+    per layer at 1,024 positions for Llama-3-8B). That is still the default because only the sliced
+    form has been timed on a GPU (BENCHMARKS.md).
+    """
     if jax.default_backend() == "gpu":
         try:
             from .kernels.attention import decode_attention as kernel
         except ImportError:
             kernel = None
         if kernel is not None:
-            return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
+            if layer is not None and os.environ.get(ATTN_INPLACE_ENV, "0") == "1":
+                return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
+            if layer is not None:
+                k_cache, v_cache = k_cache[layer], v_cache[layer]
+            return kernel(q, k_cache, v_cache, lengths, scale)
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
     return decode_attention_ref(q, k_cache, v_cache, lengths, scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,9 @@ def decode_read_bytes(params, config, batch: int) -> int:
     return total
 
 
-def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, log=print) -> dict:
+def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, variants=None,
+              log=print) -> dict:
+    """Load once; time prefill and decode; then again under each variant's switch settings."""
     import jax
     import jax.numpy as jnp
 
@@ -82,68 +85,74 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     res["decode_read_bytes"] = read
     log(f"loaded in {res['load_s']:.1f}s; weights on device {res['weight_device_bytes']/1e9:.3f} GB "
         f"(file {res['file_bytes']/1e9:.3f} GB)")
-    kv = jnp.dtype(dtype)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-    prefill = jax.jit(lambda p, c, t, l: M.prefill(p, c, t, l, config=config), donate_argnums=1)
+    def measure(out: dict):
+        """Compile and time prefill + decode with the switches set now (they are read at trace time)."""
+        kv = jnp.dtype(dtype)
+        rng = np.random.default_rng(0)
+        tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-    def steps(p, c, tok):
-        # greedy decode steps in one device call (lax.scan), as Model.generate runs them: the host
-        # dispatches once per chunk, so what is timed is the GPU, not Python
-        def body(c, _):
-            tok, c = c
-            logits, c = M.decode_logits(p, c, tok, config=config)
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (nxt, c), nxt
-        (tok, c), out = jax.lax.scan(body, (tok, c), None, length=chunk)
-        return tok, c, out
-    decode = jax.jit(steps, donate_argnums=1)
+        prefill = jax.jit(lambda p, c, t, l: M.prefill(p, c, t, l, config=config), donate_argnums=1)
 
-    cache = init_cache(config, batch, max_seq, kv)
-    t = time.perf_counter()
-    prefill_c = prefill.lower(params, cache, tokens, lengths).compile()
-    res["compile_prefill_s"] = time.perf_counter() - t
-    times = []
-    for _ in range(3):
+        def steps(p, c, tok):
+            # greedy decode steps in one device call (lax.scan), as Model.generate runs them: the host
+            # dispatches once per chunk, so what is timed is the GPU, not Python
+            def body(c, _):
+                tok, c = c
+                logits, c = M.decode_logits(p, c, tok, config=config)
+                nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+                return (nxt, c), nxt
+            (tok, c), out = jax.lax.scan(body, (tok, c), None, length=chunk)
+            return tok, c, out
+        decode = jax.jit(steps, donate_argnums=1)
+
         cache = init_cache(config, batch, max_seq, kv)
-        jax.block_until_ready(cache)
         t = time.perf_counter()
-        logits, cache = prefill_c(params, cache, tokens, lengths)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t)
-    res["prefill_s"] = float(np.median(times))
-    res["prefill_tok_s"] = batch * prompt_len / res["prefill_s"]
-    res["prefill_finite"] = bool(jnp.isfinite(logits).all())
-    log(f"prefill {prompt_len} tok x {batch}: {res['prefill_s']*1e3:.1f} ms = {res['prefill_tok_s']:.0f} tok/s")
+        prefill_c = prefill.lower(params, cache, tokens, lengths).compile()
+        out["compile_prefill_s"] = time.perf_counter() - t
+        times = []
+        for _ in range(3):
+            cache = init_cache(config, batch, max_seq, kv)
+            jax.block_until_ready(cache)
+            t = time.perf_counter()
+            logits, cache = prefill_c(params, cache, tokens, lengths)
+            jax.block_until_ready(logits)
+            times.append(time.perf_counter() - t)
+        out["prefill_s"] = float(np.median(times))
+        out["prefill_tok_s"] = batch * prompt_len / out["prefill_s"]
+        out["prefill_finite"] = bool(jnp.isfinite(logits).all())
+        log(f"prefill {prompt_len} tok x {batch}: {out['prefill_s']*1e3:.1f} ms = {out['prefill_tok_s']:.0f} tok/s")
 
-    tok = jnp.argmax(logits.reshape(batch, -1, logits.shape[-1])[:, -1], axis=-1).astype(jnp.int32)
-    t = time.perf_counter()
-    decode_c = decode.lower(params, cache, tok).compile()
-    res["compile_decode_s"] = time.perf_counter() - t
-    tok, cache, _ = decode_c(params, cache, tok)   # warm-up chunk (first call allocations)
-    jax.block_until_ready(tok)
-    n = calls * chunk
-    t = time.perf_counter()
-    out = []
-    for _ in range(calls):
-        tok, cache, toks = decode_c(params, cache, tok)
-        out.append(toks)
-    jax.block_until_ready(tok)
-    dt = time.perf_counter() - t
-    res["decode_steps_timed"] = n
-    res["decode_s_per_step"] = dt / n
-    res["decode_tok_s"] = batch * n / dt
-    res["decode_steps_per_s"] = n / dt
-    res["decode_GBps"] = read * n / dt / 1e9
-    res["decode_pct_copy"] = 100 * res["decode_GBps"] / res["copy_GBps"]
-    res["decode_floor_tok_s"] = batch * res["copy_GBps"] * 1e9 / read
-    res["compile_s"] = res["compile_prefill_s"] + res["compile_decode_s"]
-    res["tokens_in_range"] = bool(all(0 <= int(x.min()) and int(x.max()) < config.vocab_size for x in out[-2:]))
-    log(f"decode {n} steps x {batch}: {res['decode_s_per_step']*1e3:.2f} ms/step = "
-        f"{res['decode_tok_s']:.0f} tok/s, {res['decode_GBps']:.0f} GB/s "
-        f"({res['decode_pct_copy']:.0f}% of copy bw)")
+        tok = jnp.argmax(logits.reshape(batch, -1, logits.shape[-1])[:, -1], axis=-1).astype(jnp.int32)
+        t = time.perf_counter()
+        decode_c = decode.lower(params, cache, tok).compile()
+        out["compile_decode_s"] = time.perf_counter() - t
+        tok, cache, _ = decode_c(params, cache, tok)   # warm-up chunk (first call allocations)
+        jax.block_until_ready(tok)
+        n = calls * chunk
+        t = time.perf_counter()
+        chunks = []
+        for _ in range(calls):
+            tok, cache, toks = decode_c(params, cache, tok)
+            chunks.append(toks)
+        jax.block_until_ready(tok)
+        dt = time.perf_counter() - t
+        out["decode_steps_timed"] = n
+        out["decode_s_per_step"] = dt / n
+        out["decode_tok_s"] = batch * n / dt
+        out["decode_steps_per_s"] = n / dt
+        out["decode_GBps"] = read * n / dt / 1e9
+        out["decode_pct_copy"] = 100 * out["decode_GBps"] / out["copy_GBps"]
+        out["decode_floor_tok_s"] = batch * out["copy_GBps"] * 1e9 / read
+        out["compile_s"] = out["compile_prefill_s"] + out["compile_decode_s"]
+        out["tokens_in_range"] = bool(all(0 <= int(x.min()) and int(x.max()) < config.vocab_size for x in chunks[-2:]))
+        log(f"decode {n} steps x {batch}: {out['decode_s_per_step']*1e3:.2f} ms/step = "
+            f"{out['decode_tok_s']:.0f} tok/s, {out['decode_GBps']:.0f} GB/s "
+            f"({out['decode_pct_copy']:.0f}% of copy bw)")
+        return decode_c, cache, tok, logits
+
+    decode_c, cache, tok, base_logits = measure(res)
     if profile:   # one more decode call under the profiler: where the step's time goes, per kernel
         jax.profiler.start_trace(str(profile), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
@@ -154,7 +163,43 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             log("  {us_per_step:9.1f} us/step {calls_per_step:6.1f} calls  {name}".format(**row))
         log(f"  GPU busy {res['profile']['busy_us_per_step']:.0f} us/step in "
             f"{res['profile']['kernels_per_step']:.0f} kernels (decode step {res['decode_s_per_step']*1e6:.0f} us)")
+    for spec in variants or ():   # A/B: the same loaded weights under other switch settings
+        env = parse_variant(spec)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        jax.clear_caches()
+        v: dict = {"env": env, "copy_GBps": res["copy_GBps"]}
+        try:
+            log(f"variant {spec}:")
+            logits = measure(v)[3]
+            v["prefill_logits_rel_diff"] = float(jnp.linalg.norm(logits - base_logits)
+                                                 / jnp.linalg.norm(base_logits))
+        except Exception as e:  # noqa: BLE001 -- a variant that fails to build is a result too
+            v["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            log(f"  failed: {v['error']}")
+        finally:
+            for k, val in saved.items():
+                if val is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = val
+            jax.clear_caches()
+        res.setdefault("variants", []).append(v)
     return res
+
+
+def parse_variant(spec: str) -> dict:
+    """'REALIZAR_GEMV_ACT=int8,REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' -> {name: value}."""
+    env = {}
+    # items split at commas that start the next REALIZAR_ name, so JSON values may hold commas
+    for item in filter(None, (p.strip() for p in re.split(r",(?=\s*REALIZAR_)", spec))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("REALIZAR_"):
+            raise ValueError(f"bench --ab: expected REALIZAR_NAME=VALUE, got {item!r}")
+        env[name] = value
+    if not env:
+        raise ValueError("bench --ab: empty variant")
+    return env
 
 
 def summarize_trace(trace_dir, steps: int, top: int = 30) -> dict:
@@ -231,9 +276,18 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--dir", default=os.environ.get("REALIZAR_BENCH_DIR", "/tmp/realizar-bench"),
                     help="where synthesized GGUFs are cached")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--ab", action="append", metavar="ENV=VAL[,ENV=VAL]", default=[],
+                    help="after the default run, time again with these REALIZAR_* switches set (same loaded "
+                         "weights; repeat for more variants)")
     ap.add_argument("--profile", metavar="DIR", help="also trace one decode call with jax.profiler into "
                     "DIR and print the kernels that take the step's time")
     args = ap.parse_args(argv)
+    try:
+        for spec in args.ab:
+            parse_variant(spec)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
         print("bench: --batch and --prompt-len must be >= 1, --gen >= 2", file=sys.stderr)
         return 2
@@ -253,11 +307,13 @@ def bench_main(argv=None) -> int:
             write_synthetic_gguf(path, shape, args.quant)
         synth_s = time.perf_counter() - t
     res = run_bench(path, batch=args.batch, prompt_len=args.prompt_len, gen=args.gen, dtype=args.dtype,
-                    profile=args.profile)
+                    profile=args.profile, variants=args.ab)
     res["synth_s"] = synth_s
     if args.shape:
         res["shape"], res["quant"] = args.shape, args.quant
-    print(format_table([res]))
+    rows = [res] + [{**v, "model": f"{Path(res['model']).name} [{','.join(f'{k}={x}' for k, x in v['env'].items())}]",
+                     "batch": res["batch"]} for v in res.get("variants", [])]
+    print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
-# steps (default: micro q4 q8 tests bf16; in this order): micro ncu prof q4 q8 dense1b tests bf16
+# steps (default: micro q4 q8 tests bf16; in this order): tests micro ncu prof ab q4 q8 dense1b bf16
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
+#   ab: 8B Q4_K_M and 1B Q8_0 / bf16 benches, each re-timed under every opt-in switch (bench --ab)
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
@@ -23,6 +24,10 @@ bench() {  # shape quant [extra args]
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
 }
+if has tests; then   # first: the switches' GPU checks decide which A/B numbers mean anything
+  timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider 2>&1 \
+    | tail -30 | tee "$OUT/pytest_gpu.log"
+fi
 if has micro; then
   timeout 200 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
   if [ "${USE_DEFAULTS:-0}" != 1 ]; then
@@ -49,7 +54,16 @@ if has prof; then
   bench llama3-8b q4_k_m --profile /tmp/prof8b
   f=$(find /tmp/prof8b -name '*.trace.json.gz' | head -1); [ -n "$f" ] && cp "$f" "$OUT/decode8b.trace.json.gz"
 fi
-if has q4; then has prof || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
+if has ab; then
+  for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
+    timeout 420 python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
+      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --ab REALIZAR_GEMV_ACT=int8 --ab REALIZAR_GEMV_XPREP=kernel \
+      --ab REALIZAR_ATTN_INPLACE=1 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
+      --ab REALIZAR_GEMV_ACT=int8,REALIZAR_ATTN_INPLACE=1 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      | tee -a "$OUT/ab.log"
+  done
+fi
+if has q4; then has prof || has ab || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
 if has q8; then bench llama3.2-1b q8_0; fi
 if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file, same process kind
   for route in pallas xla; do
@@ -57,10 +71,6 @@ if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file,
       --dir /tmp/rb --json "$OUT/dense1b-$route.json" 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | sed "s/^/[dense $route] /" | tee -a "$OUT/bench.log"
   done
-fi
-if has tests; then
-  timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider -x 2>&1 \
-    | tail -25 | tee "$OUT/pytest_gpu.log"
 fi
 if has bf16; then bench llama3-8b bf16; fi
 python3 - "$OUT" <<'PY'

@@ -68,3 +68,26 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
 def test_bench_rejects_missing_model(tmp_path, capsys):
     assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_ab_variants_and_profile(tmp_path, capsys):
+    """--ab re-times the loaded model under other switch settings; --profile summarizes a trace.
+    On CPU the GPU switches change nothing, so a variant's logits equal the default run's."""
+    out = tmp_path / "r.json"
+    rc = bench_main(["--shape", "tiny", "--quant", "q4_k_m", "--prompt-len", "8", "--gen", "9",
+                     "--dir", str(tmp_path), "--json", str(out), "--profile", str(tmp_path / "prof"),
+                     "--ab", "REALIZAR_PREFILL_GEMM=xla,REALIZAR_GEMV_ACT=int8"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    (v,) = res["variants"]
+    assert v["env"] == {"REALIZAR_PREFILL_GEMM": "xla", "REALIZAR_GEMV_ACT": "int8"}
+    assert "error" not in v and v["decode_tok_s"] > 0 and v["tokens_in_range"]
+    assert v["prefill_logits_rel_diff"] == 0.0
+    assert res["profile"]["trace"].endswith(".trace.json.gz")   # no GPU lines on CPU: empty top
+    assert "REALIZAR_GEMV_ACT=int8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["FOO=1", "REALIZAR_X", ""])
+def test_bench_ab_rejects_bad_variant(spec, capsys):
+    assert bench_main(["--shape", "tiny", "--ab", spec]) == 2
+    assert "--ab" in capsys.readouterr().err

@@ -10,10 +10,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import realizar_jax as rj
+from realizar_jax import model as M
 from realizar_jax.kernels import GpuQTensor
 
 pytestmark = pytest.mark.gpu
@@ -57,3 +59,37 @@ def test_gpu_logits_match_cpu_float32(model_files, tmp_path, monkeypatch, varian
     for j, tok in enumerate(out.tokens):
         row = full[len(ids) - 1 + j]
         assert row[tok] >= row.max() - 0.15 * row.std(), (j, tok)   # a near-tie at most
+
+
+SWITCHES = [("REALIZAR_GEMV_XPREP", "kernel", 1e-4), ("REALIZAR_ATTN_INPLACE", "1", 1e-4),
+            ("REALIZAR_DENSE_GEMV", "pallas", 2e-2), ("REALIZAR_GEMV_ACT", "int8", 3e-2),
+            ("REALIZAR_PREFILL_GEMM", "xla", 2e-2)]
+
+
+@pytest.mark.parametrize("env,value,tol", SWITCHES)
+def test_gpu_switches_keep_decode_logits(model_files, monkeypatch, env, value, tol):
+    """Each opt-in GPU path (README, "GPU switches") gives the default path's decode logits: exactly
+    up to float32 summation order where only data movement changes, within rounding otherwise."""
+    assert jax.default_backend() == "gpu"
+    ids = [5, 17, 99, 3, 42, 7, 64, 23]   # below every fixture's vocab size
+    paths = {"REALIZAR_DENSE_GEMV": model_files.gguf("mistral", "f16")}
+    path = paths.get(env, model_files.gguf("llama", "q4_k_m"))
+
+    def decode_logits():
+        jax.clear_caches()   # the switches are read when a function is traced
+        m = rj.load(path, dtype="bfloat16", max_seq_len=128)
+        cache = m.new_cache(1)
+        tokens = jnp.asarray([ids[:4]], jnp.int32)   # 4 rows: the prefill also takes the GEMV
+        logits, cache = M.prefill(m.params, cache, tokens, jnp.asarray([4], jnp.int32), config=m.config)
+        rows = [np.asarray(logits[0])]
+        for t in ids[4:]:   # decode steps: GEMV at batch 1 and the decode attention kernel
+            logits, cache = M.decode_logits(m.params, cache, jnp.asarray([t], jnp.int32), config=m.config)
+            rows.append(np.asarray(logits[0]))
+        return np.stack(rows)
+
+    monkeypatch.delenv(env, raising=False)
+    base = decode_logits()
+    monkeypatch.setenv(env, value)
+    got = decode_logits()
+    rel = np.linalg.norm(got - base) / np.linalg.norm(base)
+    assert rel < tol, (env, value, rel)

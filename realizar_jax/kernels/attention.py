@@ -74,8 +74,9 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     from .gemv import interpret_mode
     if interpret is None:
         interpret = interpret_mode()
-    if layer is None:
-        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    stacked = layer is not None
+    if not stacked:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0   # views for the fallbacks only
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[2], k_cache.shape[3]
     G = Hq // Hkv
@@ -97,14 +98,20 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     if gp != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - G), (0, 0)))
     kernel = functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss)
+    if stacked:
+        kv_spec = pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0))
+        kv = (k_cache, v_cache)
+    else:
+        kv_spec = pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0))
+        kv = (k_cache[0], v_cache[0])
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, Hkv, splits),
         in_specs=[
             pl.BlockSpec((None,), lambda b, h, s: (b,)),
             pl.BlockSpec((None, None, gp, D), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0)),
-            pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0)),
+            kv_spec,
+            kv_spec,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),
@@ -119,7 +126,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
+    )(lengths.astype(jnp.int32), qg, *kv)
     mx = m.max(axis=1, keepdims=True)
     w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
     num = (o * w[..., None]).sum(axis=1)

@@ -1,6 +1,7 @@
 """kernel_matmul: the GPU route behind quant.matmul.matmul(x, w).
 
-Decode (<= 8 activation rows): the Pallas GEMV, on packed weights (GpuQTensor) and on dense ones.
+Decode (<= 8 activation rows): the Pallas GEMV on packed weights (GpuQTensor); dense weights use
+XLA's dot unless REALIZAR_DENSE_GEMV=pallas.
 Prefill (more rows), one of three routes (REALIZAR_PREFILL_GEMM, default the fastest measured):
 - "unpack": a Pallas kernel unpacks the matrix to bf16 at memory speed, then XLA's tensor-core dot
   (the weight is re-read as bf16 once per call, which at 512 tokens costs less than the matmul);
@@ -27,9 +28,11 @@ GEMV_MAX_ROWS = 8
 PREFILL_ENV = "REALIZAR_PREFILL_GEMM"
 PREFILL_ROUTES = ("unpack", "xla", "pallas")
 PREFILL_DEFAULT = "unpack"
-# Decode route for dense (bf16/f16) weights: "pallas" (gemv.py) or "xla" (XLA's dot)
+# Decode route for dense (bf16/f16) weights: "xla" (XLA's dot) or "pallas" (gemv.py). The Pallas GEMV
+# won on some 8B shapes and lost on others in the microbenchmark and was never timed in a whole
+# model, so XLA stays the default (BENCHMARKS.md)
 DENSE_GEMV_ENV = "REALIZAR_DENSE_GEMV"
-DENSE_GEMV_DEFAULT = "pallas"
+DENSE_GEMV_DEFAULT = "xla"
 
 
 def _route(env: str, default: str, allowed) -> str:

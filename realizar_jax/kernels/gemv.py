@@ -20,14 +20,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .layout import SB, GpuQTensor, dequant_parts, split_x
-from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, prepare_x,
-                   prepare_x_q8, tile_dot, tile_dot_q8)
+from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, load_x_tiles,
+                   prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_view)
 
 N_SM = 132  # H100 SXM; only used to size the grid
-# (rows per program, superblocks per K step, warps, pipeline stages): best of an H100 sweep on the
-# 14336x4096 matrix (BENCHMARKS.md); for Q4_K re-checked after the int->float bit trick
-TILES = {"Q4_K": (32, 2, 4, 2), "Q8_0": (8, 4, 2, 3), "Q6_K": (8, 4, 4, 3), "DENSE": (16, 2, 8, 3)}
-ACT_ENV = "REALIZAR_GEMV_ACT"   # "int8" (default for bf16/f16 activations) or "float"
+# (rows per program, superblocks per K step, warps, pipeline stages) of the factored float kernel:
+# the tiles the whole-model benches in BENCHMARKS.md ran with (best or near-best of the H100 sweeps
+# on the 14336x4096 matrix; a later sweep preferred (8, 4, 2, 4) for Q8_0, not yet timed in a model)
+TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DENSE": (4, 8, 4, 2)}
+# "float" (default) or "int8": int8 activations with dp4a (qdot.tile_dot_q8). int8 is opt-in until it
+# has been compiled and timed on a GPU: it was written when the device loans paused, and is checked
+# in Pallas interpret mode only (tests/test_kernels.py)
+ACT_ENV = "REALIZAR_GEMV_ACT"
+# "xla" (default) or "kernel": where the float kernels' x is split into the words' positions. "kernel"
+# loads it strided inside the GEMV (qdot.load_x_tiles), saving the XLA ops before each launch; not yet
+# compiled or timed on a GPU (written when device loans paused), checked in interpret mode only
+XPREP_ENV = "REALIZAR_GEMV_XPREP"
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
@@ -75,6 +83,11 @@ def _dot_t(a, b):
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _tile(ref, lead: tuple):
+    """ref[lead..., :, ...]: the block at the leading indices, all of the trailing axes."""
+    return ref[lead + (slice(None),) * (len(ref.shape) - len(lead))]
+
+
 def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
@@ -82,8 +95,7 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
 
     def body(t, accs):
         ks = pl.ds((s * tiles + t) * bs, bs)
-        loaded = [r[(rows, ks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
-        ws = dequant_parts(qtype, loaded)                       # [bn, bs, P] float32 each
+        ws = dequant_parts(qtype, [_tile(r, (rows, ks)) for r in w_refs])                       # [bn, bs, P] float32 each
         if use_dot:
             acc = accs
             for w, xr in zip(ws, x_refs):
@@ -115,7 +127,7 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
-def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret):
+def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
     """qdot.tile_dot (or tile_dot_q8) over the K tiles of one program; accumulators stay
     elementwise until the end."""
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
@@ -124,8 +136,11 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret):
 
     def body(t, accs):
         ks = pl.ds((s * tiles + t) * bs, bs)
-        loaded = [r[(rows, ks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
-        xs = [[r[(b, ks) + (slice(None),) * (len(r.shape) - 2)] for r in x_refs] for b in range(nb)]
+        loaded = [_tile(r, (rows, ks)) for r in w_refs]
+        if x_in_kernel:
+            xs = [load_x_tiles(x_refs[0], b, ks, qtype) for b in range(nb)]
+        else:
+            xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
         if q8:
             return tuple(tile_dot_q8(qtype, loaded, xs, list(accs), interpret=interpret))
         return tuple(tile_dot(qtype, loaded, xs, list(accs)))
@@ -141,17 +156,18 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
-                                             "target_programs", "interpret", "factored", "act"))
+                                             "target_programs", "interpret", "factored", "act", "xprep"))
 def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
-         interpret: bool = False, factored: bool | None = None, act: str | None = None):
+         interpret: bool = False, factored: bool | None = None, act: str | None = None,
+         xprep: str | None = None):
     """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
     best measured on an H100 for the 14336x4096 matrix (BENCHMARKS.md).
-    act: "int8" quantizes x per weight scale group and multiplies with integer dot products
-    (qdot.tile_dot_q8; the default for bf16/f16 x on Q4_K/Q8_0/Q6_K, REALIZAR_GEMV_ACT=float turns
-    it off); "float" keeps x in float32 (exact up to float32 rounding; always so for float32 x).
+    act: "float" (default) keeps x in float32, exact up to float32 rounding; "int8" (or
+    REALIZAR_GEMV_ACT=int8) quantizes bf16/f16 x per weight scale group and multiplies with integer
+    dot products (qdot.tile_dot_q8, Q4_K/Q8_0/Q6_K; float32 x always stays float).
     """
     if isinstance(w, GpuQTensor):
         qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
@@ -171,19 +187,28 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
         factored = qtype in FACTORED_QTYPES and not use_dot
     if act is None:
-        act = os.environ.get(ACT_ENV, "int8")
+        act = os.environ.get(ACT_ENV, "float")
         if act not in ("int8", "float"):
             raise ValueError(f"{ACT_ENV} must be 'int8' or 'float', got {act!r}")
         if x.dtype not in (jnp.bfloat16, jnp.float16):
             act = "float"
     q8 = act == "int8" and factored and qtype in Q8_ACT_QTYPES
+    if xprep is None:
+        xprep = os.environ.get(XPREP_ENV, "xla")
+        if xprep not in ("xla", "kernel"):
+            raise ValueError(f"{XPREP_ENV} must be 'xla' or 'kernel', got {xprep!r}")
+    x_in_kernel = xprep == "kernel" and factored and not q8
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
     if factored:
-        xs = prepare_x_q8(xp, qtype) if q8 else prepare_x(xp, qtype)
+        if x_in_kernel:
+            xs = [x_view(xp, qtype)]
+        else:
+            xs = prepare_x_q8(xp, qtype) if q8 else prepare_x(xp, qtype)
         kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
-                                   bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret)
+                                   bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret,
+                                   x_in_kernel=x_in_kernel)
     else:
         xs = split_x(xp, qtype)
         kq = "DENSE_ID" if qtype == "DENSE" else qtype

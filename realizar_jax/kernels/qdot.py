@@ -86,6 +86,32 @@ def prepare_x(x: jax.Array, qtype: str) -> list:
     raise ValueError(qtype)
 
 
+_X_VIEW = {"DENSE": (256,), "Q4_K": (4, 2, 8, 4), "Q8_0": (8, 8, 4), "Q6_K": (4, 4, 4, 4)}
+
+
+def x_view(x: jax.Array, qtype: str) -> jax.Array:
+    """x [B, cols] -> [B, nsb, ...]: a free reshape whose axes load_x_tiles indexes, so the kernel
+    splits x itself (xprep="kernel") instead of prepare_x's XLA ops before every launch."""
+    return x.reshape(x.shape[0], x.shape[1] // 256, *_X_VIEW[qtype])
+
+
+def load_x_tiles(x_ref, b, ks, qtype: str) -> list:
+    """Inside a kernel: prepare_x's tiles for batch row b and superblocks ks, from x_view's ref."""
+    f32 = jnp.float32
+    if qtype == "DENSE":
+        return [x_ref[b, ks, :].astype(f32)]
+    if qtype == "Q4_K":
+        raw = {(k, h): x_ref[b, ks, :, h, :, k].astype(f32) for h in range(2) for k in range(4)}
+        xs = [raw[k, h] * 2.0 ** -pos for k, h, _, pos in _q4k_terms()]
+        sums = [jnp.sum(raw[0, h] + raw[1, h] + raw[2, h] + raw[3, h], axis=-1) for h in range(2)]
+        return xs + sums
+    if qtype == "Q8_0":
+        return [x_ref[b, ks, :, :, k].astype(f32) * 2.0 ** -pos for k, _, pos in _q8_terms()]
+    if qtype == "Q6_K":
+        return [x_ref[b, ks, :, c, :, k].astype(f32) * 2.0 ** -pos for c, k, _, pos in _q6_terms()]
+    raise ValueError(qtype)
+
+
 def init_accumulators(qtype: str, bn: int, bs: int) -> tuple:
     """Zero accumulators of one batch row; the row's output is the sum of all their elements."""
     shapes = {"DENSE": [(bn, bs, 256)], "Q4_K": [(bn, bs, 4, 8), (bn, bs, 4)],

@@ -56,7 +56,7 @@ def matmul(x, w) -> jax.Array:
     if w.ndim != 2:
         raise ValueError(f"matmul: weight must be 2-D [out, in], got shape {tuple(w.shape)}")
     _check(x, w.shape[1], f"weight of shape {tuple(w.shape)}")
-    if dense_gemv_applies(x, w):   # bf16 decode on a GPU: the Pallas GEMV beat XLA's dot (BENCHMARKS.md)
+    if dense_gemv_applies(x, w):   # bf16 decode on a GPU with REALIZAR_DENSE_GEMV=pallas
         return kernel_matmul(x, w)
     return _dense_matmul(x, w)
 
