@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from .attention import decode_attention, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
-from .quant.matmul import embedding_lookup, matmul
+from .quant.matmul import embedding_lookup, matmul, matmul_many
 from .weights import LayerParams, Params
 
 
@@ -39,7 +39,7 @@ def apply_rope(x, cos, sin):
 
 def _project_qkv(lp: LayerParams, h, positions, inv_freq, config: ModelConfig):
     """h [..., hidden] -> q [..., Hq, D], k/v [..., Hkv, D] with biases, q/k norms and RoPE applied."""
-    q, k, v = matmul(h, lp.wq), matmul(h, lp.wk), matmul(h, lp.wv)
+    q, k, v = matmul_many(h, (lp.wq, lp.wk, lp.wv))
     if config.qkv_bias:
         q, k, v = q + lp.bq.astype(h.dtype), k + lp.bk.astype(h.dtype), v + lp.bv.astype(h.dtype)
     lead = h.shape[:-1]
@@ -54,7 +54,8 @@ def _project_qkv(lp: LayerParams, h, positions, inv_freq, config: ModelConfig):
 
 def _mlp(lp: LayerParams, x, config: ModelConfig):
     h = rms_norm(x, lp.ffn_norm, config.norm_eps)
-    return matmul(jax.nn.silu(matmul(h, lp.w_gate)) * matmul(h, lp.w_up), lp.w_down)
+    gate, up = matmul_many(h, (lp.w_gate, lp.w_up))
+    return matmul(jax.nn.silu(gate) * up, lp.w_down)
 
 
 def _lm_head(params: Params, x, config: ModelConfig):

@@ -58,8 +58,8 @@ if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
     timeout 420 python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
       --json "$OUT/ab-${v%%:*}-${v##*:}.json" --ab REALIZAR_GEMV_ACT=int8 --ab REALIZAR_GEMV_XPREP=kernel \
-      --ab REALIZAR_ATTN_INPLACE=1 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
-      --ab REALIZAR_GEMV_ACT=int8,REALIZAR_ATTN_INPLACE=1 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      --ab REALIZAR_ATTN_INPLACE=1 --ab REALIZAR_GEMV_FUSE=1 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
+      --ab REALIZAR_GEMV_ACT=int8,REALIZAR_ATTN_INPLACE=1,REALIZAR_GEMV_FUSE=1,REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
 fi

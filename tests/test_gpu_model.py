@@ -62,6 +62,7 @@ def test_gpu_logits_match_cpu_float32(model_files, tmp_path, monkeypatch, varian
 
 
 SWITCHES = [("REALIZAR_GEMV_XPREP", "kernel", 1e-4), ("REALIZAR_ATTN_INPLACE", "1", 1e-4),
+            ("REALIZAR_GEMV_FUSE", "1", 1e-4),
             ("REALIZAR_DENSE_GEMV", "pallas", 2e-2), ("REALIZAR_GEMV_ACT", "int8", 3e-2),
             ("REALIZAR_PREFILL_GEMM", "xla", 2e-2)]
 

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention_ref, dequantize_gpu,
                                   gemv, kernel_matmul, repack_blocks)
 from realizar_jax.kernels.gemm import gemm
+from realizar_jax.kernels.gemv import gemv_multi
+from realizar_jax.quant.matmul import matmul_many
 from realizar_jax.kernels.layout import GPU_QTYPES
 from realizar_jax.synth import random_blocks
 
@@ -88,6 +90,37 @@ def test_gemv_int8_activations(qtype, rows, nsb, batch, seed):
     y_float = gemv(jnp.asarray(x, jnp.bfloat16), w, bn=16, bs=2, target_programs=4,
                    interpret=not ON_GPU)
     assert _rel(y_float, x.astype(np.float64) @ ref.T) < 2e-5
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(qtypes=st.lists(st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), min_size=1, max_size=3),
+       rows=st.lists(st.sampled_from([16, 32, 48]), min_size=3, max_size=3), nsb=st.integers(1, 3),
+       batch=st.integers(1, 4), xprep=st.sampled_from(["xla", "kernel"]), seed=st.integers(0, 2**31))
+def test_gemv_multi_matches_separate_products(qtypes, rows, nsb, batch, xprep, seed):
+    """Several matrices in one launch (Q/K/V, gate/up) give each matrix's own product."""
+    rng = np.random.default_rng(seed)
+    packed = [_packed(q, r, nsb * 256, rng) for q, r in zip(qtypes, rows)]
+    x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
+    outs = gemv_multi(jnp.asarray(x), tuple(w for w, _ in packed), xprep=xprep, interpret=not ON_GPU)
+    assert len(outs) == len(packed)
+    for y, (w, ref) in zip(outs, packed):
+        assert y.shape == (batch, w.shape[0])
+        assert _rel(y, x.astype(np.float64) @ ref.T) < 2e-5
+
+
+def test_matmul_many_fused_switch(monkeypatch):
+    """REALIZAR_GEMV_FUSE=1 routes decode rows through one launch; the results stay the products."""
+    rng = np.random.default_rng(9)
+    packed = [_packed("Q4_K", r, 512, rng) for r in (32, 16, 16)]
+    x = jnp.asarray(rng.standard_normal((1, 2, 512)), jnp.float32)
+    monkeypatch.setenv("REALIZAR_PALLAS_INTERPRET", "1")
+    separate = matmul_many(x, [w for w, _ in packed])
+    monkeypatch.setenv("REALIZAR_GEMV_FUSE", "1")
+    fused = matmul_many(x, [w for w, _ in packed])
+    for a, b, (w, ref) in zip(separate, fused, packed):
+        assert a.shape == b.shape == (1, 2, w.shape[0])
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+        assert _rel(b.reshape(2, -1), np.asarray(x, np.float64).reshape(2, -1) @ ref.T) < 2e-5
 
 
 @settings(max_examples=4, **SETTINGS)

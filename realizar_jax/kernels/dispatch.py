@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .gemm import gemm
-from .gemv import gemv, interpret_mode
+from .gemv import fusable, gemv, gemv_multi, interpret_mode
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
 from .unpack import unpack
 
@@ -44,6 +44,23 @@ def _route(env: str, default: str, allowed) -> str:
 
 def prefill_route() -> str:
     return _route(PREFILL_ENV, PREFILL_DEFAULT, PREFILL_ROUTES)
+
+
+# "1": decode matmuls that share an input (Q/K/V, gate/up) on packed weights run as one launch
+# (gemv.gemv_multi). Off until timed on a GPU; checked in interpret mode only.
+FUSE_ENV = "REALIZAR_GEMV_FUSE"
+
+
+def fused_gemv_applies(x: jax.Array, ws) -> bool:
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    return os.environ.get(FUSE_ENV, "0") == "1" and fusable(tuple(ws), rows)
+
+
+def kernel_matmul_many(x: jax.Array, ws) -> list:
+    """[kernel_matmul(x, w) for w in ws] as one gemv_multi launch (fused_gemv_applies must hold)."""
+    lead, cols = x.shape[:-1], x.shape[-1]
+    ys = gemv_multi(x.reshape(-1, cols), tuple(ws), interpret=interpret_mode())
+    return [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
 
 
 def dense_gemv_applies(x: jax.Array, w: jax.Array) -> bool:

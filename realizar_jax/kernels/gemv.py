@@ -127,11 +127,9 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
-def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
-    """qdot.tile_dot (or tile_dot_q8) over the K tiles of one program; accumulators stay
-    elementwise until the end."""
-    w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
-    i, s = pl.program_id(0), pl.program_id(1)
+def _factored_rows(w_refs, x_refs, i, s, *, qtype, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
+    """qdot.tile_dot (or tile_dot_q8) over K tiles `s * tiles ...` of row block i -> [bn] per batch
+    row; accumulators stay elementwise until the end."""
     rows = pl.ds(i * bn, bn)
 
     def body(t, accs):
@@ -147,12 +145,118 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x
 
     init = tuple((init_accumulators_q8 if q8 else init_accumulators)(qtype, bn, bs) for _ in range(nb))
     accs = jax.lax.fori_loop(0, tiles, body, init)
+    totals = []
     for b in range(nb):
         total = None
         for a in accs[b]:
             r = jnp.sum(a, axis=tuple(range(1, a.ndim)))
             total = r if total is None else total + r
-        o_ref[b, :] = total
+        totals.append(total)
+    return totals
+
+
+def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
+    w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
+    totals = _factored_rows(w_refs, x_refs, pl.program_id(0), pl.program_id(1), qtype=qtype, bn=bn, bs=bs,
+                            tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+    for b in range(nb):
+        o_ref[b, :] = totals[b]
+
+
+def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
+    """Several matrices in one launch: program p serves the matrix whose block range holds p.
+    mats: per matrix (qtype, w ref range, x ref range, first program, programs, bs, tiles)."""
+    o_ref = refs[-1]
+    p = pl.program_id(0)
+    for qtype, (w0, w1), (x0, x1), first, count, bs, tiles in mats:
+        @pl.when((p >= first) & (p < first + count))
+        def _(qtype=qtype, w0=w0, w1=w1, x0=x0, x1=x1, first=first, bs=bs, tiles=tiles):
+            totals = _factored_rows(refs[w0:w1], refs[x0:x1], p - first, 0, qtype=qtype, bn=bn, bs=bs,
+                                    tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+            for b in range(nb):
+                o_ref[b, :] = totals[b]
+
+
+def _resolve_act(act, qtype_ok: bool, dtype) -> bool:
+    """Whether the int8-activation path runs (act or REALIZAR_GEMV_ACT; bf16/f16 x only)."""
+    if act is None:
+        act = os.environ.get(ACT_ENV, "float")
+        if act not in ("int8", "float"):
+            raise ValueError(f"{ACT_ENV} must be 'int8' or 'float', got {act!r}")
+        if dtype not in (jnp.bfloat16, jnp.float16):
+            act = "float"
+    return act == "int8" and qtype_ok
+
+
+def _resolve_xprep(xprep) -> str:
+    if xprep is None:
+        xprep = os.environ.get(XPREP_ENV, "xla")
+        if xprep not in ("xla", "kernel"):
+            raise ValueError(f"{XPREP_ENV} must be 'xla' or 'kernel', got {xprep!r}")
+    return xprep
+
+
+def fusable(ws, rows_in_x: int) -> bool:
+    """Whether gemv_multi can take these weights: packed types of the factored kernel, one input
+    width, row counts divisible by the shared row tile, at most 4 activation rows."""
+    if not 0 < rows_in_x <= 4 or not ws or not all(isinstance(w, GpuQTensor) for w in ws):
+        return False
+    bn = default_tiles(ws[0].qtype)[0]
+    return all(w.qtype in FACTORED_QTYPES and w.shape[1] == ws[0].shape[1] and w.shape[0] % bn == 0
+               for w in ws)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep"))
+def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
+               xprep: str | None = None) -> list:
+    """x [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each.
+
+    One launch instead of one per matrix, and no K-split partial sums: the programs of all matrices
+    together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
+    first matrix's. Needs fusable(ws, B).
+    """
+    B, cols = x.shape
+    if not fusable(ws, B):
+        raise ValueError("gemv_multi: " + ", ".join(f"{w!r}" for w in ws) + f" with {B} rows is not fusable")
+    bn, _, num_warps, num_stages = default_tiles(ws[0].qtype)
+    nb = max(1, 1 << (B - 1).bit_length())
+    nsb = cols // SB
+    xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
+    q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
+    x_in_kernel = _resolve_xprep(xprep) == "kernel" and not q8
+    inputs, x_ranges, mats, first = [], {}, [], 0
+    for w in ws:
+        inputs.extend(w.parts)
+    for w in ws:   # one prepared x per distinct type, shared by the matrices of that type
+        if w.qtype not in x_ranges:
+            xs = [x_view(xp, w.qtype)] if x_in_kernel else (prepare_x_q8 if q8 else prepare_x)(xp, w.qtype)
+            x_ranges[w.qtype] = (len(inputs), len(inputs) + len(xs))
+            inputs.extend(xs)
+    w_at = 0
+    for w in ws:
+        bs = default_tiles(w.qtype)[1]
+        bs = min(bs, nsb)
+        while nsb % bs:
+            bs //= 2
+        count = w.shape[0] // bn
+        mats.append((w.qtype, (w_at, w_at + len(w.parts)), x_ranges[w.qtype], first, count, bs, nsb // bs))
+        w_at += len(w.parts)
+        first += count
+    out = pl.pallas_call(
+        functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=interpret,
+                          x_in_kernel=x_in_kernel),
+        grid=(first,),
+        out_specs=pl.BlockSpec((nb, bn), lambda p: (0, p)),
+        out_shape=jax.ShapeDtypeStruct((nb, first * bn), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gemv_multi_" + "_".join(w.qtype.lower() for w in ws),
+    )(*inputs)
+    outs, at = [], 0
+    for w in ws:
+        outs.append(out[:B, at:at + w.shape[0]])
+        at += w.shape[0]
+    return outs
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
@@ -186,18 +290,8 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
     if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
         factored = qtype in FACTORED_QTYPES and not use_dot
-    if act is None:
-        act = os.environ.get(ACT_ENV, "float")
-        if act not in ("int8", "float"):
-            raise ValueError(f"{ACT_ENV} must be 'int8' or 'float', got {act!r}")
-        if x.dtype not in (jnp.bfloat16, jnp.float16):
-            act = "float"
-    q8 = act == "int8" and factored and qtype in Q8_ACT_QTYPES
-    if xprep is None:
-        xprep = os.environ.get(XPREP_ENV, "xla")
-        if xprep not in ("xla", "kernel"):
-            raise ValueError(f"{XPREP_ENV} must be 'xla' or 'kernel', got {xprep!r}")
-    x_in_kernel = xprep == "kernel" and factored and not q8
+    q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
+    x_in_kernel = _resolve_xprep(xprep) == "kernel" and factored and not q8
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split

@@ -14,7 +14,7 @@ from jax import lax
 from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
-from ..kernels.dispatch import dense_gemv_applies, kernel_matmul
+from ..kernels.dispatch import dense_gemv_applies, fused_gemv_applies, kernel_matmul, kernel_matmul_many
 
 
 def _check(x, in_features: int, what: str) -> None:
@@ -41,6 +41,18 @@ def _quantized_matmul(x: jax.Array, w: QTensor) -> jax.Array:
     result) for one that picks a fused dequant-matmul kernel by w.qtype and the shapes.
     """
     return _dense_matmul(x, dequantize(w, x.dtype))
+
+
+def matmul_many(x, ws) -> list:
+    """[matmul(x, w) for w in ws]: projections that share an input (Q/K/V, gate/up). With
+    REALIZAR_GEMV_FUSE=1 on a GPU, decode-sized x on packed weights of one input width runs them as
+    a single kernel launch."""
+    x = jnp.asarray(x)
+    if fused_gemv_applies(x, ws):
+        for w in ws:
+            _check(x, w.shape[1], repr(w))
+        return kernel_matmul_many(x, ws)
+    return [matmul(x, w) for w in ws]
 
 
 def matmul(x, w) -> jax.Array:
