@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention_ref, dequantize_gpu,
                                   gemv, kernel_matmul, repack_blocks)
 from realizar_jax.kernels.gemm import gemm
-from realizar_jax.kernels.gemv import gemv_multi
+from realizar_jax.kernels.dispatch import prefill_route
+from realizar_jax.kernels.gemv import default_tiles, gemv_multi
+from realizar_jax.kernels.layout import dequantize_gpu_part_order
+from realizar_jax.kernels.unpack import unpack
 from realizar_jax.quant.matmul import matmul_many
 from realizar_jax.kernels.layout import GPU_QTYPES
 from realizar_jax.synth import random_blocks
@@ -161,6 +164,28 @@ def test_prefill_gemm_matches_gguf_reference(qtype, tokens, nsb, seed):
     assert y.shape == (tokens, 48) and y.dtype == jnp.float32
     # bf16 weights in the dot: error within bf16 rounding of the weights (2**-8 relative)
     assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ ref.T) < 1e-2
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 48]), nsb=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_unpack_kernel_is_exact(qtype, rows, nsb, seed):
+    """The prefill's Pallas unpack writes exactly the jnp dequantizer's part-order matrix."""
+    w, ref = _packed(qtype, rows, nsb * 256, np.random.default_rng(seed))
+    got = unpack(w, jnp.float32, tiles=(16, 2, 4), interpret=not ON_GPU)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantize_gpu_part_order(w, jnp.float32)))
+
+
+def test_gpu_switches_reject_bad_values(monkeypatch):
+    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"Q4_K": [8, 2, 2, 3]}')
+    assert default_tiles("Q4_K") == (8, 2, 2, 3) and default_tiles("Q6_K") != (8, 2, 2, 3)
+    for bad, what in (("[1, 2", "JSON"), ('{"Q4_K": [8, 2]}', "4 positive ints"), ('{"Q4_K": 5}', "JSON")):
+        monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
+        with pytest.raises(ValueError, match=what):
+            default_tiles("Q4_K")
+    monkeypatch.setenv("REALIZAR_PREFILL_GEMM", "cublas")
+    with pytest.raises(ValueError, match="REALIZAR_PREFILL_GEMM"):
+        prefill_route()
 
 
 @pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])

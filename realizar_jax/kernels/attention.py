@@ -75,35 +75,34 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     if interpret is None:
         interpret = interpret_mode()
     stacked = layer is not None
-    if not stacked:
-        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0   # views for the fallbacks only
+    # the one layer's caches: shapes, and the operands of the jnp fallbacks (unused slices of the
+    # stack are dropped by XLA when the kernel runs)
+    layer_k, layer_v = (k_cache[layer], v_cache[layer]) if stacked else (k_cache, v_cache)
     B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[2], k_cache.shape[3]
+    Hkv, S = layer_k.shape[1], layer_k.shape[2]
     G = Hq // Hkv
     bt = min(bt, S)
     if S % bt or D % 16 or (D & (D - 1)):
-        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
+        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
     gp = max(16, 1 << (G - 1).bit_length())
     if splits is None:
         splits = 1
         while B * Hkv * splits < 2 * 132 and S % (splits * 2 * bt) == 0:
             splits *= 2
     if S % splits:
-        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
+        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
     ss = S // splits
     bt = min(bt, ss)
     if ss % bt or bt < 16:
-        return decode_attention_ref(q, k_cache[layer], v_cache[layer], lengths, scale)
+        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
     qg = q.reshape(B, Hkv, G, D)
     if gp != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - G), (0, 0)))
     kernel = functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss)
     if stacked:
         kv_spec = pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0))
-        kv = (k_cache, v_cache)
     else:
         kv_spec = pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0))
-        kv = (k_cache[0], v_cache[0])
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, Hkv, splits),
@@ -126,7 +125,7 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32), qg, *kv)
+    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
     mx = m.max(axis=1, keepdims=True)
     w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
     num = (o * w[..., None]).sum(axis=1)

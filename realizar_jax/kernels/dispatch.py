@@ -64,9 +64,8 @@ def kernel_matmul_many(x: jax.Array, ws) -> list:
 
 
 def dense_gemv_applies(x: jax.Array, w: jax.Array) -> bool:
-    """Whether a dense weight's matmul should take the Pallas GEMV: decode rows, half-precision
-    activations (float32 models keep XLA's exact HIGHEST-precision dot), on a GPU, unless
-    REALIZAR_DENSE_GEMV=xla."""
+    """Whether a dense weight's matmul takes the Pallas GEMV: REALIZAR_DENSE_GEMV=pallas, decode rows,
+    half-precision activations (float32 models keep XLA's exact HIGHEST-precision dot), a GPU."""
     rows = x.size // x.shape[-1] if x.ndim else 0
     return (jax.default_backend() == "gpu" and not interpret_mode() and 0 < rows <= GEMV_MAX_ROWS
             and x.dtype in (jnp.bfloat16, jnp.float16) and w.ndim == 2 and w.shape[1] % 256 == 0

@@ -1,12 +1,17 @@
 """Decode GEMV (1..8 activation rows) over packed weights, dequantizing in registers (Pallas/Triton).
 
-Grid (row tiles, K splits). A program owns BN output rows and one K split; it walks that split in
-tiles of BS superblocks (256 values each), loads the packed tile of every layout array, dequantizes
-it to float32 with layout.dequant_parts (the same function the jnp path uses), and multiplies by
-the matching slice of x (split with layout.split_x outside the kernel, so no shuffles inside).
-Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them.
-Decode is bandwidth-bound: the split count is chosen so that enough programs are in flight to
-cover all SMs even for narrow matrices (K/V projections have 512..1024 rows).
+Grid (row tiles, K splits). A program owns BN output rows and one K split and walks that split in
+tiles of BS superblocks (256 values each), loading the packed tile of every layout array.
+- Q4_K, Q8_0, Q6_K and dense weights take the factored kernel (qdot.py): quants are bit-selected in
+  place and multiplied by pre-scaled activations, with block scales applied once per group; with
+  act="int8" the products are dp4a integer dot products instead.
+- Other types (Q4_0, Q5_K), and 5..8 bf16 rows on the tensor cores, take the older kernel: it
+  dequantizes each tile with layout.dequant_parts (shared with the jnp path) and multiplies by x
+  split with layout.split_x.
+Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them. Decode is
+bandwidth-bound: the split count is chosen so that enough programs are in flight to cover all SMs
+even for narrow matrices (K/V projections have 512..1024 rows). gemv_multi runs several matrices
+that share x (Q/K/V, gate/up) as one launch.
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
 
     def body(t, accs):
         ks = pl.ds((s * tiles + t) * bs, bs)
-        ws = dequant_parts(qtype, [_tile(r, (rows, ks)) for r in w_refs])                       # [bn, bs, P] float32 each
+        ws = dequant_parts(qtype, [_tile(r, (rows, ks)) for r in w_refs])   # [bn, bs, P] float32 each
         if use_dot:
             acc = accs
             for w, xr in zip(ws, x_refs):
@@ -234,10 +239,7 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
             inputs.extend(xs)
     w_at = 0
     for w in ws:
-        bs = default_tiles(w.qtype)[1]
-        bs = min(bs, nsb)
-        while nsb % bs:
-            bs //= 2
+        _, bs, _ = _pick(nsb, w.shape[0], bn, default_tiles(w.qtype)[1], 1)   # K not split
         count = w.shape[0] // bn
         mats.append((w.qtype, (w_at, w_at + len(w.parts)), x_ranges[w.qtype], first, count, bs, nsb // bs))
         w_at += len(w.parts)
