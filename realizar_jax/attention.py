@@ -2,8 +2,6 @@
 on GPU the decode attention is a Pallas kernel with the same signature (kernels/attention.py)."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -23,9 +21,6 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
-ATTN_INPLACE_ENV = "REALIZAR_ATTN_INPLACE"   # "1": the GPU kernel reads the layer from the stack
-
-
 def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = None):
     """Caches [B, Hkv, S, D], or the whole stack [L, B, Hkv, S, D] with `layer` naming one.
 
@@ -40,7 +35,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = No
         except ImportError:
             kernel = None
         if kernel is not None:
-            if layer is not None and os.environ.get(ATTN_INPLACE_ENV, "0") == "1":
+            from .kernels.switches import switch
+            if layer is not None and switch("REALIZAR_ATTN_INPLACE") == "1":
                 return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
             if layer is not None:
                 k_cache, v_cache = k_cache[layer], v_cache[layer]

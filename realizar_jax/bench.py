@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernels.switches import SWITCHES, check_switch
+
 
 def copy_bandwidth(gib: float = 1.0) -> float:
     """Device copy bandwidth in GB/s (bytes read + written) of a large elementwise op."""
@@ -196,6 +198,11 @@ def parse_variant(spec: str) -> dict:
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("REALIZAR_"):
             raise ValueError(f"bench --ab: expected REALIZAR_NAME=VALUE, got {item!r}")
+        if name in SWITCHES:
+            try:
+                check_switch(name, value)
+            except ValueError as e:
+                raise ValueError(f"bench --ab: {e}") from None
         env[name] = value
     if not env:
         raise ValueError("bench --ab: empty variant")

@@ -87,7 +87,7 @@ def test_bench_ab_variants_and_profile(tmp_path, capsys):
     assert "REALIZAR_GEMV_ACT=int8" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", ["FOO=1", "REALIZAR_X", ""])
+@pytest.mark.parametrize("spec", ["FOO=1", "REALIZAR_X", "", "REALIZAR_GEMV_ACT=int4"])
 def test_bench_ab_rejects_bad_variant(spec, capsys):
     assert bench_main(["--shape", "tiny", "--ab", spec]) == 2
     assert "--ab" in capsys.readouterr().err

@@ -183,9 +183,20 @@ def test_gpu_switches_reject_bad_values(monkeypatch):
         monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
         with pytest.raises(ValueError, match=what):
             default_tiles("Q4_K")
+    monkeypatch.delenv("REALIZAR_GEMV_TILES")
     monkeypatch.setenv("REALIZAR_PREFILL_GEMM", "cublas")
     with pytest.raises(ValueError, match="REALIZAR_PREFILL_GEMM"):
         prefill_route()
+    w, _ = _packed("Q4_K", 16, 256, np.random.default_rng(0))
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    for name in ("REALIZAR_GEMV_ACT", "REALIZAR_GEMV_XPREP"):
+        monkeypatch.setenv(name, "fast")
+        with pytest.raises(ValueError, match=name):
+            gemv(x, w, interpret=True)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("REALIZAR_GEMV_FUSE", "yes")
+    with pytest.raises(ValueError, match="REALIZAR_GEMV_FUSE"):
+        matmul_many(x, [w, w])
 
 
 @pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])

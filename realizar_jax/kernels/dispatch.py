@@ -13,47 +13,27 @@ of a type without a GPU layout) dequantizes and dots.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from .gemm import gemm
 from .gemv import fusable, gemv, gemv_multi, interpret_mode
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
+from .switches import switch
 from .unpack import unpack
 
 GEMV_MAX_ROWS = 8
-# Prefill route for packed weights (see the module doc). Read when a function is traced.
-PREFILL_ENV = "REALIZAR_PREFILL_GEMM"
-PREFILL_ROUTES = ("unpack", "xla", "pallas")
-PREFILL_DEFAULT = "unpack"
-# Decode route for dense (bf16/f16) weights: "xla" (XLA's dot) or "pallas" (gemv.py). The Pallas GEMV
-# won on some 8B shapes and lost on others in the microbenchmark and was never timed in a whole
-# model, so XLA stays the default (BENCHMARKS.md)
-DENSE_GEMV_ENV = "REALIZAR_DENSE_GEMV"
-DENSE_GEMV_DEFAULT = "xla"
-
-
-def _route(env: str, default: str, allowed) -> str:
-    route = os.environ.get(env, default)
-    if route not in allowed:
-        raise ValueError(f"{env} must be one of {', '.join(allowed)}; got {route!r}")
-    return route
 
 
 def prefill_route() -> str:
-    return _route(PREFILL_ENV, PREFILL_DEFAULT, PREFILL_ROUTES)
-
-
-# "1": decode matmuls that share an input (Q/K/V, gate/up) on packed weights run as one launch
-# (gemv.gemv_multi). Off until timed on a GPU; checked in interpret mode only.
-FUSE_ENV = "REALIZAR_GEMV_FUSE"
+    """REALIZAR_PREFILL_GEMM (see the module doc and switches.py)."""
+    return switch("REALIZAR_PREFILL_GEMM")
 
 
 def fused_gemv_applies(x: jax.Array, ws) -> bool:
+    """REALIZAR_GEMV_FUSE=1 (not yet timed on a GPU, so off by default) and gemv_multi can take ws."""
     rows = x.size // x.shape[-1] if x.ndim else 0
-    return os.environ.get(FUSE_ENV, "0") == "1" and fusable(tuple(ws), rows)
+    return switch("REALIZAR_GEMV_FUSE") == "1" and fusable(tuple(ws), rows)
 
 
 def kernel_matmul_many(x: jax.Array, ws) -> list:
@@ -69,7 +49,7 @@ def dense_gemv_applies(x: jax.Array, w: jax.Array) -> bool:
     rows = x.size // x.shape[-1] if x.ndim else 0
     return (jax.default_backend() == "gpu" and not interpret_mode() and 0 < rows <= GEMV_MAX_ROWS
             and x.dtype in (jnp.bfloat16, jnp.float16) and w.ndim == 2 and w.shape[1] % 256 == 0
-            and _route(DENSE_GEMV_ENV, DENSE_GEMV_DEFAULT, ("pallas", "xla")) == "pallas")
+            and switch("REALIZAR_DENSE_GEMV") == "pallas")
 
 
 def _dense_dot(x2, w):

@@ -27,20 +27,16 @@ from jax.experimental.pallas import triton as plgpu
 from .layout import SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, load_x_tiles,
                    prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_view)
+from .switches import check_switch, switch
 
 N_SM = 132  # H100 SXM; only used to size the grid
 # (rows per program, superblocks per K step, warps, pipeline stages) of the factored float kernel:
 # the tiles the whole-model benches in BENCHMARKS.md ran with (best or near-best of the H100 sweeps
 # on the 14336x4096 matrix; a later sweep preferred (8, 4, 2, 4) for Q8_0, not yet timed in a model)
 TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DENSE": (4, 8, 4, 2)}
-# "float" (default) or "int8": int8 activations with dp4a (qdot.tile_dot_q8). int8 is opt-in until it
-# has been compiled and timed on a GPU: it was written when the device loans paused, and is checked
-# in Pallas interpret mode only (tests/test_kernels.py)
-ACT_ENV = "REALIZAR_GEMV_ACT"
-# "xla" (default) or "kernel": where the float kernels' x is split into the words' positions. "kernel"
-# loads it strided inside the GEMV (qdot.load_x_tiles), saving the XLA ops before each launch; not yet
-# compiled or timed on a GPU (written when device loans paused), checked in interpret mode only
-XPREP_ENV = "REALIZAR_GEMV_XPREP"
+# REALIZAR_GEMV_ACT (int8 activations with dp4a, qdot.tile_dot_q8) and REALIZAR_GEMV_XPREP=kernel
+# (x split inside the kernel, qdot.load_x_tiles) are off by default (switches.py): both were written
+# when the device loans paused and are checked in Pallas interpret mode only.
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
@@ -185,19 +181,16 @@ def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
 def _resolve_act(act, qtype_ok: bool, dtype) -> bool:
     """Whether the int8-activation path runs (act or REALIZAR_GEMV_ACT; bf16/f16 x only)."""
     if act is None:
-        act = os.environ.get(ACT_ENV, "float")
-        if act not in ("int8", "float"):
-            raise ValueError(f"{ACT_ENV} must be 'int8' or 'float', got {act!r}")
+        act = switch("REALIZAR_GEMV_ACT")
         if dtype not in (jnp.bfloat16, jnp.float16):
             act = "float"
+    check_switch("REALIZAR_GEMV_ACT", act)
     return act == "int8" and qtype_ok
 
 
 def _resolve_xprep(xprep) -> str:
-    if xprep is None:
-        xprep = os.environ.get(XPREP_ENV, "xla")
-        if xprep not in ("xla", "kernel"):
-            raise ValueError(f"{XPREP_ENV} must be 'xla' or 'kernel', got {xprep!r}")
+    xprep = switch("REALIZAR_GEMV_XPREP") if xprep is None else xprep
+    check_switch("REALIZAR_GEMV_XPREP", xprep)
     return xprep
 
 

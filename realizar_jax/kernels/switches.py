@@ -1,0 +1,35 @@
+"""The GPU switches: environment variables that pick among kernel paths, read when a function is
+traced (so set them before the first call, or call jax.clear_caches() after changing them).
+
+The first value of each is the default: the configuration whose speed BENCHMARKS.md reports. The
+others exist to be A/B-timed (`realizar-jax bench --ab NAME=VALUE`) before they become defaults.
+REALIZAR_GEMV_TILES (JSON tile sizes) is read by kernels/gemv.py.
+"""
+from __future__ import annotations
+
+import os
+
+SWITCHES = {
+    "REALIZAR_PREFILL_GEMM": ("unpack", "xla", "pallas"),   # prefill matmuls on packed weights
+    "REALIZAR_GEMV_ACT": ("float", "int8"),                # decode activations: float32 or int8 + dp4a
+    "REALIZAR_GEMV_XPREP": ("xla", "kernel"),              # where decode activations are split
+    "REALIZAR_GEMV_FUSE": ("0", "1"),                      # Q/K/V and gate/up as one launch
+    # decode matmuls on bf16/f16 weights: the Pallas GEMV won on some 8B shapes and lost on others
+    # in the microbenchmark and has not been timed in a whole model
+    "REALIZAR_DENSE_GEMV": ("xla", "pallas"),
+    "REALIZAR_ATTN_INPLACE": ("0", "1"),                   # decode attention reads the cache stack in place
+}
+
+
+def check_switch(name: str, value: str) -> None:
+    """ValueError naming the switch unless `value` is one of its values."""
+    allowed = SWITCHES[name]
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def switch(name: str) -> str:
+    """The switch's value from the environment, or its default."""
+    value = os.environ.get(name, SWITCHES[name][0])
+    check_switch(name, value)
+    return value
