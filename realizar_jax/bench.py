@@ -152,19 +152,30 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
         log(f"decode {n} steps x {batch}: {out['decode_s_per_step']*1e3:.2f} ms/step = "
             f"{out['decode_tok_s']:.0f} tok/s, {out['decode_GBps']:.0f} GB/s "
             f"({out['decode_pct_copy']:.0f}% of copy bw)")
-        return decode_c, cache, tok, logits
+        def prefill_once():
+            fresh = init_cache(config, batch, max_seq, kv)
+            return prefill_c(params, fresh, tokens, lengths)[0]
+        return decode_c, cache, tok, logits, prefill_once
 
-    decode_c, cache, tok, base_logits = measure(res)
-    if profile:   # one more decode call under the profiler: where the step's time goes, per kernel
-        jax.profiler.start_trace(str(profile), create_perfetto_trace=True)
+    decode_c, cache, tok, base_logits, prefill_once = measure(res)
+    if profile:   # one decode call and one prefill under the profiler: where the time goes, per kernel
+        jax.profiler.start_trace(str(Path(profile) / "decode"), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
         jax.block_until_ready(tok)
         jax.profiler.stop_trace()
-        res["profile"] = summarize_trace(profile, steps=chunk)
+        res["profile"] = summarize_trace(Path(profile) / "decode", steps=chunk)
         for row in res["profile"]["top"]:
             log("  {us_per_step:9.1f} us/step {calls_per_step:6.1f} calls  {name}".format(**row))
         log(f"  GPU busy {res['profile']['busy_us_per_step']:.0f} us/step in "
             f"{res['profile']['kernels_per_step']:.0f} kernels (decode step {res['decode_s_per_step']*1e6:.0f} us)")
+        jax.profiler.start_trace(str(Path(profile) / "prefill"), create_perfetto_trace=True)
+        jax.block_until_ready(prefill_once())
+        jax.profiler.stop_trace()
+        res["profile_prefill"] = summarize_trace(Path(profile) / "prefill", steps=1)
+        for row in res["profile_prefill"]["top"][:15]:
+            log("  {us_per_step:9.1f} us/prefill {calls_per_step:6.1f} calls  {name}".format(**row))
+        log(f"  GPU busy {res['profile_prefill']['busy_us_per_step']:.0f} us in "
+            f"{res['profile_prefill']['kernels_per_step']:.0f} kernels (prefill {res['prefill_s']*1e6:.0f} us)")
     for spec in variants or ():   # A/B: the same loaded weights under other switch settings
         env = parse_variant(spec)
         saved = {k: os.environ.get(k) for k in env}
@@ -286,8 +297,8 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--ab", action="append", metavar="ENV=VAL[,ENV=VAL]", default=[],
                     help="after the default run, time again with these REALIZAR_* switches set (same loaded "
                          "weights; repeat for more variants)")
-    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call with jax.profiler into "
-                    "DIR and print the kernels that take the step's time")
+    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call and one prefill with "
+                    "jax.profiler into DIR/decode and DIR/prefill and print the kernels that take the time")
     args = ap.parse_args(argv)
     try:
         for spec in args.ab:
