@@ -7,8 +7,8 @@ Per weight the inner loop is one masked bit-select, one float subtract and one F
   type's zero point) leaves (q - zero) * 2**p, exact;
 - the activation it multiplies was scaled by 2**-p when x was split (`prepare_x`; exact, a power of
   two), so the product is (q - zero) * x with no shift and no int->float convert (16/clk/SM on Hopper
-  against 64 for logic ops and 128 for FMAs). Quants above bit 16 are read from the word shifted
-  right by 12, one shift shared by several quants.
+  against 64 for logic ops and 128 for FMAs). Quants too high in the word for the 23-bit mantissa
+  are read from the word shifted right (by 12; by 16 for Q8_0's bytes), one shift shared by several.
 Sub-block scales (and Q4_K's mins, through per-sub-block sums of x) multiply the group sums.
 
 Every function here works on loaded tiles whose leading axes are [rows, superblocks] (layout.py's
@@ -46,6 +46,8 @@ def _q4k_terms():
 
 
 def _q8_terms():
+    """(k, shifted, pos): signed byte k of each Q8_0 word, read at bit `pos` (of the word shifted
+    right by 16 when `shifted`)."""
     return [(k, k >= 2, 8 * (k % 2)) for k in range(4)]
 
 
@@ -53,6 +55,7 @@ _Q6_SHIFT = (4, 6, 0, 2)   # moves the 2 high bits of quant c next to its nibble
 
 
 def _q6_terms():
+    """(c, k, shifted, pos): quant c (its nibble from e/o, its 2 high bits from h) of byte k."""
     out = []
     for c in range(4):
         for k in range(4):
