@@ -15,20 +15,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..attention import decode_attention_ref  # the model's jnp reference, also the fallback here
+
 NEG = -1e30  # finite "minus infinity": empty splits must not turn the merge into NaN
-
-
-def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
-    """Plain jnp: q [B,Hq,D], caches [B,Hkv,S,D], lengths [B] (valid positions) -> [B,Hq,D]."""
-    B, Hq, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(B, Hkv, Hq // Hkv, D).astype(jnp.float32)
-    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) * scale
-    valid = jnp.arange(S)[None, :] < lengths[:, None]                     # [B, S]
-    s = jnp.where(valid[:, None, None, :], s, NEG)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhgs,bhsd->bhgd", p, v_cache.astype(jnp.float32))
-    return o.reshape(B, Hq, D).astype(q.dtype)
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss):
