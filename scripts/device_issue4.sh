@@ -8,7 +8,7 @@
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
-#   tests: pytest -m gpu; bf16: 8B bf16 bench
+#   tests: pytest -m gpu (three processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with the Pallas GEMV)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 STEPS=${*:-micro q4 q8 tests bf16}
@@ -20,13 +20,18 @@ date -u | tee -a "$OUT/gpu.txt"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 bench() {  # shape quant [extra args]
   local shape=$1 quant=$2; shift 2
-  timeout 240 python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
+  timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
 }
-if has tests; then   # first: the switches' GPU checks decide which A/B numbers mean anything
-  timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_model.py -p no:cacheprovider 2>&1 \
-    | tail -30 | tee "$OUT/pytest_gpu.log"
+if has tests; then   # first: the GPU checks decide which numbers mean anything; three processes at once
+  for part in "tests/test_kernels.py" "tests/test_gpu_model.py -k logits" "tests/test_gpu_model.py -k switches"; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu $part \
+      -p no:cacheprovider > "$OUT/pytest-${part//[^a-z]/_}.log" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/pytest-*.log; do echo "== $f"; tail -n 25 "$f"; done > "$OUT/pytest_gpu.log"
+  rm -f "$OUT"/pytest-*.log; cat "$OUT/pytest_gpu.log"
 fi
 if has micro; then
   timeout 200 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
@@ -74,7 +79,7 @@ if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file,
       | sed "s/^/[dense $route] /" | tee -a "$OUT/bench.log"
   done
 fi
-if has bf16; then bench llama3-8b bf16; fi
+if has bf16; then bench llama3-8b bf16 ${BF16_AB:+--ab REALIZAR_DENSE_GEMV=pallas}; fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
 from realizar_jax.bench import format_table

@@ -11,13 +11,15 @@ import os
 
 SWITCHES = {
     "REALIZAR_PREFILL_GEMM": ("unpack", "xla", "pallas"),   # prefill matmuls on packed weights
-    "REALIZAR_GEMV_ACT": ("float", "int8"),                # decode activations: float32 or int8 + dp4a
+    # decode activations: int8 per scale group + dp4a (as llama.cpp's MMVQ; 8B Q4_K_M 236 -> 269 tok/s
+    # alone, BENCHMARKS.md) or float32 (exact up to float rounding)
+    "REALIZAR_GEMV_ACT": ("int8", "float"),
     "REALIZAR_GEMV_XPREP": ("xla", "kernel"),              # where decode activations are split
-    "REALIZAR_GEMV_FUSE": ("0", "1"),                      # Q/K/V and gate/up as one launch
+    "REALIZAR_GEMV_FUSE": ("1", "0"),                      # Q/K/V and gate/up as one launch
     # decode matmuls on bf16/f16 weights: the Pallas GEMV won on some 8B shapes and lost on others
     # in the microbenchmark and has not been timed in a whole model
     "REALIZAR_DENSE_GEMV": ("xla", "pallas"),
-    "REALIZAR_ATTN_INPLACE": ("0", "1"),                   # decode attention reads the cache stack in place
+    "REALIZAR_ATTN_INPLACE": ("1", "0"),                   # decode attention reads the cache stack in place
 }
 
 
