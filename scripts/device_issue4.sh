@@ -8,7 +8,7 @@
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
-#   tests: pytest -m gpu (three processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with the Pallas GEMV)
+#   tests: pytest -m gpu (four processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with the Pallas GEMV)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 STEPS=${*:-micro q4 q8 tests bf16}
@@ -24,10 +24,12 @@ bench() {  # shape quant [extra args]
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
 }
-if has tests; then   # first: the GPU checks decide which numbers mean anything; three processes at once
-  for part in "tests/test_kernels.py" "tests/test_gpu_model.py -k logits" "tests/test_gpu_model.py -k switches"; do
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu $part \
-      -p no:cacheprovider > "$OUT/pytest-${part//[^a-z]/_}.log" 2>&1 &
+if has tests; then   # first: the GPU checks decide which numbers mean anything; four processes at once
+  for part in "tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu" \
+              "tests/test_gpu_model.py -k 'switches and (XPREP or INPLACE or FUSE or DENSE)'" \
+              "tests/test_gpu_model.py -k 'switches and (ACT or PREFILL)'"; do
+    eval "XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu $part" \
+      "-p no:cacheprovider" > "$OUT/pytest-${part//[^a-zA-Z]/_}.log" 2>&1 &
   done
   wait
   for f in "$OUT"/pytest-*.log; do echo "== $f"; tail -n 25 "$f"; done > "$OUT/pytest_gpu.log"

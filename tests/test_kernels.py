@@ -271,9 +271,11 @@ def test_gpu_kernels_large_shapes():
             y = kernel_matmul(xb, w).astype(jnp.float32)   # the model's default route, bf16 result
             int8 = batch <= 4 and qtype in ("Q4_K", "Q8_0", "Q6_K")   # default int8 activations + dp4a
             assert _rel(y, want) < (1.5e-2 if int8 or batch > 4 else 4e-3), (qtype, batch)
-            if int8:   # exactly the weights times x rounded to int8 per scale group
+            if int8:   # the weights times x rounded to int8 per scale group: XLA's float32 127/amax on
+                # the GPU can differ from numpy's by an ulp and round an odd element one step the other
+                # way (~1.5e-4 each here); int8 vs float rounding is ~1e-2, so this still tells them apart
                 y8 = gemv(xb, w, act="int8")
-                assert _rel(y8, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 1e-5, (qtype, batch)
+                assert _rel(y8, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 1e-3, (qtype, batch)
         x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
         assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")

@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from .layout import SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, load_x_tiles,
-                   prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_view)
+                   prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_tiles, x_view)
 from .switches import check_switch, switch
 
 N_SM = 132  # H100 SXM; only used to size the grid
@@ -138,6 +138,9 @@ def _factored_rows(w_refs, x_refs, i, s, *, qtype, bn, bs, tiles, nb, q8, interp
         loaded = [_tile(r, (rows, ks)) for r in w_refs]
         if x_in_kernel:
             xs = [load_x_tiles(x_refs[0], b, ks, qtype) for b in range(nb)]
+        elif q8:
+            xs = [x_q8_tiles(x_refs, qtype, lambda r, p, b=b: _tile(r, (b, ks) if p is None else (b, ks, p)))
+                  for b in range(nb)]
         else:
             xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
         if q8:

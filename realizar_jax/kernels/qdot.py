@@ -250,29 +250,40 @@ def _words(q):
     return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.int32)
 
 
+# parts along axis 2 of each array prepare_x_q8 returns (1: no part axis). The kernel takes each
+# part with a strided load, so XLA does not write every part out as a separate slice (that cost ~5
+# small kernels before each GEMV launch; BENCHMARKS.md).
+X_Q8_PARTS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 4}
+
+
 def prepare_x_q8(x: jax.Array, qtype: str) -> list:
-    """x [B, cols] -> the int8-activation kernel's inputs (int32 words of int8s, float block data)."""
+    """x [B, cols] -> the int8-activation kernel's inputs (int32 words of int8s, float block data),
+    each [B, nsb, X_Q8_PARTS[qtype], ...] (no part axis for 1 part)."""
     B, cols = x.shape
     nsb = cols // 256
     x = x.astype(jnp.float32)
-    if qtype == "Q4_K":   # sub-block 2j+h = 32 values 64j + 32h + (4w + k)
+    if qtype == "Q4_K":   # part h, sub-block 2j+h = 32 values 64j + 32h + (4w + k)
         v = x.reshape(B, nsb, 4, 2, 32)
         q, s = _quantize_blocks(v)
-        w = _words(q)                                        # [B, nsb, 4, 2, 8]
         # the mins meet the same rounded x as the quants, so the result is exactly the dequantized
         # weights times the rounded x (with the true sums the two large terms cancel unevenly)
         sums = s * q.astype(jnp.float32).sum(axis=-1)
-        return [w[:, :, :, 0], w[:, :, :, 1], s[..., 0], s[..., 1], sums[..., 0], sums[..., 1]]
+        return [jnp.moveaxis(_words(q), 3, 2), jnp.moveaxis(s, 3, 2), jnp.moveaxis(sums, 3, 2)]
     if qtype == "Q8_0":   # block of 32 values = 8 words
         q, s = _quantize_blocks(x.reshape(B, nsb, 8, 32))
         return [_words(q), s]
-    if qtype == "Q6_K":   # group (t, c) = 16 values 64t + 16c + (4w + k)
+    if qtype == "Q6_K":   # part c, group (t, c) = 16 values 64t + 16c + (4w + k)
         q, s = _quantize_blocks(x.reshape(B, nsb, 4, 4, 16))
-        w = _words(q)                                        # [B, nsb, 4(t), 4(c), 4(w)]
         zero = 32.0 * s * q.astype(jnp.float32).sum(axis=-1)   # the -32 zero point, per group
-        return ([w[:, :, :, c] for c in range(4)] + [s[..., c] for c in range(4)]
-                + [zero[..., c] for c in range(4)])
+        return [jnp.moveaxis(a, 3, 2) for a in (_words(q), s, zero)]
     raise ValueError(qtype)
+
+
+def x_q8_tiles(xs: list, qtype: str, tile) -> list:
+    """tile_dot_q8's list of x operands: tile(array, part) for every part of every prepared array
+    (part None where the array has no part axis)."""
+    n = X_Q8_PARTS[qtype]
+    return [tile(a, p) for a in xs for p in (range(n) if n > 1 else (None,))]
 
 
 def init_accumulators_q8(qtype: str, bn: int, bs: int) -> tuple:
@@ -333,6 +344,7 @@ def reference_gemv_q8(x: jax.Array, qtype: str, parts) -> jax.Array:
     rows, nsb = parts[0].shape[:2]
     xs = prepare_x_q8(x, qtype)
     accs = [init_accumulators_q8(qtype, rows, nsb) for _ in range(x.shape[0])]
-    accs = tile_dot_q8(qtype, list(parts), [[xa[b] for xa in xs] for b in range(x.shape[0])], accs,
-                       interpret=True)
+    rows_x = [x_q8_tiles(xs, qtype, lambda a, p, b=b: a[b] if p is None else a[b][:, p])
+              for b in range(x.shape[0])]
+    accs = tile_dot_q8(qtype, list(parts), rows_x, accs, interpret=True)
     return jnp.stack([sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in acc) for acc in accs])
