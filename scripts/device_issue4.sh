@@ -4,7 +4,7 @@
 # steps (default: micro q4 q8 tests bf16; in this order): tests micro ncu prof ab q4 q8 dense1b bf16
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
-#   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under every opt-in switch (--ab)
+#   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
@@ -66,9 +66,9 @@ fi
 if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
     timeout 420 python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
-      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_ACT=int8 --ab REALIZAR_GEMV_XPREP=kernel \
-      --ab REALIZAR_ATTN_INPLACE=1 --ab REALIZAR_GEMV_FUSE=1 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
-      --ab REALIZAR_GEMV_ACT=int8,REALIZAR_ATTN_INPLACE=1,REALIZAR_GEMV_FUSE=1,REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_ACT=float \
+      --ab REALIZAR_ATTN_INPLACE=0 --ab REALIZAR_GEMV_FUSE=0 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
+      --ab REALIZAR_GEMV_ACT=float,REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
 fi

@@ -251,8 +251,9 @@ def _words(q):
 
 
 # parts along axis 2 of each array prepare_x_q8 returns (1: no part axis). The kernel takes each
-# part with a strided load, so XLA does not write every part out as a separate slice (that cost ~5
-# small kernels before each GEMV launch; BENCHMARKS.md).
+# part with a strided load, so XLA does not write every part out as a separate slice. On the H100 the
+# moveaxis still costs XLA one transpose kernel per launch (BENCHMARKS.md); a version with no
+# transpose and no XLA sums is on the branch next/int8-xprep-in-kernel, not yet run on a GPU.
 X_Q8_PARTS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 4}
 
 
