@@ -24,10 +24,9 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
 def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = None):
     """Caches [B, Hkv, S, D], or the whole stack [L, B, Hkv, S, D] with `layer` naming one.
 
-    With REALIZAR_ATTN_INPLACE=1 the GPU kernel reads that layer of the stack in place. Otherwise
-    the layer is sliced out first, which XLA does by copying it (every layer, every step: 2 x 2 MB
-    per layer at 1,024 positions for Llama-3-8B). That is still the default because only the sliced
-    form has been timed on a GPU (BENCHMARKS.md).
+    With REALIZAR_ATTN_INPLACE=1 (the default) the GPU kernel reads that layer of the stack in
+    place. With 0 the layer is sliced out first, which XLA does by copying it (every layer, every
+    step: 2 x 2 MB per layer at 1,024 positions for Llama-3-8B; BENCHMARKS.md).
     """
     if jax.default_backend() == "gpu":
         try:

@@ -26,8 +26,8 @@ bench() {  # shape quant [extra args]
 }
 if has tests; then   # first: the GPU checks decide which numbers mean anything; four processes at once
   for part in "tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu" \
-              "tests/test_gpu_model.py -k 'switches and (XPREP or INPLACE or FUSE or DENSE)'" \
-              "tests/test_gpu_model.py -k 'switches and (ACT or PREFILL)'"; do
+              "tests/test_gpu_model.py -k 'switches and (XPREP or INPLACE or COMBINE or FUSE)'" \
+              "tests/test_gpu_model.py -k 'switches and (DENSE or ACT or PREFILL)'"; do
     eval "XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu $part" \
       "-p no:cacheprovider" > "$OUT/pytest-${part//[^a-zA-Z]/_}.log" 2>&1 &
   done
@@ -66,9 +66,9 @@ fi
 if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
     timeout 420 python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
-      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_ACT=float \
-      --ab REALIZAR_ATTN_INPLACE=0 --ab REALIZAR_GEMV_FUSE=0 --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' \
-      --ab REALIZAR_GEMV_ACT=float,REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_XPREP=kernel \
+      --ab REALIZAR_ATTN_COMBINE=kernel --ab REALIZAR_GEMV_XPREP=kernel,REALIZAR_ATTN_COMBINE=kernel \
+      --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' --ab REALIZAR_GEMV_ACT=float 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
 fi

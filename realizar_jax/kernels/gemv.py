@@ -30,13 +30,11 @@ from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accum
 from .switches import check_switch, switch
 
 N_SM = 132  # H100 SXM; only used to size the grid
-# (rows per program, superblocks per K step, warps, pipeline stages) of the factored float kernel:
-# the tiles the whole-model benches in BENCHMARKS.md ran with (best or near-best of the H100 sweeps
-# on the 14336x4096 matrix; a later sweep preferred (8, 4, 2, 4) for Q8_0, not yet timed in a model)
+# (rows per program, superblocks per K step, warps, pipeline stages) of the factored kernels: the
+# tiles the whole-model benches in BENCHMARKS.md ran with (best or near-best of the H100 sweeps of
+# the float kernel on the 14336x4096 matrix). (8, 4, 2, 4) for Q8_0 was faster with float
+# activations (1B Q8_0: 862 vs 841 tok/s) but has not been timed with the int8 default.
 TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DENSE": (4, 8, 4, 2)}
-# REALIZAR_GEMV_ACT (int8 activations with dp4a, qdot.tile_dot_q8) and REALIZAR_GEMV_XPREP=kernel
-# (x split inside the kernel, qdot.load_x_tiles) are off by default (switches.py): both were written
-# when the device loans paused and are checked in Pallas interpret mode only.
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
@@ -136,15 +134,15 @@ def _factored_rows(w_refs, x_refs, i, s, *, qtype, bn, bs, tiles, nb, q8, interp
     def body(t, accs):
         ks = pl.ds((s * tiles + t) * bs, bs)
         loaded = [_tile(r, (rows, ks)) for r in w_refs]
-        if x_in_kernel:
-            xs = [load_x_tiles(x_refs[0], b, ks, qtype) for b in range(nb)]
-        elif q8:
-            xs = [x_q8_tiles(x_refs, qtype, lambda r, p, b=b: _tile(r, (b, ks) if p is None else (b, ks, p)))
+        if q8:
+            xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx), in_kernel=x_in_kernel)
                   for b in range(nb)]
+        elif x_in_kernel:
+            xs = [load_x_tiles(x_refs[0], b, ks, qtype) for b in range(nb)]
         else:
             xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
         if q8:
-            return tuple(tile_dot_q8(qtype, loaded, xs, list(accs), interpret=interpret))
+            return tuple(tile_dot_q8(qtype, loaded, xs, list(accs), interpret=interpret, in_kernel=x_in_kernel))
         return tuple(tile_dot(qtype, loaded, xs, list(accs)))
 
     init = tuple((init_accumulators_q8 if q8 else init_accumulators)(qtype, bn, bs) for _ in range(nb))
@@ -224,13 +222,16 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     nsb = cols // SB
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
-    x_in_kernel = _resolve_xprep(xprep) == "kernel" and not q8
+    x_in_kernel = _resolve_xprep(xprep) == "kernel"
     inputs, x_ranges, mats, first = [], {}, [], 0
     for w in ws:
         inputs.extend(w.parts)
     for w in ws:   # one prepared x per distinct type, shared by the matrices of that type
         if w.qtype not in x_ranges:
-            xs = [x_view(xp, w.qtype)] if x_in_kernel else (prepare_x_q8 if q8 else prepare_x)(xp, w.qtype)
+            if q8:
+                xs = prepare_x_q8(xp, w.qtype, in_kernel=x_in_kernel)
+            else:
+                xs = [x_view(xp, w.qtype)] if x_in_kernel else prepare_x(xp, w.qtype)
             x_ranges[w.qtype] = (len(inputs), len(inputs) + len(xs))
             inputs.extend(xs)
     w_at = 0
@@ -289,15 +290,15 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
         factored = qtype in FACTORED_QTYPES and not use_dot
     q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
-    x_in_kernel = _resolve_xprep(xprep) == "kernel" and factored and not q8
+    x_in_kernel = _resolve_xprep(xprep) == "kernel" and factored
     xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
     if factored:
-        if x_in_kernel:
-            xs = [x_view(xp, qtype)]
+        if q8:
+            xs = prepare_x_q8(xp, qtype, in_kernel=x_in_kernel)
         else:
-            xs = prepare_x_q8(xp, qtype) if q8 else prepare_x(xp, qtype)
+            xs = [x_view(xp, qtype)] if x_in_kernel else prepare_x(xp, qtype)
         kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
                                    bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret,
                                    x_in_kernel=x_in_kernel)

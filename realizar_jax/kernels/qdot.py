@@ -250,41 +250,55 @@ def _words(q):
     return jax.lax.bitcast_convert_type(q.reshape(*q.shape[:-1], -1, 4), jnp.int32)
 
 
-# parts along axis 2 of each array prepare_x_q8 returns (1: no part axis). The kernel takes each
-# part with a strided load, so XLA does not write every part out as a separate slice. On the H100 the
-# moveaxis still costs XLA one transpose kernel per launch (BENCHMARKS.md); a version with no
-# transpose and no XLA sums is on the branch next/int8-xprep-in-kernel, not yet run on a GPU.
+# parts of the activations' int8 words, scales (and sums), per type: the kernel takes each part with
+# a strided load, so XLA writes no slice per part.
 X_Q8_PARTS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 4}
 
 
-def prepare_x_q8(x: jax.Array, qtype: str) -> list:
-    """x [B, cols] -> the int8-activation kernel's inputs (int32 words of int8s, float block data),
-    each [B, nsb, X_Q8_PARTS[qtype], ...] (no part axis for 1 part)."""
+def prepare_x_q8(x: jax.Array, qtype: str, *, in_kernel: bool = False) -> list:
+    """x [B, cols] -> the int8-activation kernel's inputs: int32 words of int8s, float32 scales and,
+    for Q4_K/Q6_K, the scaled sums of the rounded x per group.
+
+    in_kernel=False: [words, scales, sums], parts on axis 2 (XLA computes the sums and writes the
+    part axis first; on the H100 that is a reduce and a transpose kernel before each launch).
+    in_kernel=True (REALIZAR_GEMV_XPREP=kernel): [words, scales] in their natural layout, parts on
+    axis 3; the kernel sums the rounded x itself with dp4a (_group_sums).
+    """
     B, cols = x.shape
     nsb = cols // 256
     x = x.astype(jnp.float32)
-    if qtype == "Q4_K":   # part h, sub-block 2j+h = 32 values 64j + 32h + (4w + k)
-        v = x.reshape(B, nsb, 4, 2, 32)
-        q, s = _quantize_blocks(v)
-        # the mins meet the same rounded x as the quants, so the result is exactly the dequantized
-        # weights times the rounded x (with the true sums the two large terms cancel unevenly)
-        sums = s * q.astype(jnp.float32).sum(axis=-1)
-        return [jnp.moveaxis(_words(q), 3, 2), jnp.moveaxis(s, 3, 2), jnp.moveaxis(sums, 3, 2)]
-    if qtype == "Q8_0":   # block of 32 values = 8 words
+    if qtype == "Q4_K":   # [B, nsb, j, h, 8 words]: sub-block 2j+h = 32 values 64j + 32h + (4w + k)
+        q, s = _quantize_blocks(x.reshape(B, nsb, 4, 2, 32))
+        zero_point = 1.0
+    elif qtype == "Q8_0":   # [B, nsb, 8 blocks, 8 words]
         q, s = _quantize_blocks(x.reshape(B, nsb, 8, 32))
         return [_words(q), s]
-    if qtype == "Q6_K":   # part c, group (t, c) = 16 values 64t + 16c + (4w + k)
+    elif qtype == "Q6_K":   # [B, nsb, t, c, 4 words]: group (t, c) = 16 values 64t + 16c + (4w + k)
         q, s = _quantize_blocks(x.reshape(B, nsb, 4, 4, 16))
-        zero = 32.0 * s * q.astype(jnp.float32).sum(axis=-1)   # the -32 zero point, per group
-        return [jnp.moveaxis(a, 3, 2) for a in (_words(q), s, zero)]
-    raise ValueError(qtype)
+        zero_point = 32.0   # the -32 of Q6_K's quants
+    else:
+        raise ValueError(qtype)
+    if in_kernel:
+        return [_words(q), s]
+    # the mins (zero point) meet the same rounded x as the quants, so the result is exactly the
+    # dequantized weights times the rounded x (with the true sums the two large terms cancel unevenly)
+    sums = zero_point * s * q.astype(jnp.float32).sum(axis=-1)
+    return [jnp.moveaxis(a, 3, 2) for a in (_words(q), s, sums)]
 
 
-def x_q8_tiles(xs: list, qtype: str, tile) -> list:
-    """tile_dot_q8's list of x operands: tile(array, part) for every part of every prepared array
-    (part None where the array has no part axis)."""
+def x_q8_tiles(xs: list, qtype: str, tile, *, in_kernel: bool = False) -> list:
+    """tile_dot_q8's list of x operands: tile(array, idx) for every part of every prepared array,
+    idx being the indexers after (batch row, superblocks): () where there is no part axis."""
     n = X_Q8_PARTS[qtype]
-    return [tile(a, p) for a in xs for p in (range(n) if n > 1 else (None,))]
+    if n == 1:
+        return [tile(a, ()) for a in xs]
+    return [tile(a, (slice(None), p) if in_kernel else (p,)) for a in xs for p in range(n)]
+
+
+def _group_sums(xw, *, interpret: bool):
+    """int32 words of int8s [..., m] -> float32 sum of their 4m int8s [...] (dp4a with all-ones)."""
+    ones = jnp.full(xw.shape, 0x01010101, jnp.int32)
+    return _i2f(jnp.sum(dp4a(ones, xw, signed_a=False, interpret=interpret), axis=-1))
 
 
 def init_accumulators_q8(qtype: str, bn: int, bs: int) -> tuple:
@@ -293,8 +307,9 @@ def init_accumulators_q8(qtype: str, bn: int, bs: int) -> tuple:
     return tuple(jnp.zeros(s, jnp.float32) for s in shapes)
 
 
-def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool) -> list:
-    """tile_dot for int8 activations (prepare_x_q8's arrays in xs[b])."""
+def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool, in_kernel: bool = False) -> list:
+    """tile_dot for int8 activations (x_q8_tiles of prepare_x_q8's arrays in xs[b]; in_kernel: no
+    sums among them, computed here)."""
     f32 = jnp.float32
     if qtype == "Q8_0":
         qs, d = w
@@ -312,8 +327,10 @@ def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool) -
         scales = (d * sce.astype(f32), d * sco.astype(f32))
         mins = (dmin * me.astype(f32), dmin * mo.astype(f32))
         out = []
-        for (a, c), (xw0, xw1, sx0, sx1, sum0, sum1) in zip(accs, xs):
-            for h, xw, sx, sm in ((0, xw0, sx0, sum0), (1, xw1, sx1, sum1)):
+        for (a, c), xb in zip(accs, xs):
+            for h in range(2):
+                xw, sx = xb[h], xb[2 + h]
+                sm = sx * _group_sums(xw, interpret=interpret) if in_kernel else xb[4 + h]
                 s = _i2f(dp4a(nib[h], xw[None], signed_a=False, interpret=interpret))
                 a = a + s * (scales[h] * sx[None])[..., None]
                 c = c - mins[h] * sm[None]
@@ -330,22 +347,23 @@ def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool) -
             quants.append((ql & _LOW_NIBBLES) | (hs & _Q6_HIGH))
         out = []
         for (a, corr), xb in zip(accs, xs):
-            xw, sx, zero = xb[0:4], xb[4:8], xb[8:12]
+            xw, sx = xb[0:4], xb[4:8]
             for c in range(4):
+                zero = 32.0 * sx[c] * _group_sums(xw[c], interpret=interpret) if in_kernel else xb[8 + c]
                 s = _i2f(dp4a(quants[c], xw[c][None], signed_a=False, interpret=interpret))
                 a = a + s * (scales[c] * sx[c][None])[..., None]
-                corr = corr - scales[c] * zero[c][None]
+                corr = corr - scales[c] * zero[None]
             out.append((a, corr))
         return out
     raise ValueError(qtype)
 
 
-def reference_gemv_q8(x: jax.Array, qtype: str, parts) -> jax.Array:
+def reference_gemv_q8(x: jax.Array, qtype: str, parts, *, in_kernel: bool = False) -> jax.Array:
     """The int8-activation product over a whole matrix in plain jnp (dp4a emulated)."""
     rows, nsb = parts[0].shape[:2]
-    xs = prepare_x_q8(x, qtype)
+    xs = prepare_x_q8(x, qtype, in_kernel=in_kernel)
     accs = [init_accumulators_q8(qtype, rows, nsb) for _ in range(x.shape[0])]
-    rows_x = [x_q8_tiles(xs, qtype, lambda a, p, b=b: a[b] if p is None else a[b][:, p])
+    rows_x = [x_q8_tiles(xs, qtype, lambda a, idx, b=b: a[b][(slice(None),) + idx], in_kernel=in_kernel)
               for b in range(x.shape[0])]
-    accs = tile_dot_q8(qtype, list(parts), rows_x, accs, interpret=True)
+    accs = tile_dot_q8(qtype, list(parts), rows_x, accs, interpret=True, in_kernel=in_kernel)
     return jnp.stack([sum(jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in acc) for acc in accs])
