@@ -207,6 +207,10 @@ def test_gpu_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("REALIZAR_GEMV_FUSE", "yes")
     with pytest.raises(ValueError, match="REALIZAR_GEMV_FUSE"):
         matmul_many(x, [w, w])
+    monkeypatch.setenv("REALIZAR_ATTN_COMBINE", "gpu")
+    q, kv = jnp.ones((1, 2, 16), jnp.float32), jnp.ones((1, 1, 32, 16), jnp.float32)
+    with pytest.raises(ValueError, match="REALIZAR_ATTN_COMBINE"):
+        decode_attention(q, kv, kv, jnp.asarray([5], jnp.int32), 0.25, bt=16, interpret=True)
 
 
 @pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])
