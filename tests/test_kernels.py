@@ -292,6 +292,8 @@ def test_gpu_kernels_large_shapes():
                 # way (~1.5e-4 each here); int8 vs float rounding is ~1e-2, so this still tells them apart
                 y8 = gemv(xb, w, act="int8")
                 assert _rel(y8, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 1e-3, (qtype, batch)
+                # the kernel sums the rounded x itself (REALIZAR_GEMV_XPREP=kernel): the same products
+                assert _rel(gemv(xb, w, act="int8", xprep="kernel"), np.asarray(y8, np.float64)) < 1e-5
         x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
         assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")
