@@ -97,6 +97,8 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     combine: "xla" or "kernel", how the splits are merged (default REALIZAR_ATTN_COMBINE).
     """
     combine = switch("REALIZAR_ATTN_COMBINE") if combine is None else combine
+    if combine not in ("xla", "kernel"):   # checked first: the fallbacks below would ignore it
+        raise ValueError(f"decode_attention: combine must be xla or kernel, got {combine!r}")
     from .gemv import interpret_mode
     if interpret is None:
         interpret = interpret_mode()
@@ -155,8 +157,6 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     if combine == "kernel":
         out = _combine(o, m, l, q.dtype, interpret=interpret, num_warps=num_warps)
         return out[:, :, :G].reshape(B, Hq, D)
-    if combine != "xla":
-        raise ValueError(f"decode_attention: combine must be xla or kernel, got {combine!r}")
     mx = m.max(axis=1, keepdims=True)
     w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
     num = (o * w[..., None]).sum(axis=1)
