@@ -8,7 +8,7 @@
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
-#   tests: pytest -m gpu (four processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with the Pallas GEMV)
+#   tests: pytest -m gpu (four processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with XLA's dot)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 STEPS=${*:-micro q4 q8 tests bf16}
@@ -65,10 +65,10 @@ if has prof; then
 fi
 if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
-    timeout 420 python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
+    timeout ${AB_TIMEOUT:-420} python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
       --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_XPREP=kernel \
       --ab REALIZAR_ATTN_COMBINE=kernel --ab REALIZAR_GEMV_XPREP=kernel,REALIZAR_ATTN_COMBINE=kernel \
-      --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' --ab REALIZAR_GEMV_ACT=float 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
 fi
@@ -81,7 +81,7 @@ if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file,
       | sed "s/^/[dense $route] /" | tee -a "$OUT/bench.log"
   done
 fi
-if has bf16; then bench llama3-8b bf16 ${BF16_AB:+--ab REALIZAR_DENSE_GEMV=pallas}; fi
+if has bf16; then bench llama3-8b bf16 ${BF16_AB:+--ab REALIZAR_DENSE_GEMV=xla}; fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
 from realizar_jax.bench import format_table
