@@ -11,15 +11,9 @@ import jax.numpy as jnp
 from .attention import decode_attention, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
-from .quant.matmul import embedding_lookup, matmul, matmul_many
+from .layers import rms_norm
+from .quant.matmul import embedding_lookup, matmul, normed_matmul_many, swiglu_matmul
 from .weights import LayerParams, Params
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm as HF computes it: normalize in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rope_tables(inv_freq, positions):
@@ -37,12 +31,13 @@ def apply_rope(x, cos, sin):
     return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
-def _project_qkv(lp: LayerParams, h, positions, inv_freq, config: ModelConfig):
-    """h [..., hidden] -> q [..., Hq, D], k/v [..., Hkv, D] with biases, q/k norms and RoPE applied."""
-    q, k, v = matmul_many(h, (lp.wq, lp.wk, lp.wv))
+def _project_qkv(lp: LayerParams, x, positions, inv_freq, config: ModelConfig):
+    """x [..., hidden] (the residual stream) -> q [..., Hq, D], k/v [..., Hkv, D]: attention norm,
+    projections, biases, q/k norms and RoPE."""
+    q, k, v = normed_matmul_many(x, lp.attn_norm, config.norm_eps, (lp.wq, lp.wk, lp.wv))
     if config.qkv_bias:
-        q, k, v = q + lp.bq.astype(h.dtype), k + lp.bk.astype(h.dtype), v + lp.bv.astype(h.dtype)
-    lead = h.shape[:-1]
+        q, k, v = q + lp.bq.astype(x.dtype), k + lp.bk.astype(x.dtype), v + lp.bv.astype(x.dtype)
+    lead = x.shape[:-1]
     q = q.reshape(*lead, config.num_heads, config.head_dim)
     k = k.reshape(*lead, config.num_kv_heads, config.head_dim)
     v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
@@ -53,14 +48,13 @@ def _project_qkv(lp: LayerParams, h, positions, inv_freq, config: ModelConfig):
 
 
 def _mlp(lp: LayerParams, x, config: ModelConfig):
-    h = rms_norm(x, lp.ffn_norm, config.norm_eps)
-    gate, up = matmul_many(h, (lp.w_gate, lp.w_up))
-    return matmul(jax.nn.silu(gate) * up, lp.w_down)
+    gate, up = normed_matmul_many(x, lp.ffn_norm, config.norm_eps, (lp.w_gate, lp.w_up))
+    return swiglu_matmul(gate, up, lp.w_down)
 
 
 def _lm_head(params: Params, x, config: ModelConfig):
-    x = rms_norm(x, params.final_norm, config.norm_eps)
-    return matmul(x, params.lm_head).astype(jnp.float32)
+    [logits] = normed_matmul_many(x, params.final_norm, config.norm_eps, (params.lm_head,))
+    return logits.astype(jnp.float32)
 
 
 def prefill(params: Params, cache: KVCache, tokens, lengths, *, config: ModelConfig, dtype=None,
@@ -82,8 +76,7 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
-        h = rms_norm(x, lp.attn_norm, config.norm_eps)
-        q, k, v = _project_qkv(lp, h, positions, params.rope_inv_freq, config)
+        q, k, v = _project_qkv(lp, x, positions, params.rope_inv_freq, config)
         attn = prefill_attention(q, k, v, lengths, scale)
         ks = ks.at[i, :, :, :t].set(k.swapaxes(1, 2).astype(ks.dtype))
         vs = vs.at[i, :, :, :t].set(v.swapaxes(1, 2).astype(vs.dtype))
@@ -104,8 +97,7 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     x = embedding_lookup(params.embed, tokens, dtype)
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
-        h = rms_norm(x, lp.attn_norm, config.norm_eps)
-        q, k, v = _project_qkv(lp, h, pos, params.rope_inv_freq, config)
+        q, k, v = _project_qkv(lp, x, pos, params.rope_inv_freq, config)
         ks = ks.at[i, rows, :, pos].set(k.astype(ks.dtype))  # [B, Hkv, D] written at each row's position
         vs = vs.at[i, rows, :, pos].set(v.astype(vs.dtype))
         attn = decode_attention(q, ks, vs, pos + 1, scale, layer=i)

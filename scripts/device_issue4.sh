@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
-# steps (default: micro q4 q8 tests bf16; in this order): tests micro ncu prof ab q4 q8 dense1b bf16
+# steps (default: micro q4 q8 tests bf16; in this order): smoke tests micro ncu prof ab q4 q8 dense1b bf16
+#   smoke: compiles the fused activation prep; if it fails, the later steps run REALIZAR_GEMV_XPREP=kernel
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
-#   tests: pytest -m gpu (four processes); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with XLA's dot)
+#   tests: pytest -m gpu (one process per file part / switch); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with XLA's dot)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 STEPS=${*:-micro q4 q8 tests bf16}
@@ -24,16 +25,29 @@ bench() {  # shape quant [extra args]
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
 }
-if has tests; then   # first: the GPU checks decide which numbers mean anything; four processes at once
-  for part in "tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu" \
-              "tests/test_gpu_model.py -k 'switches and (XPREP or INPLACE or COMBINE or FUSE)'" \
-              "tests/test_gpu_model.py -k 'switches and (DENSE or ACT or PREFILL)'"; do
+if has smoke; then   # the fused activation prep compiles on this GPU, else the benches fall back to XLA's
+  if ! timeout 120 python3 -c "
+import jax, jax.numpy as jnp
+from realizar_jax.kernels.xquant import quantize_x
+x = jnp.ones((1, 4096), jnp.bfloat16)
+for g in (16, 32):
+    for pre, o in ((None, None), ('norm', jnp.ones(4096)), ('swiglu', x)):
+        print(g, pre, [a.shape for a in jax.block_until_ready(quantize_x(x, g, pre=pre, other=o, eps=1e-5 if pre else None))])
+" 2>&1 | tail -n 20 | tee "$OUT/smoke.log"; then export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"; fi
+  grep -q Traceback "$OUT/smoke.log" && export REALIZAR_GEMV_XPREP=kernel && echo "SMOKE FAILED: XPREP=kernel"
+fi
+if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part
+  parts=("tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu")
+  for sw in "XPREP and kernel" "XPREP and xla" INPLACE FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
+    parts+=("tests/test_gpu_model.py -k 'switches and $sw'")
+  done
+  for part in "${parts[@]}"; do
     eval "XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TESTS_TIMEOUT:-280} python3 -m pytest -q -m gpu $part" \
       "-p no:cacheprovider" > "$OUT/pytest-${part//[^a-zA-Z]/_}.log" 2>&1 &
   done
   wait
   for f in "$OUT"/pytest-*.log; do echo "== $f"; tail -n 25 "$f"; done > "$OUT/pytest_gpu.log"
-  rm -f "$OUT"/pytest-*.log; cat "$OUT/pytest_gpu.log"
+  rm -f "$OUT"/pytest-*.log; grep -e '^==' -e passed -e failed -e Error "$OUT/pytest_gpu.log"
 fi
 if has micro; then
   timeout 200 python3 scripts/device_microbench.py 2>&1 | tee "$OUT/microbench.log"
@@ -66,9 +80,7 @@ fi
 if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
     timeout ${AB_TIMEOUT:-420} python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
-      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_XPREP=kernel \
-      --ab REALIZAR_ATTN_COMBINE=kernel --ab REALIZAR_GEMV_XPREP=kernel,REALIZAR_ATTN_COMBINE=kernel \
-      --ab 'REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' 2>&1 | grep -v -e Warning -e 'loading .*%' \
+      --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
 fi

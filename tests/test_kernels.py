@@ -16,9 +16,11 @@ from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention
                                   gemv, kernel_matmul, repack_blocks)
 from realizar_jax.kernels.gemm import gemm
 from realizar_jax.kernels.dispatch import prefill_route
-from realizar_jax.kernels.gemv import default_tiles, gemv_multi
+from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi
 from realizar_jax.kernels.layout import dequantize_gpu_part_order
 from realizar_jax.kernels.unpack import unpack
+from realizar_jax.kernels.qdot import prepare_x_q8
+from realizar_jax.kernels.xquant import quantize_x
 from realizar_jax.quant.matmul import matmul_many
 from realizar_jax.kernels.layout import GPU_QTYPES
 from realizar_jax.synth import random_blocks
@@ -51,9 +53,9 @@ def test_repack_dequantize_is_exact(qtype, rows, nsb, seed):
 
 @settings(max_examples=8, **SETTINGS)
 @given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 32, 48]), nsb=st.integers(1, 4),
-       batch=st.integers(1, 8), xprep=st.sampled_from(["xla", "kernel"]), seed=st.integers(0, 2**31))
+       batch=st.integers(1, 8), xprep=st.sampled_from(["fused", "kernel", "xla"]), seed=st.integers(0, 2**31))
 def test_gemv_matches_gguf_reference(qtype, rows, nsb, batch, xprep, seed):
-    """xprep: x split by XLA before the launch (default) or loaded strided inside the kernel."""
+    """float32 x takes the float path whatever xprep says (xprep only concerns int8 activations)."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, rows, nsb * 256, rng)
     x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
@@ -76,11 +78,11 @@ def _int8_grid(x, group):
 
 @settings(max_examples=8, **SETTINGS)
 @given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), rows=st.sampled_from([16, 32]),
-       nsb=st.integers(1, 3), batch=st.integers(1, 4), xprep=st.sampled_from(["xla", "kernel"]),
+       nsb=st.integers(1, 3), batch=st.integers(1, 4), xprep=st.sampled_from(["fused", "kernel", "xla"]),
        seed=st.integers(0, 2**31))
 def test_gemv_int8_activations(qtype, rows, nsb, batch, xprep, seed):
-    """act="int8" (the dp4a path; group sums of the rounded x from XLA or, xprep="kernel", from the
-    kernel): exactly the gguf-py weights times x rounded to int8 per scale group (checked against
+    """act="int8" (the dp4a path; x quantized by the xquant kernel (xprep="fused") or by XLA, the
+    group sums of the rounded x taken by the GEMV or, xprep="xla", by XLA): exactly the gguf-py weights times x rounded to int8 per scale group (checked against
     that rounding done in numpy), and near the unrounded product; the float path (act="float") on
     the same bf16 x stays exact."""
     rng = np.random.default_rng(seed)
@@ -100,7 +102,7 @@ def test_gemv_int8_activations(qtype, rows, nsb, batch, xprep, seed):
 @settings(max_examples=6, **SETTINGS)
 @given(qtypes=st.lists(st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), min_size=1, max_size=3),
        rows=st.lists(st.sampled_from([16, 32, 48]), min_size=3, max_size=3), nsb=st.integers(1, 3),
-       batch=st.integers(1, 4), xprep=st.sampled_from(["xla", "kernel"]),
+       batch=st.integers(1, 4), xprep=st.sampled_from(["fused", "kernel", "xla"]),
        act=st.sampled_from(["float", "int8"]), seed=st.integers(0, 2**31))
 def test_gemv_multi_matches_separate_products(qtypes, rows, nsb, batch, xprep, act, seed):
     """Several matrices in one launch (Q/K/V, gate/up) give each matrix's own product: float32 x
@@ -207,10 +209,6 @@ def test_gpu_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("REALIZAR_GEMV_FUSE", "yes")
     with pytest.raises(ValueError, match="REALIZAR_GEMV_FUSE"):
         matmul_many(x, [w, w])
-    monkeypatch.setenv("REALIZAR_ATTN_COMBINE", "gpu")
-    q, kv = jnp.ones((1, 2, 16), jnp.float32), jnp.ones((1, 1, 32, 16), jnp.float32)
-    with pytest.raises(ValueError, match="REALIZAR_ATTN_COMBINE"):
-        decode_attention(q, kv, kv, jnp.asarray([5], jnp.int32), 0.25, bt=16, interpret=True)
 
 
 @pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])
@@ -264,10 +262,6 @@ def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
     got_l = decode_attention(jnp.asarray(q), stack_k, stack_v, jnp.asarray(lengths), scale, bt=16,
                              splits=splits, layer=1, interpret=not ON_GPU)
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(got), atol=1e-6)
-    # the splits merged by the Pallas combine kernel instead of XLA's ops: the same sums
-    got_c = decode_attention(jnp.asarray(q), stack_k, stack_v, jnp.asarray(lengths), scale, bt=16,
-                             splits=splits, layer=1, combine="kernel", interpret=not ON_GPU)
-    np.testing.assert_allclose(np.asarray(got_c), np.asarray(got), atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -292,8 +286,29 @@ def test_gpu_kernels_large_shapes():
                 # way (~1.5e-4 each here); int8 vs float rounding is ~1e-2, so this still tells them apart
                 y8 = gemv(xb, w, act="int8")
                 assert _rel(y8, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 1e-3, (qtype, batch)
-                # the kernel sums the rounded x itself (REALIZAR_GEMV_XPREP=kernel): the same products
-                assert _rel(gemv(xb, w, act="int8", xprep="kernel"), np.asarray(y8, np.float64)) < 1e-5
+                # the kernel sums the rounded x itself (REALIZAR_GEMV_XPREP=kernel; the default, fused,
+                # also quantizes x in a Pallas kernel): the same products
+                y8x = np.asarray(gemv(xb, w, act="int8", xprep="xla"), np.float64)
+                assert _rel(gemv(xb, w, act="int8", xprep="kernel"), y8x) < 1e-5, (qtype, batch)
+                assert _rel(y8, y8x) < 1e-3, (qtype, batch)   # a tie may round apart (see below)
+                # the RMSNorm / SwiGLU gate fused into that kernel: the XLA ops' product up to bf16
+                # rounding flips (the GPU's rsqrt and exp against XLA's)
+                norm = jnp.asarray(rng.standard_normal(4096) + 1.0, jnp.float32)
+                up = jnp.asarray(rng.standard_normal((batch, 4096)), jnp.bfloat16)
+                for pre, other in (("norm", norm), ("swiglu", up)):
+                    eps = 1e-5 if pre == "norm" else None
+                    want_pre = jax.jit(lambda x, o: gemv(apply_pre(x, pre, o, eps), w, act="int8", xprep="xla"))(xb, other)
+                    got = gemv(xb, w, act="int8", pre=pre, other=other, eps=eps)
+                    assert _rel(got, np.asarray(want_pre, np.float64)) < 1e-2, (qtype, batch, pre)
+        if qtype in ("Q4_K", "Q6_K"):   # the int8s of the Pallas prep vs XLA's: ties may round apart
+            group = 16 if qtype == "Q6_K" else 32
+            xq = jnp.asarray(rng.standard_normal((4, 14336)) * 5, jnp.bfloat16)
+            words, scales = quantize_x(xq, group)
+            want_w, want_s = prepare_x_q8(xq, qtype, in_kernel=True)
+            a = np.asarray(words).view(np.int8).ravel().astype(int)
+            b = np.asarray(want_w).view(np.int8).ravel().astype(int)
+            assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (qtype, (a != b).mean())
+            np.testing.assert_allclose(np.asarray(scales).ravel(), np.asarray(want_s).ravel(), rtol=1e-6)
         x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
         assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")
@@ -305,6 +320,5 @@ def test_gpu_kernels_large_shapes():
     lengths = jnp.asarray([1500, 37], jnp.int32)
     want = decode_attention_ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                 lengths, D ** -0.5)
-    for combine in ("xla", "kernel"):
-        got = decode_attention(q, k, v, lengths, D ** -0.5, combine=combine).astype(jnp.float32)
-        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2, combine
+    got = decode_attention(q, k, v, lengths, D ** -0.5).astype(jnp.float32)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2

@@ -4,8 +4,8 @@ Flash-decoding: grid (batch, kv head, split of the sequence axis). A program tak
 heads that share its kv head (padded to 16 rows so the two products run on tensor cores), walks
 only the valid positions of its split in blocks of BT, and keeps an online softmax (running max m,
 running sum l, unnormalised output o). Splits past a sequence's length do no loads at all. The
-partial (o, m, l) of every split are merged in a few XLA ops, or (REALIZAR_ATTN_COMBINE=kernel) by
-a second small Pallas kernel: one launch instead of XLA's three per layer.
+partial (o, m, l) of every split are merged in a few XLA ops. (A second small Pallas kernel doing
+the merge in one launch was slower on the H100: 8B Q4_K_M 292 vs 306 tok/s, BENCHMARKS.md.)
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..attention import decode_attention_ref  # the model's jnp reference, also the fallback here
-from .switches import switch
 
 NEG = -1e30  # finite "minus infinity": empty splits must not turn the merge into NaN
 
@@ -52,53 +51,16 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss)
     l_ref[...] = l
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, splits):
-    """Merge the splits' partial softmax results of one (batch, kv head): sum_s o_s e^(m_s - M) over
-    sum_s l_s e^(m_s - M), M the largest m_s. One split at a time, so registers hold one [gp, D]."""
-    mx = jnp.max(m_ref[...], axis=0)
-
-    def body(s, carry):
-        num, den = carry
-        w = jnp.exp(m_ref[s] - mx)
-        return num + o_ref[s] * w[:, None], den + l_ref[s] * w
-
-    gp, d = out_ref.shape
-    num, den = jax.lax.fori_loop(0, splits, body, (jnp.zeros((gp, d), jnp.float32),
-                                                   jnp.zeros((gp,), jnp.float32)))
-    out_ref[...] = (num / den[:, None]).astype(out_ref.dtype)
-
-
-def _combine(o, m, l, dtype, *, interpret: bool, num_warps: int):
-    """o [B, splits, Hkv, gp, D], m and l [B, splits, Hkv, gp] -> [B, Hkv, gp, D] in dtype."""
-    B, splits, Hkv, gp, D = o.shape
-    return pl.pallas_call(
-        functools.partial(_combine_kernel, splits=splits),
-        grid=(B, Hkv),
-        in_specs=[pl.BlockSpec((None, splits, None, gp, D), lambda b, h: (b, 0, h, 0, 0)),
-                  pl.BlockSpec((None, splits, None, gp), lambda b, h: (b, 0, h, 0)),
-                  pl.BlockSpec((None, splits, None, gp), lambda b, h: (b, 0, h, 0))],
-        out_specs=pl.BlockSpec((None, None, gp, D), lambda b, h: (b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, Hkv, gp, D), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="decode_attention_combine",
-    )(o, m, l)
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "bt", "splits", "num_warps", "num_stages",
-                                             "interpret", "layer", "combine"))
+                                             "interpret", "layer"))
 def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, splits: int | None = None,
                      num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
-                     layer: int | None = None, combine: str | None = None):
+                     layer: int | None = None):
     """Pallas flash-decoding; same signature and result as decode_attention_ref.
 
     layer: the caches are the whole stack [L, B, Hkv, S, D] and the kernel reads layer `layer` of it
     in place (a sliced-out operand would be copied first).
-    combine: "xla" or "kernel", how the splits are merged (default REALIZAR_ATTN_COMBINE).
     """
-    combine = switch("REALIZAR_ATTN_COMBINE") if combine is None else combine
-    if combine not in ("xla", "kernel"):   # checked first: the fallbacks below would ignore it
-        raise ValueError(f"decode_attention: combine must be xla or kernel, got {combine!r}")
     from .gemv import interpret_mode
     if interpret is None:
         interpret = interpret_mode()
@@ -154,9 +116,6 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
         interpret=interpret,
         name="decode_attention",
     )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
-    if combine == "kernel":
-        out = _combine(o, m, l, q.dtype, interpret=interpret, num_warps=num_warps)
-        return out[:, :, :G].reshape(B, Hq, D)
     mx = m.max(axis=1, keepdims=True)
     w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
     num = (o * w[..., None]).sum(axis=1)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .gemm import gemm
-from .gemv import fusable, gemv, gemv_multi, interpret_mode
+from .gemv import apply_pre, fusable, gemv, gemv_multi, interpret_mode
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
 from .switches import switch
 from .unpack import unpack
@@ -36,11 +36,23 @@ def fused_gemv_applies(x: jax.Array, ws) -> bool:
     return switch("REALIZAR_GEMV_FUSE") == "1" and fusable(tuple(ws), rows)
 
 
-def kernel_matmul_many(x: jax.Array, ws) -> list:
-    """[kernel_matmul(x, w) for w in ws] as one gemv_multi launch (fused_gemv_applies must hold)."""
+def _rows(a):
+    return None if a is None or a.ndim < 2 else a.reshape(-1, a.shape[-1])
+
+
+def kernel_matmul_many(x: jax.Array, ws, *, pre: str | None = None, other=None, eps=None) -> list:
+    """[kernel_matmul(x, w, ...) for w in ws] as one gemv_multi launch (fused_gemv_applies must hold)."""
     lead, cols = x.shape[:-1], x.shape[-1]
-    ys = gemv_multi(x.reshape(-1, cols), tuple(ws), interpret=interpret_mode())
+    ys = gemv_multi(x.reshape(-1, cols), tuple(ws), interpret=interpret_mode(), pre=pre,
+                    other=other if pre == "norm" else _rows(other), eps=eps)
     return [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
+
+
+def pre_fuses(x: jax.Array, w) -> bool:
+    """Whether kernel_matmul(x, w, pre=...) can hand the pre-op to the GEMV (decode rows on a packed
+    GPU weight) rather than running it first in XLA."""
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    return isinstance(w, GpuQTensor) and 0 < rows <= GEMV_MAX_ROWS
 
 
 def dense_gemv_applies(x: jax.Array, w: jax.Array) -> bool:
@@ -57,14 +69,18 @@ def _dense_dot(x2, w):
                                preferred_element_type=jnp.float32)
 
 
-def kernel_matmul(x: jax.Array, w) -> jax.Array:
-    """x [..., in] @ w.T -> [..., out] in x.dtype with float32 accumulation."""
+def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=None) -> jax.Array:
+    """pre(x) [..., in] @ w.T -> [..., out] in x.dtype with float32 accumulation. A pre-op (gemv.apply_pre)
+    goes to the GEMV when pre_fuses(x, w), else runs here first."""
+    if pre is not None and not pre_fuses(x, w):
+        x, pre = apply_pre(x, pre, other, eps), None
     lead, cols = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, cols)
     M = x2.shape[0]
     if isinstance(w, GpuQTensor):
         if M <= GEMV_MAX_ROWS:
-            y = gemv(x2, w, interpret=interpret_mode())
+            y = gemv(x2, w, interpret=interpret_mode(), pre=pre, other=other if pre == "norm" else _rows(other),
+                     eps=eps)
         else:
             route = prefill_route()
             if route == "pallas" and w.shape[0] % 16 == 0:

@@ -25,9 +25,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .layout import SB, GpuQTensor, dequant_parts, split_x
-from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8, load_x_tiles,
-                   prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_tiles, x_view)
+from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8,
+                   prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_group, x_q8_natural, x_q8_tiles)
 from .switches import check_switch, switch
+from .xquant import fusable_prep, quantize_x
+from ..layers import rms_norm, swiglu
 
 N_SM = 132  # H100 SXM; only used to size the grid
 # (rows per program, superblocks per K step, warps, pipeline stages) of the factored kernels: the
@@ -137,8 +139,6 @@ def _factored_rows(w_refs, x_refs, i, s, *, qtype, bn, bs, tiles, nb, q8, interp
         if q8:
             xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx), in_kernel=x_in_kernel)
                   for b in range(nb)]
-        elif x_in_kernel:
-            xs = [load_x_tiles(x_refs[0], b, ks, qtype) for b in range(nb)]
         else:
             xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
         if q8:
@@ -195,6 +195,31 @@ def _resolve_xprep(xprep) -> str:
     return xprep
 
 
+def apply_pre(x, pre: str | None, other, eps):
+    """The op in front of the matmul, in XLA: x itself, rms_norm(x, other, eps) or swiglu(x, other)."""
+    if pre == "norm":
+        return rms_norm(x, other, eps)
+    if pre == "swiglu":
+        return swiglu(x, other)
+    if pre is not None:
+        raise ValueError(f"pre must be None, 'norm' or 'swiglu', got {pre!r}")
+    return x
+
+
+def _pad_rows(a, nb: int):
+    return a if a is None or a.shape[0] == nb else jnp.zeros((nb,) + a.shape[1:], a.dtype).at[:a.shape[0]].set(a)
+
+
+def _x_q8(xp, qtype: str, xprep: str, pre, other, eps, interpret: bool) -> list:
+    """The int8 activations for one weight type: with xprep="fused" one xquant.quantize_x launch that
+    also does the pre-op; otherwise the pre-op and prepare_x_q8 in XLA."""
+    group = x_q8_group(qtype)
+    if xprep == "fused" and fusable_prep(xp.shape[1], group, pre):
+        words, scales = quantize_x(xp, group, pre=pre, other=other, eps=eps, interpret=interpret)
+        return x_q8_natural(words, scales, qtype)
+    return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype, in_kernel=xprep != "xla")
+
+
 def fusable(ws, rows_in_x: int) -> bool:
     """Whether gemv_multi can take these weights: packed types of the factored kernel, one input
     width, row counts divisible by the shared row tile, at most 4 activation rows."""
@@ -205,14 +230,15 @@ def fusable(ws, rows_in_x: int) -> bool:
                for w in ws)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep"))
+@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps"))
 def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
-               xprep: str | None = None) -> list:
-    """x [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each.
+               xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None) -> list:
+    """pre(x) [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each.
 
     One launch instead of one per matrix, and no K-split partial sums: the programs of all matrices
     together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
-    first matrix's. Needs fusable(ws, B).
+    first matrix's. Needs fusable(ws, B). pre/other/eps: the op in front (apply_pre), fused into the
+    activations' quantization where that applies.
     """
     B, cols = x.shape
     if not fusable(ws, B):
@@ -220,18 +246,21 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     bn, _, num_warps, num_stages = default_tiles(ws[0].qtype)
     nb = max(1, 1 << (B - 1).bit_length())
     nsb = cols // SB
-    xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
     q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
-    x_in_kernel = _resolve_xprep(xprep) == "kernel"
+    xprep = _resolve_xprep(xprep)
+    x_in_kernel = xprep != "xla"
+    if not q8:
+        x, pre = apply_pre(x, pre, other, eps), None
+    xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
     inputs, x_ranges, mats, first = [], {}, [], 0
     for w in ws:
         inputs.extend(w.parts)
     for w in ws:   # one prepared x per distinct type, shared by the matrices of that type
         if w.qtype not in x_ranges:
             if q8:
-                xs = prepare_x_q8(xp, w.qtype, in_kernel=x_in_kernel)
+                xs = _x_q8(xp, w.qtype, xprep, pre, other, eps, interpret)
             else:
-                xs = [x_view(xp, w.qtype)] if x_in_kernel else prepare_x(xp, w.qtype)
+                xs = prepare_x(xp, w.qtype)
             x_ranges[w.qtype] = (len(inputs), len(inputs) + len(xs))
             inputs.extend(xs)
     w_at = 0
@@ -259,18 +288,21 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
-                                             "target_programs", "interpret", "factored", "act", "xprep"))
+                                             "target_programs", "interpret", "factored", "act", "xprep",
+                                             "pre", "eps"))
 def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
          interpret: bool = False, factored: bool | None = None, act: str | None = None,
-         xprep: str | None = None):
-    """x [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
+         xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None):
+    """pre(x) [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
     best measured on an H100 for the 14336x4096 matrix (BENCHMARKS.md).
     act: "float" (default) keeps x in float32, exact up to float32 rounding; "int8" (or
     REALIZAR_GEMV_ACT=int8) quantizes bf16/f16 x per weight scale group and multiplies with integer
     dot products (qdot.tile_dot_q8, Q4_K/Q8_0/Q6_K; float32 x always stays float).
+    pre/other/eps: the op in front of the product (apply_pre: None, "norm" or "swiglu"); with int8
+    activations and REALIZAR_GEMV_XPREP=fused it runs inside the kernel that quantizes x.
     """
     if isinstance(w, GpuQTensor):
         qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
@@ -290,15 +322,18 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
         factored = qtype in FACTORED_QTYPES and not use_dot
     q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
-    x_in_kernel = _resolve_xprep(xprep) == "kernel" and factored
-    xp = jnp.zeros((nb, cols), x.dtype).at[:B].set(x) if nb != B else x
+    xprep = _resolve_xprep(xprep)
+    x_in_kernel = xprep != "xla" and factored
+    if not q8:
+        x, pre = apply_pre(x, pre, other, eps), None
+    xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     tiles = nsb // bs // splits   # K tiles per split
     if factored:
         if q8:
-            xs = prepare_x_q8(xp, qtype, in_kernel=x_in_kernel)
+            xs = _x_q8(xp, qtype, xprep, pre, other, eps, interpret)
         else:
-            xs = [x_view(xp, qtype)] if x_in_kernel else prepare_x(xp, qtype)
+            xs = prepare_x(xp, qtype)
         kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
                                    bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret,
                                    x_in_kernel=x_in_kernel)

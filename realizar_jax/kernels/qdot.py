@@ -89,32 +89,6 @@ def prepare_x(x: jax.Array, qtype: str) -> list:
     raise ValueError(qtype)
 
 
-_X_VIEW = {"DENSE": (256,), "Q4_K": (4, 2, 8, 4), "Q8_0": (8, 8, 4), "Q6_K": (4, 4, 4, 4)}
-
-
-def x_view(x: jax.Array, qtype: str) -> jax.Array:
-    """x [B, cols] -> [B, nsb, ...]: a free reshape whose axes load_x_tiles indexes, so the kernel
-    splits x itself (xprep="kernel") instead of prepare_x's XLA ops before every launch."""
-    return x.reshape(x.shape[0], x.shape[1] // 256, *_X_VIEW[qtype])
-
-
-def load_x_tiles(x_ref, b, ks, qtype: str) -> list:
-    """Inside a kernel: prepare_x's tiles for batch row b and superblocks ks, from x_view's ref."""
-    f32 = jnp.float32
-    if qtype == "DENSE":
-        return [x_ref[b, ks, :].astype(f32)]
-    if qtype == "Q4_K":
-        raw = {(k, h): x_ref[b, ks, :, h, :, k].astype(f32) for h in range(2) for k in range(4)}
-        xs = [raw[k, h] * 2.0 ** -pos for k, h, _, pos in _q4k_terms()]
-        sums = [jnp.sum(raw[0, h] + raw[1, h] + raw[2, h] + raw[3, h], axis=-1) for h in range(2)]
-        return xs + sums
-    if qtype == "Q8_0":
-        return [x_ref[b, ks, :, :, k].astype(f32) * 2.0 ** -pos for k, _, pos in _q8_terms()]
-    if qtype == "Q6_K":
-        return [x_ref[b, ks, :, c, :, k].astype(f32) * 2.0 ** -pos for c, k, _, pos in _q6_terms()]
-    raise ValueError(qtype)
-
-
 def init_accumulators(qtype: str, bn: int, bs: int) -> tuple:
     """Zero accumulators of one batch row; the row's output is the sum of all their elements."""
     shapes = {"DENSE": [(bn, bs, 256)], "Q4_K": [(bn, bs, 4, 8), (bn, bs, 4)],
@@ -255,34 +229,44 @@ def _words(q):
 X_Q8_PARTS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 4}
 
 
+# scale groups of each type's activations, as the axes after [B, superblocks]: Q4_K sub-block 2j+h
+# = 32 values 64j + 32h + (4w + k); Q8_0 block = 32 values; Q6_K group (t, c) = 16 values 64t + 16c +
+# (4w + k). Every group is contiguous in x, so only the group size differs between the types.
+X_GROUPS = {"Q4_K": (4, 2, 32), "Q8_0": (8, 32), "Q6_K": (4, 4, 16)}
+_ZERO_POINT = {"Q4_K": 1.0, "Q6_K": 32.0}   # the quants' offset the sums correct for (Q6_K's -32)
+
+
+def x_q8_group(qtype: str) -> int:
+    """Values per int8 scale group of the activations for this weight type."""
+    return X_GROUPS[qtype][-1]
+
+
+def x_q8_natural(words: jax.Array, scales: jax.Array, qtype: str) -> list:
+    """Flat per-group words [B, groups, group/4] and scales [B, groups] (kernels/xquant.py) ->
+    prepare_x_q8(..., in_kernel=True)'s arrays: free reshapes."""
+    B = words.shape[0]
+    *lead, g = X_GROUPS[qtype]
+    return [words.reshape(B, -1, *lead, g // 4), scales.reshape(B, -1, *lead)]
+
+
 def prepare_x_q8(x: jax.Array, qtype: str, *, in_kernel: bool = False) -> list:
     """x [B, cols] -> the int8-activation kernel's inputs: int32 words of int8s, float32 scales and,
     for Q4_K/Q6_K, the scaled sums of the rounded x per group.
 
     in_kernel=False: [words, scales, sums], parts on axis 2 (XLA computes the sums and writes the
     part axis first; on the H100 that is a reduce and a transpose kernel before each launch).
-    in_kernel=True (REALIZAR_GEMV_XPREP=kernel): [words, scales] in their natural layout, parts on
-    axis 3; the kernel sums the rounded x itself with dp4a (_group_sums).
+    in_kernel=True (REALIZAR_GEMV_XPREP=kernel or fused): [words, scales] in their natural layout,
+    parts on axis 3; the kernel sums the rounded x itself with dp4a (_group_sums).
     """
-    B, cols = x.shape
-    nsb = cols // 256
-    x = x.astype(jnp.float32)
-    if qtype == "Q4_K":   # [B, nsb, j, h, 8 words]: sub-block 2j+h = 32 values 64j + 32h + (4w + k)
-        q, s = _quantize_blocks(x.reshape(B, nsb, 4, 2, 32))
-        zero_point = 1.0
-    elif qtype == "Q8_0":   # [B, nsb, 8 blocks, 8 words]
-        q, s = _quantize_blocks(x.reshape(B, nsb, 8, 32))
-        return [_words(q), s]
-    elif qtype == "Q6_K":   # [B, nsb, t, c, 4 words]: group (t, c) = 16 values 64t + 16c + (4w + k)
-        q, s = _quantize_blocks(x.reshape(B, nsb, 4, 4, 16))
-        zero_point = 32.0   # the -32 of Q6_K's quants
-    else:
+    if qtype not in X_GROUPS:
         raise ValueError(qtype)
-    if in_kernel:
+    B, cols = x.shape
+    q, s = _quantize_blocks(x.astype(jnp.float32).reshape(B, cols // 256, *X_GROUPS[qtype]))
+    if in_kernel or qtype == "Q8_0":
         return [_words(q), s]
     # the mins (zero point) meet the same rounded x as the quants, so the result is exactly the
     # dequantized weights times the rounded x (with the true sums the two large terms cancel unevenly)
-    sums = zero_point * s * q.astype(jnp.float32).sum(axis=-1)
+    sums = _ZERO_POINT[qtype] * s * q.astype(jnp.float32).sum(axis=-1)
     return [jnp.moveaxis(a, 3, 2) for a in (_words(q), s, sums)]
 
 

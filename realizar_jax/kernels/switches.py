@@ -14,16 +14,15 @@ SWITCHES = {
     # decode activations: int8 per scale group + dp4a (as llama.cpp's MMVQ; 8B Q4_K_M 236 -> 269 tok/s
     # alone, BENCHMARKS.md) or float32 (exact up to float rounding)
     "REALIZAR_GEMV_ACT": ("int8", "float"),
-    # how much of the activations' preparation the GEMV does itself: with float activations the
-    # split into parts (slower on the H100: 8B Q4_K_M 195 vs 236 tok/s); with int8 the part layout
-    # and the per-group sums, which saves XLA a transpose and a reduce per launch (not yet timed)
-    "REALIZAR_GEMV_XPREP": ("xla", "kernel"),
+    # who prepares the int8 activations: "fused", one Pallas launch (kernels/xquant.py) that also
+    # runs the RMSNorm or SwiGLU gate in front, with the per-group sums taken in the GEMV; "kernel",
+    # XLA quantizes (natural layout) and the GEMV sums (8B Q4_K_M 327 vs 306 tok/s for "xla");
+    # "xla", XLA quantizes, sums and lays the parts out (a transpose and a reduce per launch)
+    "REALIZAR_GEMV_XPREP": ("fused", "kernel", "xla"),
     "REALIZAR_GEMV_FUSE": ("1", "0"),                      # Q/K/V and gate/up as one launch
     # decode matmuls on bf16/f16 weights: the Pallas GEMV or XLA's dot (8B bf16: 160 vs 155 tok/s)
     "REALIZAR_DENSE_GEMV": ("pallas", "xla"),
     "REALIZAR_ATTN_INPLACE": ("1", "0"),                   # decode attention reads the cache stack in place
-    # decode attention's split-K merge: XLA ops (3 kernels per layer) or one Pallas kernel (not yet timed)
-    "REALIZAR_ATTN_COMBINE": ("xla", "kernel"),
 }
 
 

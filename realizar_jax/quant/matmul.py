@@ -14,7 +14,9 @@ from jax import lax
 from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
-from ..kernels.dispatch import dense_gemv_applies, fused_gemv_applies, kernel_matmul, kernel_matmul_many
+from ..kernels.dispatch import (dense_gemv_applies, fused_gemv_applies, kernel_matmul, kernel_matmul_many,
+                                pre_fuses)
+from ..layers import rms_norm, swiglu
 
 
 def _check(x, in_features: int, what: str) -> None:
@@ -53,6 +55,30 @@ def matmul_many(x, ws) -> list:
             _check(x, w.shape[1], repr(w))
         return kernel_matmul_many(x, ws)
     return [matmul(x, w) for w in ws]
+
+
+def normed_matmul_many(x, norm_weight, eps: float, ws) -> list:
+    """[matmul(rms_norm(x, norm_weight, eps), w) for w in ws]. On the GPU's decode path the RMSNorm
+    runs inside the launch that quantizes the activations for the GEMV (kernels/xquant.py): one
+    kernel where XLA needs four."""
+    x = jnp.asarray(x)
+    if all(pre_fuses(x, w) for w in ws):
+        for w in ws:
+            _check(x, w.shape[1], repr(w))
+        if len(ws) > 1 and fused_gemv_applies(x, ws):
+            return kernel_matmul_many(x, ws, pre="norm", other=norm_weight, eps=eps)
+        return [kernel_matmul(x, w, pre="norm", other=norm_weight, eps=eps) for w in ws]
+    return matmul_many(rms_norm(x, norm_weight, eps), ws)
+
+
+def swiglu_matmul(gate, up, w) -> jax.Array:
+    """matmul(swiglu(gate, up), w): the MLP's down projection, with the gate fused into the GEMV's
+    activation quantization on the GPU's decode path."""
+    gate, up = jnp.asarray(gate), jnp.asarray(up)
+    if pre_fuses(gate, w):
+        _check(gate, w.shape[1], repr(w))
+        return kernel_matmul(gate, w, pre="swiglu", other=up)
+    return matmul(swiglu(gate, up), w)
 
 
 def matmul(x, w) -> jax.Array:

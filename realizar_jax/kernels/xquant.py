@@ -1,0 +1,116 @@
+"""The decode GEMV's int8 activations in one Pallas launch, with the op that produces them fused in.
+
+XLA needs two kernels to quantize x per scale group (an absmax reduce, then the rounding), and two
+more for the RMSNorm (or one for the SwiGLU gate) in front of it; at batch 1 each is a ~1.3 us launch
+for a few KB, and they add up to about a third of the 8B decode step (BENCHMARKS.md). This kernel
+reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
+in_kernel=True): int32 words of four int8s and one float32 scale per group of `group` values.
+
+pre: None (x as is), "norm" (RMSNorm by `weight`, which needs the whole row in one program) or
+"swiglu" (silu(x) * up). Both round like layers.py so the int8s match the unfused path's; only
+float32 summation order and the GPU's rsqrt/exp can move a value by an ulp.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+
+def _rne_int(v, *, interpret: bool):
+    """int32(round-half-even(v)), as jnp.round. On the GPU one cvt.rni: Pallas/Triton has no round,
+    and the float tricks (adding 1.5 * 2**23) would be contracted with the multiply producing v into
+    an FMA that rounds the exact product, not v, and flips ties against the XLA path."""
+    if interpret:
+        return jnp.round(v).astype(jnp.int32)
+    [r] = plgpu.elementwise_inline_asm("cvt.rni.s32.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])
+    return r
+
+
+def _chunk(groups: int, pre: str | None) -> int | None:
+    """Groups per program: the whole row for the norm (its mean needs it), else up to 128. None when
+    the block would not be a power of two (Triton's blocks must be)."""
+    if pre == "norm":
+        return groups if groups & (groups - 1) == 0 else None
+    c = 128
+    while groups % c:
+        c //= 2
+    return c
+
+
+def fusable_prep(cols: int, group: int, pre: str | None) -> bool:
+    """Whether quantize_x can take a row of `cols` values with this group size and pre-op."""
+    return cols % group == 0 and _chunk(cols // group, pre) is not None
+
+
+def _kernel(*refs, pre, eps, cols, dtype, interpret):
+    f32 = jnp.float32
+    x_ref, words_ref, scales_ref = refs[0], refs[-2], refs[-1]
+
+    def rounded(v):   # v in the model's dtype, back in float32
+        return v.astype(dtype).astype(f32)
+
+    xs = [x_ref[:, :, k].astype(f32) for k in range(4)]      # byte k of every word: [groups, words]
+    if pre == "norm":
+        w_ref = refs[1]
+        ss = sum(jnp.sum(jnp.sum(v * v, axis=1), axis=0) for v in xs)
+        r = jax.lax.rsqrt(ss / cols + eps)
+        ys = [rounded(rounded(w_ref[:, :, k].astype(f32)) * rounded(v * r)) for k, v in enumerate(xs)]
+    elif pre == "swiglu":
+        u_ref = refs[1]
+        ys = []
+        for k, g in enumerate(xs):
+            ys.append(rounded(rounded(g / (1.0 + jnp.exp(-g))) * u_ref[:, :, k].astype(f32)))
+    else:
+        ys = xs
+    amax = jnp.max(jnp.abs(ys[0]), axis=1)
+    for y in ys[1:]:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
+    words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
+    scales_ref[...] = amax / 127.0
+
+
+@functools.partial(jax.jit, static_argnames=("group", "pre", "eps", "interpret"))
+def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.Array | None = None,
+               eps: float | None = None, interpret: bool = False):
+    """x [B, cols] -> (words int32 [B, cols/group, group/4], scales float32 [B, cols/group]) of
+    pre(x): per group, int8 q = round(v * 127 / absmax) packed little-endian, v ~= q * scale.
+
+    pre="norm": other is the RMSNorm weight [cols], eps its epsilon; pre="swiglu": other is `up`
+    [B, cols]. Needs fusable_prep(cols, group, pre).
+    """
+    B, cols = x.shape
+    if pre not in (None, "norm", "swiglu") or (pre is None) != (other is None):
+        raise ValueError(f"quantize_x: pre={pre!r} with {'an' if other is not None else 'no'} operand")
+    if not fusable_prep(cols, group, pre):
+        raise ValueError(f"quantize_x: {cols} values in groups of {group} with pre={pre!r} do not tile")
+    groups, wpg = cols // group, group // 4
+    chunk = _chunk(groups, pre)
+    row_spec = pl.BlockSpec((None, chunk, wpg, 4), lambda b, c: (b, c, 0, 0))
+    operands, in_specs = [x.reshape(B, groups, wpg, 4)], [row_spec]
+    if pre == "norm":
+        operands.append(other.reshape(groups, wpg, 4))
+        in_specs.append(pl.BlockSpec((chunk, wpg, 4), lambda b, c: (c, 0, 0)))
+    elif pre == "swiglu":
+        operands.append(other.reshape(B, groups, wpg, 4))
+        in_specs.append(row_spec)
+    return pl.pallas_call(
+        functools.partial(_kernel, pre=pre, eps=None if eps is None else float(eps), cols=cols,
+                          dtype=x.dtype, interpret=interpret),
+        grid=(B, groups // chunk),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, chunk, wpg), lambda b, c: (b, c, 0)),
+                   pl.BlockSpec((None, chunk), lambda b, c: (b, c))],
+        out_shape=[jax.ShapeDtypeStruct((B, groups, wpg), jnp.int32),
+                   jax.ShapeDtypeStruct((B, groups), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"quantize_x_{pre or 'plain'}",
+    )(*operands)

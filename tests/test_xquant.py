@@ -1,0 +1,159 @@
+"""kernels/xquant.py: the one-launch int8 activation prep (RMSNorm / SwiGLU gate fused), in interpret
+mode on CPU, against numpy and against the unfused XLA path; and the model-facing entries
+normed_matmul_many / swiglu_matmul that route to it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from realizar_jax.kernels import GpuQTensor, repack_blocks
+from realizar_jax.kernels.gemv import apply_pre, gemv, gemv_multi
+from realizar_jax.kernels.qdot import prepare_x_q8, x_q8_natural
+from realizar_jax.kernels.xquant import fusable_prep, quantize_x
+from realizar_jax.layers import rms_norm, swiglu
+from realizar_jax.quant.matmul import matmul, normed_matmul_many, swiglu_matmul
+from realizar_jax.quant.qtensor import QTensor
+from realizar_jax.synth import random_blocks
+
+SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
+BF16 = ml_dtypes.bfloat16
+
+
+def _bf16(a):
+    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
+
+
+def _numpy_pre(x, pre, other, eps):
+    """pre(x) in numpy, rounding to bf16 where the model does (layers.py)."""
+    if pre == "norm":
+        r = 1.0 / np.sqrt((x.astype(np.float64) ** 2).mean(axis=-1, keepdims=True) + eps)
+        return _bf16(_bf16(other) * _bf16(x * r))
+    if pre == "swiglu":
+        silu = _bf16(x / (1.0 + np.exp(-x.astype(np.float64))))
+        return _bf16(silu * other)
+    return x
+
+
+def _unpack(words, scales):
+    """words [B, groups, group/4] int32, scales [B, groups] -> int8 q [B, groups, group], scales."""
+    q = np.asarray(words).view(np.int8).reshape(words.shape[0], words.shape[1], -1)
+    return q.astype(np.int64), np.asarray(scales, np.float64)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(group=st.sampled_from([16, 32]), batch=st.integers(1, 4), nsb=st.sampled_from([1, 2, 3, 4, 8]),
+       pre=st.sampled_from([None, "norm", "swiglu"]), scale=st.sampled_from([1e-2, 1.0, 30.0]),
+       seed=st.integers(0, 2**31))
+def test_quantize_x_is_the_int8_rounding_of_pre_x(group, batch, nsb, pre, scale, seed):
+    """Per group: |q| <= 127, the largest |q| is 127, and q * scale is pre(x) to within half a step
+    (numpy pre-op, float64 except where the model rounds to bf16); bit-identical to the unfused XLA
+    path (layers.py + qdot.prepare_x_q8)."""
+    cols = nsb * 256
+    if not fusable_prep(cols, group, pre):
+        with pytest.raises(ValueError, match="do not tile"):
+            quantize_x(jnp.zeros((batch, cols), jnp.bfloat16), group, pre=pre,
+                       other=None if pre is None else jnp.ones((cols,)), eps=1e-5)
+        return
+    rng = np.random.default_rng(seed)
+    x = _bf16(rng.standard_normal((batch, cols)) * scale)
+    other = {"norm": rng.standard_normal(cols).astype(np.float32) + 1.0,
+             "swiglu": _bf16(rng.standard_normal((batch, cols))), None: None}[pre]
+    eps = 1e-5 if pre == "norm" else None
+    words, scales = quantize_x(jnp.asarray(x, jnp.bfloat16), group, pre=pre,
+                               other=None if other is None else jnp.asarray(other, jnp.bfloat16 if pre == "swiglu" else jnp.float32),
+                               eps=eps, interpret=True)
+    assert words.shape == (batch, cols // group, group // 4) and words.dtype == jnp.int32
+    q, s = _unpack(words, scales)
+    v = _numpy_pre(x, pre, other, eps).reshape(batch, cols // group, group)
+    assert np.abs(q).max() <= 127 and (np.abs(q).max(axis=-1) == 127).all()
+    step = s[..., None]
+    # half a step, plus the ulps by which float32 rsqrt/exp may move v against numpy's float64
+    assert (np.abs(q * step - v) <= 0.5 * step + 2e-2 * np.abs(v) + 1e-30).all()
+    assert np.abs(q * step - v).mean() < 0.3 * step.mean()
+    np.testing.assert_allclose(s, np.abs(v).max(axis=-1) / 127, rtol=1e-2)
+    # the XLA path's int8s for the same pre-op, in the same layout
+    qtype = "Q6_K" if group == 16 else "Q4_K"
+    want = prepare_x_q8(apply_pre(jnp.asarray(x, jnp.bfloat16), pre,
+                                  None if other is None else jnp.asarray(other, jnp.bfloat16 if pre == "swiglu" else jnp.float32),
+                                  eps), qtype, in_kernel=True)
+    got = x_q8_natural(words, scales, qtype)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_quantize_x_rejects_bad_arguments():
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="pre='gelu'"):
+        quantize_x(x, 32, pre="gelu", other=x, interpret=True)
+    with pytest.raises(ValueError, match="pre='norm' with no operand"):
+        quantize_x(x, 32, pre="norm", interpret=True)
+    with pytest.raises(ValueError, match="do not tile"):
+        quantize_x(jnp.ones((1, 100), jnp.bfloat16), 32, interpret=True)
+    with pytest.raises(ValueError, match="pre must be"):
+        apply_pre(x, "gelu", None, None)
+
+
+def _packed(qtype, rows, cols, rng):
+    data = random_blocks(qtype, rows, cols, rng)
+    return GpuQTensor(tuple(jnp.asarray(p) for p in repack_blocks(data, qtype, (rows, cols))), qtype, (rows, cols))
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(qtypes=st.lists(st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), min_size=1, max_size=3),
+       nsb=st.sampled_from([1, 2, 3]), batch=st.integers(1, 4), pre=st.sampled_from(["norm", "swiglu"]),
+       seed=st.integers(0, 2**31))
+def test_gemv_pre_op_equals_the_op_then_the_product(qtypes, nsb, batch, pre, seed):
+    """gemv / gemv_multi with a pre-op give the product of the pre-op's output, for every xprep (the
+    fused prep and, for 3 superblocks, where the norm cannot be fused, its fallback). The reference
+    runs the pre-op in a jit of its own: XLA may keep excess precision where the op rounds to bf16
+    (xla_allow_excess_precision), in different places in the two programs, which moves the product by
+    bf16 rounding (~4e-3 here); a wrong norm weight, eps or gate would move it by ~1."""
+    rng = np.random.default_rng(seed)
+    cols = nsb * 256
+    ws = tuple(_packed(q, 16, cols, rng) for q in qtypes)
+    x = jnp.asarray(rng.standard_normal((batch, cols)), jnp.bfloat16)
+    other = (jnp.asarray(rng.standard_normal(cols) + 1.0, jnp.float32) if pre == "norm"
+             else jnp.asarray(rng.standard_normal((batch, cols)), jnp.bfloat16))
+    eps = 1e-5 if pre == "norm" else None
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    for xprep in ("fused", "kernel", "xla"):
+        kw = dict(act="int8", xprep=xprep, interpret=True)
+        for w in ws:
+            want = jax.jit(lambda x, o, w=w: gemv(apply_pre(x, pre, o, eps), w, **kw))(x, other)
+            assert rel(gemv(x, w, pre=pre, other=other, eps=eps, **kw), want) < 1.5e-2, (xprep, w.qtype)
+        many = gemv_multi(x, ws, pre=pre, other=other, eps=eps, **kw)
+        for w, y in zip(ws, many):
+            assert rel(y, gemv(x, w, pre=pre, other=other, eps=eps, **kw)) < 1e-6, (xprep, w.qtype)
+    # float activations: the pre-op runs in XLA, then the exact float path
+    want = jax.jit(lambda x, o: gemv(apply_pre(x, pre, o, eps), ws[0], act="float", interpret=True))(x, other)
+    assert rel(gemv(x, ws[0], act="float", pre=pre, other=other, eps=eps, interpret=True), want) < 1.5e-2
+
+
+def test_model_entries_match_the_unfused_ops():
+    """normed_matmul_many / swiglu_matmul equal rms_norm / swiglu followed by matmul, on dense and
+    on packed CPU weights (where nothing is fused) and on GPU-layout weights (the fused decode path)."""
+    rng = np.random.default_rng(3)
+    cols = 512
+    x = jnp.asarray(rng.standard_normal((2, cols)), jnp.bfloat16)
+    up = jnp.asarray(rng.standard_normal((2, cols)), jnp.bfloat16)
+    norm = jnp.asarray(rng.standard_normal(cols) + 1.0, jnp.float32)
+    data = random_blocks("Q4_K", 32, cols, rng)
+    packed_cpu = QTensor(jnp.asarray(data), "Q4_K", (32, cols))
+    dense = jnp.asarray(rng.standard_normal((32, cols)), jnp.bfloat16)
+    gpu_layout = _packed("Q6_K", 32, cols, rng)
+    for w in (dense, packed_cpu, gpu_layout):
+        [y] = normed_matmul_many(x, norm, 1e-5, (w,))
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(matmul(rms_norm(x, norm, 1e-5), w), np.float32),
+                                   rtol=1e-2, atol=1e-2)
+        y = swiglu_matmul(x, up, w)
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(matmul(swiglu(x, up), w), np.float32),
+                                   rtol=1e-2, atol=1e-2)
