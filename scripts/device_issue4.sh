@@ -7,7 +7,7 @@
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
-#   prof: 8B Q4_K_M bench with --profile (kernel time per decode step)
+#   prof: 8B Q4_K_M bench with --profile (kernel time per decode step; XQ_AB=1: also the prep's tiles)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
 #   tests: pytest -m gpu (one process per file part / switch); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with XLA's dot)
 set -o pipefail
@@ -72,7 +72,12 @@ fi
 echo "benches run with REALIZAR_GEMV_TILES=${REALIZAR_GEMV_TILES:-<defaults>}" \
      "REALIZAR_PREFILL_GEMM=${REALIZAR_PREFILL_GEMM:-<default>}" | tee -a "$OUT/bench.log"
 if has prof; then
-  bench llama3-8b q4_k_m --profile /tmp/prof8b
+  if [ "${XQ_AB:-0}" = 1 ]; then   # the activation prep's tiles (xquant.TILE = 256 groups, 4 warps)
+    bench llama3-8b q4_k_m --profile /tmp/prof8b --ab 'REALIZAR_GEMV_TILES={"XQUANT":[32,4]}' \
+      --ab 'REALIZAR_GEMV_TILES={"XQUANT":[16,2]}' --ab 'REALIZAR_GEMV_TILES={"XQUANT":[256,8]}'
+  else
+    bench llama3-8b q4_k_m --profile /tmp/prof8b
+  fi
   for part in decode prefill; do
     f=$(find /tmp/prof8b/$part -name '*.trace.json.gz' | head -1); [ -n "$f" ] && cp "$f" "$OUT/$part-8b.trace.json.gz"
   done

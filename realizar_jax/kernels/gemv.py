@@ -40,8 +40,11 @@ TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DE
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
-def default_tiles(qtype: str) -> tuple:
-    """TILES[qtype], unless REALIZAR_GEMV_TILES overrides it (read when a call is traced)."""
+def default_tiles(qtype: str, default: tuple | None = None) -> tuple:
+    """TILES[qtype] (or `default`), unless REALIZAR_GEMV_TILES overrides it (read when a call is
+    traced). "XQUANT" is the activation prep's (groups per program, warps) (xquant.py)."""
+    if default is None:
+        default = TILES.get(qtype, (16, 2, 4, 3))
     raw = os.environ.get(TILES_ENV)
     if raw:
         try:
@@ -49,10 +52,11 @@ def default_tiles(qtype: str) -> tuple:
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{TILES_ENV} must be JSON like {{\"Q4_K\": [32, 2, 4, 2]}}: {e}") from e
         if qtype in override:
-            if len(override[qtype]) != 4 or min(override[qtype]) < 1:
-                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be 4 positive ints, got {override[qtype]}")
+            if len(override[qtype]) != len(default) or min(override[qtype]) < 1:
+                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be {len(default)} positive ints, got "
+                                 f"{override[qtype]}")
             return override[qtype]
-    return TILES.get(qtype, (16, 2, 4, 3))
+    return default
 
 
 def interpret_mode() -> bool:

@@ -32,12 +32,24 @@ def _rne_int(v, *, interpret: bool):
     return r
 
 
+# (groups per program, warps): one program per row for the 8B's norms (128 or 256 groups); a smaller
+# chunk splits the row over programs that each re-read it for the norm's sum of squares.
+TILE = (256, 4)
+
+
+def _tile() -> tuple:
+    """TILE, unless REALIZAR_GEMV_TILES overrides it under the key "XQUANT" (read when traced)."""
+    from .gemv import default_tiles
+    return default_tiles("XQUANT", TILE)
+
+
 def _chunk(groups: int, pre: str | None) -> int | None:
-    """Groups per program: the whole row for the norm (its mean needs it), else up to 128. None when
-    the block would not be a power of two (Triton's blocks must be)."""
-    if pre == "norm":
-        return groups if groups & (groups - 1) == 0 else None
-    c = 128
+    """Groups per program: a power of two dividing `groups` (Triton's blocks must be powers of two),
+    at most the tile's. None when the norm cannot be fused: its sum of squares reads the whole row
+    as one block, so `groups` itself must be a power of two."""
+    if pre == "norm" and groups & (groups - 1):
+        return None
+    c = 1 << (_tile()[0].bit_length() - 1)
     while groups % c:
         c //= 2
     return c
@@ -57,8 +69,9 @@ def _kernel(*refs, pre, eps, cols, dtype, interpret):
 
     xs = [x_ref[:, :, k].astype(f32) for k in range(4)]      # byte k of every word: [groups, words]
     if pre == "norm":
-        w_ref = refs[1]
-        ss = sum(jnp.sum(jnp.sum(v * v, axis=1), axis=0) for v in xs)
+        w_ref, row_ref = refs[1], refs[2]   # row_ref: the whole row, for the sum of squares
+        row = row_ref[...].astype(f32)
+        ss = jnp.sum(jnp.sum(jnp.sum(row * row, axis=2), axis=1), axis=0)
         r = jax.lax.rsqrt(ss / cols + eps)
         ys = [rounded(rounded(w_ref[:, :, k].astype(f32)) * rounded(v * r)) for k, v in enumerate(xs)]
     elif pre == "swiglu":
@@ -96,8 +109,9 @@ def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.A
     row_spec = pl.BlockSpec((None, chunk, wpg, 4), lambda b, c: (b, c, 0, 0))
     operands, in_specs = [x.reshape(B, groups, wpg, 4)], [row_spec]
     if pre == "norm":
-        operands.append(other.reshape(groups, wpg, 4))
-        in_specs.append(pl.BlockSpec((chunk, wpg, 4), lambda b, c: (c, 0, 0)))
+        operands += [other.reshape(groups, wpg, 4), operands[0]]
+        in_specs += [pl.BlockSpec((chunk, wpg, 4), lambda b, c: (c, 0, 0)),
+                     pl.BlockSpec((None, groups, wpg, 4), lambda b, c: (b, 0, 0, 0))]
     elif pre == "swiglu":
         operands.append(other.reshape(B, groups, wpg, 4))
         in_specs.append(row_spec)
@@ -110,7 +124,7 @@ def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.A
                    pl.BlockSpec((None, chunk), lambda b, c: (b, c))],
         out_shape=[jax.ShapeDtypeStruct((B, groups, wpg), jnp.int32),
                    jax.ShapeDtypeStruct((B, groups), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
         interpret=interpret,
         name=f"quantize_x_{pre or 'plain'}",
     )(*operands)
