@@ -32,9 +32,11 @@ def _rne_int(v, *, interpret: bool):
     return r
 
 
-# (groups per program, warps): one program per row for the 8B's norms (128 or 256 groups); a smaller
-# chunk splits the row over programs that each re-read it for the norm's sum of squares.
-TILE = (256, 4)
+# (groups per program, warps). A program per row was the slowest (8B Q4_K_M decode 324.5 tok/s with
+# (256, 4); 330.5 with (256, 8)): its loads, reductions and stores run one after another on one SM.
+# Splitting the row, each program re-reading it for the norm's sum of squares, measured 346.1 with
+# (32, 4) and 344.1 with (16, 2) (H100, BENCHMARKS.md).
+TILE = (32, 4)
 
 
 def _tile() -> tuple:
