@@ -79,7 +79,7 @@ if has prof; then
     bench llama3-8b q4_k_m --profile /tmp/prof8b
   fi
   for part in decode prefill; do
-    f=$(find /tmp/prof8b/$part -name '*.trace.json.gz' | head -1); [ -n "$f" ] && cp "$f" "$OUT/$part-8b.trace.json.gz"
+    f=$(find /tmp/prof8b/$part -name '*.trace.json.gz' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d" " -f2-); [ -n "$f" ] && cp "$f" "$OUT/$part-8b.trace.json.gz"
   done
 fi
 if has ab; then
