@@ -1,4 +1,5 @@
-"""kernel_matmul: the GPU route behind quant.matmul.matmul(x, w).
+"""kernel_matmul: the GPU route behind quant.matmul.matmul(x, w) (and normed_matmul_many /
+swiglu_matmul, whose RMSNorm or SwiGLU gate the decode GEMV takes as a pre-op, kernels/xquant.py).
 
 Decode (<= 8 activation rows): the Pallas GEMV on packed weights (GpuQTensor); dense weights use
 XLA's dot unless REALIZAR_DENSE_GEMV=pallas.
@@ -36,15 +37,16 @@ def fused_gemv_applies(x: jax.Array, ws) -> bool:
     return switch("REALIZAR_GEMV_FUSE") == "1" and fusable(tuple(ws), rows)
 
 
-def _rows(a):
-    return None if a is None or a.ndim < 2 else a.reshape(-1, a.shape[-1])
+def _pre_operand(pre: str | None, other):
+    """The pre-op's operand as the GEMV takes it: the norm weight as is, `up` as rows like x."""
+    return other if pre != "swiglu" else other.reshape(-1, other.shape[-1])
 
 
 def kernel_matmul_many(x: jax.Array, ws, *, pre: str | None = None, other=None, eps=None) -> list:
     """[kernel_matmul(x, w, ...) for w in ws] as one gemv_multi launch (fused_gemv_applies must hold)."""
     lead, cols = x.shape[:-1], x.shape[-1]
     ys = gemv_multi(x.reshape(-1, cols), tuple(ws), interpret=interpret_mode(), pre=pre,
-                    other=other if pre == "norm" else _rows(other), eps=eps)
+                    other=_pre_operand(pre, other), eps=eps)
     return [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
 
 
@@ -79,8 +81,7 @@ def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=No
     M = x2.shape[0]
     if isinstance(w, GpuQTensor):
         if M <= GEMV_MAX_ROWS:
-            y = gemv(x2, w, interpret=interpret_mode(), pre=pre, other=other if pre == "norm" else _rows(other),
-                     eps=eps)
+            y = gemv(x2, w, interpret=interpret_mode(), pre=pre, other=_pre_operand(pre, other), eps=eps)
         else:
             route = prefill_route()
             if route == "pallas" and w.shape[0] % 16 == 0:

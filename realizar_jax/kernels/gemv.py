@@ -11,7 +11,8 @@ tiles of BS superblocks (256 values each), loading the packed tile of every layo
 Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them. Decode is
 bandwidth-bound: the split count is chosen so that enough programs are in flight to cover all SMs
 even for narrow matrices (K/V projections have 512..1024 rows). gemv_multi runs several matrices
-that share x (Q/K/V, gate/up) as one launch.
+that share x (Q/K/V, gate/up) as one launch. int8 activations come from one xquant.quantize_x launch,
+which also runs the RMSNorm or SwiGLU gate in front of the matmul when the caller passes it (`pre`).
 """
 from __future__ import annotations
 
@@ -252,7 +253,7 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     nsb = cols // SB
     q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
     xprep = _resolve_xprep(xprep)
-    x_in_kernel = xprep != "xla"
+    x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
     if not q8:
         x, pre = apply_pre(x, pre, other, eps), None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
@@ -327,7 +328,7 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
         factored = qtype in FACTORED_QTYPES and not use_dot
     q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
     xprep = _resolve_xprep(xprep)
-    x_in_kernel = xprep != "xla" and factored
+    x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
     if not q8:
         x, pre = apply_pre(x, pre, other, eps), None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
