@@ -187,3 +187,9 @@ def test_model_entries_match_the_unfused_ops():
         y = swiglu_matmul(x, up, w)
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(matmul(swiglu(x, up), w), np.float32),
                                    rtol=1e-2, atol=1e-2)
+    # wrong operands are errors that name them, on every route
+    for w in (dense, gpu_layout):
+        with pytest.raises(ValueError, match="norm weight has shape"):
+            normed_matmul_many(x, norm[:256], 1e-5, (w,))
+        with pytest.raises(ValueError, match="gate .* and up"):
+            swiglu_matmul(x, up[:, :256], w)

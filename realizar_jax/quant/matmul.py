@@ -61,7 +61,10 @@ def normed_matmul_many(x, norm_weight, eps: float, ws) -> list:
     """[matmul(rms_norm(x, norm_weight, eps), w) for w in ws]. On the GPU's decode path the RMSNorm
     runs inside the launch that quantizes the activations for the GEMV (kernels/xquant.py): one
     kernel where XLA needs four."""
-    x = jnp.asarray(x)
+    x, norm_weight = jnp.asarray(x), jnp.asarray(norm_weight)
+    if norm_weight.shape != x.shape[-1:]:
+        raise ValueError(f"normed_matmul_many: the norm weight has shape {tuple(norm_weight.shape)} but x "
+                         f"has {x.shape[-1]} features")
     if all(pre_fuses(x, w) for w in ws):
         for w in ws:
             _check(x, w.shape[1], repr(w))
@@ -75,6 +78,9 @@ def swiglu_matmul(gate, up, w) -> jax.Array:
     """matmul(swiglu(gate, up), w): the MLP's down projection, with the gate fused into the GEMV's
     activation quantization on the GPU's decode path."""
     gate, up = jnp.asarray(gate), jnp.asarray(up)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu_matmul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
+                         f"{up.dtype} must match")
     if pre_fuses(gate, w):
         _check(gate, w.shape[1], repr(w))
         return kernel_matmul(gate, w, pre="swiglu", other=up)
