@@ -2,13 +2,14 @@
 
 XLA needs two kernels to quantize x per scale group (an absmax reduce, then the rounding), and two
 more for the RMSNorm (or one for the SwiGLU gate) in front of it; at batch 1 each is a ~1.3 us launch
-for a few KB, and they add up to about a third of the 8B decode step (BENCHMARKS.md). This kernel
-reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
+for a few KB, and they were most of the ~1,000 small kernels of an 8B decode step (BENCHMARKS.md).
+This kernel reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
 in_kernel=True): int32 words of four int8s and one float32 scale per group of `group` values.
 
-pre: None (x as is), "norm" (RMSNorm by `weight`, which needs the whole row in one program) or
-"swiglu" (silu(x) * up). Both round like layers.py so the int8s match the unfused path's; only
-float32 summation order and the GPU's rsqrt/exp can move a value by an ulp.
+pre: None (x as is), "norm" (RMSNorm by `weight`; every program reads the whole row for the sum of
+squares and quantizes its share) or "swiglu" (silu(x) * up). Both round like layers.py, so the int8s
+match the unfused path's; only float32 summation order and the GPU's rsqrt/exp can move a value by
+an ulp (and, rarely, an int8 by one step).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
 
 
 def _rne_int(v, *, interpret: bool):
