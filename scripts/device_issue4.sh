@@ -7,7 +7,8 @@
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
 #   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
-#   prof: 8B Q4_K_M bench with --profile (kernel time per decode step; XQ_AB=1: also the prep's tiles)
+#   prof: 8B Q4_K_M bench with --profile (kernel time per decode step; XQ_AB=1: also the prep's tiles,
+#         here and in q4/q8)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
 #   tests: pytest -m gpu (one process per file part / switch); bf16: 8B bf16 bench (BF16_AB=1: also re-timed with XLA's dot)
 set -o pipefail
@@ -89,8 +90,10 @@ if has ab; then
       | tee -a "$OUT/ab.log"
   done
 fi
-if has q4; then has prof || has ab || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m; fi
-if has q8; then bench llama3.2-1b q8_0; fi
+# XQ_AB=1 also re-times the 1B models under other activation-prep tiles (xquant.TILE = 32 groups, 4 warps)
+XQ_1B=(); [ "${XQ_AB:-0}" = 1 ] && XQ_1B=(--ab 'REALIZAR_GEMV_TILES={"XQUANT":[64,4]}' --ab 'REALIZAR_GEMV_TILES={"XQUANT":[16,2]}')
+if has q4; then has prof || has ab || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m "${XQ_1B[@]}"; fi
+if has q8; then bench llama3.2-1b q8_0 "${XQ_1B[@]}"; fi
 if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file, same process kind
   for route in pallas xla; do
     REALIZAR_DENSE_GEMV=$route timeout 240 python3 -m realizar_jax.bench --shape llama3.2-1b --quant bf16 \
