@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .layers import apply_rope
+
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
 
@@ -43,6 +45,38 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = No
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
     return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+
+
+def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int):
+    """One decode step's attention with its cache update, in XLA ops.
+
+    q [B, Hq, D], k/v [B, Hkv, D]: the new token's projections before RoPE; k/v_cache: the stacks
+    [L, B, Hkv, S, D]; pos [B]: the new token's position (= the valid positions before it); cos/sin
+    [B, D]: rope_tables at pos. Rotates q and k, writes k and v at pos in layer `layer`, attends over
+    positions <= pos. -> (out [B, Hq, D], k_cache, v_cache).
+    """
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = jnp.arange(q.shape[0])
+    k_cache = k_cache.at[layer, rows, :, pos].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, rows, :, pos].set(v.astype(v_cache.dtype))
+    return decode_attention(q, k_cache, v_cache, pos + 1, scale, layer=layer), k_cache, v_cache
+
+
+def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int):
+    """decode_attention_update_ref's contract; on a GPU with REALIZAR_ATTN_UPDATE=kernel (the default)
+    the RoPE and the cache writes run inside the attention kernel (kernels/attention.py), one launch
+    where XLA takes about seven. With "xla" (or REALIZAR_ATTN_INPLACE=0) XLA rotates and writes and
+    the kernel only attends."""
+    if jax.default_backend() == "gpu":
+        try:
+            from .kernels.attention import decode_attention_update as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None:
+            from .kernels.switches import switch
+            if switch("REALIZAR_ATTN_UPDATE") == "kernel" and switch("REALIZAR_ATTN_INPLACE") == "1":
+                return kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+    return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
 
 
 def prefill_attention(q, k, v, lengths, scale):

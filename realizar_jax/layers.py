@@ -1,5 +1,6 @@
-"""Elementwise layer math shared by the model and the GPU kernels that fuse it (kernels/xquant.py):
-RMSNorm and the SwiGLU gate, rounded exactly as HF computes them in the model's dtype."""
+"""Elementwise layer math shared by the model and the GPU kernels that fuse it (kernels/xquant.py,
+kernels/attention.py): RMSNorm, the SwiGLU gate and RoPE, rounded exactly as HF computes them in the
+model's dtype."""
 from __future__ import annotations
 
 import jax
@@ -19,3 +20,18 @@ def swiglu(gate, up):
     of its logistic expansion on some backends, so its results depend on the backend.)"""
     g = gate.astype(jnp.float32)
     return (g / (1.0 + jnp.exp(-g))).astype(gate.dtype) * up
+
+
+def rope_tables(inv_freq, positions):
+    """cos/sin [..., head_dim] (halves layout) for integer positions [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., heads, D]; cos/sin broadcast over heads. HF's rotate_half convention, in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)

@@ -8,32 +8,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .attention import decode_attention, prefill_attention
+from .attention import decode_attention_update, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import rms_norm
+from .layers import apply_rope, rms_norm, rope_tables  # noqa: F401 (the notebooks import them here)
 from .quant.matmul import embedding_lookup, matmul, normed_matmul_many, swiglu_matmul
 from .weights import LayerParams, Params
 
 
-def rope_tables(inv_freq, positions):
-    """cos/sin [..., head_dim] (halves layout) for integer positions [...]."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x, cos, sin):
-    """x [..., heads, D]; cos/sin broadcast over heads. HF's rotate_half convention, in float32."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
-
-
-def _project_qkv(lp: LayerParams, x, positions, inv_freq, config: ModelConfig):
+def _project_qkv(lp: LayerParams, x, config: ModelConfig):
     """x [..., hidden] (the residual stream) -> q [..., Hq, D], k/v [..., Hkv, D]: attention norm,
-    projections, biases, q/k norms and RoPE."""
+    projections, biases and q/k norms (RoPE comes after, with the positions)."""
     q, k, v = normed_matmul_many(x, lp.attn_norm, config.norm_eps, (lp.wq, lp.wk, lp.wv))
     if config.qkv_bias:
         q, k, v = q + lp.bq.astype(x.dtype), k + lp.bk.astype(x.dtype), v + lp.bv.astype(x.dtype)
@@ -43,8 +28,7 @@ def _project_qkv(lp: LayerParams, x, positions, inv_freq, config: ModelConfig):
     v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
     if config.qk_norm:
         q, k = rms_norm(q, lp.q_norm, config.norm_eps), rms_norm(k, lp.k_norm, config.norm_eps)
-    cos, sin = rope_tables(inv_freq, positions)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return q, k, v
 
 
 def _mlp(lp: LayerParams, x, config: ModelConfig):
@@ -74,9 +58,11 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
     b, t = x.shape[:2]
     scale = config.head_dim ** -0.5
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_tables(params.rope_inv_freq, positions)
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
-        q, k, v = _project_qkv(lp, x, positions, params.rope_inv_freq, config)
+        q, k, v = _project_qkv(lp, x, config)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = prefill_attention(q, k, v, lengths, scale)
         ks = ks.at[i, :, :, :t].set(k.swapaxes(1, 2).astype(ks.dtype))
         vs = vs.at[i, :, :, :t].set(v.swapaxes(1, 2).astype(vs.dtype))
@@ -93,14 +79,13 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     b = tokens.shape[0]
     scale = config.head_dim ** -0.5
     pos = cache.lengths
-    rows = jnp.arange(b)
     x = embedding_lookup(params.embed, tokens, dtype)
+    cos, sin = rope_tables(params.rope_inv_freq, pos)   # [B, D], shared by the layers
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
-        q, k, v = _project_qkv(lp, x, pos, params.rope_inv_freq, config)
-        ks = ks.at[i, rows, :, pos].set(k.astype(ks.dtype))  # [B, Hkv, D] written at each row's position
-        vs = vs.at[i, rows, :, pos].set(v.astype(vs.dtype))
-        attn = decode_attention(q, ks, vs, pos + 1, scale, layer=i)
+        q, k, v = _project_qkv(lp, x, config)
+        # RoPE on q and k, k and v written at each row's position of layer i, attention over <= pos
+        attn, ks, vs = decode_attention_update(q, k, v, ks, vs, pos, cos, sin, scale, layer=i)
         x = x + matmul(attn.reshape(b, -1), lp.wo)
         x = x + _mlp(lp, x, config)
     return _lm_head(params, x, config), KVCache(ks, vs, pos + 1)

@@ -2,7 +2,8 @@
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
 # steps (default: micro q4 q8 tests bf16; in this order): smoke tests micro ncu prof ab q4 q8 dense1b bf16
-#   smoke: compiles the fused activation prep; if it fails, the later steps run REALIZAR_GEMV_XPREP=kernel
+#   smoke: compiles the fused activation prep and the fused attention step; where one fails, the later
+#          steps run REALIZAR_GEMV_XPREP=kernel / REALIZAR_ATTN_UPDATE=xla
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
@@ -20,8 +21,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# EXTRA_AB="NAME=VALUE ...": every bench also re-times under each of these switch settings
+EXTRA=(); for a in ${EXTRA_AB:-}; do EXTRA+=(--ab "$a"); done
 bench() {  # shape quant [extra args]
   local shape=$1 quant=$2; shift 2
+  set -- "$@" "${EXTRA[@]}"
   timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
@@ -34,12 +38,28 @@ x = jnp.ones((1, 4096), jnp.bfloat16)
 for g in (16, 32):
     for pre, o in ((None, None), ('norm', jnp.ones(4096)), ('swiglu', x)):
         print(g, pre, [a.shape for a in jax.block_until_ready(quantize_x(x, g, pre=pre, other=o, eps=1e-5 if pre else None))])
+from realizar_jax.kernels.attention import decode_attention_update
+from realizar_jax.layers import rope_tables
+b = jnp.ones((1, 32, 128), jnp.bfloat16); kv = jnp.ones((1, 8, 128), jnp.bfloat16)
+c = jnp.ones((2, 1, 8, 1024, 128), jnp.bfloat16); pos = jnp.asarray([5], jnp.int32)
+cs, sn = rope_tables(jnp.ones(64), pos)
+print('attention update', [a.shape for a in jax.block_until_ready(decode_attention_update(b, kv, kv, c, c, pos, cs, sn, 0.1, 1))])
+def two(c1, c2):   # the caches must be updated in place: no copy of the [2, 1, 8, 1024, 128] stacks
+    for i in range(2):
+        o, c1, c2 = decode_attention_update(b, kv, kv, c1, c2, pos, cs, sn, 0.1, i)
+    return o, c1, c2
+hlo = jax.jit(two, donate_argnums=(0, 1)).lower(c, c + 1).compile().as_text()
+print('cache copies in the compiled step:', sum('copy' in l and '1024,128' in l for l in hlo.splitlines()))
 " 2>&1 | tail -n 20 | tee "$OUT/smoke.log"; then export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"; fi
-  grep -q Traceback "$OUT/smoke.log" && export REALIZAR_GEMV_XPREP=kernel && echo "SMOKE FAILED: XPREP=kernel"
+  if grep -q Traceback "$OUT/smoke.log"; then
+    if grep -q 'attention update' "$OUT/smoke.log" || grep -q attention "$OUT/smoke.log"; then   # prep compiled
+      grep -q 'attention update' "$OUT/smoke.log" || { export REALIZAR_ATTN_UPDATE=xla; echo "SMOKE FAILED: ATTN_UPDATE=xla"; }
+    else export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"; fi
+  fi
 fi
 if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part
   parts=("tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu")
-  for sw in "XPREP and kernel" "XPREP and xla" INPLACE FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
+  for sw in "XPREP and kernel" "XPREP and xla" INPLACE UPDATE FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
     parts+=("tests/test_gpu_model.py -k 'switches and $sw'")
   done
   for part in "${parts[@]}"; do

@@ -17,6 +17,8 @@ from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention
 from realizar_jax.kernels.gemm import gemm
 from realizar_jax.kernels.dispatch import prefill_route
 from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi
+from realizar_jax.kernels.attention import decode_attention_update
+from realizar_jax.attention import decode_attention_update_ref
 from realizar_jax.kernels.layout import dequantize_gpu_part_order
 from realizar_jax.kernels.unpack import unpack
 from realizar_jax.kernels.qdot import prepare_x_q8
@@ -119,6 +121,13 @@ def test_gemv_multi_matches_separate_products(qtypes, rows, nsb, batch, xprep, a
         assert y.shape == (batch, w.shape[0])
         xr = _int8_grid(x, 16 if w.qtype == "Q6_K" else 32) if act == "int8" else x.astype(np.float64)
         assert _rel(y, xr @ ref.T) < (1e-3 if ON_GPU and act == "int8" else 2e-5)   # GPU: see large_shapes
+    # results in the activations' dtype come out of the kernel rounded as a cast after it would be
+    halves = gemv_multi(xin, tuple(w for w, _ in packed), xprep=xprep, act=act, interpret=not ON_GPU,
+                        out_dtype=jnp.bfloat16)
+    for h, y in zip(halves, outs):
+        assert h.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)),
+                                      np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 def test_matmul_many_fused_switch(monkeypatch):
@@ -264,6 +273,53 @@ def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(got), atol=1e-6)
 
 
+def _rope_numpy(x, pos, inv_freq):
+    """x [B, H, D] rotated (HF halves convention) at positions pos [B], float64."""
+    ang = pos[:, None].astype(np.float64) * inv_freq[None, :]            # [B, D/2]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = np.split(x.astype(np.float64), 2, axis=-1)
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+def _update_case(rng, batch, hkv, group, seq, dim, layers, dtype):
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+    q, k, v = f(batch, hkv * group, dim), f(batch, hkv, dim), f(batch, hkv, dim)
+    kc, vc = f(layers, batch, hkv, seq, dim), f(layers, batch, hkv, seq, dim)
+    pos = jnp.asarray(rng.integers(0, seq, batch), jnp.int32)
+    inv_freq = 1.0 / (rng.uniform(100, 1e6) ** (np.arange(0, dim, 2) / dim))
+    from realizar_jax.layers import rope_tables
+    cos, sin = rope_tables(jnp.asarray(inv_freq, jnp.float32), pos)
+    return q, k, v, kc, vc, pos, cos, sin, inv_freq
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(batch=st.integers(1, 3), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
+       seq=st.sampled_from([32, 64, 128]), dim=st.sampled_from([32, 64]), splits=st.sampled_from([1, 2, 4]),
+       layers=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_decode_attention_update(batch, hkv, group, seq, dim, splits, layers, seed):
+    """The fused step (RoPE, cache write at pos, attention over <= pos) against numpy in float64 and
+    against the XLA composition; the cache changes at exactly the new rows of the named layer."""
+    rng = np.random.default_rng(seed)
+    q, k, v, kc, vc, pos, cos, sin, inv_freq = _update_case(rng, batch, hkv, group, seq, dim, layers,
+                                                            jnp.float32)
+    layer, scale = int(rng.integers(0, layers)), dim ** -0.5
+    pos_np = np.asarray(pos)
+    qr = _rope_numpy(np.asarray(q), pos_np, inv_freq)
+    kr = _rope_numpy(np.asarray(k), pos_np, inv_freq)
+    want_k, want_v = np.array(kc, np.float64), np.array(vc, np.float64)
+    for b in range(batch):
+        want_k[layer, b, :, pos_np[b]] = kr[b]
+        want_v[layer, b, :, pos_np[b]] = np.asarray(v)[b]
+    want = _attn_numpy(qr, want_k[layer], want_v[layer], pos_np + 1, scale)
+    for name, fn in (("xla", decode_attention_update_ref),
+                     ("kernel", lambda *a: decode_attention_update(*a, bt=16, splits=splits,
+                                                                   interpret=not ON_GPU))):
+        out, k2, v2 = fn(q, k, v, kc, vc, pos, cos, sin, scale, layer)
+        np.testing.assert_allclose(np.asarray(k2), want_k, atol=1e-5, err_msg=name)   # float32 RoPE
+        np.testing.assert_array_equal(np.asarray(v2), want_v, err_msg=name)
+        np.testing.assert_allclose(np.asarray(out), want, atol=3e-2 if ON_GPU else 5e-5, err_msg=name)
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_large_shapes():
     """Real layer shapes, compiled on the GPU: every packed type and decode attention with bf16 KV."""
@@ -322,3 +378,17 @@ def test_gpu_kernels_large_shapes():
                                 lengths, D ** -0.5)
     got = decode_attention(q, k, v, lengths, D ** -0.5).astype(jnp.float32)
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+    # the fused step at 8B shapes in bf16 (and a 3:1 GQA group): RoPE and the cache write exactly as
+    # XLA's (up to an FMA's rounding), attention within bf16 rounding
+    for group in (4, 3):
+        q, k, v, kc, vc, pos, cos, sin, _ = _update_case(rng, 2, 8, group, 2048, 128, 2, jnp.bfloat16)
+        pos = jnp.asarray([1500, 37], jnp.int32)
+        from realizar_jax.layers import rope_tables
+        cos, sin = rope_tables(jnp.asarray(1.0 / 500000 ** (np.arange(0, 128, 2) / 128), jnp.float32), pos)
+        want = decode_attention_update_ref(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1)
+        got = decode_attention_update(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1)
+        w32, g32 = (np.asarray(a.astype(jnp.float32)) for a in (want[0], got[0]))
+        assert np.linalg.norm(g32 - w32) / np.linalg.norm(w32) < 1e-2, group
+        for a, b in zip(want[1:], got[1:]):
+            diff = np.abs(np.asarray(a.astype(jnp.float32)) - np.asarray(b.astype(jnp.float32)))
+            assert diff.max() <= 1e-2 * np.abs(np.asarray(a.astype(jnp.float32))).max() and (diff > 0).mean() < 1e-4

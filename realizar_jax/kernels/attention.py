@@ -1,11 +1,19 @@
 """Decode attention over a KV cache: one query token per sequence, GQA, ragged valid lengths.
 
-Flash-decoding: grid (batch, kv head, split of the sequence axis). A program takes the G query
-heads that share its kv head (padded to 16 rows so the two products run on tensor cores), walks
-only the valid positions of its split in blocks of BT, and keeps an online softmax (running max m,
-running sum l, unnormalised output o). Splits past a sequence's length do no loads at all. The
-partial (o, m, l) of every split are merged in a few XLA ops. (A second small Pallas kernel doing
-the merge in one launch was slower on the H100: 8B Q4_K_M 292 vs 306 tok/s, BENCHMARKS.md.)
+Flash-decoding: grid (batch, kv head, split of the sequence axis). A program gathers the G query
+heads that share its kv head into 16 rows (repeated, so the two products run on tensor cores),
+walks only the valid positions of its split in blocks of BT, and keeps an online softmax (running
+max m, running sum l, unnormalised output o). Splits past a sequence's length do no loads at all.
+Each split stores its G real rows of (o, m, l); a few XLA ops merge the splits. (A second small
+Pallas kernel doing the merge in one launch was slower on the H100: 8B Q4_K_M 292 vs 306 tok/s,
+BENCHMARKS.md.)
+
+`decode_attention_update` is the same kernel taking the step's new q, k, v before RoPE: it rotates
+them in registers, the program whose split holds the new position writes k and v into the cache
+(aliased in and out, so in place) and adds the new token to its softmax. That is one launch per
+layer where XLA needed ~7 (RoPE's halves and concatenations, the q padding, two scatters).
+The layout of q/k is HF's "halves" RoPE convention (layers.apply_rope): the kernel works on the
+two halves of the head dimension separately, as two tensor-core products.
 """
 from __future__ import annotations
 
@@ -16,24 +24,61 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..attention import decode_attention_ref  # the model's jnp reference, also the fallback here
+from ..attention import decode_attention_ref, decode_attention_update_ref  # references and fallbacks
 
 NEG = -1e30  # finite "minus infinity": empty splits must not turn the merge into NaN
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss):
+def _rotate(a, b, cos, sin, dtype):
+    """RoPE on the halves (a, b) of float32 rows, rounded to dtype (as apply_rope) and back."""
+    ra = a * cos - b * sin
+    rb = b * cos + a * sin
+    return ra.astype(dtype).astype(jnp.float32), rb.astype(dtype).astype(jnp.float32)
+
+
+def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, scale, bt, ss, group, gp, update):
+    """update=False: the cache holds positions < pos_ref (the caller wrote the new token; q rotated).
+    update=True: the cache holds positions < pos_ref; the new token's k/v (and q) arrive unrotated
+    in knew/vnew, with cos/sin of position pos_ref; the owning split writes them to kout/vout."""
+    if update:
+        cos_ref, sin_ref, knew_ref, vnew_ref, o_ref, m_ref, l_ref, kout_ref, vout_ref = refs
+    else:
+        o_ref, m_ref, l_ref = refs
     s = pl.program_id(2)
-    length = len_ref[()]
+    length = pos_ref[()]
     start = s * ss
+    d = k_ref.shape[-1]
+    half = d // 2
+    # row r holds query head r mod G: a gather of the G heads, so no padded copy of q exists
+    rows = (jnp.arange(gp, dtype=jnp.int32) % group)[:, None]
+    cols = jnp.arange(half, dtype=jnp.int32)[None, :]
+    qa = q_ref[rows, cols].astype(jnp.float32)
+    qb = q_ref[rows, cols + half].astype(jnp.float32)
+    kdt = k_ref.dtype
+    if update:
+        cos, sin = cos_ref[pl.ds(0, half)], sin_ref[pl.ds(0, half)]
+        qa, qb = _rotate(qa, qb, cos[None, :], sin[None, :], q_ref.dtype)
+        ka, kb = _rotate(knew_ref[pl.ds(0, half)].astype(jnp.float32),
+                         knew_ref[pl.ds(half, half)].astype(jnp.float32), cos, sin, kdt)
+        vn = vnew_ref[...].astype(vout_ref.dtype)
+        owner = (length >= start) & (length < start + ss)
+
+        @pl.when(owner)
+        def _write():
+            r = length - start
+            kout_ref[r, pl.ds(0, half)] = ka.astype(kdt)
+            kout_ref[r, pl.ds(half, half)] = kb.astype(kdt)
+            vout_ref[r, :] = vn
+    qa, qb = qa.astype(kdt), qb.astype(kdt)
     n = jnp.clip((length - start + bt - 1) // bt, 0, ss // bt)
-    q = q_ref[...]
-    gp, d = q.shape
 
     def body(t, carry):
         o, m, l = carry
-        k = k_ref[pl.ds(t * bt, bt), :]
-        qk = jax.lax.dot_general(q.astype(k.dtype), k, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32) * scale           # [gp, bt] f32
+        ka_t = k_ref[pl.ds(t * bt, bt), pl.ds(0, half)]
+        kb_t = k_ref[pl.ds(t * bt, bt), pl.ds(half, half)]
+        dims = (((1,), (1,)), ((), ()))
+        qk = (jax.lax.dot_general(qa, ka_t, dims, preferred_element_type=jnp.float32)
+              + jax.lax.dot_general(qb, kb_t, dims, preferred_element_type=jnp.float32)) * scale
         pos = start + t * bt + jnp.arange(bt)
         qk = jnp.where((pos < length)[None, :], qk, NEG)
         m_new = jnp.maximum(m, qk.max(axis=1))
@@ -46,9 +91,94 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, bt, ss)
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), NEG, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
     o, m, l = jax.lax.fori_loop(0, n, body, init)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    if update:   # the new token, from registers (no other program reads its cache row)
+        qk = ((qa.astype(jnp.float32) * ka[None, :]).sum(axis=1)
+              + (qb.astype(jnp.float32) * kb[None, :]).sum(axis=1)) * scale
+        m_new = jnp.where(owner, jnp.maximum(m, qk), m)
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(owner, jnp.exp(qk - m_new), 0.0)
+        o = o * corr[:, None] + p[:, None] * vn.astype(jnp.float32)[None, :]
+        m, l = m_new, l * corr + p
+    real = jnp.arange(gp) < group   # store the G real rows only (the merge reads no others)
+    plgpu.store(o_ref, o, mask=real[:, None])
+    plgpu.store(m_ref, m, mask=real)
+    plgpu.store(l_ref, l, mask=real)
+
+
+def _splits(B, Hkv, S, bt):
+    """Enough splits of the sequence for ~2 programs per SM (132 on the H100)."""
+    splits = 1
+    while B * Hkv * splits < 2 * 132 and S % (splits * 2 * bt) == 0:
+        splits *= 2
+    return splits
+
+
+def _plan(q_shape, cache_shape, bt, splits):
+    """(G, gp, bt, splits, ss), or None where the kernel does not apply (the jnp fallback runs)."""
+    B, Hq, D = q_shape
+    Hkv, S = cache_shape[-3], cache_shape[-2]
+    G = Hq // Hkv
+    bt = min(bt, S)
+    if S % bt or D % 32 or (D & (D - 1)):
+        return None
+    splits = splits or _splits(B, Hkv, S, bt)
+    if S % splits:
+        return None
+    ss = S // splits
+    bt = min(bt, ss)
+    if ss % bt or bt < 16:
+        return None
+    return G, max(16, 1 << (G - 1).bit_length()), bt, splits, ss
+
+
+def _merge(o, m, l, group, dtype):
+    """The splits' partial softmaxes [B, splits, Hkv, gp(, D)], of which the first G rows are real
+    -> [B, Hkv * G, D]."""
+    o, m, l = o[..., :group, :], m[..., :group], l[..., :group]
+    mx = m.max(axis=1, keepdims=True)
+    w = jnp.exp(m - mx)
+    num = (o * w[..., None]).sum(axis=1)
+    den = (l * w).sum(axis=1)
+    out = num / den[..., None]
+    B, Hkv, G, D = out.shape
+    return out.reshape(B, Hkv * G, D).astype(dtype)
+
+
+def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, scale, update, caches):
+    G, gp, bt, splits, ss = plan
+    B, Hkv = operands[1].shape[0], operands[1].shape[1]
+    if stacked:
+        kv_spec = pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0))
+    in_specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
+                pl.BlockSpec((None, None, G, D), lambda b, h, s: (b, h, 0, 0)), kv_spec, kv_spec]
+    # gp rows per head group, of which the kernel writes the G real ones (the rest stays unwritten)
+    out_specs = [pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),
+                 pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
+                 pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0))]
+    out_shape = [jax.ShapeDtypeStruct((B, splits, Hkv, gp, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
+                 jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32)]
+    aliases = {}
+    if update:
+        row = pl.BlockSpec((None, D), lambda b, h, s: (b, 0))
+        head = pl.BlockSpec((None, None, D), lambda b, h, s: (b, h, 0))
+        in_specs += [row, row, head, head]
+        out_specs += [kv_spec, kv_spec]
+        out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+        aliases = {2: 3, 3: 4}   # the k/v cache operands are the k/v cache results: written in place
+    return pl.pallas_call(
+        functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss, group=G, gp=gp, update=update),
+        grid=(B, Hkv, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention_update" if update else "decode_attention",
+    )(*operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bt", "splits", "num_warps", "num_stages",
@@ -65,60 +195,34 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     if interpret is None:
         interpret = interpret_mode()
     stacked = layer is not None
-    # the one layer's caches: shapes, and the operands of the jnp fallbacks (unused slices of the
-    # stack are dropped by XLA when the kernel runs)
-    layer_k, layer_v = (k_cache[layer], v_cache[layer]) if stacked else (k_cache, v_cache)
+    plan = _plan(q.shape, k_cache.shape, bt, splits)
+    if plan is None:
+        layer_k, layer_v = (k_cache[layer], v_cache[layer]) if stacked else (k_cache, v_cache)
+        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
     B, Hq, D = q.shape
-    Hkv, S = layer_k.shape[1], layer_k.shape[2]
-    G = Hq // Hkv
-    bt = min(bt, S)
-    if S % bt or D % 16 or (D & (D - 1)):
-        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
-    gp = max(16, 1 << (G - 1).bit_length())
-    if splits is None:
-        splits = 1
-        while B * Hkv * splits < 2 * 132 and S % (splits * 2 * bt) == 0:
-            splits *= 2
-    if S % splits:
-        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
-    ss = S // splits
-    bt = min(bt, ss)
-    if ss % bt or bt < 16:
-        return decode_attention_ref(q, layer_k, layer_v, lengths, scale)
-    qg = q.reshape(B, Hkv, G, D)
-    if gp != G:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - G), (0, 0)))
-    kernel = functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss)
-    if stacked:
-        kv_spec = pl.BlockSpec((None, None, None, ss, D), lambda b, h, s: (layer, b, h, s, 0))
-    else:
-        kv_spec = pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0))
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(B, Hkv, splits),
-        in_specs=[
-            pl.BlockSpec((None,), lambda b, h, s: (b,)),
-            pl.BlockSpec((None, None, gp, D), lambda b, h, s: (b, h, 0, 0)),
-            kv_spec,
-            kv_spec,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, splits, Hkv, gp, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
-            jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="decode_attention",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
-    mx = m.max(axis=1, keepdims=True)
-    w = jnp.exp(m - mx)                                                   # [B, splits, Hkv, gp]
-    num = (o * w[..., None]).sum(axis=1)
-    den = (l * w).sum(axis=1)
-    out = num / den[..., None]
-    return out[:, :, :G].reshape(B, Hq, D).astype(q.dtype)
+    G, Hkv = plan[0], k_cache.shape[-3]
+    o, m, l = _call((lengths.astype(jnp.int32), q.reshape(B, Hkv, G, D), k_cache, v_cache), plan, D, layer,
+                    stacked, num_warps, num_stages, interpret, scale, False, None)
+    return _merge(o, m, l, G, q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "layer", "bt", "splits", "num_warps", "num_stages",
+                                             "interpret"))
+def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, *, bt: int = 64,
+                            splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                            interpret: bool | None = None):
+    """The fused step; same signature and results as attention.decode_attention_update_ref:
+    -> (out [B, Hq, D], k_cache, v_cache) with k/v rotated and written at `pos` of layer `layer`."""
+    from .gemv import interpret_mode
+    if interpret is None:
+        interpret = interpret_mode()
+    plan = _plan(q.shape, k_cache.shape, bt, splits)
+    if plan is None:
+        return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+    B, Hq, D = q.shape
+    G, Hkv = plan[0], k_cache.shape[-3]
+    operands = (pos.astype(jnp.int32), q.reshape(B, Hkv, G, D), k_cache, v_cache,
+                cos.astype(jnp.float32), sin.astype(jnp.float32), k, v)
+    o, m, l, k_cache, v_cache = _call(operands, plan, D, layer, True, num_warps, num_stages, interpret,
+                                      scale, True, (k_cache, v_cache))
+    return _merge(o, m, l, G, q.dtype), k_cache, v_cache

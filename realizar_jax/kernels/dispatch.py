@@ -46,7 +46,7 @@ def kernel_matmul_many(x: jax.Array, ws, *, pre: str | None = None, other=None, 
     """[kernel_matmul(x, w, ...) for w in ws] as one gemv_multi launch (fused_gemv_applies must hold)."""
     lead, cols = x.shape[:-1], x.shape[-1]
     ys = gemv_multi(x.reshape(-1, cols), tuple(ws), interpret=interpret_mode(), pre=pre,
-                    other=_pre_operand(pre, other), eps=eps)
+                    other=_pre_operand(pre, other), eps=eps, out_dtype=x.dtype)
     return [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
 
 

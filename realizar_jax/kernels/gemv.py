@@ -171,17 +171,18 @@ def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x
 
 
 def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
-    """Several matrices in one launch: program p serves the matrix whose block range holds p.
+    """Several matrices in one launch: program p serves the matrix whose block range holds p and
+    writes that matrix's output (one output per matrix, already in its dtype: no slicing after).
     mats: per matrix (qtype, w ref range, x ref range, first program, programs, bs, tiles)."""
-    o_ref = refs[-1]
+    o_refs = refs[len(refs) - len(mats):]
     p = pl.program_id(0)
-    for qtype, (w0, w1), (x0, x1), first, count, bs, tiles in mats:
+    for (qtype, (w0, w1), (x0, x1), first, count, bs, tiles), o_ref in zip(mats, o_refs):
         @pl.when((p >= first) & (p < first + count))
-        def _(qtype=qtype, w0=w0, w1=w1, x0=x0, x1=x1, first=first, bs=bs, tiles=tiles):
+        def _(qtype=qtype, w0=w0, w1=w1, x0=x0, x1=x1, first=first, bs=bs, tiles=tiles, o_ref=o_ref):
             totals = _factored_rows(refs[w0:w1], refs[x0:x1], p - first, 0, qtype=qtype, bn=bn, bs=bs,
                                     tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
             for b in range(nb):
-                o_ref[b, :] = totals[b]
+                o_ref[b, :] = totals[b].astype(o_ref.dtype)
 
 
 def _resolve_act(act, qtype_ok: bool, dtype) -> bool:
@@ -235,10 +236,12 @@ def fusable(ws, rows_in_x: int) -> bool:
                for w in ws)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps"))
+@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "out_dtype"))
 def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
-               xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None) -> list:
-    """pre(x) [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each.
+               xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
+               out_dtype=jnp.float32) -> list:
+    """pre(x) [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each,
+    in out_dtype (rounded from the float32 sums in the kernel, as an XLA cast after it would).
 
     One launch instead of one per matrix, and no K-split partial sums: the programs of all matrices
     together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
@@ -275,21 +278,20 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
         mats.append((w.qtype, (w_at, w_at + len(w.parts)), x_ranges[w.qtype], first, count, bs, nsb // bs))
         w_at += len(w.parts)
         first += count
-    out = pl.pallas_call(
+    # matrix i's output block for program p: its own while p is in its range, clamped (and not
+    # written) otherwise
+    out_specs = [pl.BlockSpec((nb, bn), lambda p, f=m[3], c=m[4]: (0, jnp.clip(p - f, 0, c - 1))) for m in mats]
+    outs = pl.pallas_call(
         functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=interpret,
                           x_in_kernel=x_in_kernel),
         grid=(first,),
-        out_specs=pl.BlockSpec((nb, bn), lambda p: (0, p)),
-        out_shape=jax.ShapeDtypeStruct((nb, first * bn), jnp.float32),
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gemv_multi_" + "_".join(w.qtype.lower() for w in ws),
     )(*inputs)
-    outs, at = [], 0
-    for w in ws:
-        outs.append(out[:B, at:at + w.shape[0]])
-        at += w.shape[0]
-    return outs
+    return [o[:B] for o in outs]
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",

@@ -23,6 +23,8 @@ SWITCHES = {
     # decode matmuls on bf16/f16 weights: the Pallas GEMV or XLA's dot (8B bf16: 160 vs 155 tok/s)
     "REALIZAR_DENSE_GEMV": ("pallas", "xla"),
     "REALIZAR_ATTN_INPLACE": ("1", "0"),                   # decode attention reads the cache stack in place
+    # the decode step's RoPE and KV-cache writes: inside the attention kernel, or XLA ops before it
+    "REALIZAR_ATTN_UPDATE": ("kernel", "xla"),
 }
 
 
