@@ -72,11 +72,35 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
             from .kernels.attention import decode_attention_update as kernel
         except ImportError:
             kernel = None
-        if kernel is not None:
-            from .kernels.switches import switch
-            if switch("REALIZAR_ATTN_UPDATE") == "kernel" and switch("REALIZAR_ATTN_INPLACE") == "1":
-                return kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+        if kernel is not None and _update_in_kernel():
+            return kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
     return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+
+
+def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo):
+    """The decode step's attention through its output projection: decode_attention_update, then
+    matmul(out [B, Hq * D], wo). -> (delta [B, hidden], k_cache, v_cache).
+
+    On the GPU (REALIZAR_ATTN_MERGE=prep, the default, with a packed wo on the int8 route) the
+    attention kernel's split-K partials are merged inside the kernel that quantizes the o
+    projection's activations (kernels/attention.py decode_attention_output)."""
+    from .quant.matmul import matmul
+    if jax.default_backend() == "gpu":
+        try:
+            from .kernels.attention import decode_attention_output as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None and _update_in_kernel():
+            res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo)
+            if res is not None:
+                return res
+    out, k_cache, v_cache = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+    return matmul(out.reshape(out.shape[0], -1), wo), k_cache, v_cache
+
+
+def _update_in_kernel() -> bool:
+    from .kernels.switches import switch
+    return switch("REALIZAR_ATTN_UPDATE") == "kernel" and switch("REALIZAR_ATTN_INPLACE") == "1"
 
 
 def prefill_attention(q, k, v, lengths, scale):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .attention import decode_attention_update, prefill_attention
+from .attention import decode_attention_output, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables  # noqa: F401 (the notebooks import them here)
@@ -76,7 +76,6 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
 def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig, dtype=None):
     """One token per sequence [B] at position cache.lengths -> (logits [B, V] float32, cache with lengths + 1)."""
     dtype = jnp.dtype(dtype or cache.k.dtype)
-    b = tokens.shape[0]
     scale = config.head_dim ** -0.5
     pos = cache.lengths
     x = embedding_lookup(params.embed, tokens, dtype)
@@ -84,9 +83,10 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     ks, vs = cache.k, cache.v
     for i, lp in enumerate(params.layers):
         q, k, v = _project_qkv(lp, x, config)
-        # RoPE on q and k, k and v written at each row's position of layer i, attention over <= pos
-        attn, ks, vs = decode_attention_update(q, k, v, ks, vs, pos, cos, sin, scale, layer=i)
-        x = x + matmul(attn.reshape(b, -1), lp.wo)
+        # RoPE on q and k, k and v written at each row's position of layer i, attention over <= pos,
+        # then the output projection
+        attn_out, ks, vs = decode_attention_output(q, k, v, ks, vs, pos, cos, sin, scale, i, lp.wo)
+        x = x + attn_out
         x = x + _mlp(lp, x, config)
     return _lm_head(params, x, config), KVCache(ks, vs, pos + 1)
 

@@ -392,3 +392,10 @@ def test_gpu_kernels_large_shapes():
         for a, b in zip(want[1:], got[1:]):
             diff = np.abs(np.asarray(a.astype(jnp.float32)) - np.asarray(b.astype(jnp.float32)))
             assert diff.max() <= 1e-2 * np.abs(np.asarray(a.astype(jnp.float32))).max() and (diff > 0).mean() < 1e-4
+        # and through the o projection with the merge inside its int8 prep (the default decode route)
+        from realizar_jax.kernels.attention import decode_attention_output
+        wo, _ = _packed("Q4_K", 4096, 8 * group * 128, rng)
+        res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, wo)
+        assert res is not None
+        y_want = gemv(want[0].reshape(2, -1), wo, act="int8", xprep="xla")
+        assert _rel(res[0].astype(jnp.float32), np.asarray(y_want, np.float64)) < 1e-2, group

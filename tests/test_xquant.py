@@ -193,3 +193,90 @@ def test_model_entries_match_the_unfused_ops():
             normed_matmul_many(x, norm[:256], 1e-5, (w,))
         with pytest.raises(ValueError, match="gate .* and up"):
             swiglu_matmul(x, up[:, :256], w)
+
+
+def _partials(rng, batch, splits, hkv, gp, group_heads, dim):
+    """Random split-K attention partials as kernels/attention.py lays them out; splits of a sequence
+    past its length hold m = -1e30, l = 0 (no positions), which the merge must weigh by 0."""
+    o = rng.standard_normal((batch, splits, hkv, gp, dim)).astype(np.float32)
+    m = (rng.standard_normal((batch, splits, hkv, gp)) * 4).astype(np.float32)
+    l = rng.uniform(0.5, 5.0, (batch, splits, hkv, gp)).astype(np.float32)
+    empty = rng.random((batch, splits)) < 0.3
+    empty[:, 0] = False
+    m[empty], l[empty], o[empty] = -1e30, 0.0, 0.0
+    return jnp.asarray(o), jnp.asarray(m), jnp.asarray(l)
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(batch=st.integers(1, 3), splits=st.sampled_from([1, 2, 8]), hkv=st.sampled_from([1, 2]),
+       group_heads=st.sampled_from([1, 3, 4]), dim=st.sampled_from([64, 128]), group=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**31))
+def test_merge_quantize_x_is_quantize_x_of_the_merged_attention(batch, splits, hkv, group_heads, dim, group,
+                                                                seed):
+    """The split merge fused into the o projection's activation prep: the same int8s and scales as
+    XLA's merge (attention._merge) followed by quantize_x, up to one step where the merged value's
+    float32 summation order flips a bf16 rounding; and the merge itself against numpy."""
+    from realizar_jax.kernels.attention import _merge
+    from realizar_jax.kernels.xquant import merge_quantize_x
+    rng = np.random.default_rng(seed)
+    gp = max(16, 1 << (group_heads - 1).bit_length())
+    o, m, l = _partials(rng, batch, splits, hkv, gp, group_heads, dim)
+    merged = _merge(o, m, l, group_heads, jnp.bfloat16).reshape(batch, -1)
+    on, mn, ln = (np.asarray(a, np.float64)[..., :group_heads, :] if a.ndim == 5 else
+                  np.asarray(a, np.float64)[..., :group_heads] for a in (o, m, l))
+    w = np.exp(mn - mn.max(axis=1, keepdims=True))
+    want = (on * w[..., None]).sum(1) / (ln * w).sum(1)[..., None]
+    np.testing.assert_allclose(np.asarray(merged, np.float32), want.reshape(batch, -1), rtol=1e-2, atol=1e-2)
+    w1, s1 = quantize_x(merged, group, interpret=True)
+    w2, s2 = merge_quantize_x(o, m, l, group, heads_per_kv=group_heads, dtype=jnp.bfloat16, interpret=True)
+    a, b = (np.asarray(x).view(np.int8).astype(int) for x in (w1, w2))
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    np.testing.assert_allclose(np.asarray(s2), np.asarray(s1), rtol=1e-2)
+
+
+def test_merge_quantize_x_rejects_bad_partials():
+    from realizar_jax.kernels.xquant import merge_quantize_x
+    o, m, l = _partials(np.random.default_rng(0), 1, 2, 2, 16, 4, 64)
+    with pytest.raises(ValueError, match="do not match"):
+        merge_quantize_x(o, m[..., :8], l, 32, heads_per_kv=4, dtype=jnp.bfloat16, interpret=True)
+    with pytest.raises(ValueError, match="groups of 48"):
+        merge_quantize_x(o, m, l, 48, heads_per_kv=4, dtype=jnp.bfloat16, interpret=True)
+
+
+@settings(max_examples=4, **SETTINGS)
+@given(qtype=st.sampled_from(["Q4_K", "Q6_K", "Q8_0"]), batch=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
+    """kernels.attention.decode_attention_output (fused RoPE/cache write, merge inside the o
+    projection's prep, gemv_prepared) against the XLA step then the int8 GEMV of its output."""
+    from realizar_jax.attention import decode_attention_update_ref
+    from realizar_jax.kernels.attention import decode_attention_output
+    from realizar_jax.kernels.gemv import gemv_prepared
+    from realizar_jax.layers import rope_tables
+    rng = np.random.default_rng(seed)
+    hkv, G, S, D, L = 2, 4, 64, 64, 2
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    q, k, v = f(batch, hkv * G, D), f(batch, hkv, D), f(batch, hkv, D)
+    kc, vc = f(L, batch, hkv, S, D), f(L, batch, hkv, S, D)
+    pos = jnp.asarray(rng.integers(0, S, batch), jnp.int32)
+    cos, sin = rope_tables(jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32), pos)
+    data = random_blocks(qtype, 256, hkv * G * D, rng)
+    wo = GpuQTensor(tuple(jnp.asarray(p) for p in repack_blocks(data, qtype, (256, hkv * G * D))), qtype,
+                    (256, hkv * G * D))
+    attn, k_want, v_want = decode_attention_update_ref(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1)
+    want = gemv(attn.reshape(batch, -1), wo, act="int8", xprep="xla", interpret=True)
+    res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, interpret=True)
+    assert res is not None
+    got, k_got, v_got = res
+    assert got.dtype == jnp.bfloat16 and got.shape == (batch, 256)
+    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+    np.testing.assert_allclose(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32), atol=1e-2)
+    rel = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64)) / np.linalg.norm(np.asarray(want))
+    assert rel < 1e-2, rel   # bf16 rounding of the attention output and of the result
+    # gemv_prepared on quantize_x's output is gemv's own fused route exactly
+    x = jnp.asarray(rng.standard_normal((batch, hkv * G * D)), jnp.bfloat16)
+    from realizar_jax.kernels.qdot import x_q8_group
+    words, scales = quantize_x(x, x_q8_group(qtype), interpret=True)
+    np.testing.assert_array_equal(np.asarray(gemv_prepared(words, scales, wo, interpret=True)),
+                                  np.asarray(gemv(x, wo, act="int8", xprep="fused", interpret=True)))
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv_prepared(words[:, :-1], scales[:, :-1], wo, interpret=True)

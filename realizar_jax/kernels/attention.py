@@ -207,17 +207,21 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "layer", "bt", "splits", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "interpret", "merge"))
 def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, *, bt: int = 64,
                             splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                            interpret: bool | None = None):
+                            interpret: bool | None = None, merge: bool = True):
     """The fused step; same signature and results as attention.decode_attention_update_ref:
-    -> (out [B, Hq, D], k_cache, v_cache) with k/v rotated and written at `pos` of layer `layer`."""
+    -> (out [B, Hq, D], k_cache, v_cache) with k/v rotated and written at `pos` of layer `layer`.
+    merge=False returns the splits' partials (o, m, l) in place of out (see _merge), for a consumer
+    that merges them itself (decode_attention_output); None where the kernel does not apply."""
     from .gemv import interpret_mode
     if interpret is None:
         interpret = interpret_mode()
     plan = _plan(q.shape, k_cache.shape, bt, splits)
     if plan is None:
+        if not merge:
+            return None
         return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
     B, Hq, D = q.shape
     G, Hkv = plan[0], k_cache.shape[-3]
@@ -225,4 +229,42 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
                 cos.astype(jnp.float32), sin.astype(jnp.float32), k, v)
     o, m, l, k_cache, v_cache = _call(operands, plan, D, layer, True, num_warps, num_stages, interpret,
                                       scale, True, (k_cache, v_cache))
+    if not merge:
+        return (o, m, l), k_cache, v_cache
     return _merge(o, m, l, G, q.dtype), k_cache, v_cache
+
+
+def merge_fuses(q, wo) -> bool:
+    """Whether decode_attention_output can merge the splits inside the o projection's int8 activation
+    prep: REALIZAR_ATTN_MERGE=prep and the o projection takes the fused int8 route (a packed type
+    with int8 activations, bf16/f16 model, <= 4 rows, REALIZAR_GEMV_ACT=int8, XPREP=fused)."""
+    from .layout import GpuQTensor
+    from .qdot import FACTORED_QTYPES, Q8_ACT_QTYPES
+    from .switches import switch
+    return (isinstance(wo, GpuQTensor) and wo.qtype in Q8_ACT_QTYPES and wo.qtype in FACTORED_QTYPES
+            and q.dtype in (jnp.bfloat16, jnp.float16) and 0 < q.shape[0] <= 4
+            and switch("REALIZAR_ATTN_MERGE") == "prep" and switch("REALIZAR_GEMV_ACT") == "int8"
+            and switch("REALIZAR_GEMV_XPREP") == "fused")
+
+
+def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *,
+                            interpret: bool | None = None):
+    """(matmul(attention, wo), k_cache, v_cache) for decode_attention_update's arguments, with the
+    splits' merge done inside the o projection's activation quantization (xquant.merge_quantize_x):
+    one launch where XLA took three. None where that route does not apply (merge_fuses, the plan)."""
+    from .gemv import gemv_prepared, interpret_mode
+    from .qdot import x_q8_group
+    from .xquant import merge_quantize_x
+    if interpret is None:
+        interpret = interpret_mode()
+    if not merge_fuses(q, wo):
+        return None
+    res = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, merge=False,
+                                  interpret=interpret)
+    if res is None:
+        return None
+    (o, m, l), k_cache, v_cache = res
+    B, Hq, _ = q.shape
+    words, scales = merge_quantize_x(o, m, l, x_q8_group(wo.qtype), heads_per_kv=Hq // k_cache.shape[-3],
+                                     dtype=q.dtype, interpret=interpret)
+    return gemv_prepared(words, scales, wo, interpret=interpret).astype(q.dtype), k_cache, v_cache

@@ -335,20 +335,24 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
         x, pre = apply_pre(x, pre, other, eps), None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
-    tiles = nsb // bs // splits   # K tiles per split
     if factored:
         if q8:
             xs = _x_q8(xp, qtype, xprep, pre, other, eps, interpret)
         else:
             xs = prepare_x(xp, qtype)
-        kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn,
-                                   bs=bs, tiles=tiles, nb=nb, q8=q8, interpret=interpret,
-                                   x_in_kernel=x_in_kernel)
-    else:
-        xs = split_x(xp, qtype)
-        kq = "DENSE_ID" if qtype == "DENSE" else qtype
-        kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
-                                   tiles=tiles, nb=nb, use_dot=use_dot)
+        return _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8,
+                              x_in_kernel, interpret)[:B]
+    tiles = nsb // bs // splits   # K tiles per split
+    xs = split_x(xp, qtype)
+    kq = "DENSE_ID" if qtype == "DENSE" else qtype
+    kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
+                               tiles=tiles, nb=nb, use_dot=use_dot)
+    return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret)[:B]
+
+
+def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret):
+    """The GEMV's launch: grid (row tiles, K splits); the splits' partial sums added by XLA (into
+    whatever consumes the result, e.g. the residual add)."""
     out = pl.pallas_call(
         kernel,
         grid=(rows // bn, splits),
@@ -358,4 +362,32 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
         interpret=interpret,
         name=f"gemv_{qtype.lower()}",
     )(*parts, *xs)
-    return out.sum(axis=0)[:B]
+    return out.sum(axis=0)
+
+
+def _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8, x_in_kernel,
+                   interpret):
+    kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
+                               tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret,
+                               x_in_kernel=x_in_kernel)
+    return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpret: bool = False) -> jax.Array:
+    """The int8 GEMV on activations another kernel already quantized (xquant.quantize_x's layout:
+    words [B, groups, group/4], scales [B, groups], group = qdot.x_q8_group(w.qtype)); used where the
+    op producing x is fused into its quantization (xquant.merge_quantize_x). -> [B, out] float32."""
+    qtype, (rows, cols) = w.qtype, w.shape
+    B = words.shape[0]
+    if qtype not in Q8_ACT_QTYPES or qtype not in FACTORED_QTYPES:
+        raise ValueError(f"gemv_prepared: {w!r} has no int8-activation kernel")
+    if words.shape != (B, cols // x_q8_group(qtype), x_q8_group(qtype) // 4) or scales.shape != words.shape[:2]:
+        raise ValueError(f"gemv_prepared: words {words.shape} / scales {scales.shape} do not fit {w!r}")
+    bn, bs, num_warps, num_stages = default_tiles(qtype)
+    nb = max(1, 1 << (B - 1).bit_length())
+    xs = [_pad_rows(a, nb) for a in x_q8_natural(words, scales, qtype)]
+    nsb = cols // SB
+    bn, bs, splits = _pick(nsb, rows, bn, bs, 2 * N_SM)
+    return _factored_call(w.parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, True, True,
+                          interpret)[:B]

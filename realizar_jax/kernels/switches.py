@@ -25,6 +25,8 @@ SWITCHES = {
     "REALIZAR_ATTN_INPLACE": ("1", "0"),                   # decode attention reads the cache stack in place
     # the decode step's RoPE and KV-cache writes: inside the attention kernel, or XLA ops before it
     "REALIZAR_ATTN_UPDATE": ("kernel", "xla"),
+    # the attention's split-K merge: inside the o projection's int8 activation prep, or XLA ops
+    "REALIZAR_ATTN_MERGE": ("prep", "xla"),
 }
 
 

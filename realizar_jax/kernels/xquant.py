@@ -130,3 +130,71 @@ def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.A
         interpret=interpret,
         name=f"quantize_x_{pre or 'plain'}",
     )(*operands)
+
+
+def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, head_dim, heads_per_kv,
+                  dtype, interpret):
+    """Merge the attention's split-K partials (kernels/attention.py) for this program's share of the
+    row, round to the model's dtype as the XLA merge does, then quantize like _kernel."""
+    f32 = jnp.float32
+    c = pl.program_id(1)
+    splits, wpg = o_ref.shape[0], group // 4
+    s = jnp.arange(splits, dtype=jnp.int32)[:, None, None]
+    base = (c * chunk * group + jnp.arange(chunk, dtype=jnp.int32)[None, :, None] * group
+            + jnp.arange(wpg, dtype=jnp.int32)[None, None, :] * 4)
+    ys = []
+    for k in range(4):
+        j = base + k                                     # [1, chunk, wpg] positions in the row
+        h, d = j // head_dim, j % head_dim
+        kv, g = h // heads_per_kv, h % heads_per_kv
+        m = m_ref[s, kv, g]                              # [splits, chunk, wpg]
+        w = jnp.exp(m - jnp.max(m, axis=0)[None])
+        num = jnp.sum(o_ref[s, kv, g, d] * w, axis=0)
+        den = jnp.sum(l_ref[s, kv, g] * w, axis=0)
+        ys.append((num / den).astype(dtype).astype(f32))
+    amax = jnp.max(jnp.abs(ys[0]), axis=1)
+    for y in ys[1:]:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
+    words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
+    scales_ref[...] = amax / 127.0
+
+
+MERGE_VALUES = 16384   # split partials a merge program holds in registers at once (splits x values)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "heads_per_kv", "dtype", "interpret"))
+def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, interpret: bool = False):
+    """The decode attention's split partials -> quantize_x's (words, scales) of the merged output.
+
+    o [B, splits, Hkv, gp, D], m/l [B, splits, Hkv, gp] float32, of which the first heads_per_kv (G)
+    rows of each kv head are real (kernels/attention.py). The merged row is attention's output
+    [B, Hkv * G * D] in `dtype`, exactly as attention._merge rounds it, up to float32 summation order.
+    One launch where XLA takes three (max, exp, weighted sums) plus the quantization's.
+    """
+    B, splits, hkv, gp, D = o.shape
+    cols = hkv * heads_per_kv * D
+    if m.shape != (B, splits, hkv, gp) or l.shape != m.shape or heads_per_kv > gp:
+        raise ValueError(f"merge_quantize_x: partials o {o.shape}, m {m.shape}, l {l.shape} with "
+                         f"G={heads_per_kv} do not match")
+    if cols % group or group % 4:
+        raise ValueError(f"merge_quantize_x: {cols} values do not split into groups of {group}")
+    groups, wpg = cols // group, group // 4
+    chunk = _chunk(groups, None)
+    while chunk > 1 and splits * chunk * group > MERGE_VALUES:
+        chunk //= 2
+    part = lambda *blk: pl.BlockSpec((None,) + blk, lambda b, c: (b,) + (0,) * len(blk))
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, chunk=chunk, group=group, head_dim=D, heads_per_kv=heads_per_kv,
+                          dtype=jnp.dtype(dtype), interpret=interpret),
+        grid=(B, groups // chunk),
+        in_specs=[part(splits, hkv, gp, D), part(splits, hkv, gp), part(splits, hkv, gp)],
+        out_specs=[pl.BlockSpec((None, chunk, wpg), lambda b, c: (b, c, 0)),
+                   pl.BlockSpec((None, chunk), lambda b, c: (b, c))],
+        out_shape=[jax.ShapeDtypeStruct((B, groups, wpg), jnp.int32),
+                   jax.ShapeDtypeStruct((B, groups), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        interpret=interpret,
+        name="quantize_x_merge",
+    )(o, m, l)
