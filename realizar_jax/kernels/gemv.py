@@ -43,7 +43,7 @@ TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...
 
 def default_tiles(qtype: str, default: tuple | None = None) -> tuple:
     """TILES[qtype] (or `default`), unless REALIZAR_GEMV_TILES overrides it (read when a call is
-    traced). "XQUANT" is the activation prep's (groups per program, warps) (xquant.py)."""
+    traced). "XQUANT" and "XMERGE" are the activation preps' (groups per program, warps) (xquant.py)."""
     if default is None:
         default = TILES.get(qtype, (16, 2, 4, 3))
     raw = os.environ.get(TILES_ENV)

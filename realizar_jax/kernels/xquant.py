@@ -161,7 +161,11 @@ def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, h
     scales_ref[...] = amax / 127.0
 
 
-MERGE_VALUES = 16384   # split partials a merge program holds in registers at once (splits x values)
+# (groups per program, warps) of the merge prep, key "XMERGE" of REALIZAR_GEMV_TILES. Few programs
+# wait on their splits' loads one after another: with 32 groups (4 programs for an 8B row) the merge
+# took 5.9 us per layer against 4.3 for XLA's three merge kernels. H100, 8B Q4_K_M decode tok/s
+# (BENCHMARKS.md run 3): (1, 2) 380.6, (2, 4) 379.1, (4, 4) 376.7, (8, 4) 372.3, XLA's merge 371.4.
+MERGE_TILE = (1, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "heads_per_kv", "dtype", "interpret"))
@@ -181,8 +185,10 @@ def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, interpret
     if cols % group or group % 4:
         raise ValueError(f"merge_quantize_x: {cols} values do not split into groups of {group}")
     groups, wpg = cols // group, group // 4
-    chunk = _chunk(groups, None)
-    while chunk > 1 and splits * chunk * group > MERGE_VALUES:
+    from .gemv import default_tiles
+    most, warps = default_tiles("XMERGE", MERGE_TILE)
+    chunk = 1 << (most.bit_length() - 1)
+    while groups % chunk:
         chunk //= 2
     part = lambda *blk: pl.BlockSpec((None,) + blk, lambda b, c: (b,) + (0,) * len(blk))
     return pl.pallas_call(
@@ -194,7 +200,7 @@ def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, interpret
                    pl.BlockSpec((None, chunk), lambda b, c: (b, c))],
         out_shape=[jax.ShapeDtypeStruct((B, groups, wpg), jnp.int32),
                    jax.ShapeDtypeStruct((B, groups), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="quantize_x_merge",
     )(o, m, l)
