@@ -1,5 +1,5 @@
-"""Attention over the KV cache. The jnp versions here are the reference and the CPU path;
-on GPU the decode attention is a Pallas kernel with the same signature (kernels/attention.py)."""
+"""Attention over the KV cache. The jnp versions here are the reference and the CPU path; on a GPU
+the decode functions hand over to Pallas kernels with the same contracts (kernels/attention.py)."""
 from __future__ import annotations
 
 import jax
@@ -8,6 +8,23 @@ import jax.numpy as jnp
 from .layers import apply_rope
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
+
+
+def _gpu_kernel(name: str):
+    """kernels.attention.<name> on a GPU backend with Pallas importable, else None (the jnp path)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        from .kernels import attention as kernels
+    except ImportError:
+        return None
+    return getattr(kernels, name)
+
+
+def _update_in_kernel() -> bool:
+    """REALIZAR_ATTN_UPDATE=kernel, and the cache stack is read in place (REALIZAR_ATTN_INPLACE=1)."""
+    from .kernels.switches import switch
+    return switch("REALIZAR_ATTN_UPDATE") == "kernel" and switch("REALIZAR_ATTN_INPLACE") == "1"
 
 
 def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
@@ -30,18 +47,14 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, layer: int | None = No
     place. With 0 the layer is sliced out first, which XLA does by copying it (every layer, every
     step: 2 x 2 MB per layer at 1,024 positions for Llama-3-8B; BENCHMARKS.md).
     """
-    if jax.default_backend() == "gpu":
-        try:
-            from .kernels.attention import decode_attention as kernel
-        except ImportError:
-            kernel = None
-        if kernel is not None:
-            from .kernels.switches import switch
-            if layer is not None and switch("REALIZAR_ATTN_INPLACE") == "1":
-                return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
-            if layer is not None:
-                k_cache, v_cache = k_cache[layer], v_cache[layer]
-            return kernel(q, k_cache, v_cache, lengths, scale)
+    kernel = _gpu_kernel("decode_attention")
+    if kernel is not None:
+        from .kernels.switches import switch
+        if layer is not None and switch("REALIZAR_ATTN_INPLACE") == "1":
+            return kernel(q, k_cache, v_cache, lengths, scale, layer=layer)
+        if layer is not None:
+            k_cache, v_cache = k_cache[layer], v_cache[layer]
+        return kernel(q, k_cache, v_cache, lengths, scale)
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
     return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
@@ -67,13 +80,9 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     the RoPE and the cache writes run inside the attention kernel (kernels/attention.py), one launch
     where XLA takes about seven. With "xla" (or REALIZAR_ATTN_INPLACE=0) XLA rotates and writes and
     the kernel only attends."""
-    if jax.default_backend() == "gpu":
-        try:
-            from .kernels.attention import decode_attention_update as kernel
-        except ImportError:
-            kernel = None
-        if kernel is not None and _update_in_kernel():
-            return kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
+    kernel = _gpu_kernel("decode_attention_update")
+    if kernel is not None and _update_in_kernel():
+        return kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
     return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
 
 
@@ -85,22 +94,13 @@ def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     attention kernel's split-K partials are merged inside the kernel that quantizes the o
     projection's activations (kernels/attention.py decode_attention_output)."""
     from .quant.matmul import matmul
-    if jax.default_backend() == "gpu":
-        try:
-            from .kernels.attention import decode_attention_output as kernel
-        except ImportError:
-            kernel = None
-        if kernel is not None and _update_in_kernel():
-            res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo)
-            if res is not None:
-                return res
+    kernel = _gpu_kernel("decode_attention_output")
+    if kernel is not None and _update_in_kernel():
+        res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo)
+        if res is not None:
+            return res
     out, k_cache, v_cache = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
     return matmul(out.reshape(out.shape[0], -1), wo), k_cache, v_cache
-
-
-def _update_in_kernel() -> bool:
-    from .kernels.switches import switch
-    return switch("REALIZAR_ATTN_UPDATE") == "kernel" and switch("REALIZAR_ATTN_INPLACE") == "1"
 
 
 def prefill_attention(q, k, v, lengths, scale):

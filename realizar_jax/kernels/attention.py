@@ -4,9 +4,10 @@ Flash-decoding: grid (batch, kv head, split of the sequence axis). A program gat
 heads that share its kv head into 16 rows (repeated, so the two products run on tensor cores),
 walks only the valid positions of its split in blocks of BT, and keeps an online softmax (running
 max m, running sum l, unnormalised output o). Splits past a sequence's length do no loads at all.
-Each split stores its G real rows of (o, m, l); a few XLA ops merge the splits. (A second small
-Pallas kernel doing the merge in one launch was slower on the H100: 8B Q4_K_M 292 vs 306 tok/s,
-BENCHMARKS.md.)
+Each split stores its G real rows of (o, m, l). The splits are merged by a few XLA ops (_merge) or,
+in the model's decode step, inside the kernel that quantizes the o projection's activations
+(decode_attention_output, xquant.merge_quantize_x). (A separate Pallas merge kernel was slower on
+the H100: 8B Q4_K_M 292 vs 306 tok/s, BENCHMARKS.md.)
 
 `decode_attention_update` is the same kernel taking the step's new q, k, v before RoPE: it rotates
 them in registers, the program whose split holds the new position writes k and v into the cache
@@ -145,6 +146,7 @@ def _merge(o, m, l, group, dtype):
 
 
 def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, scale, update, caches):
+    """The pallas_call of _kernel for a _plan: -> (o, m, l) partials, and the k/v caches if update."""
     G, gp, bt, splits, ss = plan
     B, Hkv = operands[1].shape[0], operands[1].shape[1]
     if stacked:
