@@ -7,7 +7,7 @@ tensors stay packed as QTensor, dense ones become arrays of the requested dtype.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .errors import MissingTensorError, ShapeMismatchError, UnsupportedQuantError
 from .formats import ModelSource, TensorSource
 from .quant.qtensor import QTensor
-from .roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape, required_global_roles,
+from .roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape,
                     required_layer_roles, tensor_name)
 
 DENSE_QTYPES = ("F32", "F16", "BF16")

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from realizar_jax.kernels.dispatch import kernel_matmul  # noqa: E402
 from realizar_jax.kernels.gemm import gemm  # noqa: E402
-from realizar_jax.kernels.gemv import TILES, gemv, interpret_mode  # noqa: E402
+from realizar_jax.kernels.gemv import gemv, interpret_mode  # noqa: E402
 IN = interpret_mode()
 from realizar_jax.kernels.layout import GpuQTensor, dequantize_gpu_part_order, repack_blocks  # noqa: E402
 from realizar_jax.kernels.unpack import unpack  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realizar_jax.bench import bench_main, decode_read_bytes
+from realizar_jax.bench import bench_main
 from realizar_jax.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
 
 

@@ -1,7 +1,7 @@
 """Chat templates: same text as HF transformers' apply_chat_template, sandboxed, clear errors."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from realizar_jax.errors import MissingTensorError, ModelFormatError, ShapeMismatchError, UnsupportedQuantError
-from realizar_jax.formats import ModelSource, TensorSource, open_model
+from realizar_jax.formats import TensorSource, open_model
 from realizar_jax.formats.validate import parse_tensor_name, validate_roles
 
 

@@ -6,7 +6,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import quants as gq
