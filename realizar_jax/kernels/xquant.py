@@ -62,6 +62,17 @@ def fusable_prep(cols: int, group: int, pre: str | None) -> bool:
     return cols % group == 0 and _chunk(cols // group, pre) is not None
 
 
+def _store_int8(ys, words_ref, scales_ref, interpret):
+    """Byte lanes ys (4 x [groups, group/4] float32) -> per-group int8s packed in words, and scales."""
+    amax = jnp.max(jnp.abs(ys[0]), axis=1)
+    for y in ys[1:]:
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
+    words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
+    scales_ref[...] = amax / 127.0
+
+
 def _kernel(*refs, pre, eps, cols, dtype, interpret):
     f32 = jnp.float32
     x_ref, words_ref, scales_ref = refs[0], refs[-2], refs[-1]
@@ -83,13 +94,7 @@ def _kernel(*refs, pre, eps, cols, dtype, interpret):
             ys.append(rounded(rounded(g / (1.0 + jnp.exp(-g))) * u_ref[:, :, k].astype(f32)))
     else:
         ys = xs
-    amax = jnp.max(jnp.abs(ys[0]), axis=1)
-    for y in ys[1:]:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
-    words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
-    scales_ref[...] = amax / 127.0
+    _store_int8(ys, words_ref, scales_ref, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "pre", "eps", "interpret"))
@@ -152,13 +157,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, h
         num = jnp.sum(o_ref[s, kv, g, d] * w, axis=0)
         den = jnp.sum(l_ref[s, kv, g] * w, axis=0)
         ys.append((num / den).astype(dtype).astype(f32))
-    amax = jnp.max(jnp.abs(ys[0]), axis=1)
-    for y in ys[1:]:
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
-    words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
-    scales_ref[...] = amax / 127.0
+    _store_int8(ys, words_ref, scales_ref, interpret)
 
 
 # (groups per program, warps) of the merge prep, key "XMERGE" of REALIZAR_GEMV_TILES. Few programs
