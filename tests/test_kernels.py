@@ -320,6 +320,25 @@ def test_decode_attention_update(batch, hkv, group, seq, dim, splits, layers, se
         np.testing.assert_allclose(np.asarray(out), want, atol=3e-2 if ON_GPU else 5e-5, err_msg=name)
 
 
+def test_decode_attention_update_rejects_operands_that_do_not_fit():
+    """The kernel writes into the cache stack in place: a wrong layer or shape is an error first."""
+    rng = np.random.default_rng(3)
+    q, k, v, kc, vc, pos, cos, sin, _ = _update_case(rng, 2, 2, 2, 32, 32, 2, jnp.float32)
+    run = lambda **kw: decode_attention_update(*[kw.get(n, a) for n, a in zip(
+        ("q", "k", "v", "kc", "vc", "pos", "cos", "sin"), (q, k, v, kc, vc, pos, cos, sin))], 0.1,
+        kw.get("layer", 1), interpret=True)
+    with pytest.raises(ValueError, match="layer 2 is not in the cache's 2 layers"):
+        run(layer=2)
+    with pytest.raises(ValueError, match="k has shape"):
+        run(k=k[:, :1])
+    with pytest.raises(ValueError, match="pos has shape"):
+        run(pos=pos[:1])
+    with pytest.raises(ValueError, match="query heads do not group"):
+        run(q=jnp.concatenate([q, q[:, :1]], axis=1))
+    with pytest.raises(ValueError, match="one \\[L, B, Hkv, S, D\\] stack"):
+        run(kc=kc[0])
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_large_shapes():
     """Real layer shapes, compiled on the GPU: every packed type and decode attention with bf16 KV."""

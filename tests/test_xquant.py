@@ -280,3 +280,5 @@ def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
                                   np.asarray(gemv(x, wo, act="int8", xprep="fused", interpret=True)))
     with pytest.raises(ValueError, match="do not fit"):
         gemv_prepared(words[:, :-1], scales[:, :-1], wo, interpret=True)
+    with pytest.raises(ValueError, match="1 to 4 activation rows"):
+        gemv_prepared(jnp.tile(words, (5, 1, 1)), jnp.tile(scales, (5, 1)), wo, interpret=True)

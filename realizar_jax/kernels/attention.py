@@ -208,6 +208,23 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, *, bt: int = 64, split
     return _merge(o, m, l, G, q.dtype)
 
 
+def _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer):
+    """ValueError naming the operand whose shape does not fit the cache stack (the kernel writes into
+    the stack in place, so a wrong layer or head count must not reach it)."""
+    if k_cache.ndim != 5 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention_update: caches {k_cache.shape} / {v_cache.shape} must be one "
+                         "[L, B, Hkv, S, D] stack each")
+    L, B, Hkv, _, D = k_cache.shape
+    if not 0 <= layer < L:
+        raise ValueError(f"decode_attention_update: layer {layer} is not in the cache's {L} layers")
+    want = {"q": (B, q.shape[1], D), "k": (B, Hkv, D), "v": (B, Hkv, D), "pos": (B,), "cos": (B, D), "sin": (B, D)}
+    for name, a in (("q", q), ("k", k), ("v", v), ("pos", pos), ("cos", cos), ("sin", sin)):
+        if a.shape != want[name]:
+            raise ValueError(f"decode_attention_update: {name} has shape {a.shape}, the cache needs {want[name]}")
+    if q.shape[1] % Hkv:
+        raise ValueError(f"decode_attention_update: {q.shape[1]} query heads do not group over {Hkv} kv heads")
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "layer", "bt", "splits", "num_warps", "num_stages",
                                              "interpret", "merge"))
 def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, *, bt: int = 64,
@@ -218,6 +235,7 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     merge=False returns the splits' partials (o, m, l) in place of out (see _merge), for a consumer
     that merges them itself (decode_attention_output); None where the kernel does not apply."""
     from .gemv import interpret_mode
+    _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer)
     if interpret is None:
         interpret = interpret_mode()
     plan = _plan(q.shape, k_cache.shape, bt, splits)

@@ -382,6 +382,8 @@ def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpr
     B = words.shape[0]
     if qtype not in Q8_ACT_QTYPES or qtype not in FACTORED_QTYPES:
         raise ValueError(f"gemv_prepared: {w!r} has no int8-activation kernel")
+    if not 0 < B <= 4:
+        raise ValueError(f"gemv_prepared: the int8 GEMV takes 1 to 4 activation rows, got {B}")
     if words.shape != (B, cols // x_q8_group(qtype), x_q8_group(qtype) // 4) or scales.shape != words.shape[:2]:
         raise ValueError(f"gemv_prepared: words {words.shape} / scales {scales.shape} do not fit {w!r}")
     bn, bs, num_warps, num_stages = default_tiles(qtype)

@@ -163,7 +163,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, h
 # (groups per program, warps) of the merge prep, key "XMERGE" of REALIZAR_GEMV_TILES. Few programs
 # wait on their splits' loads one after another: with 32 groups (4 programs for an 8B row) the merge
 # took 5.9 us per layer against 4.3 for XLA's three merge kernels. H100, 8B Q4_K_M decode tok/s
-# (BENCHMARKS.md run 3): (1, 2) 380.6, (2, 4) 379.1, (4, 4) 376.7, (8, 4) 372.3, XLA's merge 371.4.
+# (BENCHMARKS.md run 10): (1, 2) 380.6, (2, 4) 379.1, (4, 4) 376.7, (8, 4) 372.3, XLA's merge 371.4.
 MERGE_TILE = (1, 2)
 
 
