@@ -38,6 +38,7 @@ x = jnp.ones((1, 4096), jnp.bfloat16)
 for g in (16, 32):
     for pre, o in ((None, None), ('norm', jnp.ones(4096)), ('swiglu', x)):
         print(g, pre, [a.shape for a in jax.block_until_ready(quantize_x(x, g, pre=pre, other=o, eps=1e-5 if pre else None))])
+print('PREP OK')
 from realizar_jax.kernels.attention import decode_attention_update
 from realizar_jax.layers import rope_tables
 b = jnp.ones((1, 32, 128), jnp.bfloat16); kv = jnp.ones((1, 8, 128), jnp.bfloat16)
@@ -50,11 +51,11 @@ def two(c1, c2):   # the caches must be updated in place: no copy of the [2, 1, 
     return o, c1, c2
 hlo = jax.jit(two, donate_argnums=(0, 1)).lower(c, c + 1).compile().as_text()
 print('cache copies in the compiled step:', sum('copy' in l and '1024,128' in l for l in hlo.splitlines()))
-" 2>&1 | tail -n 20 | tee "$OUT/smoke.log"; then export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"; fi
-  if grep -q Traceback "$OUT/smoke.log"; then
-    if grep -q 'attention update' "$OUT/smoke.log" || grep -q attention "$OUT/smoke.log"; then   # prep compiled
-      grep -q 'attention update' "$OUT/smoke.log" || { export REALIZAR_ATTN_UPDATE=xla; echo "SMOKE FAILED: ATTN_UPDATE=xla"; }
-    else export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"; fi
+" 2>&1 | tail -n 20 | tee "$OUT/smoke.log"; then echo "SMOKE: python failed"; fi
+  if ! grep -q 'PREP OK' "$OUT/smoke.log"; then   # the prep did not compile: XLA prepares the int8s
+    export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"
+  elif ! grep -q 'attention update' "$OUT/smoke.log"; then   # the fused step did not: XLA rotates and writes
+    export REALIZAR_ATTN_UPDATE=xla; echo "SMOKE FAILED: ATTN_UPDATE=xla"
   fi
 fi
 if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part
