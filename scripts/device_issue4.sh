@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call for issue 4: kernel microbench (picks GEMV tiles and the prefill route), whole-model
 # benches, GPU tests. usage (device tool, carry .whl): bash scripts/device_issue4.sh [STEP...]
-# steps (default: micro q4 q8 tests bf16; in this order): smoke tests micro ncu prof ab q4 q8 dense1b bf16
+# steps (default: micro q4 q8 tests bf16; in this order): smoke tests micro sweep ncu prof ab q4 q8 dense1b bf16
 #   smoke: compiles the fused activation prep and the fused attention step; where one fails, the later
 #          steps run REALIZAR_GEMV_XPREP=kernel / REALIZAR_ATTN_UPDATE=xla
 #   micro: scripts/device_microbench.py; its best GEMV tiles and prefill route are exported to the
 #          later steps (REALIZAR_GEMV_TILES, REALIZAR_PREFILL_GEMM) unless USE_DEFAULTS=1
 #   ab: 8B Q4_K_M and 1B Q8_0 benches (with --profile), each re-timed under the other value of each switch (--ab)
-#   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py)
+#   sweep: the int8 GEMV launches of an 8B layer under REALIZAR_GEMV_TILES settings (scripts/device_gemv_sweep.py)
+#   ncu: Nsight Compute counters of the GEMV / unpack kernels (scripts/device_ncu.py; NCU_KINDS picks them)
 #   prof: 8B Q4_K_M bench with --profile (kernel time per decode step; XQ_AB=1: also the prep's tiles,
 #         here and in q4/q8)
 #   q4: 8B and 1B Q4_K_M benches; q8: 1B Q8_0 bench; dense1b: 1B bf16 with REALIZAR_DENSE_GEMV=pallas|xla
@@ -80,9 +81,10 @@ if has micro; then
     [ -n "$ROUTE" ] && export REALIZAR_PREFILL_GEMM="$ROUTE"
   fi
 fi
+if has sweep; then timeout ${SWEEP_TIMEOUT:-300} python3 scripts/device_gemv_sweep.py 2>&1 | tee "$OUT/sweep.log"; fi
 if has ncu; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  for kind in q4k q8 q6k dense unpack; do
+  for kind in ${NCU_KINDS:-q4k q8 q6k dense unpack}; do
     timeout 100 "$NCU" --clock-control none -k regex:'gemv|unpack' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section WarpStateStats --section SchedulerStats python3 scripts/device_ncu.py $kind 2>&1 \
