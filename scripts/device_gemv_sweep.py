@@ -4,7 +4,9 @@ prep, the lm head), each timed under several REALIZAR_GEMV_TILES settings. The t
 a call is traced, so every setting clears JAX's caches first.
 
 usage: python scripts/device_gemv_sweep.py [Q4_K|Q6_K ...]   (MICROBENCH_SMOKE=1: tiny shapes on CPU)
-Prints one line per (setting, launch): µs per launch and GB/s of packed weight bytes; writes
+Prints one line per (setting, launch): the GEMV kernel's µs per launch as the profiler's trace
+gives it (wall time would measure the host: a launch of these kernels outside a CUDA graph takes
+longer to issue than to run), the GB/s of packed weight bytes, and the activation prep's µs; writes
 gemv_sweep.json under $OUT. Weights rotate among copies totalling > 4x L2 so timings measure HBM.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from realizar_jax.bench import summarize_trace  # noqa: E402
 from realizar_jax.kernels.gemv import gemv, gemv_multi, interpret_mode  # noqa: E402
 from realizar_jax.kernels.layout import GpuQTensor, repack_blocks  # noqa: E402
 from realizar_jax.synth import random_blocks  # noqa: E402
@@ -32,9 +36,10 @@ KV = H // 4
 ROTATE = 2e5 if SMOKE else 220e6   # bytes of weights each launch kind rotates through
 SWEEP = {
     "Q4_K": [(16, 4, 4, 3), (8, 4, 2, 3), (8, 4, 4, 3), (16, 2, 4, 3), (16, 4, 2, 3), (16, 8, 4, 2),
-             (32, 4, 4, 3), (32, 2, 4, 3), (16, 4, 8, 3), (16, 4, 4, 2), (16, 4, 4, 4), (32, 4, 8, 2)],
+             (32, 4, 4, 3), (32, 2, 4, 3), (16, 4, 8, 3), (16, 4, 4, 2), (16, 4, 4, 4), (32, 4, 8, 2),
+             (8, 8, 4, 2), (8, 4, 4, 4), (8, 2, 4, 4), (4, 4, 2, 3)],
     "Q6_K": [(16, 4, 4, 2), (8, 4, 2, 2), (8, 4, 4, 3), (16, 2, 4, 3), (32, 4, 4, 2), (16, 4, 8, 2),
-             (16, 8, 4, 2), (16, 4, 2, 3)],
+             (16, 8, 4, 2), (16, 4, 2, 3), (8, 8, 4, 2), (16, 8, 8, 2), (8, 4, 4, 2)],
 }
 
 
@@ -50,14 +55,20 @@ def copies(ws, rng):
     return [ws] + [tuple(jax.tree_util.tree_map(lambda a: a + 0, w) for w in ws) for _ in range(n - 1)], nbytes
 
 
-def timed(f, *args, reps=1 if SMOKE else 15):
-    jax.block_until_ready(f(*args))
-    ts = []
+def kernel_us(f, arg, launches: int, reps: int = 1 if SMOKE else 3):
+    """(GEMV µs, prep µs) per launch: device time of the kernels named gemv* / quantize_x* in a
+    profiler trace of `reps` calls of f (after a warm-up call)."""
+    jax.block_until_ready(f(arg))
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
     for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.min(ts))
+        jax.block_until_ready(f(arg))
+    jax.profiler.stop_trace()
+    rows = summarize_trace(d, steps=reps * launches, top=1000)["top"]
+    shutil.rmtree(d, ignore_errors=True)
+    gemv_us = sum(r["us_per_step"] for r in rows if r["name"].startswith("gemv"))
+    prep_us = sum(r["us_per_step"] for r in rows if r["name"].startswith("quantize_x"))
+    return gemv_us, prep_us
 
 
 rng = np.random.default_rng(0)
@@ -92,12 +103,14 @@ for name, (shapes, fn) in LAUNCHES.items():
             os.environ["REALIZAR_GEMV_TILES"] = json.dumps({qt: tile})
             jax.clear_caches()
             try:
-                t = timed(f, sets) / len(sets)
+                us, prep = kernel_us(f, sets, len(sets))
+                us = us or float("nan")   # no GPU kernels in the trace (the CPU smoke run)
             except Exception as e:  # noqa: BLE001
                 print(f"{name} {qt}{list(tile)} FAIL {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            res.append(dict(launch=name, qtype=qt, tile=tile, us=t * 1e6, GBps=nbytes / t / 1e9))
-            print(f"{name:8s} {qt}{list(tile)} {t*1e6:8.1f} us {nbytes/t/1e9:6.0f} GB/s", flush=True)
+            res.append(dict(launch=name, qtype=qt, tile=tile, us=us, GBps=nbytes / us / 1e3, prep_us=prep))
+            print(f"{name:8s} {qt}{list(tile)} {us:8.1f} us {nbytes/us/1e3:6.0f} GB/s  (prep {prep:.1f} us)",
+                  flush=True)
     del sets
     os.environ.pop("REALIZAR_GEMV_TILES", None)
 with open(os.path.join(OUT, "gemv_sweep.json"), "w") as fh:
