@@ -86,17 +86,19 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
 
 
-def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo):
+def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *,
+                            unsummed: bool = False):
     """The decode step's attention through its output projection: decode_attention_update, then
     matmul(out [B, Hq * D], wo). -> (delta [B, hidden], k_cache, v_cache).
 
     On the GPU (REALIZAR_ATTN_MERGE=prep, the default, with a packed wo on the int8 route) the
     attention kernel's split-K partials are merged inside the kernel that quantizes the o
-    projection's activations (kernels/attention.py decode_attention_output)."""
+    projection's activations (kernels/attention.py decode_attention_output). unsummed=True: delta
+    may be the o GEMV's K-split partials (a SplitSum), for quant.matmul.residual_normed_matmul_many."""
     from .quant.matmul import matmul
     kernel = _gpu_kernel("decode_attention_output")
     if kernel is not None and _update_in_kernel():
-        res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo)
+        res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo, unsummed=unsummed)
         if res is not None:
             return res
     out, k_cache, v_cache = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)

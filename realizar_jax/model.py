@@ -11,15 +11,17 @@ import jax.numpy as jnp
 from .attention import decode_attention_output, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
+from .kernels.splitsum import total
 from .layers import apply_rope, rms_norm, rope_tables  # noqa: F401 (the notebooks import them here)
-from .quant.matmul import embedding_lookup, matmul, normed_matmul_many, swiglu_matmul
+from .quant.matmul import embedding_lookup, matmul, residual_normed_matmul_many, swiglu_matmul
 from .weights import LayerParams, Params
 
 
-def _project_qkv(lp: LayerParams, x, config: ModelConfig):
-    """x [..., hidden] (the residual stream) -> q [..., Hq, D], k/v [..., Hkv, D]: attention norm,
+def _project_qkv(lp: LayerParams, x, delta, config: ModelConfig):
+    """x [..., hidden] (the residual stream) plus delta (the previous block's output, None before the
+    first) -> (x + delta, q [..., Hq, D], k/v [..., Hkv, D]): the residual add, attention norm,
     projections, biases and q/k norms (RoPE comes after, with the positions)."""
-    q, k, v = normed_matmul_many(x, lp.attn_norm, config.norm_eps, (lp.wq, lp.wk, lp.wv))
+    x, (q, k, v) = residual_normed_matmul_many(x, delta, lp.attn_norm, config.norm_eps, (lp.wq, lp.wk, lp.wv))
     if config.qkv_bias:
         q, k, v = q + lp.bq.astype(x.dtype), k + lp.bk.astype(x.dtype), v + lp.bv.astype(x.dtype)
     lead = x.shape[:-1]
@@ -28,16 +30,18 @@ def _project_qkv(lp: LayerParams, x, config: ModelConfig):
     v = v.reshape(*lead, config.num_kv_heads, config.head_dim)
     if config.qk_norm:
         q, k = rms_norm(q, lp.q_norm, config.norm_eps), rms_norm(k, lp.k_norm, config.norm_eps)
-    return q, k, v
+    return x, q, k, v
 
 
-def _mlp(lp: LayerParams, x, config: ModelConfig):
-    gate, up = normed_matmul_many(x, lp.ffn_norm, config.norm_eps, (lp.w_gate, lp.w_up))
-    return swiglu_matmul(gate, up, lp.w_down)
+def _mlp(lp: LayerParams, x, delta, config: ModelConfig):
+    """(x + delta, the MLP's output for it). The output may be the down GEMV's K-split partials
+    (a SplitSum), which only the next residual_normed_matmul_many takes."""
+    x, (gate, up) = residual_normed_matmul_many(x, delta, lp.ffn_norm, config.norm_eps, (lp.w_gate, lp.w_up))
+    return x, swiglu_matmul(gate, up, lp.w_down, unsummed=True)
 
 
-def _lm_head(params: Params, x, config: ModelConfig):
-    [logits] = normed_matmul_many(x, params.final_norm, config.norm_eps, (params.lm_head,))
+def _lm_head(params: Params, x, delta, config: ModelConfig):
+    _, [logits] = residual_normed_matmul_many(x, delta, params.final_norm, config.norm_eps, (params.lm_head,))
     return logits.astype(jnp.float32)
 
 
@@ -60,17 +64,19 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(params.rope_inv_freq, positions)
     ks, vs = cache.k, cache.v
+    delta = None   # each block's output, added to the stream x by the next block's norm
     for i, lp in enumerate(params.layers):
-        q, k, v = _project_qkv(lp, x, config)
+        x, q, k, v = _project_qkv(lp, x, delta, config)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = prefill_attention(q, k, v, lengths, scale)
         ks = ks.at[i, :, :, :t].set(k.swapaxes(1, 2).astype(ks.dtype))
         vs = vs.at[i, :, :, :t].set(v.swapaxes(1, 2).astype(vs.dtype))
-        x = x + matmul(attn.reshape(b, t, -1), lp.wo)
-        x = x + _mlp(lp, x, config)
+        x, delta = _mlp(lp, x, matmul(attn.reshape(b, t, -1), lp.wo), config)
+    if delta is not None:
+        x = x + total(delta).astype(x.dtype)
     if not all_logits:
         x = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    return _lm_head(params, x, config), KVCache(ks, vs, lengths.astype(jnp.int32))
+    return _lm_head(params, x, None, config), KVCache(ks, vs, lengths.astype(jnp.int32))
 
 
 def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig, dtype=None):
@@ -81,14 +87,14 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     x = embedding_lookup(params.embed, tokens, dtype)
     cos, sin = rope_tables(params.rope_inv_freq, pos)   # [B, D], shared by the layers
     ks, vs = cache.k, cache.v
+    delta = None   # each block's output, added to the stream x by the next block's norm
     for i, lp in enumerate(params.layers):
-        q, k, v = _project_qkv(lp, x, config)
+        x, q, k, v = _project_qkv(lp, x, delta, config)
         # RoPE on q and k, k and v written at each row's position of layer i, attention over <= pos,
         # then the output projection
-        attn_out, ks, vs = decode_attention_output(q, k, v, ks, vs, pos, cos, sin, scale, i, lp.wo)
-        x = x + attn_out
-        x = x + _mlp(lp, x, config)
-    return _lm_head(params, x, config), KVCache(ks, vs, pos + 1)
+        delta, ks, vs = decode_attention_output(q, k, v, ks, vs, pos, cos, sin, scale, i, lp.wo, unsummed=True)
+        x, delta = _mlp(lp, x, delta, config)
+    return _lm_head(params, x, delta, config), KVCache(ks, vs, pos + 1)
 
 
 def decode_step(params: Params, cache: KVCache, tokens, key, sampling, seen=None, *, config: ModelConfig,

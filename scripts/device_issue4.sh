@@ -39,6 +39,9 @@ x = jnp.ones((1, 4096), jnp.bfloat16)
 for g in (16, 32):
     for pre, o in ((None, None), ('norm', jnp.ones(4096)), ('swiglu', x)):
         print(g, pre, [a.shape for a in jax.block_until_ready(quantize_x(x, g, pre=pre, other=o, eps=1e-5 if pre else None))])
+from realizar_jax.kernels.xquant import norm_quantize_x
+r = jnp.ones((2, 1, 4096), jnp.float32)
+print('norm + residual', [a.shape for a in jax.tree_util.tree_leaves(jax.block_until_ready(norm_quantize_x(x, (32, 16), jnp.ones(4096), 1e-5, residual=r)))])
 print('PREP OK')
 from realizar_jax.kernels.attention import decode_attention_update
 from realizar_jax.layers import rope_tables
@@ -61,7 +64,7 @@ print('cache copies in the compiled step:', sum('copy' in l and '1024,128' in l 
 fi
 if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part
   parts=("tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu")
-  for sw in "XPREP and kernel" "XPREP and xla" INPLACE UPDATE MERGE FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
+  for sw in "XPREP and kernel" "XPREP and xla" INPLACE UPDATE MERGE RESIDUAL FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
     parts+=("tests/test_gpu_model.py -k 'switches and $sw'")
   done
   for part in "${parts[@]}"; do

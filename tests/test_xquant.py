@@ -94,6 +94,62 @@ def test_quantize_x_is_the_int8_rounding_of_pre_x(group, batch, nsb, pre, scale,
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=8e-3)
 
 
+@settings(max_examples=6, **SETTINGS)
+@given(groups=st.sampled_from([(32,), (16,), (32, 16), (16, 32)]), batch=st.integers(1, 3),
+       nsb=st.sampled_from([1, 2, 4, 8]), splits=st.sampled_from([0, 1, 2, 3]), plain=st.booleans(),
+       scale=st.sampled_from([1e-2, 1.0, 30.0]), seed=st.integers(0, 2**31))
+def test_norm_quantize_x_adds_the_residual_then_quantizes_each_group(groups, batch, nsb, splits, plain, scale,
+                                                                     seed):
+    """The residual add in the norm prep: the new stream is x plus the splits' float32 sum rounded to
+    bf16, exactly as x + matmul(...) rounds it (numpy, adding the splits in order); every group size's
+    int8s are quantize_x's of rms_norm(new x) (one-step flips from the sum of squares' order at most)."""
+    from realizar_jax.kernels.xquant import norm_quantize_x
+    rng = np.random.default_rng(seed)
+    cols = nsb * 256
+    x = _bf16(rng.standard_normal((batch, cols)) * scale)
+    w = (rng.standard_normal(cols) * 0.2 + 1.0).astype(np.float32)
+    if splits == 0:
+        residual, new = None, x
+    elif plain:   # a delta that is already an array in the model's dtype (one "split")
+        residual = _bf16(rng.standard_normal((1, batch, cols)) * scale)
+        new = _bf16(x + residual[0])
+    else:
+        residual = (rng.standard_normal((splits, batch, cols)) * scale).astype(np.float32)
+        total = residual[0].copy()
+        for p in residual[1:]:
+            total = total + p
+        new = _bf16(x + _bf16(total))
+    res_arg = None if residual is None else jnp.asarray(residual, jnp.bfloat16 if plain else jnp.float32)
+    preps, x_new = norm_quantize_x(jnp.asarray(x, jnp.bfloat16), groups, jnp.asarray(w), 1e-5,
+                                   residual=res_arg, interpret=True)
+    assert x_new.dtype == jnp.bfloat16 and x_new.shape == (batch, cols)
+    np.testing.assert_array_equal(np.asarray(x_new, np.float32), new)
+    assert len(preps) == len(groups)
+    for g, (words, scales) in zip(groups, preps):
+        assert words.shape == (batch, cols // g, g // 4) and scales.shape == (batch, cols // g)
+        want_w, want_s = quantize_x(jnp.asarray(new, jnp.bfloat16), g, pre="norm", other=jnp.asarray(w), eps=1e-5,
+                                    interpret=True)
+        a = np.asarray(words).view(np.int8).astype(int).ravel()
+        b = np.asarray(want_w).view(np.int8).astype(int).ravel()
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.02
+        np.testing.assert_allclose(np.asarray(scales), np.asarray(want_s), rtol=8e-3)
+        # and against numpy: q * scale is the normed new x within half a step
+        q, s = _unpack(words, scales)
+        v = _numpy_pre(new, "norm", w, 1e-5).reshape(batch, cols // g, g)
+        assert (np.abs(q * s[..., None] - v) <= 0.5 * s[..., None] + 2e-2 * np.abs(v) + 1e-30).all()
+
+
+def test_norm_quantize_x_rejects_bad_operands():
+    from realizar_jax.kernels.xquant import norm_quantize_x
+    x, w = jnp.ones((2, 512), jnp.bfloat16), jnp.ones((512,), jnp.float32)
+    with pytest.raises(ValueError, match="residual"):
+        norm_quantize_x(x, (32,), w, 1e-5, residual=jnp.ones((2, 1, 512)), interpret=True)
+    with pytest.raises(ValueError, match="norm weight"):
+        norm_quantize_x(x, (32,), w[:256], 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="do not tile"):
+        norm_quantize_x(jnp.ones((1, 96 * 32), jnp.bfloat16), (32,), jnp.ones((96 * 32,)), 1e-5, interpret=True)
+
+
 def test_quantize_x_tiles_do_not_change_the_result(monkeypatch):
     """Splitting a row over more programs (REALIZAR_GEMV_TILES "XQUANT", each program re-reading the
     row for the norm) or using other warp counts gives the same words and scales."""
@@ -278,7 +334,77 @@ def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
     words, scales = quantize_x(x, x_q8_group(qtype), interpret=True)
     np.testing.assert_array_equal(np.asarray(gemv_prepared(words, scales, wo, interpret=True)),
                                   np.asarray(gemv(x, wo, act="int8", xprep="fused", interpret=True)))
+    # unsummed: the o GEMV's K-split partials, whose total is the summed result
+    from realizar_jax.kernels.splitsum import SplitSum
+    parts, _, _ = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, interpret=True,
+                                          unsummed=True)
+    assert isinstance(parts, SplitSum) and parts.shape == (batch, 256)
+    np.testing.assert_array_equal(np.asarray(parts.total(), np.float32), np.asarray(got, np.float32))
     with pytest.raises(ValueError, match="do not fit"):
         gemv_prepared(words[:, :-1], scales[:, :-1], wo, interpret=True)
     with pytest.raises(ValueError, match="1 to 4 activation rows"):
         gemv_prepared(jnp.tile(words, (5, 1, 1)), jnp.tile(scales, (5, 1)), wo, interpret=True)
+
+
+def test_residual_normed_matmul_many_routes(monkeypatch):
+    """residual_normed_matmul_many = (x + delta, normed_matmul_many(x + delta, ...)) on every route:
+    dense, packed CPU, GPU-layout weights alone and as one multi-matrix launch (the fused prep with
+    the add inside), each activation-prep switch; delta as an array or as a SplitSum of partials.
+    The new stream is bit-identical to XLA's add on every route."""
+    from realizar_jax.kernels.splitsum import SplitSum, total
+    from realizar_jax.quant.matmul import residual_normed_matmul_many
+    rng = np.random.default_rng(21)
+    cols = 512
+    x = jnp.asarray(rng.standard_normal((2, cols)), jnp.bfloat16)
+    norm = jnp.asarray(rng.standard_normal(cols) * 0.2 + 1.0, jnp.float32)
+    data = random_blocks("Q4_K", 32, cols, rng)
+    routes = {"dense": (jnp.asarray(rng.standard_normal((32, cols)), jnp.bfloat16),),
+              "packed cpu": (QTensor(jnp.asarray(data), "Q4_K", (32, cols)),),
+              "gpu one": (_packed("Q6_K", 32, cols, rng),),
+              "gpu multi": (_packed("Q4_K", 32, cols, rng), _packed("Q6_K", 16, cols, rng), _packed("Q4_K", 16, cols, rng))}
+    deltas = [jnp.asarray(rng.standard_normal((2, cols)), jnp.bfloat16),
+              SplitSum(jnp.asarray(rng.standard_normal((2, 2, cols)), jnp.float32), jnp.bfloat16)]
+    for xprep in ("fused", "kernel"):
+        monkeypatch.setenv("REALIZAR_GEMV_XPREP", xprep)
+        for name, ws in routes.items():
+            for delta in deltas:
+                want_x = x + total(delta)
+                want = [matmul(rms_norm(want_x, norm, 1e-5), w) for w in ws]
+                got_x, got = residual_normed_matmul_many(x, delta, norm, 1e-5, ws)
+                np.testing.assert_array_equal(np.asarray(got_x, np.float32), np.asarray(want_x, np.float32))
+                for g, wv in zip(got, want):
+                    assert g.shape == wv.shape and g.dtype == jnp.bfloat16
+                    rel = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(wv, np.float64)) / np.linalg.norm(np.asarray(wv, np.float64))
+                    assert rel < 2e-2, (xprep, name, rel)   # int8 activations against bf16 ones
+    # no delta: the stream is x
+    got_x, _ = residual_normed_matmul_many(x, None, norm, 1e-5, routes["gpu one"])
+    np.testing.assert_array_equal(np.asarray(got_x, np.float32), np.asarray(x, np.float32))
+    with pytest.raises(ValueError, match="delta"):
+        residual_normed_matmul_many(x, x[:, :256], norm, 1e-5, routes["gpu one"])
+
+
+def test_decode_with_the_residual_add_in_the_prep(model_files, monkeypatch):
+    """A whole model on GPU-layout weights (the kernels in interpret mode on the CPU): with the down
+    projection's K-split partials added inside the next norm's prep (REALIZAR_RESIDUAL_ADD=prep, the
+    default), prefill and decode logits equal those of XLA's add."""
+    import realizar_jax as rj
+    from realizar_jax import engine
+    from realizar_jax import model as M
+    from realizar_jax.cache import init_cache
+    from realizar_jax.kernels import repack_for_gpu
+    monkeypatch.setattr(engine, "_gpu_repack", lambda: repack_for_gpu)
+    m = rj.load(model_files.gguf("llama", "q4_k_m"), dtype="bfloat16", max_seq_len=16)
+    assert any(isinstance(leaf, GpuQTensor) for leaf in jax.tree_util.tree_leaves(
+        m.params, is_leaf=lambda a: isinstance(a, GpuQTensor)))
+    tokens = jnp.asarray([[5, 17, 99, 3]], jnp.int32)   # 4 rows: the prefill takes the GEMV too
+    runs = {}
+    for mode in ("prep", "xla"):
+        monkeypatch.setenv("REALIZAR_RESIDUAL_ADD", mode)
+        jax.clear_caches()
+        cache = init_cache(m.config, 1, 16, jnp.bfloat16)
+        first, cache = M.prefill(m.params, cache, tokens, jnp.asarray([4]), config=m.config)
+        step, cache = M.decode_logits(m.params, cache, jnp.asarray([42]), config=m.config)
+        runs[mode] = (np.asarray(first), np.asarray(step))
+    for got, want in zip(runs["prep"], runs["xla"]):
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 1e-3, rel   # the same roundings; only int8 ties of the norm's scale may flip

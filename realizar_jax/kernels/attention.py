@@ -268,12 +268,14 @@ def merge_fuses(q, wo) -> bool:
 
 
 def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *,
-                            interpret: bool | None = None):
+                            interpret: bool | None = None, unsummed: bool = False):
     """(matmul(attention, wo), k_cache, v_cache) for decode_attention_update's arguments, with the
     splits' merge done inside the o projection's activation quantization (xquant.merge_quantize_x):
-    one launch where XLA took three. None where that route does not apply (merge_fuses, the plan)."""
+    one launch where XLA took three. None where that route does not apply (merge_fuses, the plan).
+    unsummed=True: the projection comes back as the GEMV's K-split partials (splitsum.SplitSum)."""
     from .gemv import gemv_prepared, interpret_mode
     from .qdot import x_q8_group
+    from .splitsum import SplitSum
     from .xquant import merge_quantize_x
     if interpret is None:
         interpret = interpret_mode()
@@ -287,4 +289,7 @@ def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     B, Hq, _ = q.shape
     words, scales = merge_quantize_x(o, m, l, x_q8_group(wo.qtype), heads_per_kv=Hq // k_cache.shape[-3],
                                      dtype=q.dtype, interpret=interpret)
+    if unsummed:
+        parts = gemv_prepared(words, scales, wo, interpret=interpret, summed=False)
+        return SplitSum(parts, q.dtype), k_cache, v_cache
     return gemv_prepared(words, scales, wo, interpret=interpret).astype(q.dtype), k_cache, v_cache

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from .gemm import gemm
 from .gemv import apply_pre, fusable, gemv, gemv_multi, interpret_mode
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
+from .splitsum import SplitSum, as_parts
 from .switches import switch
 from .unpack import unpack
 
@@ -50,6 +51,27 @@ def kernel_matmul_many(x: jax.Array, ws, *, pre: str | None = None, other=None, 
     return [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
 
 
+def residual_fuses() -> bool:
+    """REALIZAR_RESIDUAL_ADD=prep (the default): the residual add may run in the norm's prep."""
+    return switch("REALIZAR_RESIDUAL_ADD") == "prep"
+
+
+def kernel_residual_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tuple:
+    """(x + delta, [kernel_matmul(rms_norm(x + delta), w, ...) for w in ws]) for decode rows on packed
+    weights (pre_fuses for each w): the add runs in the first launch's activation prep, which takes
+    delta's K-split partials as they are (delta: a SplitSum or an array like x)."""
+    lead, cols = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    parts = as_parts(delta, x2.shape[0], cols)
+    if len(ws) > 1 and fused_gemv_applies(x, ws):
+        ys, x_new = gemv_multi(x2, tuple(ws), interpret=interpret_mode(), pre="norm", other=norm, eps=eps,
+                               out_dtype=x.dtype, residual=parts)
+    else:
+        y, x_new = gemv(x2, ws[0], interpret=interpret_mode(), pre="norm", other=norm, eps=eps, residual=parts)
+        ys = [y] + [gemv(x_new, w, interpret=interpret_mode(), pre="norm", other=norm, eps=eps) for w in ws[1:]]
+    return x_new.reshape(x.shape), [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
+
+
 def pre_fuses(x: jax.Array, w) -> bool:
     """Whether kernel_matmul(x, w, pre=...) can hand the pre-op to the GEMV (decode rows on a packed
     GPU weight) rather than running it first in XLA."""
@@ -71,9 +93,10 @@ def _dense_dot(x2, w):
                                preferred_element_type=jnp.float32)
 
 
-def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=None) -> jax.Array:
+def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=None, summed: bool = True):
     """pre(x) [..., in] @ w.T -> [..., out] in x.dtype with float32 accumulation. A pre-op (gemv.apply_pre)
-    goes to the GEMV when pre_fuses(x, w), else runs here first."""
+    goes to the GEMV when pre_fuses(x, w), else runs here first. summed=False: on the GEMV route the
+    result is a SplitSum of the K splits' partials (for a residual add in the next norm's prep)."""
     if pre is not None and not pre_fuses(x, w):
         x, pre = apply_pre(x, pre, other, eps), None
     lead, cols = x.shape[:-1], x.shape[-1]
@@ -81,7 +104,10 @@ def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=No
     M = x2.shape[0]
     if isinstance(w, GpuQTensor):
         if M <= GEMV_MAX_ROWS:
-            y = gemv(x2, w, interpret=interpret_mode(), pre=pre, other=_pre_operand(pre, other), eps=eps)
+            y = gemv(x2, w, interpret=interpret_mode(), pre=pre, other=_pre_operand(pre, other), eps=eps,
+                     summed=summed)
+            if not summed:
+                return SplitSum(y.reshape(y.shape[0], *lead, y.shape[-1]), x.dtype)
         else:
             route = prefill_route()
             if route == "pallas" and w.shape[0] % 16 == 0:

@@ -29,7 +29,7 @@ from .layout import SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8,
                    prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_group, x_q8_natural, x_q8_tiles)
 from .switches import check_switch, switch
-from .xquant import fusable_prep, quantize_x
+from .xquant import fusable_prep, norm_fusable, norm_quantize_x, quantize_x
 from ..layers import rms_norm, swiglu
 
 N_SM = 132  # H100 SXM; only used to size the grid
@@ -212,8 +212,23 @@ def apply_pre(x, pre: str | None, other, eps):
     return x
 
 
-def _pad_rows(a, nb: int):
-    return a if a is None or a.shape[0] == nb else jnp.zeros((nb,) + a.shape[1:], a.dtype).at[:a.shape[0]].set(a)
+def _pad_rows(a, nb: int, axis: int = 0):
+    if a is None or a.shape[axis] == nb:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, nb - a.shape[axis])
+    return jnp.pad(a, pad)
+
+
+def add_residual(x, residual):
+    """x + the matmul result whose K-split partial sums are residual [S, B, cols], rounded as
+    `x + matmul(...)` rounds (the float32 sum in x's dtype, then the add)."""
+    return x + residual.sum(axis=0).astype(x.dtype)
+
+
+def _check_residual(residual, x):
+    if residual is not None and (residual.ndim != 3 or residual.shape[1:] != x.shape):
+        raise ValueError(f"residual partials {residual.shape} do not match x {x.shape} ([splits, B, cols])")
 
 
 def _x_q8(xp, qtype: str, xprep: str, pre, other, eps, interpret: bool) -> list:
@@ -224,6 +239,21 @@ def _x_q8(xp, qtype: str, xprep: str, pre, other, eps, interpret: bool) -> list:
         words, scales = quantize_x(xp, group, pre=pre, other=other, eps=eps, interpret=interpret)
         return x_q8_natural(words, scales, qtype)
     return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype, in_kernel=xprep != "xla")
+
+
+def _x_q8_all(xp, qtypes, xprep: str, pre, other, eps, interpret: bool, residual=None):
+    """({qtype: int8 activations} for these weight types, x after the residual add).
+
+    A fused RMSNorm makes the int8s of every group size the types need in one norm_quantize_x
+    launch, which also adds the residual partials; otherwise XLA adds them, then _x_q8 per type."""
+    groups = tuple(dict.fromkeys(x_q8_group(q) for q in qtypes))
+    if xprep == "fused" and pre == "norm" and norm_fusable(xp.shape[1], groups):
+        preps, xp = norm_quantize_x(xp, groups, other, eps, residual=residual, interpret=interpret)
+        by_group = dict(zip(groups, preps))
+        return {q: x_q8_natural(*by_group[x_q8_group(q)], q) for q in qtypes}, xp
+    if residual is not None:
+        xp = add_residual(xp, residual)
+    return {q: _x_q8(xp, q, xprep, pre, other, eps, interpret) for q in qtypes}, xp
 
 
 def fusable(ws, rows_in_x: int) -> bool:
@@ -239,7 +269,7 @@ def fusable(ws, rows_in_x: int) -> bool:
 @functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "out_dtype"))
 def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
                xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
-               out_dtype=jnp.float32) -> list:
+               out_dtype=jnp.float32, residual=None):
     """pre(x) [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each,
     in out_dtype (rounded from the float32 sums in the kernel, as an XLA cast after it would).
 
@@ -247,30 +277,40 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
     first matrix's. Needs fusable(ws, B). pre/other/eps: the op in front (apply_pre), fused into the
     activations' quantization where that applies.
+    residual [S, B, in] (float32 K-split partials of another matmul): x is first replaced by
+    add_residual(x, residual), inside the RMSNorm prep where that is fused; the call then returns
+    (outputs, that new x).
     """
     B, cols = x.shape
     if not fusable(ws, B):
         raise ValueError("gemv_multi: " + ", ".join(f"{w!r}" for w in ws) + f" with {B} rows is not fusable")
+    _check_residual(residual, x)
+    keep_x = residual is not None
     bn, _, num_warps, num_stages = default_tiles(ws[0].qtype)
     nb = max(1, 1 << (B - 1).bit_length())
     nsb = cols // SB
     q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
     xprep = _resolve_xprep(xprep)
     x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
+    x_new = x
     if not q8:
-        x, pre = apply_pre(x, pre, other, eps), None
+        if residual is not None:
+            x = x_new = add_residual(x, residual)
+        x, pre, residual = apply_pre(x, pre, other, eps), None, None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
+    qtypes = tuple(dict.fromkeys(w.qtype for w in ws))
+    if q8:   # one prepared x per distinct type, shared by the matrices of that type
+        prepared, xq = _x_q8_all(xp, qtypes, xprep, pre, other, eps, interpret, _pad_rows(residual, nb, 1))
+        if residual is not None:
+            x_new = xq[:B]
+    else:
+        prepared = {q: prepare_x(xp, q) for q in qtypes}
     inputs, x_ranges, mats, first = [], {}, [], 0
     for w in ws:
         inputs.extend(w.parts)
-    for w in ws:   # one prepared x per distinct type, shared by the matrices of that type
-        if w.qtype not in x_ranges:
-            if q8:
-                xs = _x_q8(xp, w.qtype, xprep, pre, other, eps, interpret)
-            else:
-                xs = prepare_x(xp, w.qtype)
-            x_ranges[w.qtype] = (len(inputs), len(inputs) + len(xs))
-            inputs.extend(xs)
+    for q in qtypes:
+        x_ranges[q] = (len(inputs), len(inputs) + len(prepared[q]))
+        inputs.extend(prepared[q])
     w_at = 0
     for w in ws:
         _, bs, _ = _pick(nsb, w.shape[0], bn, default_tiles(w.qtype)[1], 1)   # K not split
@@ -291,16 +331,18 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
         interpret=interpret,
         name="gemv_multi_" + "_".join(w.qtype.lower() for w in ws),
     )(*inputs)
-    return [o[:B] for o in outs]
+    outs = [o[:B] for o in outs]
+    return (outs, x_new) if keep_x else outs
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
                                              "target_programs", "interpret", "factored", "act", "xprep",
-                                             "pre", "eps"))
+                                             "pre", "eps", "summed"))
 def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
          interpret: bool = False, factored: bool | None = None, act: str | None = None,
-         xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None):
+         xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
+         residual=None, summed: bool = True):
     """pre(x) [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
@@ -310,7 +352,11 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     dot products (qdot.tile_dot_q8, Q4_K/Q8_0/Q6_K; float32 x always stays float).
     pre/other/eps: the op in front of the product (apply_pre: None, "norm" or "swiglu"); with int8
     activations and REALIZAR_GEMV_XPREP=fused it runs inside the kernel that quantizes x.
+    residual: as gemv_multi's (the call returns (y, new x)). summed=False: y is the K splits'
+    partial sums [S, B, out], left for the consumer to add (splitsum.SplitSum).
     """
+    _check_residual(residual, x)
+    keep_x = residual is not None
     if isinstance(w, GpuQTensor):
         qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
     else:
@@ -331,28 +377,37 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
     xprep = _resolve_xprep(xprep)
     x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
-    if not q8:
-        x, pre = apply_pre(x, pre, other, eps), None
+    x_new = x
+    if not (q8 and factored):
+        if residual is not None:
+            x = x_new = add_residual(x, residual)
+        x, pre, residual = apply_pre(x, pre, other, eps), None, None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     if factored:
         if q8:
-            xs = _x_q8(xp, qtype, xprep, pre, other, eps, interpret)
+            prepared, xq = _x_q8_all(xp, (qtype,), xprep, pre, other, eps, interpret, _pad_rows(residual, nb, 1))
+            xs = prepared[qtype]
+            if residual is not None:
+                x_new = xq[:B]
         else:
             xs = prepare_x(xp, qtype)
-        return _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8,
-                              x_in_kernel, interpret)[:B]
-    tiles = nsb // bs // splits   # K tiles per split
-    xs = split_x(xp, qtype)
-    kq = "DENSE_ID" if qtype == "DENSE" else qtype
-    kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
-                               tiles=tiles, nb=nb, use_dot=use_dot)
-    return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret)[:B]
+        y = _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8,
+                           x_in_kernel, interpret, summed)
+    else:
+        tiles = nsb // bs // splits   # K tiles per split
+        xs = split_x(xp, qtype)
+        kq = "DENSE_ID" if qtype == "DENSE" else qtype
+        kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
+                                   tiles=tiles, nb=nb, use_dot=use_dot)
+        y = _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed)
+    y = y[:B] if summed else y[:, :B]
+    return (y, x_new) if keep_x else y
 
 
-def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret):
-    """The GEMV's launch: grid (row tiles, K splits); the splits' partial sums added by XLA (into
-    whatever consumes the result, e.g. the residual add)."""
+def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed=True):
+    """The GEMV's launch: grid (row tiles, K splits); the splits' partial sums [S, nb, rows], added by
+    XLA unless summed=False (into whatever consumes the result, e.g. the residual add)."""
     out = pl.pallas_call(
         kernel,
         grid=(rows // bn, splits),
@@ -362,22 +417,24 @@ def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stage
         interpret=interpret,
         name=f"gemv_{qtype.lower()}",
     )(*parts, *xs)
-    return out.sum(axis=0)
+    return out.sum(axis=0) if summed else out
 
 
 def _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8, x_in_kernel,
-                   interpret):
+                   interpret, summed=True):
     kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
                                tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret,
                                x_in_kernel=x_in_kernel)
-    return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret)
+    return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "summed"))
+def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpret: bool = False,
+                  summed: bool = True) -> jax.Array:
     """The int8 GEMV on activations another kernel already quantized (xquant.quantize_x's layout:
     words [B, groups, group/4], scales [B, groups], group = qdot.x_q8_group(w.qtype)); used where the
-    op producing x is fused into its quantization (xquant.merge_quantize_x). -> [B, out] float32."""
+    op producing x is fused into its quantization (xquant.merge_quantize_x). -> [B, out] float32
+    (summed=False: the K splits' partial sums [S, B, out])."""
     qtype, (rows, cols) = w.qtype, w.shape
     B = words.shape[0]
     if qtype not in Q8_ACT_QTYPES or qtype not in FACTORED_QTYPES:
@@ -391,5 +448,6 @@ def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpr
     xs = [_pad_rows(a, nb) for a in x_q8_natural(words, scales, qtype)]
     nsb = cols // SB
     bn, bs, splits = _pick(nsb, rows, bn, bs, 2 * N_SM)
-    return _factored_call(w.parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, True, True,
-                          interpret)[:B]
+    y = _factored_call(w.parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, True, True,
+                       interpret, summed)
+    return y[:B] if summed else y[:, :B]

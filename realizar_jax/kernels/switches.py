@@ -27,6 +27,9 @@ SWITCHES = {
     "REALIZAR_ATTN_UPDATE": ("kernel", "xla"),
     # the attention's split-K merge: inside the o projection's int8 activation prep, or XLA ops
     "REALIZAR_ATTN_MERGE": ("prep", "xla"),
+    # the residual add after the o and down projections: inside the next RMSNorm's int8 prep, which
+    # takes the GEMV's K-split partials as they are, or an XLA kernel (the partials' sum and the add)
+    "REALIZAR_RESIDUAL_ADD": ("prep", "xla"),
 }
 
 

@@ -73,28 +73,60 @@ def _store_int8(ys, words_ref, scales_ref, interpret):
     scales_ref[...] = amax / 127.0
 
 
-def _kernel(*refs, pre, eps, cols, dtype, interpret):
+def _rounded(v, dtype):
+    """float32 v rounded to the model's dtype, back in float32."""
+    return v.astype(dtype).astype(jnp.float32)
+
+
+def _kernel(*refs, pre, dtype, interpret):
     f32 = jnp.float32
     x_ref, words_ref, scales_ref = refs[0], refs[-2], refs[-1]
-
-    def rounded(v):   # v in the model's dtype, back in float32
-        return v.astype(dtype).astype(f32)
-
     xs = [x_ref[:, :, k].astype(f32) for k in range(4)]      # byte k of every word: [groups, words]
-    if pre == "norm":
-        w_ref, row_ref = refs[1], refs[2]   # row_ref: the whole row, for the sum of squares
-        row = row_ref[...].astype(f32)
-        ss = jnp.sum(jnp.sum(jnp.sum(row * row, axis=2), axis=1), axis=0)
-        r = jax.lax.rsqrt(ss / cols + eps)
-        ys = [rounded(rounded(w_ref[:, :, k].astype(f32)) * rounded(v * r)) for k, v in enumerate(xs)]
-    elif pre == "swiglu":
+    if pre == "swiglu":
         u_ref = refs[1]
-        ys = []
-        for k, g in enumerate(xs):
-            ys.append(rounded(rounded(g / (1.0 + jnp.exp(-g))) * u_ref[:, :, k].astype(f32)))
+        ys = [_rounded(_rounded(g / (1.0 + jnp.exp(-g)), dtype) * u_ref[:, :, k].astype(f32), dtype)
+              for k, g in enumerate(xs)]
     else:
         ys = xs
     _store_int8(ys, words_ref, scales_ref, interpret)
+
+
+def _norm_kernel(*refs, n_groups, n_res, eps, cols, dtype, interpret):
+    """RMSNorm (after the residual add, when there is one) and the int8 quantization for each group
+    size. refs: per group size its chunk of x and of the norm weight; the whole row of x; per split
+    the whole row of the residual and its chunk per group size; outputs: per group size words and
+    scales, then (with a residual) the chunk of the new x."""
+    f32 = jnp.float32
+    xc = refs[:n_groups]
+    wc = refs[n_groups:2 * n_groups]
+    row_ref = refs[2 * n_groups]
+    res_rows = refs[2 * n_groups + 1:2 * n_groups + 1 + n_res]
+    res_chunks = refs[2 * n_groups + 1 + n_res:2 * n_groups + 1 + n_res + n_res * n_groups]
+    outs = refs[2 * n_groups + 1 + n_res + n_res * n_groups:]
+
+    def with_residual(x, parts):
+        # as x + matmul(...) computes it: the splits' float32 sum rounded to the model's dtype, then
+        # the add rounded
+        if not parts:
+            return x
+        total = parts[0].astype(f32)
+        for p in parts[1:]:
+            total = total + p.astype(f32)
+        return _rounded(x + _rounded(total, dtype), dtype)
+
+    row = with_residual(row_ref[...].astype(f32), [r[...] for r in res_rows])
+    ss = jnp.sum(jnp.sum(jnp.sum(row * row, axis=2), axis=1), axis=0)
+    r = jax.lax.rsqrt(ss / cols + eps)
+    for gi in range(n_groups):
+        parts = res_chunks[gi * n_res:(gi + 1) * n_res]
+        ys = []
+        for k in range(4):
+            v = with_residual(xc[gi][:, :, k].astype(f32), [p[:, :, k] for p in parts])
+            ys.append(_rounded(_rounded(wc[gi][:, :, k].astype(f32), dtype) * _rounded(v * r, dtype), dtype))
+        _store_int8(ys, outs[2 * gi], outs[2 * gi + 1], interpret)
+    if n_res:   # the new residual stream, this program's chunk (the first group size's view)
+        new = with_residual(xc[0][...].astype(f32), [p[...] for p in res_chunks[:n_res]])
+        outs[-1][...] = new.astype(outs[-1].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "pre", "eps", "interpret"))
@@ -103,28 +135,26 @@ def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.A
     """x [B, cols] -> (words int32 [B, cols/group, group/4], scales float32 [B, cols/group]) of
     pre(x): per group, int8 q = round(v * 127 / absmax) packed little-endian, v ~= q * scale.
 
-    pre="norm": other is the RMSNorm weight [cols], eps its epsilon; pre="swiglu": other is `up`
-    [B, cols]. Needs fusable_prep(cols, group, pre).
+    pre="norm": other is the RMSNorm weight [cols], eps its epsilon (norm_quantize_x with one group
+    size); pre="swiglu": other is `up` [B, cols]. Needs fusable_prep(cols, group, pre).
     """
     B, cols = x.shape
     if pre not in (None, "norm", "swiglu") or (pre is None) != (other is None):
         raise ValueError(f"quantize_x: pre={pre!r} with {'an' if other is not None else 'no'} operand")
     if not fusable_prep(cols, group, pre):
         raise ValueError(f"quantize_x: {cols} values in groups of {group} with pre={pre!r} do not tile")
+    if pre == "norm":
+        [prep], _ = norm_quantize_x(x, (group,), other, eps, interpret=interpret)
+        return prep
     groups, wpg = cols // group, group // 4
     chunk = _chunk(groups, pre)
     row_spec = pl.BlockSpec((None, chunk, wpg, 4), lambda b, c: (b, c, 0, 0))
     operands, in_specs = [x.reshape(B, groups, wpg, 4)], [row_spec]
-    if pre == "norm":
-        operands += [other.reshape(groups, wpg, 4), operands[0]]
-        in_specs += [pl.BlockSpec((chunk, wpg, 4), lambda b, c: (c, 0, 0)),
-                     pl.BlockSpec((None, groups, wpg, 4), lambda b, c: (b, 0, 0, 0))]
-    elif pre == "swiglu":
+    if pre == "swiglu":
         operands.append(other.reshape(B, groups, wpg, 4))
         in_specs.append(row_spec)
     return pl.pallas_call(
-        functools.partial(_kernel, pre=pre, eps=None if eps is None else float(eps), cols=cols,
-                          dtype=x.dtype, interpret=interpret),
+        functools.partial(_kernel, pre=pre, dtype=x.dtype, interpret=interpret),
         grid=(B, groups // chunk),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, chunk, wpg), lambda b, c: (b, c, 0)),
@@ -135,6 +165,73 @@ def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.A
         interpret=interpret,
         name=f"quantize_x_{pre or 'plain'}",
     )(*operands)
+
+
+def norm_fusable(cols: int, groups) -> bool:
+    """Whether norm_quantize_x can take a row of `cols` values quantized in each of these group sizes."""
+    return bool(groups) and all(fusable_prep(cols, g, "norm") for g in groups)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "eps", "interpret"))
+def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, *, residual=None,
+                    interpret: bool = False):
+    """The RMSNorm in front of a decode GEMV and its int8 activations, in one launch, optionally
+    after the residual add that precedes the norm in a transformer block.
+
+    x [B, cols] (the residual stream, model dtype); weight [cols]; residual None or [S, B, cols]: the
+    K-split float32 partial sums of the matmul whose output joins the stream here (S = 1 for a plain
+    delta). The new stream is x + bf16(sum of the splits), rounded as `x + matmul(...)` rounds.
+    -> ([(words, scales) per group size, as quantize_x returns them], new x [B, cols] (x itself
+    without a residual)). One launch for every group size the GEMV's weight types need (Q4_K's 32
+    and Q6_K's 16 in one Q/K/V launch), where each size took its own launch.
+    """
+    B, cols = x.shape
+    groups = tuple(int(g) for g in groups)
+    if not norm_fusable(cols, groups):
+        raise ValueError(f"norm_quantize_x: {cols} values in groups of {groups} do not tile")
+    if weight.shape != (cols,):
+        raise ValueError(f"norm_quantize_x: the norm weight has shape {weight.shape}, x has {cols} values")
+    if residual is not None and (residual.ndim != 3 or residual.shape[1:] != x.shape):
+        raise ValueError(f"norm_quantize_x: residual {residual.shape} is not [splits, {B}, {cols}]")
+    # every program covers the same span of values: a whole number of groups of each size
+    span = max(_chunk(cols // g, "norm") * g for g in groups)
+    view = lambda a, g: a.reshape(a.shape[:-1] + (cols // g, g // 4, 4))
+    chunk_spec = lambda g: pl.BlockSpec((None, span // g, g // 4, 4), lambda b, c: (b, c, 0, 0))
+    g0 = groups[0]
+    operands = [view(x, g) for g in groups] + [view(weight, g) for g in groups] + [view(x, g0)]
+    in_specs = ([chunk_spec(g) for g in groups]
+                + [pl.BlockSpec((span // g, g // 4, 4), lambda b, c: (c, 0, 0)) for g in groups]
+                + [pl.BlockSpec((None, cols // g0, g0 // 4, 4), lambda b, c: (b, 0, 0, 0))])
+    n_res = 0 if residual is None else residual.shape[0]
+    for s in range(n_res):
+        operands.append(view(residual[s], g0))
+        in_specs.append(pl.BlockSpec((None, cols // g0, g0 // 4, 4), lambda b, c: (b, 0, 0, 0)))
+    for g in groups:
+        for s in range(n_res):
+            operands.append(view(residual[s], g))
+            in_specs.append(chunk_spec(g))
+    out_specs, out_shape = [], []
+    for g in groups:
+        out_specs += [pl.BlockSpec((None, span // g, g // 4), lambda b, c: (b, c, 0)),
+                      pl.BlockSpec((None, span // g), lambda b, c: (b, c))]
+        out_shape += [jax.ShapeDtypeStruct((B, cols // g, g // 4), jnp.int32),
+                      jax.ShapeDtypeStruct((B, cols // g), jnp.float32)]
+    if n_res:
+        out_specs.append(chunk_spec(g0))
+        out_shape.append(jax.ShapeDtypeStruct((B, cols // g0, g0 // 4, 4), x.dtype))
+    outs = pl.pallas_call(
+        functools.partial(_norm_kernel, n_groups=len(groups), n_res=n_res, eps=float(eps), cols=cols,
+                          dtype=x.dtype, interpret=interpret),
+        grid=(B, cols // span),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        interpret=interpret,
+        name="quantize_x_norm" + ("_residual" if n_res else ""),
+    )(*operands)
+    preps = [(outs[2 * i], outs[2 * i + 1]) for i in range(len(groups))]
+    return preps, (outs[-1].reshape(B, cols) if n_res else x)
 
 
 def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, head_dim, heads_per_kv,

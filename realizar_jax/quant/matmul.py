@@ -15,7 +15,8 @@ from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
 from ..kernels.dispatch import (dense_gemv_applies, fused_gemv_applies, kernel_matmul, kernel_matmul_many,
-                                pre_fuses)
+                                kernel_residual_normed_matmul_many, pre_fuses, residual_fuses)
+from ..kernels.splitsum import total
 from ..layers import rms_norm, swiglu
 
 
@@ -62,9 +63,7 @@ def normed_matmul_many(x, norm_weight, eps: float, ws) -> list:
     runs inside the launch that quantizes the activations for the GEMV (kernels/xquant.py): one
     kernel where XLA needs four."""
     x, norm_weight = jnp.asarray(x), jnp.asarray(norm_weight)
-    if norm_weight.shape != x.shape[-1:]:
-        raise ValueError(f"normed_matmul_many: the norm weight has shape {tuple(norm_weight.shape)} but x "
-                         f"has {x.shape[-1]} features")
+    _check_norm(x, norm_weight, "normed_matmul_many")
     if all(pre_fuses(x, w) for w in ws):
         for w in ws:
             _check(x, w.shape[1], repr(w))
@@ -74,16 +73,45 @@ def normed_matmul_many(x, norm_weight, eps: float, ws) -> list:
     return matmul_many(rms_norm(x, norm_weight, eps), ws)
 
 
-def swiglu_matmul(gate, up, w) -> jax.Array:
+def _check_norm(x, norm_weight, what: str) -> None:
+    if norm_weight.shape != x.shape[-1:]:
+        raise ValueError(f"{what}: the norm weight has shape {tuple(norm_weight.shape)} but x "
+                         f"has {x.shape[-1]} features")
+
+
+def residual_normed_matmul_many(x, delta, norm_weight, eps: float, ws) -> tuple:
+    """A transformer block's residual add and the RMSNorm-ed projections after it:
+    (x + delta, normed_matmul_many(x + delta, norm_weight, eps, ws)).
+
+    delta: None (no add), an array like x, or what a matmul called with unsummed=True returned (a
+    kernels.splitsum.SplitSum). On the GPU's decode path the add runs inside the launch that
+    normalizes and quantizes the activations, taking the previous GEMV's K-split partials as they
+    are: the kernel that added them to x is gone."""
+    x, norm_weight = jnp.asarray(x), jnp.asarray(norm_weight)
+    _check_norm(x, norm_weight, "residual_normed_matmul_many")
+    if delta is None:
+        return x, normed_matmul_many(x, norm_weight, eps, ws)
+    if tuple(delta.shape) != x.shape:
+        raise ValueError(f"residual_normed_matmul_many: delta {tuple(delta.shape)} does not match x {x.shape}")
+    if residual_fuses() and all(pre_fuses(x, w) for w in ws):
+        for w in ws:
+            _check(x, w.shape[1], repr(w))
+        return kernel_residual_normed_matmul_many(x, delta, norm_weight, eps, ws)
+    x = x + total(delta).astype(x.dtype)
+    return x, normed_matmul_many(x, norm_weight, eps, ws)
+
+
+def swiglu_matmul(gate, up, w, *, unsummed: bool = False):
     """matmul(swiglu(gate, up), w): the MLP's down projection, with the gate fused into the GEMV's
-    activation quantization on the GPU's decode path."""
+    activation quantization on the GPU's decode path. unsummed=True: where the GEMV splits K, the
+    result may come back as its partial sums (a SplitSum), for residual_normed_matmul_many only."""
     gate, up = jnp.asarray(gate), jnp.asarray(up)
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu_matmul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
                          f"{up.dtype} must match")
     if pre_fuses(gate, w):
         _check(gate, w.shape[1], repr(w))
-        return kernel_matmul(gate, w, pre="swiglu", other=up)
+        return kernel_matmul(gate, w, pre="swiglu", other=up, summed=not unsummed)
     return matmul(swiglu(gate, up), w)
 
 
