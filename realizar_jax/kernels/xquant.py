@@ -93,39 +93,40 @@ def _kernel(*refs, pre, dtype, interpret):
 
 def _norm_kernel(*refs, n_groups, n_res, eps, cols, dtype, interpret):
     """RMSNorm (after the residual add, when there is one) and the int8 quantization for each group
-    size. refs: per group size its chunk of x and of the norm weight; the whole row of x; per split
-    the whole row of the residual and its chunk per group size; outputs: per group size words and
-    scales, then (with a residual) the chunk of the new x."""
+    size. refs: per group size its chunk of x and of the norm weight; the whole row of x; with a
+    residual its whole row [S, ...] and per group size its chunk [S, ...] (S = n_res K splits);
+    outputs: per group size words and scales, then (with a residual) the chunk of the new x."""
     f32 = jnp.float32
     xc = refs[:n_groups]
     wc = refs[n_groups:2 * n_groups]
     row_ref = refs[2 * n_groups]
-    res_rows = refs[2 * n_groups + 1:2 * n_groups + 1 + n_res]
-    res_chunks = refs[2 * n_groups + 1 + n_res:2 * n_groups + 1 + n_res + n_res * n_groups]
-    outs = refs[2 * n_groups + 1 + n_res + n_res * n_groups:]
+    res_row = refs[2 * n_groups + 1] if n_res else None
+    res_chunks = refs[2 * n_groups + 2:3 * n_groups + 2] if n_res else ()
+    outs = refs[2 * n_groups + 1 + (n_groups + 1 if n_res else 0):]
 
-    def with_residual(x, parts):
+    def with_residual(x, ref, idx):
         # as x + matmul(...) computes it: the splits' float32 sum rounded to the model's dtype, then
         # the add rounded
-        if not parts:
+        if ref is None:
             return x
-        total = parts[0].astype(f32)
-        for p in parts[1:]:
-            total = total + p.astype(f32)
+        total = ref[(0,) + idx].astype(f32)
+        for s in range(1, n_res):
+            total = total + ref[(s,) + idx].astype(f32)
         return _rounded(x + _rounded(total, dtype), dtype)
 
-    row = with_residual(row_ref[...].astype(f32), [r[...] for r in res_rows])
+    whole = (slice(None),) * 3
+    row = with_residual(row_ref[...].astype(f32), res_row, whole)
     ss = jnp.sum(jnp.sum(jnp.sum(row * row, axis=2), axis=1), axis=0)
     r = jax.lax.rsqrt(ss / cols + eps)
     for gi in range(n_groups):
-        parts = res_chunks[gi * n_res:(gi + 1) * n_res]
+        part = res_chunks[gi] if n_res else None
         ys = []
         for k in range(4):
-            v = with_residual(xc[gi][:, :, k].astype(f32), [p[:, :, k] for p in parts])
+            v = with_residual(xc[gi][:, :, k].astype(f32), part, (slice(None), slice(None), k))
             ys.append(_rounded(_rounded(wc[gi][:, :, k].astype(f32), dtype) * _rounded(v * r, dtype), dtype))
         _store_int8(ys, outs[2 * gi], outs[2 * gi + 1], interpret)
     if n_res:   # the new residual stream, this program's chunk (the first group size's view)
-        new = with_residual(xc[0][...].astype(f32), [p[...] for p in res_chunks[:n_res]])
+        new = with_residual(xc[0][...].astype(f32), res_chunks[0], whole)
         outs[-1][...] = new.astype(outs[-1].dtype)
 
 
@@ -203,13 +204,11 @@ def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, 
                 + [pl.BlockSpec((span // g, g // 4, 4), lambda b, c: (c, 0, 0)) for g in groups]
                 + [pl.BlockSpec((None, cols // g0, g0 // 4, 4), lambda b, c: (b, 0, 0, 0))])
     n_res = 0 if residual is None else residual.shape[0]
-    for s in range(n_res):
-        operands.append(view(residual[s], g0))
-        in_specs.append(pl.BlockSpec((None, cols // g0, g0 // 4, 4), lambda b, c: (b, 0, 0, 0)))
-    for g in groups:
-        for s in range(n_res):
-            operands.append(view(residual[s], g))
-            in_specs.append(chunk_spec(g))
+    if n_res:   # the splits stay one operand: a slice per split is a copy XLA makes before the launch
+        operands += [view(residual, g0)] + [view(residual, g) for g in groups]
+        in_specs += ([pl.BlockSpec((n_res, None, cols // g0, g0 // 4, 4), lambda b, c: (0, b, 0, 0, 0))]
+                     + [pl.BlockSpec((n_res, None, span // g, g // 4, 4), lambda b, c: (0, b, c, 0, 0))
+                        for g in groups])
     out_specs, out_shape = [], []
     for g in groups:
         out_specs += [pl.BlockSpec((None, span // g, g // 4), lambda b, c: (b, c, 0)),
