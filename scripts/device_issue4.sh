@@ -99,7 +99,7 @@ fi
 echo "benches run with REALIZAR_GEMV_TILES=${REALIZAR_GEMV_TILES:-<defaults>}" \
      "REALIZAR_PREFILL_GEMM=${REALIZAR_PREFILL_GEMM:-<default>}" | tee -a "$OUT/bench.log"
 if has prof; then
-  if [ "${XQ_AB:-0}" = 1 ]; then   # the activation prep's tiles (xquant.TILE = 256 groups, 4 warps)
+  if [ "${XQ_AB:-0}" = 1 ]; then   # the activation prep's tiles (xquant.TILE = 32 groups, 8 warps)
     bench llama3-8b q4_k_m --profile /tmp/prof8b --ab 'REALIZAR_GEMV_TILES={"XQUANT":[32,4]}' \
       --ab 'REALIZAR_GEMV_TILES={"XQUANT":[16,2]}' --ab 'REALIZAR_GEMV_TILES={"XQUANT":[256,8]}'
   else
@@ -116,7 +116,7 @@ if has ab; then
       | tee -a "$OUT/ab.log"
   done
 fi
-# XQ_AB=1 also re-times the 1B models under other activation-prep tiles (xquant.TILE = 32 groups, 4 warps)
+# XQ_AB=1 also re-times the 1B models under other activation-prep tiles (xquant.TILE = 32 groups, 8 warps)
 XQ_1B=(); [ "${XQ_AB:-0}" = 1 ] && XQ_1B=(--ab 'REALIZAR_GEMV_TILES={"XQUANT":[64,4]}' --ab 'REALIZAR_GEMV_TILES={"XQUANT":[16,2]}')
 if has q4; then has prof || has ab || bench llama3-8b q4_k_m; bench llama3.2-1b q4_k_m "${XQ_1B[@]}"; fi
 if has q8; then bench llama3.2-1b q8_0 "${XQ_1B[@]}"; fi

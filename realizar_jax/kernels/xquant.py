@@ -35,8 +35,10 @@ def _rne_int(v, *, interpret: bool):
 # (groups per program, warps). A program per row was the slowest (8B Q4_K_M decode 324.5 tok/s with
 # (256, 4); 330.5 with (256, 8)): its loads, reductions and stores run one after another on one SM.
 # Splitting the row, each program re-reading it for the norm's sum of squares, measured 346.1 with
-# (32, 4) and 344.1 with (16, 2) (H100, BENCHMARKS.md).
-TILE = (32, 4)
+# (32, 4) and 344.1 with (16, 2) (H100, BENCHMARKS.md). Once the norm prep also adds the residual's
+# K splits (whole rows of float32 partials per program), 8 warps paid: 8B Q4_K_M 434.5 tok/s with
+# (32, 8) vs 420.4 with (32, 4), 435.2 (16, 8), 430.8 (32, 16); 1B Q8_0 1,383 vs 1,340 (H200, run 17).
+TILE = (32, 8)
 
 
 def _tile() -> tuple:
