@@ -42,8 +42,6 @@ for g in (16, 32):
 from realizar_jax.kernels.xquant import norm_quantize_x
 r = jnp.ones((2, 1, 4096), jnp.float32)
 print('norm + residual', [a.shape for a in jax.tree_util.tree_leaves(jax.block_until_ready(norm_quantize_x(x, (32, 16), jnp.ones(4096), 1e-5, residual=r)))])
-from realizar_jax.kernels.xquant import norm_x
-print('dense norm + residual', [a.shape for a in jax.block_until_ready(norm_x(x, jnp.ones(4096), 1e-5, residual=r))])
 print('PREP OK')
 from realizar_jax.kernels.attention import decode_attention_update
 from realizar_jax.layers import rope_tables
