@@ -95,14 +95,14 @@ def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     attention kernel's split-K partials are merged inside the kernel that quantizes the o
     projection's activations (kernels/attention.py decode_attention_output). unsummed=True: delta
     may be the o GEMV's K-split partials (a SplitSum), for quant.matmul.residual_normed_matmul_many."""
-    from .quant.matmul import matmul
+    from .quant.matmul import matmul, matmul_unsummed
     kernel = _gpu_kernel("decode_attention_output")
     if kernel is not None and _update_in_kernel():
         res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo, unsummed=unsummed)
         if res is not None:
             return res
     out, k_cache, v_cache = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
-    return matmul(out.reshape(out.shape[0], -1), wo), k_cache, v_cache
+    return (matmul_unsummed if unsummed else matmul)(out.reshape(out.shape[0], -1), wo), k_cache, v_cache
 
 
 def prefill_attention(q, k, v, lengths, scale):

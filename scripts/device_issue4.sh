@@ -24,12 +24,19 @@ date -u | tee -a "$OUT/gpu.txt"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 # EXTRA_AB="NAME=VALUE ...": every bench also re-times under each of these switch settings
 EXTRA=(); for a in ${EXTRA_AB:-}; do EXTRA+=(--ab "$a"); done
+# OLD_TREE=DIR (another checkout, e.g. `git archive COMMIT | tar -x -C DIR`): every bench also runs
+# on that code, in its own process, after ours (for changes no switch selects, e.g. a weight layout)
 bench() {  # shape quant [extra args]
   local shape=$1 quant=$2; shift 2
   set -- "$@" "${EXTRA[@]}"
   timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
+  if [ -n "${OLD_TREE:-}" ]; then   # run from inside it: `python -m` puts the working directory first
+    (cd "$OLD_TREE" && PYTHONPATH=/tmp/site:$OLD_TREE timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench \
+      --shape "$shape" --quant "$quant" --dir /tmp/rb --json "$OUT/old-$shape-$quant-b1.json" 2>&1) \
+      | grep -v -e Warning -e 'loading .*%' | sed 's/^/[old] /' | tee -a "$OUT/bench.log"
+  fi
 }
 if has smoke; then   # the fused activation prep compiles on this GPU, else the benches fall back to XLA's
   if ! timeout 120 python3 -c "
@@ -42,6 +49,8 @@ for g in (16, 32):
 from realizar_jax.kernels.xquant import norm_quantize_x
 r = jnp.ones((2, 1, 4096), jnp.float32)
 print('norm + residual', [a.shape for a in jax.tree_util.tree_leaves(jax.block_until_ready(norm_quantize_x(x, (32, 16), jnp.ones(4096), 1e-5, residual=r)))])
+from realizar_jax.kernels.xquant import norm_x
+print('dense norm + residual', [a.shape for a in jax.block_until_ready(norm_x(x, jnp.ones(4096), 1e-5, residual=r))])
 print('PREP OK')
 from realizar_jax.kernels.attention import decode_attention_update
 from realizar_jax.layers import rope_tables

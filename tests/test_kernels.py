@@ -159,6 +159,28 @@ def test_gemv_dense_bf16(rows, nsb, batch, seed):
     assert _rel(y, x.astype(np.float64) @ wb.T) < 2e-5
 
 
+@settings(max_examples=4, **SETTINGS)
+@given(rows=st.lists(st.sampled_from([4, 8, 20]), min_size=1, max_size=3), nsb=st.integers(1, 3),
+       batch=st.integers(1, 4), dtype=st.sampled_from(["bfloat16", "float16"]), seed=st.integers(0, 2**31))
+def test_gemv_multi_dense(rows, nsb, batch, dtype, seed):
+    """Dense half-precision matrices (an 8B bf16 model's Q/K/V, gate/up) in one launch: each output is
+    its matrix's product of the half-precision x, summed in float32, rounded once to x's dtype."""
+    rng = np.random.default_rng(seed)
+    ws = [jnp.asarray(rng.standard_normal((r, nsb * 256)), dtype) for r in rows]
+    x = jnp.asarray(rng.standard_normal((batch, nsb * 256)), dtype)
+    outs = gemv_multi(x, tuple(ws), interpret=not ON_GPU, out_dtype=x.dtype)
+    xf = np.asarray(x.astype(jnp.float32), np.float64)
+    for y, w in zip(outs, ws):
+        exact = xf @ np.asarray(w.astype(jnp.float32), np.float64).T
+        assert y.shape == (batch, w.shape[0]) and y.dtype == x.dtype
+        # one rounding to the half type: within half an ulp (2^-8 relative for bf16, 2^-11 for f16)
+        ulp = 2.0 ** (-8 if dtype == "bfloat16" else -11)
+        np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), exact, rtol=ulp, atol=1e-3)
+    packed, _ = _packed("Q4_K", 16, nsb * 256, rng)
+    with pytest.raises(ValueError, match="not fusable"):   # dense and packed do not share a launch
+        gemv_multi(x, (ws[0], packed), interpret=not ON_GPU)
+
+
 @settings(max_examples=3, **SETTINGS)
 @given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), tokens=st.sampled_from([2, 9, 17]),
        seed=st.integers(0, 2**31))

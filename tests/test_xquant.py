@@ -346,6 +346,103 @@ def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
         gemv_prepared(jnp.tile(words, (5, 1, 1)), jnp.tile(scales, (5, 1)), wo, interpret=True)
 
 
+@settings(max_examples=8, **SETTINGS)
+@given(batch=st.integers(1, 3), cols=st.sampled_from([16, 64, 256, 2048, 4096]), splits=st.sampled_from([0, 1, 2, 3]),
+       scale=st.sampled_from([1e-2, 1.0, 30.0]), dtype=st.sampled_from(["bfloat16", "float16"]),
+       seed=st.integers(0, 2**31))
+def test_norm_x_is_rms_norm_after_the_residual_add(batch, cols, splits, scale, dtype, seed):
+    """norm_x (the dense GEMVs' prep): the new stream is x plus the splits' float32 sum rounded to the
+    model's dtype, bit for bit as numpy adds them; the normed row is layers.rms_norm of it within
+    one rounding step (the sum of squares' float32 order can move the scale by an ulp)."""
+    from realizar_jax.kernels.xquant import norm_x
+    rng = np.random.default_rng(seed)
+    dt, npdt = jnp.dtype(dtype), (BF16 if dtype == "bfloat16" else np.float16)
+    rnd = lambda a: np.asarray(a, np.float32).astype(npdt).astype(np.float32)
+    x = rnd(rng.standard_normal((batch, cols)) * scale)
+    w = (rng.standard_normal(cols) * 0.2 + 1.0).astype(np.float32)
+    residual, new = None, x
+    if splits:
+        residual = (rng.standard_normal((splits, batch, cols)) * scale).astype(np.float32)
+        total = residual[0].copy()
+        for p in residual[1:]:
+            total = total + p
+        new = rnd(x + rnd(total))
+    y, x_new = norm_x(jnp.asarray(x, dt), jnp.asarray(w), 1e-5,
+                      residual=None if residual is None else jnp.asarray(residual), interpret=True)
+    assert y.dtype == dt and x_new.dtype == dt and y.shape == x_new.shape == (batch, cols)
+    np.testing.assert_array_equal(np.asarray(x_new, np.float32), new)
+    want = np.asarray(rms_norm(jnp.asarray(new, dt), jnp.asarray(w), 1e-5), np.float32)
+    step = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2 * step, atol=1e-30)
+    assert np.mean(np.asarray(y, np.float32) == want) > 0.95
+    # and against float64 numpy
+    ref = w * new / np.sqrt(np.mean(np.asarray(new, np.float64) ** 2, axis=-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=4 * step, atol=1e-6 * np.abs(ref).max())
+
+
+def test_norm_x_rejects_bad_operands():
+    from realizar_jax.kernels.xquant import norm_x
+    x, w = jnp.ones((2, 512), jnp.bfloat16), jnp.ones((512,), jnp.float32)
+    with pytest.raises(ValueError, match="residual"):
+        norm_x(x, w, 1e-5, residual=jnp.ones((2, 1, 512)), interpret=True)
+    with pytest.raises(ValueError, match="norm weight"):
+        norm_x(x, w[:256], 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="do not tile"):
+        norm_x(jnp.ones((1, 3072), jnp.bfloat16), jnp.ones((3072,)), 1e-5, interpret=True)
+
+
+def test_dense_weights_take_the_norm_prep_and_hand_over_partials(monkeypatch):
+    """Dense bf16 weights on the GEMV route (forced here on the CPU, the kernels in interpret mode):
+    normed_matmul_many and residual_normed_matmul_many run one norm_x launch for all their matrices
+    and equal the XLA route; matmul_unsummed and swiglu_matmul(unsummed=True) return the GEMV's K-split
+    partials, whose total is matmul's result. REALIZAR_GEMV_XPREP=xla keeps XLA's norm."""
+    import functools
+    import importlib
+    from realizar_jax.kernels import dispatch
+    from realizar_jax.kernels.splitsum import SplitSum, total
+    qm = importlib.import_module("realizar_jax.quant.matmul")   # the package re-exports the function
+    from realizar_jax.kernels.xquant import norm_x
+    calls = []
+    applies = lambda x, w: x.size // x.shape[-1] <= dispatch.GEMV_MAX_ROWS and np.ndim(w) == 2
+    monkeypatch.setattr(dispatch, "dense_gemv_applies", applies)
+    monkeypatch.setattr(qm, "dense_gemv_applies", applies)
+    monkeypatch.setattr(dispatch, "gemv", functools.partial(gemv, interpret=True))
+    monkeypatch.setattr(dispatch, "norm_x", lambda *a, **k: calls.append(1) or norm_x(*a, **{**k, "interpret": True}))
+    rng = np.random.default_rng(5)
+    cols = 1024
+    x = jnp.asarray(rng.standard_normal((1, cols)), jnp.bfloat16)
+    norm = jnp.asarray(rng.standard_normal(cols) * 0.2 + 1.0, jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((n, cols)) * 0.05, jnp.bfloat16) for n in (64, 32, 32)]
+    delta = SplitSum(jnp.asarray(rng.standard_normal((2, 1, cols)), jnp.float32), jnp.bfloat16)
+    want_x = x + total(delta)
+    for xprep, launches in (("fused", 1), ("xla", 0)):
+        monkeypatch.setenv("REALIZAR_GEMV_XPREP", xprep)
+        for d, base in ((None, x), (delta, want_x)):
+            calls.clear()
+            want = [matmul(rms_norm(base, norm, 1e-5), w) for w in ws]
+            if d is None:
+                got_x, got = x, normed_matmul_many(x, norm, 1e-5, ws)
+            else:
+                got_x, got = qm.residual_normed_matmul_many(x, d, norm, 1e-5, ws)
+            assert len(calls) == launches, (xprep, d is None, len(calls))
+            np.testing.assert_array_equal(np.asarray(got_x, np.float32), np.asarray(base, np.float32))
+            for g, wv in zip(got, want):
+                assert g.shape == wv.shape and g.dtype == jnp.bfloat16
+                rel = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(wv, np.float64)) / np.linalg.norm(np.asarray(wv, np.float64))
+                assert rel < 1e-2, (xprep, rel)
+    wd = jnp.asarray(rng.standard_normal((cols, 4096)) * 0.02, jnp.bfloat16)   # K split on the GEMV
+    h = jnp.asarray(rng.standard_normal((1, 4096)), jnp.bfloat16)
+    parts = qm.matmul_unsummed(h, wd)
+    assert isinstance(parts, SplitSum) and parts.shape == (1, cols)
+    np.testing.assert_allclose(np.asarray(total(parts), np.float32), np.asarray(matmul(h, wd), np.float32),
+                               rtol=1e-2, atol=1e-2)
+    up = jnp.asarray(rng.standard_normal((1, 4096)), jnp.bfloat16)
+    got = swiglu_matmul(h, up, wd, unsummed=True)
+    assert isinstance(got, SplitSum)
+    np.testing.assert_allclose(np.asarray(total(got), np.float32),
+                               np.asarray(matmul(swiglu(h, up), wd), np.float32), rtol=1e-2, atol=2e-2)
+
+
 def test_residual_normed_matmul_many_routes(monkeypatch):
     """residual_normed_matmul_many = (x + delta, normed_matmul_many(x + delta, ...)) on every route:
     dense, packed CPU, GPU-layout weights alone and as one multi-matrix launch (the fused prep with

@@ -23,6 +23,7 @@ from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
 from .splitsum import SplitSum, as_parts
 from .switches import switch
 from .unpack import unpack
+from .xquant import norm_x, norm_x_fusable
 
 GEMV_MAX_ROWS = 8
 
@@ -33,8 +34,12 @@ def prefill_route() -> str:
 
 
 def fused_gemv_applies(x: jax.Array, ws) -> bool:
-    """REALIZAR_GEMV_FUSE=1 (the default) and gemv_multi can take ws."""
+    """REALIZAR_GEMV_FUSE=1 (the default) and gemv_multi can take ws (dense ones only where the
+    dense GEMV applies)."""
     rows = x.size // x.shape[-1] if x.ndim else 0
+    if any(not isinstance(w, GpuQTensor) for w in ws) and not all(
+            isinstance(w, jax.Array) and dense_gemv_applies(x, w) for w in ws):
+        return False
     return switch("REALIZAR_GEMV_FUSE") == "1" and fusable(tuple(ws), rows)
 
 
@@ -70,6 +75,26 @@ def kernel_residual_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tu
         y, x_new = gemv(x2, ws[0], interpret=interpret_mode(), pre="norm", other=norm, eps=eps, residual=parts)
         ys = [y] + [gemv(x_new, w, interpret=interpret_mode(), pre="norm", other=norm, eps=eps) for w in ws[1:]]
     return x_new.reshape(x.shape), [y.reshape(*lead, y.shape[-1]).astype(x.dtype) for y in ys]
+
+
+def dense_norm_fuses(x: jax.Array, ws) -> bool:
+    """Whether kernel_dense_normed_matmul_many can take ws: dense weights on the Pallas GEMV's route
+    (dense_gemv_applies), REALIZAR_GEMV_XPREP=fused, rows norm_x can tile."""
+    return (bool(ws) and switch("REALIZAR_GEMV_XPREP") == "fused" and norm_x_fusable(x.shape[-1])
+            and all(not hasattr(w, "qtype") and dense_gemv_applies(x, w) for w in ws))
+
+
+def kernel_dense_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tuple:
+    """(x + delta, [kernel_matmul(rms_norm(x + delta), w) for w in ws]) on dense weights
+    (dense_norm_fuses): one norm_x launch adds delta's K-split partials as they are and normalizes,
+    where XLA took three to five kernels; the GEMVs then read the normalized row. delta None: no add."""
+    cols = x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    parts = None if delta is None else as_parts(delta, x2.shape[0], cols)
+    y, x_new = norm_x(x2, norm, eps, residual=parts, interpret=interpret_mode())
+    y = y.reshape(x.shape)
+    ys = kernel_matmul_many(y, ws) if len(ws) > 1 and fused_gemv_applies(y, ws) else [kernel_matmul(y, w) for w in ws]
+    return x_new.reshape(x.shape), ys
 
 
 def pre_fuses(x: jax.Array, w) -> bool:
@@ -120,7 +145,9 @@ def kernel_matmul(x: jax.Array, w, *, pre: str | None = None, other=None, eps=No
         from ..quant.dequant import dequantize
         y = _dense_dot(x2, dequantize(w, x2.dtype))
     elif dense_gemv_applies(x2, w):
-        y = gemv(x2, w)
+        y = gemv(x2, w, summed=summed)
+        if not summed:
+            return SplitSum(y.reshape(y.shape[0], *lead, y.shape[-1]), x.dtype)
     else:
         y = _dense_dot(x2, w)
     return y.reshape(*lead, y.shape[-1]).astype(x.dtype)

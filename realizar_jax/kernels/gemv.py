@@ -256,22 +256,39 @@ def _x_q8_all(xp, qtypes, xprep: str, pre, other, eps, interpret: bool, residual
     return {q: _x_q8(xp, q, xprep, pre, other, eps, interpret) for q in qtypes}, xp
 
 
+def weight_parts(w) -> tuple:
+    """(qtype, layout arrays, (rows, cols)) of a GpuQTensor, or of a dense [rows, cols] matrix viewed
+    as the "DENSE" layout [rows, cols // 256, 256]."""
+    if isinstance(w, GpuQTensor):
+        return w.qtype, w.parts, w.shape
+    rows, cols = w.shape
+    return "DENSE", (w.reshape(rows, cols // SB, SB),), (rows, cols)
+
+
+def _is_dense(w) -> bool:
+    return not isinstance(w, GpuQTensor) and getattr(w, "ndim", 0) == 2 and w.shape[1] % SB == 0
+
+
 def fusable(ws, rows_in_x: int) -> bool:
-    """Whether gemv_multi can take these weights: packed types of the factored kernel, one input
-    width, row counts divisible by the shared row tile, at most 4 activation rows."""
-    if not 0 < rows_in_x <= 4 or not ws or not all(isinstance(w, GpuQTensor) for w in ws):
+    """Whether gemv_multi can take these weights: all packed types of the factored kernel, or all
+    dense matrices; one input width, row counts divisible by the shared row tile, at most 4
+    activation rows."""
+    if not 0 < rows_in_x <= 4 or not ws:
         return False
-    bn = default_tiles(ws[0].qtype)[0]
-    return all(w.qtype in FACTORED_QTYPES and w.shape[1] == ws[0].shape[1] and w.shape[0] % bn == 0
-               for w in ws)
+    if not (all(isinstance(w, GpuQTensor) and w.qtype in FACTORED_QTYPES for w in ws)
+            or all(_is_dense(w) for w in ws)):
+        return False
+    bn = default_tiles(weight_parts(ws[0])[0])[0]
+    return all(w.shape[1] == ws[0].shape[1] and w.shape[0] % bn == 0 for w in ws)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "out_dtype"))
 def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
                xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
                out_dtype=jnp.float32, residual=None):
-    """pre(x) [B <= 4, in] times several packed matrices (e.g. Q, K and V) in one launch -> [B, out_i] each,
-    in out_dtype (rounded from the float32 sums in the kernel, as an XLA cast after it would).
+    """pre(x) [B <= 4, in] times several packed (or several dense) matrices, e.g. Q, K and V, in one
+    launch -> [B, out_i] each, in out_dtype (rounded from the float32 sums in the kernel, as an XLA
+    cast after it would).
 
     One launch instead of one per matrix, and no K-split partial sums: the programs of all matrices
     together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
@@ -286,10 +303,11 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
         raise ValueError("gemv_multi: " + ", ".join(f"{w!r}" for w in ws) + f" with {B} rows is not fusable")
     _check_residual(residual, x)
     keep_x = residual is not None
-    bn, _, num_warps, num_stages = default_tiles(ws[0].qtype)
+    mats_in = [weight_parts(w) for w in ws]   # (qtype, parts, shape) each
+    bn, _, num_warps, num_stages = default_tiles(mats_in[0][0])
     nb = max(1, 1 << (B - 1).bit_length())
     nsb = cols // SB
-    q8 = all(w.qtype in Q8_ACT_QTYPES for w in ws) and _resolve_act(act, True, x.dtype)
+    q8 = all(q in Q8_ACT_QTYPES for q, _, _ in mats_in) and _resolve_act(act, True, x.dtype)
     xprep = _resolve_xprep(xprep)
     x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
     x_new = x
@@ -298,7 +316,7 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
             x = x_new = add_residual(x, residual)
         x, pre, residual = apply_pre(x, pre, other, eps), None, None
     xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
-    qtypes = tuple(dict.fromkeys(w.qtype for w in ws))
+    qtypes = tuple(dict.fromkeys(q for q, _, _ in mats_in))
     if q8:   # one prepared x per distinct type, shared by the matrices of that type
         prepared, xq = _x_q8_all(xp, qtypes, xprep, pre, other, eps, interpret, _pad_rows(residual, nb, 1))
         if residual is not None:
@@ -306,17 +324,17 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     else:
         prepared = {q: prepare_x(xp, q) for q in qtypes}
     inputs, x_ranges, mats, first = [], {}, [], 0
-    for w in ws:
-        inputs.extend(w.parts)
+    for _, parts, _ in mats_in:
+        inputs.extend(parts)
     for q in qtypes:
         x_ranges[q] = (len(inputs), len(inputs) + len(prepared[q]))
         inputs.extend(prepared[q])
     w_at = 0
-    for w in ws:
-        _, bs, _ = _pick(nsb, w.shape[0], bn, default_tiles(w.qtype)[1], 1)   # K not split
-        count = w.shape[0] // bn
-        mats.append((w.qtype, (w_at, w_at + len(w.parts)), x_ranges[w.qtype], first, count, bs, nsb // bs))
-        w_at += len(w.parts)
+    for qtype, parts, (rows, _) in mats_in:
+        _, bs, _ = _pick(nsb, rows, bn, default_tiles(qtype)[1], 1)   # K not split
+        count = rows // bn
+        mats.append((qtype, (w_at, w_at + len(parts)), x_ranges[qtype], first, count, bs, nsb // bs))
+        w_at += len(parts)
         first += count
     # matrix i's output block for program p: its own while p is in its range, clamped (and not
     # written) otherwise
@@ -329,7 +347,7 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
         out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="gemv_multi_" + "_".join(w.qtype.lower() for w in ws),
+        name="gemv_multi_" + "_".join(q.lower() for q, _, _ in mats_in),
     )(*inputs)
     outs = [o[:B] for o in outs]
     return (outs, x_new) if keep_x else outs
@@ -357,11 +375,7 @@ def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_w
     """
     _check_residual(residual, x)
     keep_x = residual is not None
-    if isinstance(w, GpuQTensor):
-        qtype, parts, (rows, cols) = w.qtype, w.parts, w.shape
-    else:
-        rows, cols = w.shape
-        qtype, parts = "DENSE", (w.reshape(rows, cols // SB, SB),)
+    qtype, parts, (rows, cols) = weight_parts(w)
     d_bn, d_bs, d_nw, d_ns = default_tiles(qtype)
     bn, bs = bn or d_bn, bs or d_bs
     num_warps, num_stages = num_warps or d_nw, num_stages or d_ns

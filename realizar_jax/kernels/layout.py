@@ -76,17 +76,22 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
     if qtype == "Q4_0":   # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]
         return (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2]))
     b = b[:, :, 0]
-    if qtype in ("Q4_K", "Q5_K"):
+    if qtype == "Q4_K":
+        sc, m = _k_scales(b[..., 4:16])
+        # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1; int32 words
+        # [r, nsb, 4, 8], byte k of word w is byte l = 4w+k
+        qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32)).view(np.int32)
+        # chunk j's four 6-bit scales/mins as the bytes of one word, and d/dmin as the halves of one
+        # word: three arrays for the GEMV to load per tile instead of seven
+        meta = np.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
+        return (qs, np.ascontiguousarray(meta).view(np.int32)[..., 0],
+                np.ascontiguousarray(b[..., 0:4]).view(np.int32)[..., 0])
+    if qtype == "Q5_K":
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, m = _k_scales(b[..., 4:16])
-        # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1
-        qs = b[..., -128:].reshape(rows, nsb, 4, 32)
-        if qtype == "Q4_K":   # int32 words [r, nsb, 4, 8]: byte k of word w is byte l = 4w+k
-            qs = np.ascontiguousarray(qs).view(np.int32)
-        parts = [np.ascontiguousarray(qs)]
-        if qtype == "Q5_K":   # qh [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
-            parts.append(np.ascontiguousarray(b[..., 16:48]))
-        return (*parts, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
+        qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32))
+        qh = np.ascontiguousarray(b[..., 16:48])   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
+        return (qs, qh, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
                 np.ascontiguousarray(m[..., 0::2]), np.ascontiguousarray(m[..., 1::2]), d, dmin)
     if qtype == "Q6_K":
         q = _q6_values(b)                                   # [r, nsb, 256] in 0..63
@@ -95,10 +100,10 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
         ql_e = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)       # [r, nsb, 4, 16]
         ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
         qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
-        sc = b[..., 192:208].view(np.int8).reshape(rows, nsb, 4, 4)   # [t, c]
+        # the signed 8-bit scales of groups (t, 0..3) as the bytes of word t: [r, nsb, 4] int32
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int32)
         words = [np.ascontiguousarray(a.astype(np.uint8)).view(np.int32) for a in (ql_e, ql_o, qh)]
-        return (*words,                                     # int32 [r, nsb, 4, 4] each
-                *(np.ascontiguousarray(sc[..., c]) for c in range(4)), _f16(b[..., 208:210]))
+        return (*words, sc, _f16(b[..., 208:210]))          # words int32 [r, nsb, 4, 4] each
     raise AssertionError(qtype)
 
 
@@ -169,6 +174,28 @@ def _small_int_to_f32(v, offset: int = 0):
     return f - (_TWO23 + offset)
 
 
+def _f16_half(words, high: bool):
+    """float32 of the float16 in the low (or high) half of int32 words."""
+    bits = ((words >> 16) if high else words) & 0xFFFF
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def q4k_scales(meta, dm):
+    """Q4_K's per-chunk words (repack_blocks) -> ((d*sc_even, d*sc_odd), (dmin*m_even, dmin*m_odd)),
+    float32 of meta's shape: the scales and mins of sub-blocks 2j and 2j+1 of chunk j."""
+    d, dmin = _f16_half(dm, False)[..., None], _f16_half(dm, True)[..., None]
+    sce, sco, me, mo = (_small_int_to_f32((meta >> (8 * k)) & 255) for k in range(4))
+    return (d * sce, d * sco), (dmin * me, dmin * mo)
+
+
+def q6k_scales(sc_words, d):
+    """Q6_K's scale words [..., 4] (byte c of word t: group (t, c)'s signed scale) and d -> the four
+    float32 [..., 4] arrays d * scale of groups (t, c), c = 0..3."""
+    d = d.astype(jnp.float32)[..., None]
+    # signed byte b read as unsigned u: u ^ 128 = b + 128, converted exactly by _small_int_to_f32
+    return [d * _small_int_to_f32(((sc_words >> (8 * c)) & 255) ^ 128, 128) for c in range(4)]
+
+
 def dequant_parts(qtype: str, p, flat: bool = True) -> list:
     """Loaded layout arrays (leading axes [N, S]) -> list of float32 [N, S, P] matching split_x.
 
@@ -201,11 +228,9 @@ def dequant_parts(qtype: str, p, flat: bool = True) -> list:
             out.append(done(w, 128))
         return out
     if qtype == "Q4_K":
-        qs, sce, sco, me, mo, d, dmin = p                   # qs int32 words [N, S, 4, 8]
-        d = d.astype(f32)[..., None]
-        dmin = dmin.astype(f32)[..., None]
-        scale = [(d * sce.astype(f32))[..., None], (d * sco.astype(f32))[..., None]]
-        mins = [(dmin * me.astype(f32))[..., None], (dmin * mo.astype(f32))[..., None]]
+        qs, meta, dm = p                                    # qs int32 words [N, S, 4, 8]
+        scale, mins = q4k_scales(meta, dm)
+        scale, mins = [s[..., None] for s in scale], [m[..., None] for m in mins]
         out = []
         for k in range(4):
             for h in range(2):
@@ -231,12 +256,11 @@ def dequant_parts(qtype: str, p, flat: bool = True) -> list:
             out.append(done(w, 128))
         return out
     if qtype == "Q6_K":
-        e, o, h, s0, s1, s2, s3, d = p                     # words int32 [N, S, 4, 4]
-        d = d.astype(f32)[..., None]
+        e, o, h, sc_words, d = p                           # words int32 [N, S, 4, 4]
         out = []
-        for c, s in enumerate((s0, s1, s2, s3)):
+        for c, s in enumerate(q6k_scales(sc_words, d)):
             ql = e if c < 2 else o
-            sc = (d * s.astype(f32))[..., None]
+            sc = s[..., None]
             for k in range(4):
                 nib = (ql >> (8 * k + 4 * (c % 2))) & 15
                 hi = (h >> (8 * k + 2 * c)) & 3

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .layout import q4k_scales, q6k_scales
+
 FACTORED_QTYPES = ("Q4_K", "Q8_0", "Q6_K", "DENSE")
 
 _MAGIC = 0x4B000000                     # float32 bits of 2**23
@@ -65,16 +67,17 @@ def _q6_terms():
 
 
 def prepare_x(x: jax.Array, qtype: str) -> list:
-    """x [B, cols] -> float32 arrays the kernel multiplies, each [B, nsb, ...] matching a weight tile.
+    """x [B, cols] -> float32 arrays the kernel multiplies, each [B, nsb, ...] matching a weight tile
+    (DENSE: x itself, reshaped).
 
     Each array holds the activations of one quant position of the words, pre-scaled by 2**-pos;
     Q4_K adds the per-sub-block sums of x for the mins.
     """
     B, cols = x.shape
     nsb = cols // 256
+    if qtype == "DENSE":   # kept in x's dtype, widened in registers: a cast here would be its own
+        return [x.reshape(B, nsb, 256)]   # kernel wherever x comes from another launch
     x = x.astype(jnp.float32)
-    if qtype == "DENSE":
-        return [x.reshape(B, nsb, 256)]
     if qtype == "Q4_K":   # value 64j + 32h + 4w + k <-> word (j, w), byte k, nibble h
         v = x.reshape(B, nsb, 4, 2, 8, 4)
         xs = [v[:, :, :, h, :, k] * 2.0 ** -pos for k, h, _, pos in _q4k_terms()]
@@ -105,7 +108,7 @@ def tile_dot(qtype: str, w: list, xs: list, accs: list) -> list:
     f32 = jnp.float32
     if qtype == "DENSE":
         wf = w[0].astype(f32)
-        return [(a + wf * x[0][None],) for (a,), x in zip(accs, xs)]
+        return [(a + wf * x[0][None].astype(f32),) for (a,), x in zip(accs, xs)]
     if qtype == "Q8_0":
         qs, d = w
         u = qs ^ _BYTE_SIGNS                                  # signed byte b -> b + 128
@@ -120,13 +123,11 @@ def tile_dot(qtype: str, w: list, xs: list, accs: list) -> list:
             out.append((a + t * d,))
         return out
     if qtype == "Q4_K":
-        qs, sce, sco, me, mo, d, dmin = w
+        qs, meta, dm = w
         src = (qs, qs >> 12)
         vals = [_select(src[sh], pos, 15) - _TWO23 for _, _, sh, pos in _q4k_terms()]
-        d = d.astype(f32)[..., None]
-        dmin = dmin.astype(f32)[..., None]
-        scales = [(d * sce.astype(f32))[..., None], (d * sco.astype(f32))[..., None]]
-        mins = [dmin * me.astype(f32), dmin * mo.astype(f32)]
+        scales, mins = q4k_scales(meta, dm)
+        scales = [s[..., None] for s in scales]
         out = []
         for (a, c), x in zip(accs, xs):
             for h in range(2):
@@ -138,7 +139,7 @@ def tile_dot(qtype: str, w: list, xs: list, accs: list) -> list:
             out.append((a, c))
         return out
     if qtype == "Q6_K":
-        e, o, h, s0, s1, s2, s3, d = w
+        e, o, h, sc_words, d = w
         lo_src = ((e, o), (e >> 12, o >> 12))
         h12 = h >> 12
         vals = []
@@ -147,8 +148,7 @@ def tile_dot(qtype: str, w: list, xs: list, accs: list) -> list:
             hs = (h12 if sh else h) << _Q6_SHIFT[c]
             hi_bits = hs & (48 << pos)
             vals.append(_select(ql, pos, 15, hi_bits) - (_TWO23 + 32.0 * 2 ** pos))
-        d = d.astype(f32)[..., None]
-        scales = [(d * s.astype(f32))[..., None] for s in (s0, s1, s2, s3)]
+        scales = [s[..., None] for s in q6k_scales(sc_words, d)]
         out = []
         for (a,), x in zip(accs, xs):
             for c in range(4):
@@ -304,12 +304,9 @@ def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool, i
             out.append((a + s * (d * sx[None])[..., None],))
         return out
     if qtype == "Q4_K":
-        qs, sce, sco, me, mo, d, dmin = w
+        qs, meta, dm = w
         nib = (qs & _LOW_NIBBLES, (qs >> 4) & _LOW_NIBBLES)
-        d = d.astype(f32)[..., None]
-        dmin = dmin.astype(f32)[..., None]
-        scales = (d * sce.astype(f32), d * sco.astype(f32))
-        mins = (dmin * me.astype(f32), dmin * mo.astype(f32))
+        scales, mins = q4k_scales(meta, dm)
         out = []
         for (a, c), xb in zip(accs, xs):
             for h in range(2):
@@ -321,9 +318,8 @@ def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool, i
             out.append((a, c))
         return out
     if qtype == "Q6_K":
-        e, o, h, s0, s1, s2, s3, d = w
-        d = d.astype(f32)[..., None]
-        scales = [d * s.astype(f32) for s in (s0, s1, s2, s3)]
+        e, o, h, sc_words, d = w
+        scales = q6k_scales(sc_words, d)
         quants = []
         for c in range(4):   # bytes of quant c: low nibble from e/o, bits 4-5 from h's bits 2c, 2c+1
             ql = (e if c < 2 else o) >> (4 * (c % 2))

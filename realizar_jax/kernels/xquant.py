@@ -80,6 +80,17 @@ def _rounded(v, dtype):
     return v.astype(dtype).astype(jnp.float32)
 
 
+def _plus_parts(x, ref, idx, n_res: int, dtype):
+    """x (float32) plus the K-split partials ref[s][idx] (s < n_res), as x + matmul(...) computes it:
+    the splits' float32 sum rounded to the model's dtype, then the add rounded. x where ref is None."""
+    if ref is None:
+        return x
+    total = ref[(0,) + idx].astype(jnp.float32)
+    for s in range(1, n_res):
+        total = total + ref[(s,) + idx].astype(jnp.float32)
+    return _rounded(x + _rounded(total, dtype), dtype)
+
+
 def _kernel(*refs, pre, dtype, interpret):
     f32 = jnp.float32
     x_ref, words_ref, scales_ref = refs[0], refs[-2], refs[-1]
@@ -107,14 +118,7 @@ def _norm_kernel(*refs, n_groups, n_res, eps, cols, dtype, interpret):
     outs = refs[2 * n_groups + 1 + (n_groups + 1 if n_res else 0):]
 
     def with_residual(x, ref, idx):
-        # as x + matmul(...) computes it: the splits' float32 sum rounded to the model's dtype, then
-        # the add rounded
-        if ref is None:
-            return x
-        total = ref[(0,) + idx].astype(f32)
-        for s in range(1, n_res):
-            total = total + ref[(s,) + idx].astype(f32)
-        return _rounded(x + _rounded(total, dtype), dtype)
+        return _plus_parts(x, ref, idx, n_res, dtype)
 
     whole = (slice(None),) * 3
     row = with_residual(row_ref[...].astype(f32), res_row, whole)
@@ -233,6 +237,68 @@ def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, 
     )(*operands)
     preps = [(outs[2 * i], outs[2 * i + 1]) for i in range(len(groups))]
     return preps, (outs[-1].reshape(B, cols) if n_res else x)
+
+
+def norm_x_fusable(cols: int) -> bool:
+    """Whether norm_x can take rows of `cols` values (Triton blocks: a power of two)."""
+    return cols >= 16 and cols & (cols - 1) == 0
+
+
+def _norm_x_kernel(*refs, n_res, eps, cols, dtype):
+    """RMSNorm of one chunk of a row (after the residual add, when there is one). refs: the chunk of
+    x, of the norm weight, the whole row of x; with a residual its whole row and chunk [S, ...];
+    outputs: the normalized chunk, then (with a residual) the chunk of the new x."""
+    f32 = jnp.float32
+    x_ref, w_ref, row_ref = refs[:3]
+    res_row, res_chunk = refs[3:5] if n_res else (None, None)
+    outs = refs[5:] if n_res else refs[3:]
+    whole = (slice(None),)
+    row = _plus_parts(row_ref[...].astype(f32), res_row, whole, n_res, dtype)
+    r = jax.lax.rsqrt(jnp.sum(row * row, axis=0) / cols + eps)
+    v = _plus_parts(x_ref[...].astype(f32), res_chunk, whole, n_res, dtype)
+    outs[0][...] = (_rounded(w_ref[...].astype(f32), dtype) * _rounded(v * r, dtype)).astype(dtype)
+    if n_res:
+        outs[1][...] = v.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def norm_x(x: jax.Array, weight: jax.Array, eps: float, *, residual=None, interpret: bool = False):
+    """layers.rms_norm(x + residual, weight, eps) and the new stream x + residual in one launch: the
+    float-activation counterpart of norm_quantize_x, for GEMVs on dense bf16/f16 weights (XLA takes
+    a reduce, an elementwise kernel and, with a residual, the splits' sum and the add).
+
+    x [B, cols] (model dtype, norm_x_fusable(cols)); weight [cols]; residual None or [S, B, cols]
+    (K-split float32 partials, S = 1 for a plain delta). -> (normed [B, cols], new x (x itself
+    without a residual)). Each program normalizes a chunk, re-reading the row for the sum of squares.
+    """
+    B, cols = x.shape
+    if not norm_x_fusable(cols):
+        raise ValueError(f"norm_x: rows of {cols} values do not tile (a power of two >= 16)")
+    if weight.shape != (cols,):
+        raise ValueError(f"norm_x: the norm weight has shape {weight.shape}, x has {cols} values")
+    if residual is not None and (residual.ndim != 3 or residual.shape[1:] != x.shape):
+        raise ValueError(f"norm_x: residual {residual.shape} is not [splits, {B}, {cols}]")
+    span = min(cols, 32 * _tile()[0])   # the values of 32-wide groups the int8 prep's programs take
+    n_res = 0 if residual is None else residual.shape[0]
+    chunk, row = pl.BlockSpec((None, span), lambda b, c: (b, c)), pl.BlockSpec((None, cols), lambda b, c: (b, 0))
+    operands = [x, weight, x]
+    in_specs = [chunk, pl.BlockSpec((span,), lambda b, c: (c,)), row]
+    if n_res:
+        operands += [residual, residual]
+        in_specs += [pl.BlockSpec((n_res, None, cols), lambda b, c: (0, b, 0)),
+                     pl.BlockSpec((n_res, None, span), lambda b, c: (0, b, c))]
+    n_out = 2 if n_res else 1
+    outs = pl.pallas_call(
+        functools.partial(_norm_x_kernel, n_res=n_res, eps=float(eps), cols=cols, dtype=x.dtype),
+        grid=(B, cols // span),
+        in_specs=in_specs,
+        out_specs=[chunk] * n_out,
+        out_shape=[jax.ShapeDtypeStruct((B, cols), x.dtype)] * n_out,
+        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        interpret=interpret,
+        name="norm_x" + ("_residual" if n_res else ""),
+    )(*operands)
+    return outs[0], (outs[1] if n_res else x)
 
 
 def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, head_dim, heads_per_kv,

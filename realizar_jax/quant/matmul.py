@@ -14,8 +14,9 @@ from jax import lax
 from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
-from ..kernels.dispatch import (dense_gemv_applies, fused_gemv_applies, kernel_matmul, kernel_matmul_many,
-                                kernel_residual_normed_matmul_many, pre_fuses, residual_fuses)
+from ..kernels.dispatch import (dense_gemv_applies, dense_norm_fuses, fused_gemv_applies, kernel_dense_normed_matmul_many,
+                                kernel_matmul, kernel_matmul_many, kernel_residual_normed_matmul_many, pre_fuses,
+                                residual_fuses)
 from ..kernels.splitsum import total
 from ..layers import rms_norm, swiglu
 
@@ -70,6 +71,10 @@ def normed_matmul_many(x, norm_weight, eps: float, ws) -> list:
         if len(ws) > 1 and fused_gemv_applies(x, ws):
             return kernel_matmul_many(x, ws, pre="norm", other=norm_weight, eps=eps)
         return [kernel_matmul(x, w, pre="norm", other=norm_weight, eps=eps) for w in ws]
+    if dense_norm_fuses(x, ws):   # dense bf16/f16 weights: the norm in one Pallas launch
+        for w in ws:
+            _check(x, w.shape[1], f"weight of shape {tuple(w.shape)}")
+        return kernel_dense_normed_matmul_many(x, None, norm_weight, eps, ws)[1]
     return matmul_many(rms_norm(x, norm_weight, eps), ws)
 
 
@@ -97,6 +102,10 @@ def residual_normed_matmul_many(x, delta, norm_weight, eps: float, ws) -> tuple:
         for w in ws:
             _check(x, w.shape[1], repr(w))
         return kernel_residual_normed_matmul_many(x, delta, norm_weight, eps, ws)
+    if residual_fuses() and dense_norm_fuses(x, ws):
+        for w in ws:
+            _check(x, w.shape[1], f"weight of shape {tuple(w.shape)}")
+        return kernel_dense_normed_matmul_many(x, delta, norm_weight, eps, ws)
     x = x + total(delta).astype(x.dtype)
     return x, normed_matmul_many(x, norm_weight, eps, ws)
 
@@ -112,7 +121,18 @@ def swiglu_matmul(gate, up, w, *, unsummed: bool = False):
     if pre_fuses(gate, w):
         _check(gate, w.shape[1], repr(w))
         return kernel_matmul(gate, w, pre="swiglu", other=up, summed=not unsummed)
-    return matmul(swiglu(gate, up), w)
+    return (matmul_unsummed if unsummed else matmul)(swiglu(gate, up), w)
+
+
+def matmul_unsummed(x, w):
+    """matmul(x, w), or where the GPU's GEMV takes it, its K splits' float32 partial sums (a
+    kernels.splitsum.SplitSum): for a result that only joins the residual stream, which
+    residual_normed_matmul_many adds (inside the next norm's launch on the GPU)."""
+    x = jnp.asarray(x)
+    if pre_fuses(x, w) or (not hasattr(w, "qtype") and dense_gemv_applies(x, jnp.asarray(w))):
+        _check(x, w.shape[1], repr(w) if hasattr(w, "qtype") else f"weight of shape {tuple(w.shape)}")
+        return kernel_matmul(x, w, summed=False)
+    return matmul(x, w)
 
 
 def matmul(x, w) -> jax.Array:
