@@ -87,13 +87,16 @@ def dense_norm_fuses(x: jax.Array, ws) -> bool:
 def kernel_dense_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tuple:
     """(x + delta, [kernel_matmul(rms_norm(x + delta), w) for w in ws]) on dense weights
     (dense_norm_fuses): one norm_x launch adds delta's K-split partials as they are and normalizes,
-    where XLA took three to five kernels; the GEMVs then read the normalized row. delta None: no add."""
+    where XLA took three to five kernels; the GEMVs then read the normalized row (Q/K/V or gate/up as
+    one launch where fused_gemv_applies). delta None: no add."""
     cols = x.shape[-1]
     x2 = x.reshape(-1, cols)
     parts = None if delta is None else as_parts(delta, x2.shape[0], cols)
     y, x_new = norm_x(x2, norm, eps, residual=parts, interpret=interpret_mode())
     y = y.reshape(x.shape)
-    ys = kernel_matmul_many(y, ws) if len(ws) > 1 and fused_gemv_applies(y, ws) else [kernel_matmul(y, w) for w in ws]
+    if len(ws) > 1 and fused_gemv_applies(y, ws):
+        return x_new.reshape(x.shape), kernel_matmul_many(y, ws)
+    ys = [kernel_matmul(y, w) for w in ws]
     return x_new.reshape(x.shape), ys
 
 
