@@ -11,8 +11,9 @@ tiles of BS superblocks (256 values each), loading the packed tile of every layo
 Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them. Decode is
 bandwidth-bound: the split count is chosen so that enough programs are in flight to cover all SMs
 even for narrow matrices (K/V projections have 512..1024 rows). gemv_multi runs several matrices
-that share x (Q/K/V, gate/up; all packed or all dense) as one launch. int8 activations come from one xquant.quantize_x launch,
-which also runs the RMSNorm or SwiGLU gate in front of the matmul when the caller passes it (`pre`).
+that share x (Q/K/V, gate/up; all packed or all dense) as one launch. int8 activations come from
+one xquant.quantize_x launch, which also runs the RMSNorm or SwiGLU gate in front of the matmul when
+the caller passes it (`pre`).
 """
 from __future__ import annotations
 
