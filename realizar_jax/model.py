@@ -13,7 +13,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .kernels.splitsum import total
 from .layers import apply_rope, rms_norm, rope_tables  # noqa: F401 (the notebooks import them here)
-from .quant.matmul import embedding_lookup, matmul, residual_normed_matmul_many, swiglu_matmul
+from .quant.matmul import embedding_lookup, matmul, residual_normed_matmul_many, residual_normed_mlp
 from .weights import LayerParams, Params
 
 
@@ -36,8 +36,7 @@ def _project_qkv(lp: LayerParams, x, delta, config: ModelConfig):
 def _mlp(lp: LayerParams, x, delta, config: ModelConfig):
     """(x + delta, the MLP's output for it). The output may be the down GEMV's K-split partials
     (a SplitSum), which only the next residual_normed_matmul_many takes."""
-    x, (gate, up) = residual_normed_matmul_many(x, delta, lp.ffn_norm, config.norm_eps, (lp.w_gate, lp.w_up))
-    return x, swiglu_matmul(gate, up, lp.w_down, unsummed=True)
+    return residual_normed_mlp(x, delta, lp.ffn_norm, config.norm_eps, lp.w_gate, lp.w_up, lp.w_down)
 
 
 def _lm_head(params: Params, x, delta, config: ModelConfig):

@@ -73,7 +73,7 @@ print('cache copies in the compiled step:', sum('copy' in l and '1024,128' in l 
 fi
 if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part
   parts=("tests/test_kernels.py" "tests/test_gpu_model.py -k match_cpu")
-  for sw in "XPREP and kernel" "XPREP and xla" INPLACE UPDATE MERGE RESIDUAL FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
+  for sw in "XPREP and kernel" "XPREP and xla" INPLACE UPDATE MERGE RESIDUAL SWIGLU FUSE DENSE ACT "PREFILL and xla" "PREFILL and pallas"; do
     parts+=("tests/test_gpu_model.py -k 'switches and $sw'")
   done
   for part in "${parts[@]}"; do

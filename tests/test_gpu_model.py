@@ -67,7 +67,8 @@ SWITCHES = [("REALIZAR_GEMV_XPREP", "kernel", 1e-3, "q4_k_m"), ("REALIZAR_GEMV_X
             ("REALIZAR_GEMV_XPREP", "xla", 1e-3, "f16"),
             ("REALIZAR_ATTN_INPLACE", "0", 3e-2, "q4_k_m"), ("REALIZAR_ATTN_UPDATE", "xla", 3e-2, "q4_k_m"),
             ("REALIZAR_ATTN_MERGE", "xla", 3e-2, "q4_k_m"), ("REALIZAR_RESIDUAL_ADD", "xla", 1e-3, "q4_k_m"),
-            ("REALIZAR_RESIDUAL_ADD", "xla", 1e-3, "f16"), ("REALIZAR_GEMV_FUSE", "0", 1e-4, "q4_k_m"),
+            ("REALIZAR_RESIDUAL_ADD", "xla", 1e-3, "f16"), ("REALIZAR_SWIGLU", "prep", 1e-3, "q4_k_m"),
+            ("REALIZAR_SWIGLU", "prep", 1e-3, "f16"), ("REALIZAR_GEMV_FUSE", "0", 1e-4, "q4_k_m"),
             # dense Q/K/V and gate/up in one launch round each output once, as separate launches do
             ("REALIZAR_GEMV_FUSE", "0", 2e-2, "f16"),
             ("REALIZAR_DENSE_GEMV", "xla", 2e-2, "f16"), ("REALIZAR_GEMV_ACT", "float", 4e-2, "q4_k_m"),

@@ -16,8 +16,8 @@ from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention
                                   gemv, kernel_matmul, repack_blocks)
 from realizar_jax.kernels.gemm import gemm
 from realizar_jax.kernels.dispatch import prefill_route
-from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi
-from realizar_jax.kernels.attention import decode_attention_update
+from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi, gemv_swiglu
+from realizar_jax.kernels.attention import attention_tile, decode_attention_update
 from realizar_jax.attention import decode_attention_update_ref
 from realizar_jax.kernels.layout import dequantize_gpu_part_order
 from realizar_jax.kernels.unpack import unpack
@@ -222,10 +222,16 @@ def test_unpack_kernel_is_exact(qtype, rows, nsb, seed):
 def test_gpu_switches_reject_bad_values(monkeypatch):
     monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"Q4_K": [8, 2, 2, 3]}')
     assert default_tiles("Q4_K") == (8, 2, 2, 3) and default_tiles("Q6_K") != (8, 2, 2, 3)
-    for bad, what in (("[1, 2", "JSON"), ('{"Q4_K": [8, 2]}', "4 positive ints"), ('{"Q4_K": 5}', "JSON")):
+    for bad, what in (("[1, 2", "JSON"), ('{"Q4_K": [8, 2]}', "4 ints >= 1"), ('{"Q4_K": 5}', "JSON")):
         monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
         with pytest.raises(ValueError, match=what):
             default_tiles("Q4_K")
+    for bad in ('{"ATTN": [8, 0, 4, 2]}', '{"ATTN": [64, 0, 0, 2]}', '{"ATTN": [48, 2, 4, 2]}'):
+        monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
+        with pytest.raises(ValueError, match="ATTN"):
+            attention_tile()
+    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"ATTN": [32, 4, 2, 3]}')
+    assert attention_tile() == (32, 4, 2, 3)
     monkeypatch.delenv("REALIZAR_GEMV_TILES")
     monkeypatch.setenv("REALIZAR_PREFILL_GEMM", "cublas")
     with pytest.raises(ValueError, match="REALIZAR_PREFILL_GEMM"):
@@ -406,6 +412,20 @@ def test_gpu_kernels_large_shapes():
             b = np.asarray(want_w).view(np.int8).ravel().astype(int)
             assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (qtype, (a != b).mean())
             np.testing.assert_allclose(np.asarray(scales).ravel(), np.asarray(want_s).ravel(), rtol=1e-6)
+        if qtype in ("Q4_K", "Q6_K"):   # gate, up and the SwiGLU gate in one launch at 8B's MLP shape,
+            # writing the down GEMV's int8s: the unfused launches' up to a tie rounded apart
+            gate, _ = _packed(qtype, 14336, 4096, rng)
+            up, _ = _packed(qtype, 14336, 4096, rng)
+            xs = jnp.asarray(rng.standard_normal((1, 4096)), jnp.bfloat16)
+            norm = jnp.asarray(rng.standard_normal(4096) * 0.2 + 1.0, jnp.bfloat16)
+            for group in (16, 32):
+                words, scales = gemv_swiglu(xs, gate, up, pre="norm", other=norm, eps=1e-5, group=group)
+                g, u = gemv_multi(xs, (gate, up), pre="norm", other=norm, eps=1e-5, out_dtype=jnp.bfloat16)
+                want_w, want_s = quantize_x(g, group, pre="swiglu", other=u)
+                a = np.asarray(words).view(np.int8).ravel().astype(int)
+                b = np.asarray(want_w).view(np.int8).ravel().astype(int)
+                assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (qtype, group, (a != b).mean())
+                np.testing.assert_allclose(np.asarray(scales), np.asarray(want_s), rtol=1e-2)
         x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
         assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, quants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -185,8 +186,19 @@ def test_quantize_x_rejects_bad_arguments():
 
 
 def _packed(qtype, rows, cols, rng):
-    data = random_blocks(qtype, rows, cols, rng)
+    return _packed_from(random_blocks(qtype, rows, cols, rng), qtype, rows, cols)
+
+
+def _packed_from(data, qtype, rows, cols):
     return GpuQTensor(tuple(jnp.asarray(p) for p in repack_blocks(data, qtype, (rows, cols))), qtype, (rows, cols))
+
+
+def _int8_rows(x, group):
+    """numpy: x rounded to int8 per block of `group` values with scale amax/127 (the GEMV's int8 x)."""
+    v = x.astype(np.float32).reshape(x.shape[0], -1, group)
+    amax = np.abs(v).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.clip(np.round(v * inv), -127, 127) * (amax / np.float32(127))).astype(np.float64).reshape(x.shape)
 
 
 @settings(max_examples=3, **SETTINGS)
@@ -505,3 +517,111 @@ def test_decode_with_the_residual_add_in_the_prep(model_files, monkeypatch):
     for got, want in zip(runs["prep"], runs["xla"]):
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel < 1e-3, rel   # the same roundings; only int8 ties of the norm's scale may flip
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), group=st.sampled_from([16, 32]),
+       rows=st.sampled_from([32, 64]), nsb=st.integers(1, 2), batch=st.integers(1, 3),
+       n_res=st.integers(0, 2), seed=st.integers(0, 2**31))
+def test_gemv_swiglu_matches_separate_launches(qtype, group, rows, nsb, batch, n_res, seed):
+    """gemv_swiglu (gate, up and the SwiGLU gate in one launch, writing the down GEMV's int8s) gives
+    the int8 words and scales of the unfused chain gemv_multi -> quantize_x(swiglu) bit for bit, and
+    the new residual stream; its activation is numpy's swiglu of the two products (float64 weights
+    from gguf-py times the int8-rounded normalized x) within the int8 rounding."""
+    from realizar_jax.kernels.gemv import gemv_swiglu
+    rng = np.random.default_rng(seed)
+    cols = nsb * 256
+    data = [random_blocks(qtype, rows, cols, rng) for _ in range(2)]
+    gate, up = (_packed_from(d, qtype, rows, cols) for d in data)
+    x = jnp.asarray(rng.standard_normal((batch, cols)), jnp.bfloat16)
+    norm = jnp.asarray(rng.standard_normal(cols) * 0.2 + 1.0, jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((n_res, batch, cols)), jnp.float32) if n_res else None
+    kw = dict(interpret=True, pre="norm", other=norm, eps=1e-5, residual=res)
+    got = gemv_swiglu(x, gate, up, group=group, **kw)
+    (words, scales), x_new = got if n_res else (got, x)
+    outs = gemv_multi(x, (gate, up), out_dtype=jnp.bfloat16, **kw)
+    (g, u), x_new2 = outs if n_res else (outs, x)
+    want_w, want_s = quantize_x(g, group, pre="swiglu", other=u, interpret=True)
+    assert words.shape == (batch, rows // group, group // 4) and scales.shape == (batch, rows // group)
+    np.testing.assert_array_equal(np.asarray(words), np.asarray(want_w))
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_s))
+    np.testing.assert_array_equal(np.asarray(x_new, np.float32), np.asarray(x_new2, np.float32))
+    # independent: numpy's chain on gguf-py's weights
+    xs = np.asarray(x_new, np.float32)
+    xn = _numpy_pre(xs, "norm", np.asarray(norm, np.float32), 1e-5)
+    xq = _int8_rows(xn, 16 if qtype == "Q6_K" else 32)
+    ref = [quants.dequantize(d, GGMLQuantizationType[qtype]).reshape(rows, cols).astype(np.float64) for d in data]
+    want = _numpy_pre(_bf16(xq @ ref[0].T), "swiglu", _bf16(xq @ ref[1].T), None)
+    act = (np.asarray(words).view(np.int8).reshape(batch, -1, group).astype(np.float64)
+           * np.asarray(scales, np.float64)[..., None]).reshape(batch, rows)
+    assert np.linalg.norm(act - want) <= 2e-2 * np.linalg.norm(want)
+
+
+def test_gemv_swiglu_dense_and_rejects():
+    """Dense gate/up: the activation in the model's dtype, equal to layers.swiglu of the multi-matrix
+    launch's outputs; pairs that cannot fuse raise ValueError naming them."""
+    from realizar_jax.kernels.gemv import gemv_swiglu
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 512)), jnp.bfloat16)
+    gd, ud = (jnp.asarray(rng.standard_normal((64, 512)) * 0.05, jnp.bfloat16) for _ in range(2))
+    y = gemv_swiglu(x, gd, ud, interpret=True)
+    g, u = gemv_multi(x, (gd, ud), interpret=True, out_dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 64)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(swiglu(g, u), np.float32))
+    with pytest.raises(ValueError, match="do not fuse"):
+        gemv_swiglu(x, gd, ud[:32], interpret=True)
+    packed = _packed_from(random_blocks("Q4_K", 16, 512, rng), "Q4_K", 16, 512)
+    with pytest.raises(ValueError, match="do not fuse"):   # 16 rows cannot hold whole groups of 32
+        gemv_swiglu(x, packed, packed, interpret=True, group=32)
+
+
+@pytest.mark.parametrize("kind", ["packed", "dense"])
+def test_residual_normed_mlp_routes(monkeypatch, kind):
+    """residual_normed_mlp on the GPU decode route (kernels in interpret mode; dense weights forced
+    onto the Pallas GEMV as on a GPU) takes one gemv_swiglu launch with REALIZAR_SWIGLU=gemv and
+    none with =prep, and both give the same new stream and the same down-projection partials (bit
+    for bit: the same int8s or bf16 activation reach the same GEMV); off the route (prefill rows) it
+    is the plain chain of matmuls."""
+    import functools
+    import importlib
+    from realizar_jax.kernels import dispatch
+    from realizar_jax.kernels.splitsum import SplitSum, total
+    qm = importlib.import_module("realizar_jax.quant.matmul")
+    calls = []
+    real = dispatch.gemv_swiglu
+    monkeypatch.setattr(dispatch, "gemv_swiglu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(8)
+    cols, ffn = 512, 256   # the down weight's input width: whole superblocks
+    if kind == "dense":
+        applies = lambda x, w: (x.size // x.shape[-1] <= dispatch.GEMV_MAX_ROWS and np.ndim(w) == 2
+                                and w.shape[1] % 256 == 0)
+        monkeypatch.setattr(dispatch, "dense_gemv_applies", applies)
+        monkeypatch.setattr(qm, "dense_gemv_applies", applies)
+        monkeypatch.setattr(dispatch, "gemv", functools.partial(gemv, interpret=True))
+        wg, wu = (jnp.asarray(rng.standard_normal((ffn, cols)) * 0.05, jnp.bfloat16) for _ in range(2))
+        wd = jnp.asarray(rng.standard_normal((cols, ffn)) * 0.05, jnp.bfloat16)
+    else:
+        wg, wu = _packed("Q4_K", ffn, cols, rng), _packed("Q4_K", ffn, cols, rng)
+        wd = _packed("Q6_K", cols, ffn, rng)
+    x = jnp.asarray(rng.standard_normal((1, cols)), jnp.bfloat16)
+    norm = jnp.asarray(rng.standard_normal(cols) * 0.2 + 1.0, jnp.float32)
+    delta = SplitSum(jnp.asarray(rng.standard_normal((2, 1, cols)), jnp.float32), jnp.bfloat16)
+    got = {}
+    for mode, launches in (("gemv", 1), ("prep", 0)):
+        monkeypatch.setenv("REALIZAR_SWIGLU", mode)
+        calls.clear()
+        got[mode] = qm.residual_normed_mlp(x, delta, norm, 1e-5, wg, wu, wd)
+        assert len(calls) == launches, (mode, len(calls))
+    (xa, ya), (xb, yb) = got["gemv"], got["prep"]
+    np.testing.assert_array_equal(np.asarray(xa, np.float32), np.asarray(x + total(delta), np.float32))
+    np.testing.assert_array_equal(np.asarray(xa, np.float32), np.asarray(xb, np.float32))
+    assert isinstance(ya, SplitSum) and ya.shape == (1, cols)
+    np.testing.assert_array_equal(np.asarray(total(ya), np.float32), np.asarray(total(yb), np.float32))
+    # prefill rows: the plain chain
+    xs = jnp.asarray(rng.standard_normal((12, cols)), jnp.bfloat16)
+    x12, y12 = qm.residual_normed_mlp(xs, None, norm, 1e-5, wg, wu, wd)
+    h = rms_norm(xs, norm, 1e-5)
+    want = matmul(swiglu(matmul(h, wg), matmul(h, wu)), wd)
+    np.testing.assert_array_equal(np.asarray(total(y12), np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="delta"):
+        qm.residual_normed_mlp(x, xs, norm, 1e-5, wg, wu, wd)

@@ -225,19 +225,38 @@ def _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer):
         raise ValueError(f"decode_attention_update: {q.shape[1]} query heads do not group over {Hkv} kv heads")
 
 
+# (positions per block, splits (0: enough for ~2 programs per SM), warps, stages) of the fused
+# decode attention step; REALIZAR_GEMV_TILES key "ATTN" overrides it (for sweeps on a new GPU).
+ATTN_TILE = (64, 0, 4, 2)
+
+
+def attention_tile() -> tuple:
+    """ATTN_TILE, unless REALIZAR_GEMV_TILES overrides it under the key "ATTN" (read when traced)."""
+    from .gemv import TILES_ENV, default_tiles
+    tile = default_tiles("ATTN", ATTN_TILE, min_value=0)
+    if tile[0] < 16 or tile[0] & (tile[0] - 1) or min(tile[2:]) < 1:
+        raise ValueError(f"{TILES_ENV}['ATTN'] must be [positions per block (a power of two >= 16), splits "
+                         f"(0: auto), warps, stages], got {list(tile)}")
+    return tile
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "layer", "bt", "splits", "num_warps", "num_stages",
                                              "interpret", "merge"))
-def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, *, bt: int = 64,
-                            splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, *, bt: int | None = None,
+                            splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                             interpret: bool | None = None, merge: bool = True):
     """The fused step; same signature and results as attention.decode_attention_update_ref:
     -> (out [B, Hq, D], k_cache, v_cache) with k/v rotated and written at `pos` of layer `layer`.
     merge=False returns the splits' partials (o, m, l) in place of out (see _merge), for a consumer
-    that merges them itself (decode_attention_output); None where the kernel does not apply."""
+    that merges them itself (decode_attention_output); None where the kernel does not apply.
+    Tiles left None come from attention_tile()."""
     from .gemv import interpret_mode
     _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer)
     if interpret is None:
         interpret = interpret_mode()
+    d_bt, d_splits, d_warps, d_stages = attention_tile()
+    bt, num_warps, num_stages = bt or d_bt, num_warps or d_warps, num_stages or d_stages
+    splits = splits or d_splits or None
     plan = _plan(q.shape, k_cache.shape, bt, splits)
     if plan is None:
         if not merge:

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from .gemm import gemm
-from .gemv import apply_pre, fusable, gemv, gemv_multi, interpret_mode
+from .gemv import apply_pre, fusable, gemv, gemv_multi, gemv_prepared, gemv_swiglu, interpret_mode, swiglu_fusable
 from .layout import GpuQTensor, dequantize_gpu_part_order, x_part_order
+from .qdot import FACTORED_QTYPES, Q8_ACT_QTYPES, x_q8_group
 from .splitsum import SplitSum, as_parts
 from .switches import switch
 from .unpack import unpack
@@ -98,6 +99,50 @@ def kernel_dense_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tuple
         return x_new.reshape(x.shape), kernel_matmul_many(y, ws)
     ys = [kernel_matmul(y, w) for w in ws]
     return x_new.reshape(x.shape), ys
+
+
+def _int8_route(x: jax.Array, w) -> bool:
+    """Whether decode rows x meet w on the int8 route with the fused prep (what gemv_prepared reads)."""
+    return (pre_fuses(x, w) and w.qtype in Q8_ACT_QTYPES and w.qtype in FACTORED_QTYPES
+            and x.dtype in (jnp.bfloat16, jnp.float16) and switch("REALIZAR_GEMV_ACT") == "int8"
+            and switch("REALIZAR_GEMV_XPREP") == "fused")
+
+
+def swiglu_epilogue_applies(x: jax.Array, w_gate, w_up, w_down) -> bool:
+    """Whether kernel_residual_normed_mlp can run the MLP with the SwiGLU gate in the gate/up launch
+    (REALIZAR_SWIGLU=gemv, decode rows, <= 4 of them): packed gate/up/down on the int8 route, the
+    launch writing the down GEMV's int8 activations; or dense ones on the Pallas GEMVs, after norm_x."""
+    rows = x.size // x.shape[-1] if x.ndim else 0
+    if switch("REALIZAR_SWIGLU") != "gemv" or not 0 < rows <= 4 or getattr(w_down, "ndim", 0) != 2:
+        return False
+    if all(isinstance(w, GpuQTensor) for w in (w_gate, w_up, w_down)):
+        return (_int8_route(x, w_gate) and _int8_route(x, w_up) and _int8_route(x, w_down)
+                and fused_gemv_applies(x, (w_gate, w_up))
+                and swiglu_fusable(w_gate, w_up, rows, x_q8_group(w_down.qtype)))
+    return (dense_norm_fuses(x, (w_gate, w_up)) and fused_gemv_applies(x, (w_gate, w_up))
+            and not hasattr(w_down, "qtype") and dense_gemv_applies(x, w_down)
+            and swiglu_fusable(w_gate, w_up, rows, None))
+
+
+def kernel_residual_normed_mlp(x: jax.Array, delta, norm, eps, w_gate, w_up, w_down) -> tuple:
+    """(x + delta, the SwiGLU MLP of rms_norm(x + delta)) on the GPU's decode route
+    (swiglu_epilogue_applies): one gemv_swiglu launch for gate, up and the gate, then the down GEMV.
+    Packed weights: the launch takes the norm (and delta's K-split partials) in its int8 prep and
+    writes the down GEMV's int8 activations. Dense: norm_x first, the launch writes the activation.
+    The MLP output comes back as the down GEMV's K-split partials (a SplitSum)."""
+    lead, cols = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, cols)
+    parts = None if delta is None else as_parts(delta, x2.shape[0], cols)
+    interpret = interpret_mode()
+    if isinstance(w_down, GpuQTensor):
+        res = gemv_swiglu(x2, w_gate, w_up, interpret=interpret, pre="norm", other=norm, eps=eps, residual=parts,
+                          group=x_q8_group(w_down.qtype))
+        (words, scales), x_new = res if parts is not None else (res, x2)
+        y = gemv_prepared(words, scales, w_down, interpret=interpret, summed=False)
+    else:
+        normed, x_new = norm_x(x2, norm, eps, residual=parts, interpret=interpret)
+        y = gemv(gemv_swiglu(normed, w_gate, w_up, interpret=interpret), w_down, summed=False)
+    return x_new.reshape(x.shape), SplitSum(y.reshape(y.shape[0], *lead, y.shape[-1]), x.dtype)
 
 
 def pre_fuses(x: jax.Array, w) -> bool:

@@ -30,7 +30,7 @@ from .layout import SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8,
                    prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_group, x_q8_natural, x_q8_tiles)
 from .switches import check_switch, switch
-from .xquant import fusable_prep, norm_fusable, norm_quantize_x, quantize_x
+from .xquant import fusable_prep, norm_fusable, norm_quantize_x, quantize_x, rne_int, round_to, swiglu_rounded
 from ..layers import rms_norm, swiglu
 
 N_SM = 132  # H100 SXM; only used to size the grid
@@ -42,9 +42,10 @@ TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DE
 TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
 
 
-def default_tiles(qtype: str, default: tuple | None = None) -> tuple:
+def default_tiles(qtype: str, default: tuple | None = None, min_value: int = 1) -> tuple:
     """TILES[qtype] (or `default`), unless REALIZAR_GEMV_TILES overrides it (read when a call is
-    traced). "XQUANT" and "XMERGE" are the activation preps' (groups per program, warps) (xquant.py)."""
+    traced) with ints >= min_value. Other keys: "XQUANT" and "XMERGE", the activation preps' (groups
+    per program, warps) (xquant.py); "SWIGLU_<qtype>" (gemv_swiglu); "ATTN" (attention.py)."""
     if default is None:
         default = TILES.get(qtype, (16, 2, 4, 3))
     raw = os.environ.get(TILES_ENV)
@@ -54,8 +55,8 @@ def default_tiles(qtype: str, default: tuple | None = None) -> tuple:
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{TILES_ENV} must be JSON like {{\"Q4_K\": [32, 2, 4, 2]}}: {e}") from e
         if qtype in override:
-            if len(override[qtype]) != len(default) or min(override[qtype]) < 1:
-                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be {len(default)} positive ints, got "
+            if len(override[qtype]) != len(default) or min(override[qtype]) < min_value:
+                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be {len(default)} ints >= {min_value}, got "
                                  f"{override[qtype]}")
             return override[qtype]
     return default
@@ -134,39 +135,47 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
-def _factored_rows(w_refs, x_refs, i, s, *, qtype, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
-    """qdot.tile_dot (or tile_dot_q8) over K tiles `s * tiles ...` of row block i -> [bn] per batch
-    row; accumulators stay elementwise until the end."""
+def _factored_rows(mats, i, s, *, bn, tiles, nb, q8, interpret, x_in_kernel):
+    """qdot.tile_dot (or tile_dot_q8) over K tiles `s * tiles ...` of row block i of each matrix in
+    mats ((qtype, w refs, x refs, bs) each; all walked in one loop, so their loads overlap) -> per
+    matrix, [bn] per batch row; accumulators stay elementwise until the end."""
     rows = pl.ds(i * bn, bn)
 
     def body(t, accs):
-        ks = pl.ds((s * tiles + t) * bs, bs)
-        loaded = [_tile(r, (rows, ks)) for r in w_refs]
-        if q8:
-            xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx), in_kernel=x_in_kernel)
-                  for b in range(nb)]
-        else:
-            xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
-        if q8:
-            return tuple(tile_dot_q8(qtype, loaded, xs, list(accs), interpret=interpret, in_kernel=x_in_kernel))
-        return tuple(tile_dot(qtype, loaded, xs, list(accs)))
+        new = []
+        for (qtype, w_refs, x_refs, bs), acc in zip(mats, accs):
+            ks = pl.ds((s * tiles + t) * bs, bs)
+            loaded = [_tile(r, (rows, ks)) for r in w_refs]
+            if q8:
+                xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx), in_kernel=x_in_kernel)
+                      for b in range(nb)]
+                new.append(tuple(tile_dot_q8(qtype, loaded, xs, list(acc), interpret=interpret,
+                                             in_kernel=x_in_kernel)))
+            else:
+                xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
+                new.append(tuple(tile_dot(qtype, loaded, xs, list(acc))))
+        return tuple(new)
 
-    init = tuple((init_accumulators_q8 if q8 else init_accumulators)(qtype, bn, bs) for _ in range(nb))
+    init = tuple(tuple((init_accumulators_q8 if q8 else init_accumulators)(qtype, bn, bs) for _ in range(nb))
+                 for qtype, _, _, bs in mats)
     accs = jax.lax.fori_loop(0, tiles, body, init)
-    totals = []
-    for b in range(nb):
-        total = None
-        for a in accs[b]:
-            r = jnp.sum(a, axis=tuple(range(1, a.ndim)))
-            total = r if total is None else total + r
-        totals.append(total)
-    return totals
+    out = []
+    for acc in accs:
+        totals = []
+        for b in range(nb):
+            total = None
+            for a in acc[b]:
+                r = jnp.sum(a, axis=tuple(range(1, a.ndim)))
+                total = r if total is None else total + r
+            totals.append(total)
+        out.append(totals)
+    return out
 
 
 def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
-    totals = _factored_rows(w_refs, x_refs, pl.program_id(0), pl.program_id(1), qtype=qtype, bn=bn, bs=bs,
-                            tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+    [totals] = _factored_rows([(qtype, w_refs, x_refs, bs)], pl.program_id(0), pl.program_id(1), bn=bn,
+                              tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
     for b in range(nb):
         o_ref[b, :] = totals[b]
 
@@ -180,10 +189,51 @@ def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
     for (qtype, (w0, w1), (x0, x1), first, count, bs, tiles), o_ref in zip(mats, o_refs):
         @pl.when((p >= first) & (p < first + count))
         def _(qtype=qtype, w0=w0, w1=w1, x0=x0, x1=x1, first=first, bs=bs, tiles=tiles, o_ref=o_ref):
-            totals = _factored_rows(refs[w0:w1], refs[x0:x1], p - first, 0, qtype=qtype, bn=bn, bs=bs,
-                                    tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+            [totals] = _factored_rows([(qtype, refs[w0:w1], refs[x0:x1], bs)], p - first, 0, bn=bn, tiles=tiles,
+                                      nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
             for b in range(nb):
                 o_ref[b, :] = totals[b].astype(o_ref.dtype)
+
+
+def _quantize_rows(y, group: int, interpret: bool):
+    """float32 [n] -> (int32 words [n/4] of the int8s, little-endian; scales [n/group]), rounding as
+    xquant.quantize_x does. Group membership is a broadcast mask, not a reshape: Triton reshapes of
+    a register row go through shared memory, and these rows are tiny."""
+    n = y.shape[0]
+    r = jnp.arange(n, dtype=jnp.int32)
+    member = (r[None, :] // group) == jnp.arange(n // group, dtype=jnp.int32)[:, None]      # [G, n]
+    amax = jnp.max(jnp.where(member, jnp.abs(y)[None, :], 0.0), axis=1)
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    inv_rows = jnp.sum(jnp.where(member, inv[:, None], 0.0), axis=0)                          # exact
+    q = jnp.clip(rne_int(y * inv_rows, interpret=interpret), -127, 127)
+    lanes = (q & 255) << ((r % 4) * 8)
+    word_of = (r[None, :] // 4) == jnp.arange(n // 4, dtype=jnp.int32)[:, None]               # [n/4, n]
+    words = jnp.sum(jnp.where(word_of, lanes[None, :], 0), axis=1)   # disjoint bytes: the sum is an OR
+    return words, amax / 127.0
+
+
+def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, x_in_kernel, dtype, group):
+    """Program p: row block p of both gate and up, then the SwiGLU gate on them and, with a group
+    size, the int8 quantization the down projection's GEMV reads (outputs: words, scales); without
+    one, the activation in the model's dtype."""
+    outs = refs[-2:] if group else refs[-1:]
+    p = pl.program_id(0)
+    mat = lambda m: (m[0], refs[m[1][0]:m[1][1]], refs[m[2][0]:m[2][1]], m[3])
+    kw = dict(bn=bn, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+    if gate[4] == up[4]:   # one loop over both matrices' tiles
+        g_tot, u_tot = _factored_rows([mat(gate), mat(up)], p, 0, tiles=gate[4], **kw)
+    else:
+        [g_tot] = _factored_rows([mat(gate)], p, 0, tiles=gate[4], **kw)
+        [u_tot] = _factored_rows([mat(up)], p, 0, tiles=up[4], **kw)
+    for b in range(nb):
+        # gate and up rounded to the model's dtype first, as the GEMV's outputs in that dtype are
+        y = swiglu_rounded(round_to(g_tot[b], dtype), round_to(u_tot[b], dtype), dtype)
+        if group:
+            words, scales = _quantize_rows(y, group, interpret)
+            outs[0][b, :] = words
+            outs[1][b, :] = scales
+        else:
+            outs[0][b, :] = y.astype(outs[0].dtype)
 
 
 def _resolve_act(act, qtype_ok: bool, dtype) -> bool:
@@ -299,13 +349,37 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     add_residual(x, residual), inside the RMSNorm prep where that is fused; the call then returns
     (outputs, that new x).
     """
-    B, cols = x.shape
+    B = x.shape[0]
     if not fusable(ws, B):
         raise ValueError("gemv_multi: " + ", ".join(f"{w!r}" for w in ws) + f" with {B} rows is not fusable")
-    _check_residual(residual, x)
-    keep_x = residual is not None
     mats_in = [weight_parts(w) for w in ws]   # (qtype, parts, shape) each
     bn, _, num_warps, num_stages = default_tiles(mats_in[0][0])
+    inputs, mats, nb, q8, x_in_kernel, x_new = _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual,
+                                                           interpret)
+    first = sum(m[4] for m in mats)
+    # matrix i's output block for program p: its own while p is in its range, clamped (and not
+    # written) otherwise
+    out_specs = [pl.BlockSpec((nb, bn), lambda p, f=m[3], c=m[4]: (0, jnp.clip(p - f, 0, c - 1))) for m in mats]
+    outs = pl.pallas_call(
+        functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=interpret,
+                          x_in_kernel=x_in_kernel),
+        grid=(first,),
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gemv_multi_" + "_".join(q.lower() for q, _, _ in mats_in),
+    )(*inputs)
+    outs = [o[:B] for o in outs]
+    return (outs, x_new) if residual is not None else outs
+
+
+def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret):
+    """The operands of a launch over several matrices sharing x: (inputs (every matrix's layout
+    arrays, then x prepared once per distinct type), mats (per matrix: qtype, w input range, x input
+    range, first program, programs, bs, K tiles), nb, q8, x_in_kernel, x after the residual add)."""
+    B, cols = x.shape
+    _check_residual(residual, x)
     nb = max(1, 1 << (B - 1).bit_length())
     nsb = cols // SB
     q8 = all(q in Q8_ACT_QTYPES for q, _, _ in mats_in) and _resolve_act(act, True, x.dtype)
@@ -337,21 +411,74 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
         mats.append((qtype, (w_at, w_at + len(parts)), x_ranges[qtype], first, count, bs, nsb // bs))
         w_at += len(parts)
         first += count
-    # matrix i's output block for program p: its own while p is in its range, clamped (and not
-    # written) otherwise
-    out_specs = [pl.BlockSpec((nb, bn), lambda p, f=m[3], c=m[4]: (0, jnp.clip(p - f, 0, c - 1))) for m in mats]
+    return inputs, mats, nb, q8, x_in_kernel, x_new
+
+
+def swiglu_tile(qtype: str, group: int | None) -> tuple:
+    """(rows per program, superblocks per K step, warps, stages) of gemv_swiglu on `qtype` weights:
+    the type's GEMV tile with at least `group` rows (each program quantizes whole groups), warps
+    scaled with the rows; REALIZAR_GEMV_TILES key "SWIGLU_<qtype>" overrides it."""
+    bn, bs, warps, stages = default_tiles(qtype)
+    if group and bn < group:
+        bn, warps = group, warps * group // bn
+    return default_tiles("SWIGLU_" + qtype, (bn, bs, warps, stages))
+
+
+def swiglu_fusable(gate, up, rows_in_x: int, group: int | None) -> bool:
+    """Whether gemv_swiglu can take this gate/up pair (same shape, fusable as a pair, rows a whole
+    number of its row tiles, each tile whole groups of `group`)."""
+    if gate.shape != up.shape or not fusable((gate, up), rows_in_x):
+        return False
+    bn = swiglu_tile(weight_parts(gate)[0], group)[0]
+    return gate.shape[0] % bn == 0 and (not group or (bn % group == 0 and group % 4 == 0))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "group"))
+def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | None = None,
+                xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
+                residual=None, group: int | None = None):
+    """The MLP's gate and up projections of pre(x) [B <= 4, in] and the SwiGLU gate on them, in one
+    launch: program p computes row block p of both matrices and applies layers.swiglu to the pair,
+    rounded as swiglu(gate_out, up_out) on outputs in x's dtype. The gate's output and its separate
+    activation launch (or XLA kernel) are gone.
+
+    group None: -> the activation [B, rows] in x's dtype. group (the down projection's int8 group,
+    qdot.x_q8_group): -> (words [B, rows/group, group/4], scales [B, rows/group]) as
+    xquant.quantize_x(activation, group) returns them, for gemv_prepared. pre/other/eps/residual as
+    gemv_multi's (with a residual the call returns (result, new x)). Needs swiglu_fusable.
+    """
+    B, cols = x.shape
+    if not swiglu_fusable(gate, up, B, group):
+        raise ValueError(f"gemv_swiglu: gate {gate!r} / up {up!r} with {B} rows and group {group} do not fuse")
+    mats_in = [weight_parts(w) for w in (gate, up)]
+    qtype, rows = mats_in[0][0], gate.shape[0]
+    bn, bs, num_warps, num_stages = swiglu_tile(qtype, group)
+    inputs, mats, nb, q8, x_in_kernel, x_new = _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual,
+                                                           interpret)
+    # both matrices walk the same row blocks: (qtype, w range, x range, bs, K tiles) each
+    pair = [(m[0], m[1], m[2], m[5], m[6]) for m in mats]
+    if group:
+        out_specs = [pl.BlockSpec((nb, bn // 4), lambda p: (0, p)), pl.BlockSpec((nb, bn // group), lambda p: (0, p))]
+        out_shape = [jax.ShapeDtypeStruct((nb, rows // 4), jnp.int32),
+                     jax.ShapeDtypeStruct((nb, rows // group), jnp.float32)]
+    else:
+        out_specs = [pl.BlockSpec((nb, bn), lambda p: (0, p))]
+        out_shape = [jax.ShapeDtypeStruct((nb, rows), x.dtype)]
     outs = pl.pallas_call(
-        functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=interpret,
-                          x_in_kernel=x_in_kernel),
-        grid=(first,),
+        functools.partial(_kernel_swiglu, gate=pair[0], up=pair[1], bn=bn, nb=nb, q8=q8, interpret=interpret,
+                          x_in_kernel=x_in_kernel, dtype=x.dtype, group=group),
+        grid=(rows // bn,),
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="gemv_multi_" + "_".join(q.lower() for q, _, _ in mats_in),
+        name="gemv_swiglu_" + qtype.lower(),
     )(*inputs)
-    outs = [o[:B] for o in outs]
-    return (outs, x_new) if keep_x else outs
+    if group:
+        result = (outs[0][:B].reshape(B, rows // group, group // 4), outs[1][:B])
+    else:
+        result = outs[0][:B]
+    return (result, x_new) if residual is not None else result
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",

@@ -30,6 +30,10 @@ SWITCHES = {
     # the residual add after the o and down projections: inside the next RMSNorm's int8 prep, which
     # takes the GEMV's K-split partials as they are, or an XLA kernel (the partials' sum and the add)
     "REALIZAR_RESIDUAL_ADD": ("prep", "xla"),
+    # the MLP's SwiGLU gate at decode: in the epilogue of the gate/up GEMV launch (which then writes
+    # the down projection's int8 activations, or the bf16 activation for a dense down weight), or in
+    # its own launch after it (the int8 prep; an XLA kernel for dense weights)
+    "REALIZAR_SWIGLU": ("gemv", "prep"),
 }
 
 

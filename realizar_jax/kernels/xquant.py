@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def _rne_int(v, *, interpret: bool):
+def rne_int(v, *, interpret: bool):
     """int32(round-half-even(v)), as jnp.round. On the GPU one cvt.rni: Pallas/Triton has no round,
     and the float tricks (adding 1.5 * 2**23) would be contracted with the multiply producing v into
     an FMA that rounds the exact product, not v, and flips ties against the XLA path."""
@@ -70,14 +70,19 @@ def _store_int8(ys, words_ref, scales_ref, interpret):
     for y in ys[1:]:
         amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
     inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    qs = [jnp.clip(_rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
+    qs = [jnp.clip(rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
     words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
     scales_ref[...] = amax / 127.0
 
 
-def _rounded(v, dtype):
+def round_to(v, dtype):
     """float32 v rounded to the model's dtype, back in float32."""
     return v.astype(dtype).astype(jnp.float32)
+
+
+def swiglu_rounded(g, u, dtype):
+    """layers.swiglu on float32 values of the model's dtype: silu rounded once, the product once."""
+    return round_to(round_to(g / (1.0 + jnp.exp(-g)), dtype) * u, dtype)
 
 
 def _plus_parts(x, ref, idx, n_res: int, dtype):
@@ -88,7 +93,7 @@ def _plus_parts(x, ref, idx, n_res: int, dtype):
     total = ref[(0,) + idx].astype(jnp.float32)
     for s in range(1, n_res):
         total = total + ref[(s,) + idx].astype(jnp.float32)
-    return _rounded(x + _rounded(total, dtype), dtype)
+    return round_to(x + round_to(total, dtype), dtype)
 
 
 def _kernel(*refs, pre, dtype, interpret):
@@ -97,8 +102,7 @@ def _kernel(*refs, pre, dtype, interpret):
     xs = [x_ref[:, :, k].astype(f32) for k in range(4)]      # byte k of every word: [groups, words]
     if pre == "swiglu":
         u_ref = refs[1]
-        ys = [_rounded(_rounded(g / (1.0 + jnp.exp(-g)), dtype) * u_ref[:, :, k].astype(f32), dtype)
-              for k, g in enumerate(xs)]
+        ys = [swiglu_rounded(g, u_ref[:, :, k].astype(f32), dtype) for k, g in enumerate(xs)]
     else:
         ys = xs
     _store_int8(ys, words_ref, scales_ref, interpret)
@@ -129,7 +133,7 @@ def _norm_kernel(*refs, n_groups, n_res, eps, cols, dtype, interpret):
         ys = []
         for k in range(4):
             v = with_residual(xc[gi][:, :, k].astype(f32), part, (slice(None), slice(None), k))
-            ys.append(_rounded(_rounded(wc[gi][:, :, k].astype(f32), dtype) * _rounded(v * r, dtype), dtype))
+            ys.append(round_to(round_to(wc[gi][:, :, k].astype(f32), dtype) * round_to(v * r, dtype), dtype))
         _store_int8(ys, outs[2 * gi], outs[2 * gi + 1], interpret)
     if n_res:   # the new residual stream, this program's chunk (the first group size's view)
         new = with_residual(xc[0][...].astype(f32), res_chunks[0], whole)
@@ -256,7 +260,7 @@ def _norm_x_kernel(*refs, n_res, eps, cols, dtype):
     row = _plus_parts(row_ref[...].astype(f32), res_row, whole, n_res, dtype)
     r = jax.lax.rsqrt(jnp.sum(row * row, axis=0) / cols + eps)
     v = _plus_parts(x_ref[...].astype(f32), res_chunk, whole, n_res, dtype)
-    outs[0][...] = (_rounded(w_ref[...].astype(f32), dtype) * _rounded(v * r, dtype)).astype(dtype)
+    outs[0][...] = (round_to(w_ref[...].astype(f32), dtype) * round_to(v * r, dtype)).astype(dtype)
     if n_res:
         outs[1][...] = v.astype(dtype)
 

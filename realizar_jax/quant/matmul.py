@@ -15,8 +15,8 @@ from .dequant import dequantize, dequantize_rows
 from .qtensor import QTensor
 from ..kernels.layout import GpuQTensor, gather_rows
 from ..kernels.dispatch import (dense_gemv_applies, dense_norm_fuses, fused_gemv_applies, kernel_dense_normed_matmul_many,
-                                kernel_matmul, kernel_matmul_many, kernel_residual_normed_matmul_many, pre_fuses,
-                                residual_fuses)
+                                kernel_matmul, kernel_matmul_many, kernel_residual_normed_matmul_many,
+                                kernel_residual_normed_mlp, pre_fuses, residual_fuses, swiglu_epilogue_applies)
 from ..kernels.splitsum import total
 from ..layers import rms_norm, swiglu
 
@@ -108,6 +108,29 @@ def residual_normed_matmul_many(x, delta, norm_weight, eps: float, ws) -> tuple:
         return kernel_dense_normed_matmul_many(x, delta, norm_weight, eps, ws)
     x = x + total(delta).astype(x.dtype)
     return x, normed_matmul_many(x, norm_weight, eps, ws)
+
+
+def residual_normed_mlp(x, delta, norm_weight, eps: float, w_gate, w_up, w_down) -> tuple:
+    """A SwiGLU MLP block after the residual add: (x + delta, matmul(swiglu(gate, up), w_down)) with
+    gate, up = residual_normed_matmul_many(x, delta, norm_weight, eps, (w_gate, w_up))[1].
+
+    The MLP output may come back as the down GEMV's K-split partials (a SplitSum), which only
+    residual_normed_matmul_many takes. On the GPU's decode path the gate runs in the epilogue of the
+    one launch that computes gate and up, which writes what the down GEMV reads (its int8
+    activations for packed weights): the gate/up outputs and a launch per layer are gone."""
+    x, norm_weight = jnp.asarray(x), jnp.asarray(norm_weight)
+    _check_norm(x, norm_weight, "residual_normed_mlp")
+    if delta is not None and tuple(delta.shape) != x.shape:
+        raise ValueError(f"residual_normed_mlp: delta {tuple(delta.shape)} does not match x {x.shape}")
+    if (delta is None or residual_fuses()) and swiglu_epilogue_applies(x, w_gate, w_up, w_down):
+        for w in (w_gate, w_up):
+            _check(x, w.shape[1], repr(w) if hasattr(w, "qtype") else f"weight of shape {tuple(w.shape)}")
+        if w_gate.shape != w_up.shape or w_down.shape[1] != w_gate.shape[0]:
+            raise ValueError(f"residual_normed_mlp: gate {tuple(w_gate.shape)}, up {tuple(w_up.shape)} and "
+                             f"down {tuple(w_down.shape)} do not chain")
+        return kernel_residual_normed_mlp(x, delta, norm_weight, eps, w_gate, w_up, w_down)
+    x, (gate, up) = residual_normed_matmul_many(x, delta, norm_weight, eps, (w_gate, w_up))
+    return x, swiglu_matmul(gate, up, w_down, unsummed=True)
 
 
 def swiglu_matmul(gate, up, w, *, unsummed: bool = False):
