@@ -86,23 +86,32 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     return decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
 
 
-def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *,
+def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *, sync=None,
                             unsummed: bool = False):
     """The decode step's attention through its output projection: decode_attention_update, then
-    matmul(out [B, Hq * D], wo). -> (delta [B, hidden], k_cache, v_cache).
+    matmul(out [B, Hq * D], wo). -> (delta [B, hidden], k_cache, v_cache, sync).
 
-    On the GPU (REALIZAR_ATTN_MERGE=prep, the default, with a packed wo on the int8 route) the
-    attention kernel's split-K partials are merged inside the kernel that quantizes the o
-    projection's activations (kernels/attention.py decode_attention_output). unsummed=True: delta
-    may be the o GEMV's K-split partials (a SplitSum), for quant.matmul.residual_normed_matmul_many."""
+    sync: the step's counters (attention_sync(k_cache), threaded through the layers; None: none).
+    On the GPU the attention kernel's split-K partials are merged inside the kernel that quantizes the
+    o projection's activations (REALIZAR_ATTN_MERGE=prep, the default, packed wo) or inside the
+    attention launch itself (=kernel: its last split merges them, counting in sync); see
+    kernels/attention.py decode_attention_output. unsummed=True: delta may be the o GEMV's K-split
+    partials (a SplitSum), for quant.matmul.residual_normed_matmul_many."""
     from .quant.matmul import matmul, matmul_unsummed
     kernel = _gpu_kernel("decode_attention_output")
     if kernel is not None and _update_in_kernel():
-        res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo, unsummed=unsummed)
+        res = kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo, sync=sync, unsummed=unsummed)
         if res is not None:
             return res
     out, k_cache, v_cache = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer)
-    return (matmul_unsummed if unsummed else matmul)(out.reshape(out.shape[0], -1), wo), k_cache, v_cache
+    return (matmul_unsummed if unsummed else matmul)(out.reshape(out.shape[0], -1), wo), k_cache, v_cache, sync
+
+
+def attention_sync(k_cache):
+    """Per-step scratch for decode_attention_output: zeroed counters [L, B, Hkv] int32 (one launch per
+    step), in which each layer's attention kernel counts its finished splits."""
+    L, B, Hkv = k_cache.shape[:3]
+    return jnp.zeros((L, B, Hkv), jnp.int32)
 
 
 def prefill_attention(q, k, v, lengths, scale):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .attention import decode_attention_output, prefill_attention
+from .attention import attention_sync, decode_attention_output, prefill_attention
 from .cache import KVCache
 from .config import ModelConfig
 from .kernels.splitsum import total
@@ -87,11 +87,13 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     cos, sin = rope_tables(params.rope_inv_freq, pos)   # [B, D], shared by the layers
     ks, vs = cache.k, cache.v
     delta = None   # each block's output, added to the stream x by the next block's norm
+    sync = attention_sync(ks)   # the attention kernels' per-step counters
     for i, lp in enumerate(params.layers):
         x, q, k, v = _project_qkv(lp, x, delta, config)
         # RoPE on q and k, k and v written at each row's position of layer i, attention over <= pos,
         # then the output projection
-        delta, ks, vs = decode_attention_output(q, k, v, ks, vs, pos, cos, sin, scale, i, lp.wo, unsummed=True)
+        delta, ks, vs, sync = decode_attention_output(q, k, v, ks, vs, pos, cos, sin, scale, i, lp.wo, sync=sync,
+                                                      unsummed=True)
         x, delta = _mlp(lp, x, delta, config)
     return _lm_head(params, x, delta, config), KVCache(ks, vs, pos + 1)
 

@@ -64,11 +64,19 @@ def two(c1, c2):   # the caches must be updated in place: no copy of the [2, 1, 
     return o, c1, c2
 hlo = jax.jit(two, donate_argnums=(0, 1)).lower(c, c + 1).compile().as_text()
 print('cache copies in the compiled step:', sum('copy' in l and '1024,128' in l for l in hlo.splitlines()))
+from realizar_jax.kernels.attention import decode_attention_merged
+from realizar_jax.attention import attention_sync
+for g in (None, 32):
+    r = jax.block_until_ready(decode_attention_merged(b, kv, kv, c, c, pos, cs, sn, 0.1, 1, attention_sync(c), group=g))
+    print('merged attention', g, [a.shape for a in jax.tree_util.tree_leaves(r)])
+print('MERGE OK')
 " 2>&1 | tail -n 20 | tee "$OUT/smoke.log"; then echo "SMOKE: python failed"; fi
   if ! grep -q 'PREP OK' "$OUT/smoke.log"; then   # the prep did not compile: XLA prepares the int8s
     export REALIZAR_GEMV_XPREP=kernel; echo "SMOKE FAILED: XPREP=kernel"
   elif ! grep -q 'attention update' "$OUT/smoke.log"; then   # the fused step did not: XLA rotates and writes
     export REALIZAR_ATTN_UPDATE=xla; echo "SMOKE FAILED: ATTN_UPDATE=xla"
+  elif ! grep -q 'MERGE OK' "$OUT/smoke.log"; then   # no merge in the attention launch: the prep merges
+    export REALIZAR_ATTN_MERGE=prep; echo "SMOKE FAILED: ATTN_MERGE=prep"
   fi
 fi
 if has tests; then   # first: the GPU checks decide which numbers mean anything; one process per part

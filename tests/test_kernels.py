@@ -17,7 +17,7 @@ from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention
 from realizar_jax.kernels.gemm import gemm
 from realizar_jax.kernels.dispatch import prefill_route
 from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi, gemv_swiglu
-from realizar_jax.kernels.attention import attention_tile, decode_attention_update
+from realizar_jax.kernels.attention import _plan, attention_tile, decode_attention_update
 from realizar_jax.attention import decode_attention_update_ref
 from realizar_jax.kernels.layout import dequantize_gpu_part_order
 from realizar_jax.kernels.unpack import unpack
@@ -453,10 +453,23 @@ def test_gpu_kernels_large_shapes():
         for a, b in zip(want[1:], got[1:]):
             diff = np.abs(np.asarray(a.astype(jnp.float32)) - np.asarray(b.astype(jnp.float32)))
             assert diff.max() <= 1e-2 * np.abs(np.asarray(a.astype(jnp.float32))).max() and (diff > 0).mean() < 1e-4
-        # and through the o projection with the merge inside its int8 prep (the default decode route)
-        from realizar_jax.kernels.attention import decode_attention_output
+        # and through the o projection, with the merge inside the attention launch (the default
+        # decode route, counters given; a 3:1 group falls back to the prep) or inside the o GEMV's
+        # int8 prep; the attention output in bf16 merged in the launch for a dense wo
+        from realizar_jax.attention import attention_sync
+        from realizar_jax.kernels.attention import decode_attention_merged, decode_attention_output
         wo, _ = _packed("Q4_K", 4096, 8 * group * 128, rng)
-        res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, wo)
-        assert res is not None
         y_want = gemv(want[0].reshape(2, -1), wo, act="int8", xprep="xla")
-        assert _rel(res[0].astype(jnp.float32), np.asarray(y_want, np.float64)) < 1e-2, group
+        splits = _plan(q.shape, kc.shape, 64, None)[3]
+        for merge, sync in (("kernel", attention_sync(kc)), ("kernel", None), ("prep", None)):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("REALIZAR_ATTN_MERGE", merge)
+                res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, wo, sync=sync)
+            assert res is not None
+            assert _rel(res[0].astype(jnp.float32), np.asarray(y_want, np.float64)) < 1e-2, (group, merge, sync is None)
+            if sync is not None and group == 4:   # counted: every split of layer 1 checked in once
+                counts = np.asarray(res[3])
+                assert (counts[1] == splits).all() and (counts[0] == 0).all(), counts
+        if group == 4:
+            out, *_ = decode_attention_merged(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, attention_sync(kc))
+            assert _rel(out.astype(jnp.float32), w32.astype(np.float64)) < 1e-2

@@ -332,14 +332,28 @@ def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
                     (256, hkv * G * D))
     attn, k_want, v_want = decode_attention_update_ref(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1)
     want = gemv(attn.reshape(batch, -1), wo, act="int8", xprep="xla", interpret=True)
-    res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, interpret=True)
-    assert res is not None
-    got, k_got, v_got = res
-    assert got.dtype == jnp.bfloat16 and got.shape == (batch, 256)
-    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
-    np.testing.assert_allclose(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32), atol=1e-2)
-    rel = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64)) / np.linalg.norm(np.asarray(want))
-    assert rel < 1e-2, rel   # bf16 rounding of the attention output and of the result
+    from realizar_jax.attention import attention_sync
+    outs = {}
+    for merge, sync in (("prep", None), ("kernel", attention_sync(kc))):   # no counters: the prep merges
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("REALIZAR_ATTN_MERGE", "kernel")
+            res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, sync=sync,
+                                          interpret=True)
+        assert res is not None
+        got, k_got, v_got, sync_out = res
+        outs[merge] = got
+        assert got.dtype == jnp.bfloat16 and got.shape == (batch, 256)
+        np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+        np.testing.assert_allclose(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32), atol=1e-2)
+        rel = np.linalg.norm(np.asarray(got, np.float64) - np.asarray(want, np.float64)) / np.linalg.norm(np.asarray(want))
+        assert rel < 1e-2, rel   # bf16 rounding of the attention output and of the result
+        if sync is not None:   # every split of layer 1 checked in
+            assert (np.asarray(sync_out)[1] == np.asarray(sync_out)[1].flat[0]).all() and np.asarray(sync_out)[1].min() >= 1
+    # the two merges read the same partials: the same int8s, the same projection (up to float32
+    # summation order in the merge, which may flip an int8 on a tie)
+    rel = np.linalg.norm(np.asarray(outs["kernel"], np.float64) - np.asarray(outs["prep"], np.float64))
+    assert rel <= 1e-3 * np.linalg.norm(np.asarray(outs["prep"], np.float64))
+    got = outs["prep"]
     # gemv_prepared on quantize_x's output is gemv's own fused route exactly
     x = jnp.asarray(rng.standard_normal((batch, hkv * G * D)), jnp.bfloat16)
     from realizar_jax.kernels.qdot import x_q8_group
@@ -348,8 +362,8 @@ def test_attention_output_with_the_merge_in_the_prep(qtype, batch, seed):
                                   np.asarray(gemv(x, wo, act="int8", xprep="fused", interpret=True)))
     # unsummed: the o GEMV's K-split partials, whose total is the summed result
     from realizar_jax.kernels.splitsum import SplitSum
-    parts, _, _ = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, interpret=True,
-                                          unsummed=True)
+    parts, _, _, _ = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1, wo, interpret=True,
+                                             unsummed=True)
     assert isinstance(parts, SplitSum) and parts.shape == (batch, 256)
     np.testing.assert_array_equal(np.asarray(parts.total(), np.float32), np.asarray(got, np.float32))
     with pytest.raises(ValueError, match="do not fit"):
@@ -625,3 +639,41 @@ def test_residual_normed_mlp_routes(monkeypatch, kind):
     np.testing.assert_array_equal(np.asarray(total(y12), np.float32), np.asarray(want, np.float32))
     with pytest.raises(ValueError, match="delta"):
         qm.residual_normed_mlp(x, xs, norm, 1e-5, wg, wu, wd)
+
+
+@settings(max_examples=5, **SETTINGS)
+@given(batch=st.integers(1, 2), hkv=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4]),
+       S=st.sampled_from([64, 256]), group=st.sampled_from([None, 16, 32]), seed=st.integers(0, 2**31))
+def test_attention_merged_in_the_kernel(batch, hkv, G, S, group, seed):
+    """decode_attention_merged (the last split of each kv head merges them in the attention launch)
+    gives the fused step's XLA merge (_merge) or the merge prep's int8s (merge_quantize_x) on the same
+    partials, bit for bit in interpret mode; the caches as decode_attention_update writes them; each
+    split counted once in the layer's row of the counters."""
+    from realizar_jax.attention import attention_sync
+    from realizar_jax.kernels.attention import decode_attention_merged, decode_attention_update
+    from realizar_jax.kernels.xquant import merge_quantize_x
+    from realizar_jax.layers import rope_tables
+    rng = np.random.default_rng(seed)
+    D, L = 64, 2
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    q, k, v = f(batch, hkv * G, D), f(batch, hkv, D), f(batch, hkv, D)
+    kc, vc = f(L, batch, hkv, S, D), f(L, batch, hkv, S, D)
+    pos = jnp.asarray(rng.integers(0, S, batch), jnp.int32)
+    cos, sin = rope_tables(jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32), pos)
+    args = (q, k, v, kc, vc, pos, cos, sin, D ** -0.5, 1)
+    sync = attention_sync(kc)
+    got, k_got, v_got, sync_out = decode_attention_merged(*args, sync, group=group, interpret=True)
+    want, k_want, v_want = decode_attention_update(*args, interpret=True)
+    np.testing.assert_array_equal(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_got, np.float32), np.asarray(v_want, np.float32))
+    counts = np.asarray(sync_out)
+    assert (counts[0] == 0).all() and (counts[1] == counts[1].flat[0]).all() and counts[1].flat[0] >= 1
+    if group is None:
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    else:
+        (o, m, l), _, _ = decode_attention_update(*args, interpret=True, merge=False)
+        want_w, want_s = merge_quantize_x(o, m, l, group, heads_per_kv=G, dtype=q.dtype, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want_w))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want_s))
+    with pytest.raises(ValueError, match="sync"):
+        decode_attention_merged(*args, sync[0], group=group, interpret=True)

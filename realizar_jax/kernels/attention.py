@@ -37,11 +37,17 @@ def _rotate(a, b, cos, sin, dtype):
     return ra.astype(dtype).astype(jnp.float32), rb.astype(dtype).astype(jnp.float32)
 
 
-def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, scale, bt, ss, group, gp, update):
+def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, scale, bt, ss, group, gp, update, merge=None, layer=0,
+            interpret=False):
     """update=False: the cache holds positions < pos_ref (the caller wrote the new token; q rotated).
     update=True: the cache holds positions < pos_ref; the new token's k/v (and q) arrive unrotated
-    in knew/vnew, with cos/sin of position pos_ref; the owning split writes them to kout/vout."""
-    if update:
+    in knew/vnew, with cos/sin of position pos_ref; the owning split writes them to kout/vout.
+    merge (update only): the last split of each kv head to finish merges them all (_merge_last);
+    "dtype" writes the merged heads in the model's dtype, an int (a group size) their int8s."""
+    if merge is not None:
+        # the counters come in and go out aliased: the atomics use the output ref
+        cos_ref, sin_ref, knew_ref, vnew_ref, _, o_ref, m_ref, l_ref, kout_ref, vout_ref, sync_ref, *res_refs = refs
+    elif update:
         cos_ref, sin_ref, knew_ref, vnew_ref, o_ref, m_ref, l_ref, kout_ref, vout_ref = refs
     else:
         o_ref, m_ref, l_ref = refs
@@ -101,9 +107,52 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, scale, bt, ss, group, gp, updat
         o = o * corr[:, None] + p[:, None] * vn.astype(jnp.float32)[None, :]
         m, l = m_new, l * corr + p
     real = jnp.arange(gp) < group   # store the G real rows only (the merge reads no others)
-    plgpu.store(o_ref, o, mask=real[:, None])
-    plgpu.store(m_ref, m, mask=real)
-    plgpu.store(l_ref, l, mask=real)
+    if merge is None:
+        plgpu.store(o_ref, o, mask=real[:, None])
+        plgpu.store(m_ref, m, mask=real)
+        plgpu.store(l_ref, l, mask=real)
+        return
+    # every split's partials sit in this kv head's block; each program writes its own row
+    plgpu.store(o_ref.at[s], o, mask=real[:, None])
+    plgpu.store(m_ref.at[s], m, mask=real)
+    plgpu.store(l_ref.at[s], l, mask=real)
+    _merge_last(o_ref, m_ref, l_ref, sync_ref, res_refs, layer=layer, group=group, dtype=q_ref.dtype,
+                merge=merge, interpret=interpret)
+
+
+def _merge_last(o_ref, m_ref, l_ref, sync_ref, res_refs, *, layer, group, dtype, merge, interpret):
+    """The split that checks in last for its (batch row, kv head) merges the splits' partials, as
+    _merge does, and writes the result. Check-in: a CTA barrier (this program's partials are all
+    stored), then an acquire-release atomic add on the step's counter for (layer, b, h): the last
+    one sees every other split's stores (read with volatile loads, past the SM's L1). Splits past
+    the sequence's length check in too."""
+    b, h = pl.program_id(0), pl.program_id(1)
+    splits = pl.num_programs(2)
+    if not interpret:   # (interpret mode runs programs one at a time and has no barrier)
+        plgpu.debug_barrier()
+    ticket = plgpu.atomic_add(sync_ref, (jnp.int32(layer), b, h), jnp.int32(1))
+
+    @pl.when(ticket == splits - 1)
+    def _():
+        if not interpret:
+            plgpu.debug_barrier()
+        # all splits' rows at once: one round of loads (a loop over the splits waited on each in
+        # turn: 9.9 us per launch against 4.4 without the merge, H200 run 31)
+        rows = pl.ds(0, group)
+        m_all = plgpu.load(m_ref.at[:, rows], volatile=True)      # [splits, G]
+        l_all = plgpu.load(l_ref.at[:, rows], volatile=True)
+        o_all = plgpu.load(o_ref.at[:, rows, :], volatile=True)   # [splits, G, D]
+        mx = jnp.max(m_all, axis=0)
+        w = jnp.exp(m_all - mx[None, :])
+        num = jnp.sum(o_all * w[:, :, None], axis=0)
+        out = (num / jnp.sum(l_all * w, axis=0)[:, None]).astype(dtype)
+        if merge == "dtype":
+            res_refs[0][...] = out
+        else:
+            from .xquant import quantize_flat
+            words, scales = quantize_flat(out.astype(jnp.float32).reshape(-1), merge, interpret=interpret)
+            res_refs[0][...] = words
+            res_refs[1][...] = scales
 
 
 def _splits(B, Hkv, S, bt):
@@ -145,8 +194,10 @@ def _merge(o, m, l, group, dtype):
     return out.reshape(B, Hkv * G, D).astype(dtype)
 
 
-def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, scale, update, caches):
-    """The pallas_call of _kernel for a _plan: -> (o, m, l) partials, and the k/v caches if update."""
+def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, scale, update, caches, merge=None):
+    """The pallas_call of _kernel for a _plan: -> (o, m, l) partials, and the k/v caches if update;
+    with merge (update only; operands end with the step's counters): then the counters and the
+    merged result ([B, Hkv, G, D] in q's dtype, or int8 words [B, Hkv, G*D/4] and scales)."""
     G, gp, bt, splits, ss = plan
     B, Hkv = operands[1].shape[0], operands[1].shape[1]
     if stacked:
@@ -155,10 +206,13 @@ def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, s
         kv_spec = pl.BlockSpec((None, None, ss, D), lambda b, h, s: (b, h, s, 0))
     in_specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
                 pl.BlockSpec((None, None, G, D), lambda b, h, s: (b, h, 0, 0)), kv_spec, kv_spec]
-    # gp rows per head group, of which the kernel writes the G real ones (the rest stays unwritten)
-    out_specs = [pl.BlockSpec((None, None, None, gp, D), lambda b, h, s: (b, s, h, 0, 0)),
-                 pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0)),
-                 pl.BlockSpec((None, None, None, gp), lambda b, h, s: (b, s, h, 0))]
+    # gp rows per head group, of which the kernel writes the G real ones (the rest stays unwritten);
+    # with merge, one block holds a kv head's splits, for the last of them to read
+    n_split = splits if merge is not None else None
+    split_at = (lambda s: 0) if merge is not None else (lambda s: s)
+    out_specs = [pl.BlockSpec((None, n_split, None, gp, D), lambda b, h, s: (b, split_at(s), h, 0, 0)),
+                 pl.BlockSpec((None, n_split, None, gp), lambda b, h, s: (b, split_at(s), h, 0)),
+                 pl.BlockSpec((None, n_split, None, gp), lambda b, h, s: (b, split_at(s), h, 0))]
     out_shape = [jax.ShapeDtypeStruct((B, splits, Hkv, gp, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32),
                  jax.ShapeDtypeStruct((B, splits, Hkv, gp), jnp.float32)]
@@ -170,8 +224,23 @@ def _call(operands, plan, D, layer, stacked, num_warps, num_stages, interpret, s
         out_specs += [kv_spec, kv_spec]
         out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
         aliases = {2: 3, 3: 4}   # the k/v cache operands are the k/v cache results: written in place
+    if merge is not None:
+        sync = operands[-1]
+        whole = pl.BlockSpec(sync.shape, lambda b, h, s: (0,) * sync.ndim)
+        in_specs.append(whole)
+        out_specs.append(whole)
+        out_shape.append(jax.ShapeDtypeStruct(sync.shape, sync.dtype))
+        aliases[len(operands) - 1] = len(out_shape) - 1
+        if merge == "dtype":
+            out_specs.append(pl.BlockSpec((None, None, G, D), lambda b, h, s: (b, h, 0, 0)))
+            out_shape.append(jax.ShapeDtypeStruct((B, Hkv, G, D), operands[1].dtype))
+        else:
+            for n, dt in ((G * D // 4, jnp.int32), (G * D // merge, jnp.float32)):
+                out_specs.append(pl.BlockSpec((None, None, n), lambda b, h, s: (b, h, 0)))
+                out_shape.append(jax.ShapeDtypeStruct((B, Hkv, n), dt))
     return pl.pallas_call(
-        functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss, group=G, gp=gp, update=update),
+        functools.partial(_kernel, scale=float(scale), bt=bt, ss=ss, group=G, gp=gp, update=update, merge=merge,
+                          layer=layer if merge is not None else 0, interpret=interpret),
         grid=(B, Hkv, splits),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -273,31 +342,104 @@ def decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     return _merge(o, m, l, G, q.dtype), k_cache, v_cache
 
 
-def merge_fuses(q, wo) -> bool:
-    """Whether decode_attention_output can merge the splits inside the o projection's int8 activation
-    prep: REALIZAR_ATTN_MERGE=prep and the o projection takes the fused int8 route (a packed type
-    with int8 activations, bf16/f16 model, <= 4 rows, REALIZAR_GEMV_ACT=int8, XPREP=fused)."""
+def merged_in_kernel(q_shape, k_cache_shape, group: int | None = None) -> bool:
+    """Whether decode_attention_merged applies: the fused step's plan exists, the query heads of a kv
+    head are a power of two (the merge works on [G, D] tiles) and, for int8 output, the row splits
+    into whole groups of `group` within each head."""
+    bt, splits, _, _ = attention_tile()
+    plan = _plan(q_shape, k_cache_shape, bt, splits or None)
+    if plan is None:
+        return False
+    G, D = plan[0], q_shape[-1]
+    return G & (G - 1) == 0 and (group is None or (D % group == 0 and group % 4 == 0))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "layer", "group", "interpret"))
+def decode_attention_merged(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, sync, *,
+                            group: int | None = None, interpret: bool | None = None):
+    """decode_attention_update with the splits merged inside the same launch: the last split of each
+    kv head to finish (counted in sync[layer]; sync: realizar_jax.attention.attention_sync's
+    counters, aliased in and out) merges them. -> (result, k_cache, v_cache, sync); result: the
+    attention output [B, Hq, D] in q's dtype or, with `group`, its int8 quantization (words [B, Hq*D/group, group/4], scales [B, Hq*D/group])
+    as xquant.quantize_x returns it, for gemv_prepared. Needs merged_in_kernel."""
+    from .gemv import interpret_mode
+    _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer)
+    if interpret is None:
+        interpret = interpret_mode()
+    if not merged_in_kernel(q.shape, k_cache.shape, group):
+        raise ValueError(f"decode_attention_merged: q {q.shape} / cache {k_cache.shape} (group {group}) "
+                         "cannot merge in the kernel")
+    if sync.shape != k_cache.shape[:3] or sync.dtype != jnp.int32:
+        raise ValueError(f"decode_attention_merged: sync {sync.shape} {sync.dtype} is not int32 {k_cache.shape[:3]}")
+    bt, splits, num_warps, num_stages = attention_tile()
+    plan = _plan(q.shape, k_cache.shape, bt, splits or None)
+    B, Hq, D = q.shape
+    G, Hkv = plan[0], k_cache.shape[-3]
+    operands = (pos.astype(jnp.int32), q.reshape(B, Hkv, G, D), k_cache, v_cache,
+                cos.astype(jnp.float32), sin.astype(jnp.float32), k, v, sync)
+    outs = _call(operands, plan, D, layer, True, num_warps, num_stages, interpret, scale, True,
+                 (k_cache, v_cache), merge="dtype" if group is None else group)
+    k_cache, v_cache, sync = outs[3:6]
+    if group is None:
+        return outs[6].reshape(B, Hq, D), k_cache, v_cache, sync
+    cols = Hq * D
+    return (outs[6].reshape(B, cols // group, group // 4), outs[7].reshape(B, cols // group)), k_cache, v_cache, sync
+
+
+def _o_takes_int8(q, wo) -> bool:
+    """Whether the o projection takes the fused int8 route (a packed type with int8 activations,
+    bf16/f16 model, <= 4 rows, REALIZAR_GEMV_ACT=int8, XPREP=fused): gemv_prepared can read int8s
+    another kernel wrote."""
     from .layout import GpuQTensor
     from .qdot import FACTORED_QTYPES, Q8_ACT_QTYPES
     from .switches import switch
     return (isinstance(wo, GpuQTensor) and wo.qtype in Q8_ACT_QTYPES and wo.qtype in FACTORED_QTYPES
             and q.dtype in (jnp.bfloat16, jnp.float16) and 0 < q.shape[0] <= 4
-            and switch("REALIZAR_ATTN_MERGE") == "prep" and switch("REALIZAR_GEMV_ACT") == "int8"
-            and switch("REALIZAR_GEMV_XPREP") == "fused")
+            and switch("REALIZAR_GEMV_ACT") == "int8" and switch("REALIZAR_GEMV_XPREP") == "fused")
 
 
-def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *,
+def merge_fuses(q, wo) -> bool:
+    """Whether decode_attention_output can merge the splits inside the o projection's int8 activation
+    prep: REALIZAR_ATTN_MERGE=prep (or =kernel where the kernel cannot merge) and _o_takes_int8."""
+    from .switches import switch
+    return switch("REALIZAR_ATTN_MERGE") in ("kernel", "prep") and _o_takes_int8(q, wo)
+
+
+def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, wo, *, sync=None,
                             interpret: bool | None = None, unsummed: bool = False):
-    """(matmul(attention, wo), k_cache, v_cache) for decode_attention_update's arguments, with the
-    splits' merge done inside the o projection's activation quantization (xquant.merge_quantize_x):
-    one launch where XLA took three. None where that route does not apply (merge_fuses, the plan).
-    unsummed=True: the projection comes back as the GEMV's K-split partials (splitsum.SplitSum)."""
+    """(matmul(attention, wo), k_cache, v_cache, sync) for decode_attention_update's arguments with
+    the splits' merge fused somewhere; None where no fused route applies (the caller merges in XLA).
+
+    REALIZAR_ATTN_MERGE=prep (the default; also =kernel where the kernel cannot merge), packed wo on
+    the int8 route: the merge runs inside the o projection's activation quantization
+    (xquant.merge_quantize_x). =kernel with the step's counters (sync, attention_sync): the last
+    split merges inside the attention launch (decode_attention_merged) and writes the o GEMV's int8
+    activations (packed wo on the int8 route) or the attention output (anything else, then matmul). unsummed=True: the projection may come back as the
+    GEMV's K-split partials (splitsum.SplitSum)."""
     from .gemv import gemv_prepared, interpret_mode
     from .qdot import x_q8_group
     from .splitsum import SplitSum
+    from .switches import switch
     from .xquant import merge_quantize_x
     if interpret is None:
         interpret = interpret_mode()
+    int8 = _o_takes_int8(q, wo)
+    group = x_q8_group(wo.qtype) if int8 else None
+    B, Hq, _ = q.shape
+
+    def project(words, scales):
+        if unsummed:
+            return SplitSum(gemv_prepared(words, scales, wo, interpret=interpret, summed=False), q.dtype)
+        return gemv_prepared(words, scales, wo, interpret=interpret).astype(q.dtype)
+
+    if (switch("REALIZAR_ATTN_MERGE") == "kernel" and sync is not None
+            and merged_in_kernel(q.shape, k_cache.shape, group)):
+        out, k_cache, v_cache, sync = decode_attention_merged(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer,
+                                                              sync, group=group, interpret=interpret)
+        if int8:
+            return project(*out), k_cache, v_cache, sync
+        from ..quant.matmul import matmul, matmul_unsummed
+        return (matmul_unsummed if unsummed else matmul)(out.reshape(B, -1), wo), k_cache, v_cache, sync
     if not merge_fuses(q, wo):
         return None
     res = decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, merge=False,
@@ -305,10 +447,6 @@ def decode_attention_output(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     if res is None:
         return None
     (o, m, l), k_cache, v_cache = res
-    B, Hq, _ = q.shape
-    words, scales = merge_quantize_x(o, m, l, x_q8_group(wo.qtype), heads_per_kv=Hq // k_cache.shape[-3],
-                                     dtype=q.dtype, interpret=interpret)
-    if unsummed:
-        parts = gemv_prepared(words, scales, wo, interpret=interpret, summed=False)
-        return SplitSum(parts, q.dtype), k_cache, v_cache
-    return gemv_prepared(words, scales, wo, interpret=interpret).astype(q.dtype), k_cache, v_cache
+    words, scales = merge_quantize_x(o, m, l, group, heads_per_kv=Hq // k_cache.shape[-3], dtype=q.dtype,
+                                     interpret=interpret)
+    return project(words, scales), k_cache, v_cache, sync

@@ -220,7 +220,9 @@ def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, x_in_kernel, dtype, g
     p = pl.program_id(0)
     mat = lambda m: (m[0], refs[m[1][0]:m[1][1]], refs[m[2][0]:m[2][1]], m[3])
     kw = dict(bn=bn, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
-    if gate[4] == up[4]:   # one loop over both matrices' tiles
+    # one loop over both matrices' tiles, so their loads overlap; dense tiles are too wide for two
+    # matrices' accumulators at once (8B bf16: 182 vs 227 tok/s, BENCHMARKS.md run 31)
+    if gate[4] == up[4] and gate[0] != "DENSE":
         g_tot, u_tot = _factored_rows([mat(gate), mat(up)], p, 0, tiles=gate[4], **kw)
     else:
         [g_tot] = _factored_rows([mat(gate)], p, 0, tiles=gate[4], **kw)

@@ -25,8 +25,11 @@ SWITCHES = {
     "REALIZAR_ATTN_INPLACE": ("1", "0"),                   # decode attention reads the cache stack in place
     # the decode step's RoPE and KV-cache writes: inside the attention kernel, or XLA ops before it
     "REALIZAR_ATTN_UPDATE": ("kernel", "xla"),
-    # the attention's split-K merge: inside the o projection's int8 activation prep, or XLA ops
-    "REALIZAR_ATTN_MERGE": ("prep", "xla"),
+    # the attention's split-K merge: inside the o projection's int8 activation prep (packed o weights;
+    # dense ones merge in XLA), XLA ops, or inside the attention launch (its last split per kv head
+    # merges, writing the o GEMV's int8s or the attention output; 8B Q4_K_M 435 vs 446 tok/s with
+    # its first version, BENCHMARKS.md run 31)
+    "REALIZAR_ATTN_MERGE": ("prep", "xla", "kernel"),
     # the residual add after the o and down projections: inside the next RMSNorm's int8 prep, which
     # takes the GEMV's K-split partials as they are, or an XLA kernel (the partials' sum and the add)
     "REALIZAR_RESIDUAL_ADD": ("prep", "xla"),

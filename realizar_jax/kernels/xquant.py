@@ -75,6 +75,18 @@ def _store_int8(ys, words_ref, scales_ref, interpret):
     scales_ref[...] = amax / 127.0
 
 
+def quantize_flat(v, group: int, *, interpret: bool):
+    """float32 [n] -> (int32 words [n/4] of its int8s, little-endian; scales [n/group]), rounded as
+    _store_int8 rounds: for a kernel that holds a whole row segment in registers."""
+    n = v.shape[0]
+    g = v.reshape(n // group, group)
+    amax = jnp.max(jnp.abs(g), axis=1)
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(rne_int(g * inv[:, None], interpret=interpret), -127, 127).reshape(n // 4, 4)
+    shifts = jnp.arange(4, dtype=jnp.int32)[None, :] * 8
+    return jnp.sum((q & 255) << shifts, axis=1), amax / 127.0   # disjoint bytes: the sum is an OR
+
+
 def round_to(v, dtype):
     """float32 v rounded to the model's dtype, back in float32."""
     return v.astype(dtype).astype(jnp.float32)
