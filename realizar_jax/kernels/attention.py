@@ -387,15 +387,9 @@ def decode_attention_merged(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
 
 
 def _o_takes_int8(q, wo) -> bool:
-    """Whether the o projection takes the fused int8 route (a packed type with int8 activations,
-    bf16/f16 model, <= 4 rows, REALIZAR_GEMV_ACT=int8, XPREP=fused): gemv_prepared can read int8s
-    another kernel wrote."""
-    from .layout import GpuQTensor
-    from .qdot import FACTORED_QTYPES, Q8_ACT_QTYPES
-    from .switches import switch
-    return (isinstance(wo, GpuQTensor) and wo.qtype in Q8_ACT_QTYPES and wo.qtype in FACTORED_QTYPES
-            and q.dtype in (jnp.bfloat16, jnp.float16) and 0 < q.shape[0] <= 4
-            and switch("REALIZAR_GEMV_ACT") == "int8" and switch("REALIZAR_GEMV_XPREP") == "fused")
+    """Whether the o projection's GEMV reads int8s another kernel wrote (dispatch.takes_prepared_int8)."""
+    from .dispatch import takes_prepared_int8
+    return takes_prepared_int8(q.shape[0], q.dtype, wo)
 
 
 def merge_fuses(q, wo) -> bool:

@@ -101,11 +101,13 @@ def kernel_dense_normed_matmul_many(x: jax.Array, delta, norm, eps, ws) -> tuple
     return x_new.reshape(x.shape), ys
 
 
-def _int8_route(x: jax.Array, w) -> bool:
-    """Whether decode rows x meet w on the int8 route with the fused prep (what gemv_prepared reads)."""
-    return (pre_fuses(x, w) and w.qtype in Q8_ACT_QTYPES and w.qtype in FACTORED_QTYPES
-            and x.dtype in (jnp.bfloat16, jnp.float16) and switch("REALIZAR_GEMV_ACT") == "int8"
-            and switch("REALIZAR_GEMV_XPREP") == "fused")
+def takes_prepared_int8(rows: int, dtype, w) -> bool:
+    """Whether w's decode GEMV reads int8 activations that another kernel wrote (gemv_prepared): a
+    packed type with the int8 kernel, 1..4 rows of bf16/f16 activations, REALIZAR_GEMV_ACT=int8 and
+    REALIZAR_GEMV_XPREP=fused."""
+    return (isinstance(w, GpuQTensor) and w.qtype in Q8_ACT_QTYPES and w.qtype in FACTORED_QTYPES
+            and dtype in (jnp.bfloat16, jnp.float16) and 0 < rows <= 4
+            and switch("REALIZAR_GEMV_ACT") == "int8" and switch("REALIZAR_GEMV_XPREP") == "fused")
 
 
 def swiglu_epilogue_applies(x: jax.Array, w_gate, w_up, w_down) -> bool:
@@ -116,7 +118,7 @@ def swiglu_epilogue_applies(x: jax.Array, w_gate, w_up, w_down) -> bool:
     if switch("REALIZAR_SWIGLU") != "gemv" or not 0 < rows <= 4 or getattr(w_down, "ndim", 0) != 2:
         return False
     if all(isinstance(w, GpuQTensor) for w in (w_gate, w_up, w_down)):
-        return (_int8_route(x, w_gate) and _int8_route(x, w_up) and _int8_route(x, w_down)
+        return (all(takes_prepared_int8(rows, x.dtype, w) for w in (w_gate, w_up, w_down))
                 and fused_gemv_applies(x, (w_gate, w_up))
                 and swiglu_fusable(w_gate, w_up, rows, x_q8_group(w_down.qtype)))
     return (dense_norm_fuses(x, (w_gate, w_up)) and fused_gemv_applies(x, (w_gate, w_up))

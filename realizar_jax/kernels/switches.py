@@ -27,8 +27,9 @@ SWITCHES = {
     "REALIZAR_ATTN_UPDATE": ("kernel", "xla"),
     # the attention's split-K merge: inside the o projection's int8 activation prep (packed o weights;
     # dense ones merge in XLA), XLA ops, or inside the attention launch (its last split per kv head
-    # merges, writing the o GEMV's int8s or the attention output; 8B Q4_K_M 435 vs 446 tok/s with
-    # its first version, BENCHMARKS.md run 31)
+    # merges, writing the o GEMV's int8s or the attention output). H200, 8B Q4_K_M, one process:
+    # "kernel" 453.8 vs 447.8 tok/s (run 32; a first version looping over the splits: 435 vs 446,
+    # run 31). One run, and none on a dense model at 8B: not the default yet (BENCHMARKS.md)
     "REALIZAR_ATTN_MERGE": ("prep", "xla", "kernel"),
     # the residual add after the o and down projections: inside the next RMSNorm's int8 prep, which
     # takes the GEMV's K-split partials as they are, or an XLA kernel (the partials' sum and the add)
