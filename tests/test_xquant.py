@@ -591,6 +591,34 @@ def test_gemv_swiglu_dense_and_rejects():
         gemv_swiglu(x, packed, packed, interpret=True, group=32)
 
 
+def test_gemv_swiglu_tile_override(monkeypatch):
+    """REALIZAR_GEMV_TILES["SWIGLU_Q4_K"] sets the launch's tile, its K depth included: one
+    superblock per step gives the default tile's activation (up to a float32 summation order that
+    may move an int8 by one); a row tile that cannot hold whole groups is refused."""
+    from realizar_jax.kernels.gemv import gemv_swiglu, swiglu_tile
+    rng = np.random.default_rng(4)
+    gate, up = _packed("Q4_K", 64, 512, rng), _packed("Q4_K", 64, 512, rng)
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.bfloat16)
+    words, scales = gemv_swiglu(x, gate, up, interpret=True, group=32)
+    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"SWIGLU_Q4_K": [32, 1, 8, 3]}')
+    jax.clear_caches()   # tiles are read when a call is traced
+    assert swiglu_tile("Q4_K", 32) == (32, 1, 8, 3)
+    from realizar_jax.kernels.gemv import _plan_multi, weight_parts
+    _, mats, *_ = _plan_multi(x, [weight_parts(gate)] * 2, 32, None, None, None, None, None, None, True, bs=1)
+    assert [(m[5], m[6]) for m in mats] == [(1, 2), (1, 2)]   # 1 superblock per step, 2 steps
+    w1, s1 = gemv_swiglu(x, gate, up, interpret=True, group=32)
+    a = np.asarray(words).view(np.int8).astype(int)
+    b = np.asarray(w1).view(np.int8).astype(int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05
+    np.testing.assert_allclose(np.asarray(s1), np.asarray(scales), rtol=1e-5)
+    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"SWIGLU_Q4_K": [16, 4, 4, 3]}')
+    jax.clear_caches()
+    with pytest.raises(ValueError, match="do not fuse"):
+        gemv_swiglu(x, gate, up, interpret=True, group=32)
+    monkeypatch.delenv("REALIZAR_GEMV_TILES")
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("kind", ["packed", "dense"])
 def test_residual_normed_mlp_routes(monkeypatch, kind):
     """residual_normed_mlp on the GPU decode route (kernels in interpret mode; dense weights forced

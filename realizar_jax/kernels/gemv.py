@@ -197,8 +197,8 @@ def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
 
 def _quantize_rows(y, group: int, interpret: bool):
     """float32 [n] -> (int32 words [n/4] of the int8s, little-endian; scales [n/group]), rounding as
-    xquant.quantize_x does. Group membership is a broadcast mask, not a reshape: Triton reshapes of
-    a register row go through shared memory, and these rows are tiny."""
+    xquant.quantize_x does. Group membership is a broadcast mask over the row (xquant.quantize_flat,
+    which reshapes instead, serves longer rows); these rows hold 16 or 32 values."""
     n = y.shape[0]
     r = jnp.arange(n, dtype=jnp.int32)
     member = (r[None, :] // group) == jnp.arange(n // group, dtype=jnp.int32)[:, None]      # [G, n]
@@ -376,10 +376,11 @@ def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | N
     return (outs, x_new) if residual is not None else outs
 
 
-def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret):
+def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret, bs=None):
     """The operands of a launch over several matrices sharing x: (inputs (every matrix's layout
     arrays, then x prepared once per distinct type), mats (per matrix: qtype, w input range, x input
-    range, first program, programs, bs, K tiles), nb, q8, x_in_kernel, x after the residual add)."""
+    range, first program, programs, bs, K tiles), nb, q8, x_in_kernel, x after the residual add).
+    bs: superblocks per K step of every matrix (default: each type's tile's)."""
     B, cols = x.shape
     _check_residual(residual, x)
     nb = max(1, 1 << (B - 1).bit_length())
@@ -408,9 +409,9 @@ def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret
         inputs.extend(prepared[q])
     w_at = 0
     for qtype, parts, (rows, _) in mats_in:
-        _, bs, _ = _pick(nsb, rows, bn, default_tiles(qtype)[1], 1)   # K not split
+        _, depth, _ = _pick(nsb, rows, bn, bs or default_tiles(qtype)[1], 1)   # K not split
         count = rows // bn
-        mats.append((qtype, (w_at, w_at + len(parts)), x_ranges[qtype], first, count, bs, nsb // bs))
+        mats.append((qtype, (w_at, w_at + len(parts)), x_ranges[qtype], first, count, depth, nsb // depth))
         w_at += len(parts)
         first += count
     return inputs, mats, nb, q8, x_in_kernel, x_new
@@ -456,7 +457,7 @@ def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | N
     qtype, rows = mats_in[0][0], gate.shape[0]
     bn, bs, num_warps, num_stages = swiglu_tile(qtype, group)
     inputs, mats, nb, q8, x_in_kernel, x_new = _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual,
-                                                           interpret)
+                                                           interpret, bs=bs)
     # both matrices walk the same row blocks: (qtype, w range, x range, bs, K tiles) each
     pair = [(m[0], m[1], m[2], m[5], m[6]) for m in mats]
     if group:
