@@ -669,6 +669,12 @@ def test_residual_normed_mlp_routes(monkeypatch, kind):
     np.testing.assert_array_equal(np.asarray(total(y12), np.float32), np.asarray(want, np.float32))
     with pytest.raises(ValueError, match="delta"):
         qm.residual_normed_mlp(x, xs, norm, 1e-5, wg, wu, wd)
+    if kind == "packed":   # a down weight whose input width is not gate/up's output width
+        wd_bad = _packed("Q6_K", cols, 2 * ffn, rng)
+        for mode, match in (("gemv", "do not chain"), ("prep", "takes 512 input features")):
+            monkeypatch.setenv("REALIZAR_SWIGLU", mode)
+            with pytest.raises(ValueError, match=match):
+                qm.residual_normed_mlp(x, delta, norm, 1e-5, wg, wu, wd_bad)
 
 
 @settings(max_examples=5, **SETTINGS)
