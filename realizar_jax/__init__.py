@@ -7,6 +7,19 @@ from .errors import (DamagedFileError, InsufficientMemoryError, MissingTensorErr
 
 __version__ = "0.1.0"
 
+# imported on first use, so `import realizar_jax` (and the CLI's inspect/convert) does not start JAX
+_LAZY = {"load": "engine", "Model": "engine", "Generation": "generate", "GenerationStats": "generate",
+         "KernelConfig": "kernels.tuning"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'realizar_jax' has no attribute {name!r}")
+
 
 def default_model_path():
     """The small LLaMA embedded in the package (trained on Python's standard library)."""
@@ -14,12 +27,7 @@ def default_model_path():
     return Path(__file__).parent / "data" / "default.gguf"
 
 
-def load(path, dtype=None, max_seq_len=None, **kwargs):
-    """Load a .gguf file or an HF model folder; see engine.Model."""
-    from .engine import load as _load
-    return _load(path, dtype=dtype, max_seq_len=max_seq_len, **kwargs)
-
-
-__all__ = ["load", "default_model_path", "ModelConfig", "ModelFormatError", "DamagedFileError", "MissingTensorError",
-           "ShapeMismatchError", "UnknownArchitectureError", "UnsupportedQuantError",
-           "InsufficientMemoryError", "RealizarError", "__version__"]
+__all__ = ["load", "Model", "Generation", "GenerationStats", "KernelConfig", "default_model_path", "ModelConfig",
+           "ModelFormatError", "DamagedFileError", "MissingTensorError", "ShapeMismatchError",
+           "UnknownArchitectureError", "UnsupportedQuantError", "InsufficientMemoryError", "RealizarError",
+           "__version__"]

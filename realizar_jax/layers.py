@@ -1,6 +1,6 @@
-"""Elementwise layer math shared by the model and the GPU kernels that fuse it (kernels/xquant.py,
-kernels/attention.py): RMSNorm, the SwiGLU gate and RoPE, rounded exactly as HF computes them in the
-model's dtype."""
+"""Elementwise layer math shared by ops/ and the GPU kernels that fuse it (kernels/xquant.py,
+kernels/attention.py): RMSNorm, the gated activations and RoPE, rounded exactly as HF computes them
+in the model's dtype."""
 from __future__ import annotations
 
 import jax
@@ -20,6 +20,13 @@ def swiglu(gate, up):
     of its logistic expansion on some backends, so its results depend on the backend.)"""
     g = gate.astype(jnp.float32)
     return (g / (1.0 + jnp.exp(-g))).astype(gate.dtype) * up
+
+
+def geglu(gate, up):
+    """The GeGLU gate gelu_tanh(gate) * up (Gemma), rounded as swiglu: the activation in float32
+    rounded once, then the product once."""
+    g = gate.astype(jnp.float32)
+    return jax.nn.gelu(g, approximate=True).astype(gate.dtype) * up
 
 
 def rope_tables(inv_freq, positions):

@@ -128,3 +128,22 @@ def check_fits(estimate: MemoryEstimate, free_bytes: int, path=None) -> None:
     if hints:
         msg += " Try " + ", or ".join(hints) + "."
     raise InsufficientMemoryError(msg)
+
+
+def free_device_memory() -> int | None:
+    """Bytes free on the default device, or None when the backend does not say (then: host RAM)."""
+    import jax
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

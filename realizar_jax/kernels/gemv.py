@@ -4,69 +4,45 @@ Grid (row tiles, K splits). A program owns BN output rows and one K split and wa
 tiles of BS superblocks (256 values each), loading the packed tile of every layout array.
 - Q4_K, Q8_0, Q6_K and dense weights take the factored kernel (qdot.py): quants are bit-selected in
   place and multiplied by pre-scaled activations, with block scales applied once per group; with
-  act="int8" the products are dp4a integer dot products instead.
+  int8 activations the products are dp4a integer dot products instead.
 - Other types (Q4_0, Q5_K), and 5..8 bf16 rows on the tensor cores, take the older kernel: it
   dequantizes each tile with layout.dequant_parts (shared with the jnp path) and multiplies by x
   split with layout.split_x.
-Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them. Decode is
+Partial sums of each split land in out[split, b, rows]; one small XLA reduce adds them, or the
+consumer does (summed=False: the next RMSNorm's prep adds them to the residual stream). Decode is
 bandwidth-bound: the split count is chosen so that enough programs are in flight to cover all SMs
 even for narrow matrices (K/V projections have 512..1024 rows). gemv_multi runs several matrices
 that share x (Q/K/V, gate/up; all packed or all dense) as one launch. int8 activations come from
-one xquant.quantize_x launch, which also runs the RMSNorm or SwiGLU gate in front of the matmul when
-the caller passes it (`pre`).
+one xquant launch, which also runs the RMSNorm in front of the matmul when the caller passes it
+(`pre="norm"`). Every entry takes the KernelConfig (`cfg`) as a static argument: tiles, interpret
+mode and the activation rounding come from it.
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..layers import rms_norm
 from .layout import SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8,
                    prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_group, x_q8_natural, x_q8_tiles)
-from .switches import check_switch, switch
+from .tuning import KernelConfig
 from .xquant import fusable_prep, norm_fusable, norm_quantize_x, quantize_x, rne_int, round_to, swiglu_rounded
-from ..layers import rms_norm, swiglu
 
-N_SM = 132  # H100 SXM; only used to size the grid
-# (rows per program, superblocks per K step, warps, pipeline stages) of the factored kernels: the
-# tiles the whole-model benches in BENCHMARKS.md ran with (best or near-best of the H100 sweeps of
-# the float kernel on the 14336x4096 matrix). (8, 4, 2, 4) for Q8_0 was faster with float
-# activations (1B Q8_0: 862 vs 841 tok/s) but has not been timed with the int8 default.
+N_SM = 132  # H100/H200 SXM; only used to size the grid
+# (rows per program, superblocks per K step, warps, pipeline stages) of the factored kernels, per
+# weight type (BENCHMARKS.md: the H100 sweeps and the whole-model benches that chose them).
 TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DENSE": (4, 8, 4, 2)}
-TILES_ENV = "REALIZAR_GEMV_TILES"   # JSON {"Q4_K": [bn, bs, warps, stages], ...}: per-GPU tuning
+OTHER_TILE = (16, 2, 4, 3)
 
 
-def default_tiles(qtype: str, default: tuple | None = None, min_value: int = 1) -> tuple:
-    """TILES[qtype] (or `default`), unless REALIZAR_GEMV_TILES overrides it (read when a call is
-    traced) with ints >= min_value. Other keys: "XQUANT" and "XMERGE", the activation preps' (groups
-    per program, warps) (xquant.py); "SWIGLU_<qtype>" (gemv_swiglu); "ATTN" (attention.py)."""
-    if default is None:
-        default = TILES.get(qtype, (16, 2, 4, 3))
-    raw = os.environ.get(TILES_ENV)
-    if raw:
-        try:
-            override = {k: tuple(int(v) for v in t) for k, t in json.loads(raw).items()}
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{TILES_ENV} must be JSON like {{\"Q4_K\": [32, 2, 4, 2]}}: {e}") from e
-        if qtype in override:
-            if len(override[qtype]) != len(default) or min(override[qtype]) < min_value:
-                raise ValueError(f"{TILES_ENV}[{qtype!r}] must be {len(default)} ints >= {min_value}, got "
-                                 f"{override[qtype]}")
-            return override[qtype]
-    return default
-
-
-def interpret_mode() -> bool:
-    """Run Pallas kernels in interpret mode when there is no GPU (or when forced for tests)."""
-    if os.environ.get("REALIZAR_PALLAS_INTERPRET", "") == "1":
-        return True
-    return jax.default_backend() != "gpu"
+def tiles_for(cfg: KernelConfig, qtype: str) -> tuple:
+    """(rows, superblocks, warps, stages) of the GEMV on `qtype` weights under cfg's overrides."""
+    return cfg.tile(qtype, TILES.get(qtype, OTHER_TILE))
 
 
 def _pick(nsb: int, rows: int, bn: int, bs: int, target_programs: int):
@@ -238,30 +214,17 @@ def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, x_in_kernel, dtype, g
             outs[0][b, :] = y.astype(outs[0].dtype)
 
 
-def _resolve_act(act, qtype_ok: bool, dtype) -> bool:
-    """Whether the int8-activation path runs (act or REALIZAR_GEMV_ACT; bf16/f16 x only)."""
-    if act is None:
-        act = switch("REALIZAR_GEMV_ACT")
-        if dtype not in (jnp.bfloat16, jnp.float16):
-            act = "float"
-    check_switch("REALIZAR_GEMV_ACT", act)
-    return act == "int8" and qtype_ok
-
-
-def _resolve_xprep(xprep) -> str:
-    xprep = switch("REALIZAR_GEMV_XPREP") if xprep is None else xprep
-    check_switch("REALIZAR_GEMV_XPREP", xprep)
-    return xprep
+def _int8(cfg: KernelConfig, qtype_ok: bool, dtype) -> bool:
+    """Whether the int8-activation path runs: asked for, a type with the int8 kernel, bf16/f16 x."""
+    return cfg.int8_activations and qtype_ok and dtype in (jnp.bfloat16, jnp.float16)
 
 
 def apply_pre(x, pre: str | None, other, eps):
-    """The op in front of the matmul, in XLA: x itself, rms_norm(x, other, eps) or swiglu(x, other)."""
+    """The op in front of the matmul, in XLA: x itself or rms_norm(x, other, eps)."""
     if pre == "norm":
         return rms_norm(x, other, eps)
-    if pre == "swiglu":
-        return swiglu(x, other)
     if pre is not None:
-        raise ValueError(f"pre must be None, 'norm' or 'swiglu', got {pre!r}")
+        raise ValueError(f"pre must be None or 'norm', got {pre!r}")
     return x
 
 
@@ -284,29 +247,29 @@ def _check_residual(residual, x):
         raise ValueError(f"residual partials {residual.shape} do not match x {x.shape} ([splits, B, cols])")
 
 
-def _x_q8(xp, qtype: str, xprep: str, pre, other, eps, interpret: bool) -> list:
-    """The int8 activations for one weight type: with xprep="fused" one xquant.quantize_x launch that
-    also does the pre-op; otherwise the pre-op and prepare_x_q8 in XLA."""
+def _x_q8(xp, qtype: str, pre, other, eps, cfg: KernelConfig) -> list:
+    """The int8 activations for one weight type: one xquant.quantize_x launch where it tiles the
+    row, else XLA rounds (natural layout; the GEMV sums each group itself)."""
     group = x_q8_group(qtype)
-    if xprep == "fused" and fusable_prep(xp.shape[1], group, pre):
-        words, scales = quantize_x(xp, group, pre=pre, other=other, eps=eps, interpret=interpret)
+    if fusable_prep(xp.shape[1], group, pre, cfg):
+        words, scales = quantize_x(xp, group, pre=pre, other=other, eps=eps, cfg=cfg)
         return x_q8_natural(words, scales, qtype)
-    return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype, in_kernel=xprep != "xla")
+    return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype, in_kernel=True)
 
 
-def _x_q8_all(xp, qtypes, xprep: str, pre, other, eps, interpret: bool, residual=None):
+def _x_q8_all(xp, qtypes, pre, other, eps, cfg: KernelConfig, residual=None):
     """({qtype: int8 activations} for these weight types, x after the residual add).
 
     A fused RMSNorm makes the int8s of every group size the types need in one norm_quantize_x
     launch, which also adds the residual partials; otherwise XLA adds them, then _x_q8 per type."""
     groups = tuple(dict.fromkeys(x_q8_group(q) for q in qtypes))
-    if xprep == "fused" and pre == "norm" and norm_fusable(xp.shape[1], groups):
-        preps, xp = norm_quantize_x(xp, groups, other, eps, residual=residual, interpret=interpret)
+    if pre == "norm" and norm_fusable(xp.shape[1], groups, cfg):
+        preps, xp = norm_quantize_x(xp, groups, other, eps, residual=residual, cfg=cfg)
         by_group = dict(zip(groups, preps))
         return {q: x_q8_natural(*by_group[x_q8_group(q)], q) for q in qtypes}, xp
     if residual is not None:
         xp = add_residual(xp, residual)
-    return {q: _x_q8(xp, q, xprep, pre, other, eps, interpret) for q in qtypes}, xp
+    return {q: _x_q8(xp, q, pre, other, eps, cfg) for q in qtypes}, xp
 
 
 def weight_parts(w) -> tuple:
@@ -322,7 +285,7 @@ def _is_dense(w) -> bool:
     return not isinstance(w, GpuQTensor) and getattr(w, "ndim", 0) == 2 and w.shape[1] % SB == 0
 
 
-def fusable(ws, rows_in_x: int) -> bool:
+def fusable(ws, rows_in_x: int, cfg: KernelConfig) -> bool:
     """Whether gemv_multi can take these weights: all packed types of the factored kernel, or all
     dense matrices; one input width, row counts divisible by the shared row tile, at most 4
     activation rows."""
@@ -331,72 +294,68 @@ def fusable(ws, rows_in_x: int) -> bool:
     if not (all(isinstance(w, GpuQTensor) and w.qtype in FACTORED_QTYPES for w in ws)
             or all(_is_dense(w) for w in ws)):
         return False
-    bn = default_tiles(weight_parts(ws[0])[0])[0]
+    bn = tiles_for(cfg, weight_parts(ws[0])[0])[0]
     return all(w.shape[1] == ws[0].shape[1] and w.shape[0] % bn == 0 for w in ws)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "out_dtype"))
-def gemv_multi(x: jax.Array, ws: tuple, *, interpret: bool = False, act: str | None = None,
-               xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
-               out_dtype=jnp.float32, residual=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "pre", "eps", "out_dtype"))
+def gemv_multi(x: jax.Array, ws: tuple, *, cfg: KernelConfig, pre: str | None = None, other=None,
+               eps: float | None = None, out_dtype=jnp.float32, residual=None):
     """pre(x) [B <= 4, in] times several packed (or several dense) matrices, e.g. Q, K and V, in one
     launch -> [B, out_i] each, in out_dtype (rounded from the float32 sums in the kernel, as an XLA
     cast after it would).
 
     One launch instead of one per matrix, and no K-split partial sums: the programs of all matrices
     together fill the GPU. Each matrix uses its type's tile depth; row tile, warps and stages are the
-    first matrix's. Needs fusable(ws, B). pre/other/eps: the op in front (apply_pre), fused into the
-    activations' quantization where that applies.
+    first matrix's. Needs fusable(ws, B, cfg). pre/other/eps: the RMSNorm in front (apply_pre), fused
+    into the activations' quantization where that applies.
     residual [S, B, in] (float32 K-split partials of another matmul): x is first replaced by
     add_residual(x, residual), inside the RMSNorm prep where that is fused; the call then returns
     (outputs, that new x).
     """
     B = x.shape[0]
-    if not fusable(ws, B):
+    if not fusable(ws, B, cfg):
         raise ValueError("gemv_multi: " + ", ".join(f"{w!r}" for w in ws) + f" with {B} rows is not fusable")
     mats_in = [weight_parts(w) for w in ws]   # (qtype, parts, shape) each
-    bn, _, num_warps, num_stages = default_tiles(mats_in[0][0])
-    inputs, mats, nb, q8, x_in_kernel, x_new = _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual,
-                                                           interpret)
+    bn, _, num_warps, num_stages = tiles_for(cfg, mats_in[0][0])
+    inputs, mats, nb, q8, x_new = _plan_multi(x, mats_in, bn, pre, other, eps, residual, cfg)
     first = sum(m[4] for m in mats)
     # matrix i's output block for program p: its own while p is in its range, clamped (and not
     # written) otherwise
     out_specs = [pl.BlockSpec((nb, bn), lambda p, f=m[3], c=m[4]: (0, jnp.clip(p - f, 0, c - 1))) for m in mats]
     outs = pl.pallas_call(
-        functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=interpret,
-                          x_in_kernel=x_in_kernel),
+        functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=cfg.interpret,
+                          x_in_kernel=q8),
         grid=(first,),
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
+        interpret=cfg.interpret,
         name="gemv_multi_" + "_".join(q.lower() for q, _, _ in mats_in),
     )(*inputs)
     outs = [o[:B] for o in outs]
     return (outs, x_new) if residual is not None else outs
 
 
-def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret, bs=None):
+def _plan_multi(x, mats_in, bn, pre, other, eps, residual, cfg: KernelConfig, bs=None):
     """The operands of a launch over several matrices sharing x: (inputs (every matrix's layout
     arrays, then x prepared once per distinct type), mats (per matrix: qtype, w input range, x input
-    range, first program, programs, bs, K tiles), nb, q8, x_in_kernel, x after the residual add).
+    range, first program, programs, bs, K tiles), nb, q8, x after the residual add).
     bs: superblocks per K step of every matrix (default: each type's tile's)."""
     B, cols = x.shape
     _check_residual(residual, x)
     nb = max(1, 1 << (B - 1).bit_length())
     nsb = cols // SB
-    q8 = all(q in Q8_ACT_QTYPES for q, _, _ in mats_in) and _resolve_act(act, True, x.dtype)
-    xprep = _resolve_xprep(xprep)
-    x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
+    q8 = _int8(cfg, all(q in Q8_ACT_QTYPES for q, _, _ in mats_in), x.dtype)
     x_new = x
     if not q8:
         if residual is not None:
             x = x_new = add_residual(x, residual)
         x, pre, residual = apply_pre(x, pre, other, eps), None, None
-    xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
+    xp = _pad_rows(x, nb)
     qtypes = tuple(dict.fromkeys(q for q, _, _ in mats_in))
     if q8:   # one prepared x per distinct type, shared by the matrices of that type
-        prepared, xq = _x_q8_all(xp, qtypes, xprep, pre, other, eps, interpret, _pad_rows(residual, nb, 1))
+        prepared, xq = _x_q8_all(xp, qtypes, pre, other, eps, cfg, _pad_rows(residual, nb, 1))
         if residual is not None:
             x_new = xq[:B]
     else:
@@ -409,41 +368,40 @@ def _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual, interpret
         inputs.extend(prepared[q])
     w_at = 0
     for qtype, parts, (rows, _) in mats_in:
-        _, depth, _ = _pick(nsb, rows, bn, bs or default_tiles(qtype)[1], 1)   # K not split
+        _, depth, _ = _pick(nsb, rows, bn, bs or tiles_for(cfg, qtype)[1], 1)   # K not split
         count = rows // bn
         mats.append((qtype, (w_at, w_at + len(parts)), x_ranges[qtype], first, count, depth, nsb // depth))
         w_at += len(parts)
         first += count
-    return inputs, mats, nb, q8, x_in_kernel, x_new
+    return inputs, mats, nb, q8, x_new
 
 
-def swiglu_tile(qtype: str, group: int | None) -> tuple:
+def swiglu_tile(qtype: str, group: int | None, cfg: KernelConfig) -> tuple:
     """(rows per program, superblocks per K step, warps, stages) of gemv_swiglu on `qtype` weights:
     the type's GEMV tile with at least `group` rows (each program quantizes whole groups), warps
-    scaled with the rows; REALIZAR_GEMV_TILES key "SWIGLU_<qtype>" overrides it."""
-    bn, bs, warps, stages = default_tiles(qtype)
+    scaled with the rows; the tile key "SWIGLU_<qtype>" overrides it."""
+    bn, bs, warps, stages = tiles_for(cfg, qtype)
     if group and bn < group:
         bn, warps = group, warps * group // bn
-    return default_tiles("SWIGLU_" + qtype, (bn, bs, warps, stages))
+    return cfg.tile("SWIGLU_" + qtype, (bn, bs, warps, stages))
 
 
-def swiglu_fusable(gate, up, rows_in_x: int, group: int | None) -> bool:
+def swiglu_fusable(gate, up, rows_in_x: int, group: int | None, cfg: KernelConfig) -> bool:
     """Whether gemv_swiglu can take this gate/up pair (same shape, fusable as a pair, rows a whole
     number of its row tiles, each tile whole groups of `group`)."""
-    if gate.shape != up.shape or not fusable((gate, up), rows_in_x):
+    if gate.shape != up.shape or not fusable((gate, up), rows_in_x, cfg):
         return False
-    bn = swiglu_tile(weight_parts(gate)[0], group)[0]
+    bn = swiglu_tile(weight_parts(gate)[0], group, cfg)[0]
     return gate.shape[0] % bn == 0 and (not group or (bn % group == 0 and group % 4 == 0))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "act", "xprep", "pre", "eps", "group"))
-def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | None = None,
-                xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
-                residual=None, group: int | None = None):
+@functools.partial(jax.jit, static_argnames=("cfg", "pre", "eps", "group"))
+def gemv_swiglu(x: jax.Array, gate, up, *, cfg: KernelConfig, pre: str | None = None, other=None,
+                eps: float | None = None, residual=None, group: int | None = None):
     """The MLP's gate and up projections of pre(x) [B <= 4, in] and the SwiGLU gate on them, in one
     launch: program p computes row block p of both matrices and applies layers.swiglu to the pair,
     rounded as swiglu(gate_out, up_out) on outputs in x's dtype. The gate's output and its separate
-    activation launch (or XLA kernel) are gone.
+    activation launch are gone.
 
     group None: -> the activation [B, rows] in x's dtype. group (the down projection's int8 group,
     qdot.x_q8_group): -> (words [B, rows/group, group/4], scales [B, rows/group]) as
@@ -451,13 +409,12 @@ def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | N
     gemv_multi's (with a residual the call returns (result, new x)). Needs swiglu_fusable.
     """
     B, cols = x.shape
-    if not swiglu_fusable(gate, up, B, group):
+    if not swiglu_fusable(gate, up, B, group, cfg):
         raise ValueError(f"gemv_swiglu: gate {gate!r} / up {up!r} with {B} rows and group {group} do not fuse")
     mats_in = [weight_parts(w) for w in (gate, up)]
     qtype, rows = mats_in[0][0], gate.shape[0]
-    bn, bs, num_warps, num_stages = swiglu_tile(qtype, group)
-    inputs, mats, nb, q8, x_in_kernel, x_new = _plan_multi(x, mats_in, bn, act, xprep, pre, other, eps, residual,
-                                                           interpret, bs=bs)
+    bn, bs, num_warps, num_stages = swiglu_tile(qtype, group, cfg)
+    inputs, mats, nb, q8, x_new = _plan_multi(x, mats_in, bn, pre, other, eps, residual, cfg, bs=bs)
     # both matrices walk the same row blocks: (qtype, w range, x range, bs, K tiles) each
     pair = [(m[0], m[1], m[2], m[5], m[6]) for m in mats]
     if group:
@@ -468,13 +425,13 @@ def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | N
         out_specs = [pl.BlockSpec((nb, bn), lambda p: (0, p))]
         out_shape = [jax.ShapeDtypeStruct((nb, rows), x.dtype)]
     outs = pl.pallas_call(
-        functools.partial(_kernel_swiglu, gate=pair[0], up=pair[1], bn=bn, nb=nb, q8=q8, interpret=interpret,
-                          x_in_kernel=x_in_kernel, dtype=x.dtype, group=group),
+        functools.partial(_kernel_swiglu, gate=pair[0], up=pair[1], bn=bn, nb=nb, q8=q8, interpret=cfg.interpret,
+                          x_in_kernel=q8, dtype=x.dtype, group=group),
         grid=(rows // bn,),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
+        interpret=cfg.interpret,
         name="gemv_swiglu_" + qtype.lower(),
     )(*inputs)
     if group:
@@ -484,68 +441,55 @@ def gemv_swiglu(x: jax.Array, gate, up, *, interpret: bool = False, act: str | N
     return (result, x_new) if residual is not None else result
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "bs", "num_warps", "num_stages", "use_dot",
-                                             "target_programs", "interpret", "factored", "act", "xprep",
-                                             "pre", "eps", "summed"))
-def gemv(x: jax.Array, w, *, bn: int | None = None, bs: int | None = None, num_warps: int | None = None,
-         num_stages: int | None = None, use_dot: bool | None = None, target_programs: int = 2 * N_SM,
-         interpret: bool = False, factored: bool | None = None, act: str | None = None,
-         xprep: str | None = None, pre: str | None = None, other=None, eps: float | None = None,
-         residual=None, summed: bool = True):
-    """pre(x) [B, in] (B <= 8 for the elementwise path) times w.T -> [B, out] float32.
+@functools.partial(jax.jit, static_argnames=("cfg", "target_programs", "pre", "eps", "summed"))
+def gemv(x: jax.Array, w, *, cfg: KernelConfig, target_programs: int = 2 * N_SM, pre: str | None = None,
+         other=None, eps: float | None = None, residual=None, summed: bool = True):
+    """pre(x) [B <= 8, in] times w.T -> [B, out] float32.
 
-    w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tile sizes default to the
-    best measured on an H100 for the 14336x4096 matrix (BENCHMARKS.md).
-    act: "float" (default) keeps x in float32, exact up to float32 rounding; "int8" (or
-    REALIZAR_GEMV_ACT=int8) quantizes bf16/f16 x per weight scale group and multiplies with integer
-    dot products (qdot.tile_dot_q8, Q4_K/Q8_0/Q6_K; float32 x always stays float).
-    pre/other/eps: the op in front of the product (apply_pre: None, "norm" or "swiglu"); with int8
-    activations and REALIZAR_GEMV_XPREP=fused it runs inside the kernel that quantizes x.
-    residual: as gemv_multi's (the call returns (y, new x)). summed=False: y is the K splits'
-    partial sums [S, B, out], left for the consumer to add (splitsum.SplitSum).
+    w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tiles: tiles_for(cfg, type);
+    target_programs: how many programs the K splits aim for (tests lower it to split small matrices).
+    With cfg.int8_activations, bf16/f16 x meets Q4_K/Q8_0/Q6_K weights as int8s in dp4a dot products
+    (qdot.tile_dot_q8); float32 x always stays float. 5..8 bf16 rows take the tensor-core kernel.
+    pre/other/eps: the RMSNorm in front of the product; on the int8 route it runs inside the kernel
+    that quantizes x. residual: as gemv_multi's (the call returns (y, new x)). summed=False: y is the
+    K splits' partial sums [S, B, out], left for the consumer to add (splitsum.SplitSum).
     """
     _check_residual(residual, x)
     keep_x = residual is not None
     qtype, parts, (rows, cols) = weight_parts(w)
-    d_bn, d_bs, d_nw, d_ns = default_tiles(qtype)
-    bn, bs = bn or d_bn, bs or d_bs
-    num_warps, num_stages = num_warps or d_nw, num_stages or d_ns
+    bn, bs, num_warps, num_stages = tiles_for(cfg, qtype)
     B = x.shape[0]
     nsb = cols // SB
-    if use_dot is None:   # bf16 tensor-core dot for 5..8 rows; float32 models stay exact
-        use_dot = B > 4 and x.dtype != jnp.float32
+    use_dot = B > 4 and x.dtype != jnp.float32   # bf16 tensor-core dot for 5..8 rows; float32 stays exact
     if use_dot:
         bn = max(bn, 16)   # tensor-core tiles are at least 16 x 16
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
-    if factored is None:   # scales factored out of the inner product (qdot.py) where implemented
-        factored = qtype in FACTORED_QTYPES and not use_dot
-    q8 = _resolve_act(act, factored and qtype in Q8_ACT_QTYPES, x.dtype)
-    xprep = _resolve_xprep(xprep)
-    x_in_kernel = q8 and xprep != "xla"   # the GEMV sums each group's int8s itself
+    factored = qtype in FACTORED_QTYPES and not use_dot   # scales factored out of the inner product
+    q8 = _int8(cfg, factored and qtype in Q8_ACT_QTYPES, x.dtype)
     x_new = x
-    if not (q8 and factored):
+    if not q8:
         if residual is not None:
             x = x_new = add_residual(x, residual)
         x, pre, residual = apply_pre(x, pre, other, eps), None, None
-    xp, other = _pad_rows(x, nb), (_pad_rows(other, nb) if pre == "swiglu" else other)
+    xp = _pad_rows(x, nb)
     bn, bs, splits = _pick(nsb, rows, bn, bs, target_programs)
     if factored:
         if q8:
-            prepared, xq = _x_q8_all(xp, (qtype,), xprep, pre, other, eps, interpret, _pad_rows(residual, nb, 1))
+            prepared, xq = _x_q8_all(xp, (qtype,), pre, other, eps, cfg, _pad_rows(residual, nb, 1))
             xs = prepared[qtype]
             if residual is not None:
                 x_new = xq[:B]
         else:
             xs = prepare_x(xp, qtype)
         y = _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8,
-                           x_in_kernel, interpret, summed)
+                           cfg.interpret, summed)
     else:
         tiles = nsb // bs // splits   # K tiles per split
         xs = split_x(xp, qtype)
         kq = "DENSE_ID" if qtype == "DENSE" else qtype
         kernel = functools.partial(_kernel, qtype=kq, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
                                    tiles=tiles, nb=nb, use_dot=use_dot)
-        y = _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed)
+        y = _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, cfg.interpret, summed)
     y = y[:B] if summed else y[:, :B]
     return (y, x_new) if keep_x else y
 
@@ -565,21 +509,27 @@ def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stage
     return out.sum(axis=0) if summed else out
 
 
-def _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8, x_in_kernel,
-                   interpret, summed=True):
+def _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8, interpret,
+                   summed=True):
     kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
-                               tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret,
-                               x_in_kernel=x_in_kernel)
+                               tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret, x_in_kernel=q8)
     return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "summed"))
-def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpret: bool = False,
+def takes_prepared(w, rows: int, dtype, cfg: KernelConfig) -> bool:
+    """Whether w's GEMV can read int8 activations another kernel wrote (gemv_prepared): a packed type
+    with the int8 kernel, 1..4 rows of bf16/f16 activations, int8 activations asked for."""
+    return (isinstance(w, GpuQTensor) and w.qtype in Q8_ACT_QTYPES and w.qtype in FACTORED_QTYPES
+            and 0 < rows <= 4 and _int8(cfg, True, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "summed"))
+def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, cfg: KernelConfig,
                   summed: bool = True) -> jax.Array:
     """The int8 GEMV on activations another kernel already quantized (xquant.quantize_x's layout:
     words [B, groups, group/4], scales [B, groups], group = qdot.x_q8_group(w.qtype)); used where the
-    op producing x is fused into its quantization (xquant.merge_quantize_x). -> [B, out] float32
-    (summed=False: the K splits' partial sums [S, B, out])."""
+    op producing x is fused into its quantization (the SwiGLU gate, the attention merge). -> [B, out]
+    float32 (summed=False: the K splits' partial sums [S, B, out])."""
     qtype, (rows, cols) = w.qtype, w.shape
     B = words.shape[0]
     if qtype not in Q8_ACT_QTYPES or qtype not in FACTORED_QTYPES:
@@ -588,11 +538,11 @@ def gemv_prepared(words: jax.Array, scales: jax.Array, w: GpuQTensor, *, interpr
         raise ValueError(f"gemv_prepared: the int8 GEMV takes 1 to 4 activation rows, got {B}")
     if words.shape != (B, cols // x_q8_group(qtype), x_q8_group(qtype) // 4) or scales.shape != words.shape[:2]:
         raise ValueError(f"gemv_prepared: words {words.shape} / scales {scales.shape} do not fit {w!r}")
-    bn, bs, num_warps, num_stages = default_tiles(qtype)
+    bn, bs, num_warps, num_stages = tiles_for(cfg, qtype)
     nb = max(1, 1 << (B - 1).bit_length())
     xs = [_pad_rows(a, nb) for a in x_q8_natural(words, scales, qtype)]
     nsb = cols // SB
     bn, bs, splits = _pick(nsb, rows, bn, bs, 2 * N_SM)
-    y = _factored_call(w.parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, True, True,
-                       interpret, summed)
+    y = _factored_call(w.parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, True,
+                       cfg.interpret, summed)
     return y[:B] if summed else y[:, :B]

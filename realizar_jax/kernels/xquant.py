@@ -6,10 +6,10 @@ for a few KB, and they were most of the ~1,000 small kernels of an 8B decode ste
 This kernel reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
 in_kernel=True): int32 words of four int8s and one float32 scale per group of `group` values.
 
-pre: None (x as is), "norm" (RMSNorm by `weight`; every program reads the whole row for the sum of
-squares and quantizes its share) or "swiglu" (silu(x) * up). Both round like layers.py, so the int8s
-match the unfused path's; only float32 summation order and the GPU's rsqrt/exp can move a value by
-an ulp (and, rarely, an int8 by one step).
+pre: None (x as is) or "norm" (RMSNorm by `weight`; every program reads the whole row for the sum
+of squares and quantizes its share), rounded like layers.py, so the int8s match the unfused path's;
+only float32 summation order and the GPU's rsqrt can move a value by an ulp (and, rarely, an int8 by
+one step). Every entry takes the KernelConfig (`cfg`): tiles and interpret mode come from it.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from .tuning import KernelConfig
 
 
 def rne_int(v, *, interpret: bool):
@@ -32,36 +34,31 @@ def rne_int(v, *, interpret: bool):
     return r
 
 
-# (groups per program, warps). A program per row was the slowest (8B Q4_K_M decode 324.5 tok/s with
-# (256, 4); 330.5 with (256, 8)): its loads, reductions and stores run one after another on one SM.
-# Splitting the row, each program re-reading it for the norm's sum of squares, measured 346.1 with
-# (32, 4) and 344.1 with (16, 2) (H100, BENCHMARKS.md). Once the norm prep also adds the residual's
-# K splits (whole rows of float32 partials per program), 8 warps paid: 8B Q4_K_M 434.5 tok/s with
-# (32, 8) vs 420.4 with (32, 4), 435.2 (16, 8), 430.8 (32, 16); 1B Q8_0 1,383 vs 1,340 (H200, run 17).
+# (groups per program, warps): the row split over programs, each re-reading it for the norm's sum
+# of squares, beat a program per row (whose loads, reductions and stores run one after another on
+# one SM); 8 warps paid once the prep also adds the residual's K splits (BENCHMARKS.md, runs 10, 17).
 TILE = (32, 8)
 
 
-def _tile() -> tuple:
-    """TILE, unless REALIZAR_GEMV_TILES overrides it under the key "XQUANT" (read when traced)."""
-    from .gemv import default_tiles
-    return default_tiles("XQUANT", TILE)
+def _tile(cfg: KernelConfig) -> tuple:
+    return cfg.tile("XQUANT", TILE)
 
 
-def _chunk(groups: int, pre: str | None) -> int | None:
+def _chunk(groups: int, pre: str | None, cfg: KernelConfig) -> int | None:
     """Groups per program: a power of two dividing `groups` (Triton's blocks must be powers of two),
     at most the tile's. None when the norm cannot be fused: its sum of squares reads the whole row
     as one block, so `groups` itself must be a power of two."""
     if pre == "norm" and groups & (groups - 1):
         return None
-    c = 1 << (_tile()[0].bit_length() - 1)
+    c = 1 << (_tile(cfg)[0].bit_length() - 1)
     while groups % c:
         c //= 2
     return c
 
 
-def fusable_prep(cols: int, group: int, pre: str | None) -> bool:
+def fusable_prep(cols: int, group: int, pre: str | None, cfg: KernelConfig) -> bool:
     """Whether quantize_x can take a row of `cols` values with this group size and pre-op."""
-    return cols % group == 0 and _chunk(cols // group, pre) is not None
+    return cols % group == 0 and _chunk(cols // group, pre, cfg) is not None
 
 
 def _store_int8(ys, words_ref, scales_ref, interpret):
@@ -108,15 +105,8 @@ def _plus_parts(x, ref, idx, n_res: int, dtype):
     return round_to(x + round_to(total, dtype), dtype)
 
 
-def _kernel(*refs, pre, dtype, interpret):
-    f32 = jnp.float32
-    x_ref, words_ref, scales_ref = refs[0], refs[-2], refs[-1]
-    xs = [x_ref[:, :, k].astype(f32) for k in range(4)]      # byte k of every word: [groups, words]
-    if pre == "swiglu":
-        u_ref = refs[1]
-        ys = [swiglu_rounded(g, u_ref[:, :, k].astype(f32), dtype) for k, g in enumerate(xs)]
-    else:
-        ys = xs
+def _kernel(x_ref, words_ref, scales_ref, *, interpret):
+    ys = [x_ref[:, :, k].astype(jnp.float32) for k in range(4)]      # byte k of every word: [groups, words]
     _store_int8(ys, words_ref, scales_ref, interpret)
 
 
@@ -152,52 +142,48 @@ def _norm_kernel(*refs, n_groups, n_res, eps, cols, dtype, interpret):
         outs[-1][...] = new.astype(outs[-1].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("group", "pre", "eps", "interpret"))
-def quantize_x(x: jax.Array, group: int, *, pre: str | None = None, other: jax.Array | None = None,
-               eps: float | None = None, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("group", "pre", "eps", "cfg"))
+def quantize_x(x: jax.Array, group: int, *, cfg: KernelConfig, pre: str | None = None,
+               other: jax.Array | None = None, eps: float | None = None):
     """x [B, cols] -> (words int32 [B, cols/group, group/4], scales float32 [B, cols/group]) of
     pre(x): per group, int8 q = round(v * 127 / absmax) packed little-endian, v ~= q * scale.
 
     pre="norm": other is the RMSNorm weight [cols], eps its epsilon (norm_quantize_x with one group
-    size); pre="swiglu": other is `up` [B, cols]. Needs fusable_prep(cols, group, pre).
+    size). Needs fusable_prep(cols, group, pre, cfg).
     """
     B, cols = x.shape
-    if pre not in (None, "norm", "swiglu") or (pre is None) != (other is None):
+    if pre not in (None, "norm") or (pre is None) != (other is None):
         raise ValueError(f"quantize_x: pre={pre!r} with {'an' if other is not None else 'no'} operand")
-    if not fusable_prep(cols, group, pre):
+    if not fusable_prep(cols, group, pre, cfg):
         raise ValueError(f"quantize_x: {cols} values in groups of {group} with pre={pre!r} do not tile")
     if pre == "norm":
-        [prep], _ = norm_quantize_x(x, (group,), other, eps, interpret=interpret)
+        [prep], _ = norm_quantize_x(x, (group,), other, eps, cfg=cfg)
         return prep
     groups, wpg = cols // group, group // 4
-    chunk = _chunk(groups, pre)
-    row_spec = pl.BlockSpec((None, chunk, wpg, 4), lambda b, c: (b, c, 0, 0))
-    operands, in_specs = [x.reshape(B, groups, wpg, 4)], [row_spec]
-    if pre == "swiglu":
-        operands.append(other.reshape(B, groups, wpg, 4))
-        in_specs.append(row_spec)
+    chunk = _chunk(groups, pre, cfg)
+    interpret = cfg.interpret
     return pl.pallas_call(
-        functools.partial(_kernel, pre=pre, dtype=x.dtype, interpret=interpret),
+        functools.partial(_kernel, interpret=interpret),
         grid=(B, groups // chunk),
-        in_specs=in_specs,
+        in_specs=[pl.BlockSpec((None, chunk, wpg, 4), lambda b, c: (b, c, 0, 0))],
         out_specs=[pl.BlockSpec((None, chunk, wpg), lambda b, c: (b, c, 0)),
                    pl.BlockSpec((None, chunk), lambda b, c: (b, c))],
         out_shape=[jax.ShapeDtypeStruct((B, groups, wpg), jnp.int32),
                    jax.ShapeDtypeStruct((B, groups), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=_tile(cfg)[1], num_stages=1),
         interpret=interpret,
-        name=f"quantize_x_{pre or 'plain'}",
-    )(*operands)
+        name="quantize_x_plain",
+    )(x.reshape(B, groups, wpg, 4))
 
 
-def norm_fusable(cols: int, groups) -> bool:
+def norm_fusable(cols: int, groups, cfg: KernelConfig) -> bool:
     """Whether norm_quantize_x can take a row of `cols` values quantized in each of these group sizes."""
-    return bool(groups) and all(fusable_prep(cols, g, "norm") for g in groups)
+    return bool(groups) and all(fusable_prep(cols, g, "norm", cfg) for g in groups)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "eps", "interpret"))
-def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, *, residual=None,
-                    interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("groups", "eps", "cfg"))
+def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, *, cfg: KernelConfig,
+                    residual=None):
     """The RMSNorm in front of a decode GEMV and its int8 activations, in one launch, optionally
     after the residual add that precedes the norm in a transformer block.
 
@@ -210,14 +196,15 @@ def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, 
     """
     B, cols = x.shape
     groups = tuple(int(g) for g in groups)
-    if not norm_fusable(cols, groups):
+    if not norm_fusable(cols, groups, cfg):
         raise ValueError(f"norm_quantize_x: {cols} values in groups of {groups} do not tile")
+    interpret = cfg.interpret
     if weight.shape != (cols,):
         raise ValueError(f"norm_quantize_x: the norm weight has shape {weight.shape}, x has {cols} values")
     if residual is not None and (residual.ndim != 3 or residual.shape[1:] != x.shape):
         raise ValueError(f"norm_quantize_x: residual {residual.shape} is not [splits, {B}, {cols}]")
     # every program covers the same span of values: a whole number of groups of each size
-    span = max(_chunk(cols // g, "norm") * g for g in groups)
+    span = max(_chunk(cols // g, "norm", cfg) * g for g in groups)
     view = lambda a, g: a.reshape(a.shape[:-1] + (cols // g, g // 4, 4))
     chunk_spec = lambda g: pl.BlockSpec((None, span // g, g // 4, 4), lambda b, c: (b, c, 0, 0))
     g0 = groups[0]
@@ -247,7 +234,7 @@ def norm_quantize_x(x: jax.Array, groups: tuple, weight: jax.Array, eps: float, 
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=_tile(cfg)[1], num_stages=1),
         interpret=interpret,
         name="quantize_x_norm" + ("_residual" if n_res else ""),
     )(*operands)
@@ -277,8 +264,8 @@ def _norm_x_kernel(*refs, n_res, eps, cols, dtype):
         outs[1][...] = v.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def norm_x(x: jax.Array, weight: jax.Array, eps: float, *, residual=None, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "cfg"))
+def norm_x(x: jax.Array, weight: jax.Array, eps: float, *, cfg: KernelConfig, residual=None):
     """layers.rms_norm(x + residual, weight, eps) and the new stream x + residual in one launch: the
     float-activation counterpart of norm_quantize_x, for GEMVs on dense bf16/f16 weights (XLA takes
     a reduce, an elementwise kernel and, with a residual, the splits' sum and the add).
@@ -294,7 +281,7 @@ def norm_x(x: jax.Array, weight: jax.Array, eps: float, *, residual=None, interp
         raise ValueError(f"norm_x: the norm weight has shape {weight.shape}, x has {cols} values")
     if residual is not None and (residual.ndim != 3 or residual.shape[1:] != x.shape):
         raise ValueError(f"norm_x: residual {residual.shape} is not [splits, {B}, {cols}]")
-    span = min(cols, 32 * _tile()[0])   # the values of 32-wide groups the int8 prep's programs take
+    span = min(cols, 32 * _tile(cfg)[0])   # the values of 32-wide groups the int8 prep's programs take
     n_res = 0 if residual is None else residual.shape[0]
     chunk, row = pl.BlockSpec((None, span), lambda b, c: (b, c)), pl.BlockSpec((None, cols), lambda b, c: (b, 0))
     operands = [x, weight, x]
@@ -310,8 +297,8 @@ def norm_x(x: jax.Array, weight: jax.Array, eps: float, *, residual=None, interp
         in_specs=in_specs,
         out_specs=[chunk] * n_out,
         out_shape=[jax.ShapeDtypeStruct((B, cols), x.dtype)] * n_out,
-        compiler_params=plgpu.CompilerParams(num_warps=_tile()[1], num_stages=1),
-        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=_tile(cfg)[1], num_stages=1),
+        interpret=cfg.interpret,
         name="norm_x" + ("_residual" if n_res else ""),
     )(*operands)
     return outs[0], (outs[1] if n_res else x)
@@ -340,15 +327,13 @@ def _merge_kernel(o_ref, m_ref, l_ref, words_ref, scales_ref, *, chunk, group, h
     _store_int8(ys, words_ref, scales_ref, interpret)
 
 
-# (groups per program, warps) of the merge prep, key "XMERGE" of REALIZAR_GEMV_TILES. Few programs
-# wait on their splits' loads one after another: with 32 groups (4 programs for an 8B row) the merge
-# took 5.9 us per layer against 4.3 for XLA's three merge kernels. H100, 8B Q4_K_M decode tok/s
-# (BENCHMARKS.md run 10): (1, 2) 380.6, (2, 4) 379.1, (4, 4) 376.7, (8, 4) 372.3, XLA's merge 371.4.
+# (groups per program, warps) of the merge prep, tile key "XMERGE": many small programs, since few
+# programs wait on their splits' loads one after another (BENCHMARKS.md, run 10).
 MERGE_TILE = (1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("group", "heads_per_kv", "dtype", "interpret"))
-def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("group", "heads_per_kv", "dtype", "cfg"))
+def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, cfg: KernelConfig):
     """The decode attention's split partials -> quantize_x's (words, scales) of the merged output.
 
     o [B, splits, Hkv, gp, D], m/l [B, splits, Hkv, gp] float32, of which the first heads_per_kv (G)
@@ -364,8 +349,8 @@ def merge_quantize_x(o, m, l, group: int, *, heads_per_kv: int, dtype, interpret
     if cols % group or group % 4:
         raise ValueError(f"merge_quantize_x: {cols} values do not split into groups of {group}")
     groups, wpg = cols // group, group // 4
-    from .gemv import default_tiles
-    most, warps = default_tiles("XMERGE", MERGE_TILE)
+    most, warps = cfg.tile("XMERGE", MERGE_TILE)
+    interpret = cfg.interpret
     chunk = 1 << (most.bit_length() - 1)
     while groups % chunk:
         chunk //= 2

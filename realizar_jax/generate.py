@@ -1,0 +1,250 @@
+"""Generation: the jitted decode step and loop (sampling on the device), their ahead-of-time compile
+cache, and the host loop that drives them for Model.generate / stream / chat."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .kernels.tuning import KernelConfig
+from .models import decode_logits, prefill
+from .sampling import SamplingParams, make_sampling_params, sample, seen_mask_from_tokens, update_seen_mask
+from .weights import Params
+
+MIN_BUCKET = 16
+DECODE_CHUNK = 8  # decode steps per device call: the host reads tokens once per chunk
+
+
+def decode_step(params: Params, cache, tokens, key, sampling: SamplingParams, seen=None, *, config: ModelConfig,
+                dtype=None, kernels: KernelConfig = KernelConfig()):
+    """Feed tokens [B], sample the next ones on device. Returns (next_tokens [B], logits [B, V], cache, seen)."""
+    logits, cache = decode_logits(params, cache, tokens, config=config, dtype=dtype, kernels=kernels)
+    next_tokens = sample(logits, sampling, key, seen)
+    if seen is not None:
+        seen = update_seen_mask(seen, next_tokens)
+    return next_tokens, logits, cache, seen
+
+
+def decode_loop(params: Params, cache, tokens, key, sampling: SamplingParams, seen, *, config: ModelConfig,
+                steps: int, dtype=None, kernels: KernelConfig = KernelConfig()):
+    """`steps` decode steps on device in one call (lax.scan): -> (tokens [steps, B], cache, seen, last tokens).
+
+    tokens[j] is the token sampled at step j; the host reads them once per call, not once per token.
+    """
+    def body(carry, step_key):
+        cache, toks, seen = carry
+        nxt, _, cache, seen = decode_step(params, cache, toks, step_key, sampling, seen, config=config, dtype=dtype,
+                                          kernels=kernels)
+        return (cache, nxt, seen), nxt
+
+    (cache, last, seen), out = jax.lax.scan(body, (cache, tokens, seen), jax.random.split(key, steps))
+    return out, cache, seen, last
+
+
+def _sample_first(_, logits, sampling, key, seen):
+    tok = sample(logits, sampling, key, seen)
+    return tok, update_seen_mask(seen, tok)
+
+
+class Compiled:
+    """A jitted function compiled ahead of time per argument shapes, so compile time is measured apart
+    from run time and a new shape (a new prompt bucket, a new batch size) is the only thing that compiles.
+    The params (fixed for a Model) are left out of the key."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.executables = {}
+        self.compile_seconds = 0.0
+        self.compiles = 0
+
+    def __call__(self, params, *args, **static):
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        key = (treedef, tuple((x.shape, jnp.result_type(x)) for x in leaves), tuple(sorted(static.items())))
+        exe = self.executables.get(key)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = self.fn.lower(params, *args, **static).compile()
+            self.compile_seconds += time.perf_counter() - t0
+            self.compiles += 1
+            self.executables[key] = exe
+        return exe(params, *args)
+
+
+class Steps:
+    """The jitted prefill, decode loop and first-token sampler of one model (config, dtype, kernels)."""
+
+    def __init__(self, config: ModelConfig, dtype, kernels: KernelConfig):
+        static = dict(config=config, dtype=dtype, kernels=kernels)
+        self.prefill = Compiled(jax.jit(partial(prefill, **static), static_argnames=("all_logits",),
+                                        donate_argnums=(1,)))
+        self.decode_logits = Compiled(jax.jit(partial(decode_logits, **static), donate_argnums=(1,)))
+        self.decode_loop = Compiled(jax.jit(partial(decode_loop, **static), static_argnames=("steps",),
+                                            donate_argnums=(1, 5)))
+        self.sample = Compiled(jax.jit(_sample_first))
+
+    @property
+    def compile_seconds(self) -> float:
+        return (self.prefill.compile_seconds + self.sample.compile_seconds + self.decode_loop.compile_seconds
+                + self.decode_logits.compile_seconds)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_tok_s:.1f} tok/s, "
+                f"generated {self.generated_tokens} tok, decode {self.decode_tok_s:.1f} tok/s, "
+                f"compile {self.compile_s:.2f} s")
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str  # 'length', 'eos', 'stop'
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    return min(max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(n, 1))))), max_len)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int):
+    """Right-padded tokens [B, bucket] and lengths [B] (the bucket: a power of two, so few shapes compile)."""
+    longest = max(len(p) for p in prompts)
+    if longest == 0:
+        raise ValueError("empty prompt: give at least one token (or let the tokenizer add BOS)")
+    if longest > max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens exceeds max_seq_len={max_seq_len}; "
+                         f"load with a larger max_seq_len or shorten the prompt")
+    t = bucket_length(longest, max_seq_len)
+    tokens = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+        repetition_penalty=1.0, seed=0, stop_token_ids=None):
+    """Yields (row, new token id) as chunks arrive; returns (StopIteration.value) the per-row finish
+    reasons, the stats and the produced ids."""
+    steps: Steps = model.steps
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b = len(prompts)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_seq_len={model.max_seq_len}; load with a larger max_seq_len")
+    sampling = make_sampling_params(b, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty)
+    stop_ids = set(model.config.eos_token_ids) | set(stop_token_ids or ())
+    if model.tokenizer is not None:
+        stop_ids |= set(getattr(model.tokenizer, "eos_ids", ()) or ())
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+    key = jax.random.PRNGKey(int(seed))
+    tokens, lengths = pad_prompts(prompts, model.max_seq_len)
+    seen = seen_mask_from_tokens(tokens, model.config.vocab_size, lengths)
+
+    compiled_before = steps.compile_seconds
+    cache = model.new_cache(b)
+    t0 = time.perf_counter()
+    logits, cache = steps.prefill(model.params, cache, tokens, lengths)
+    key, sub = jax.random.split(key)
+    first, seen = steps.sample(None, logits, sampling, sub, seen)
+    first_host = np.asarray(first)
+    stats.prefill_s = time.perf_counter() - t0 - (steps.compile_seconds - compiled_before)
+
+    done = np.zeros(b, bool)
+    reasons = ["length"] * b
+    produced = [[] for _ in range(b)]
+    pending = first_host[None]  # [steps, B] tokens not yet handed out
+    last = first
+    t_decode = time.perf_counter()
+    decode_compiled_before = steps.decode_loop.compile_seconds
+    while True:
+        for step in pending:
+            for r in range(b):
+                if done[r]:
+                    continue
+                tok = int(step[r])
+                if tok in stop_ids:
+                    done[r], reasons[r] = True, "eos"
+                    continue
+                produced[r].append(tok)
+                yield r, tok
+                if len(produced[r]) >= max_new_tokens:
+                    done[r] = True
+        if done.all():
+            break
+        key, sub = jax.random.split(key)
+        out, cache, seen, last = steps.decode_loop(model.params, cache, last, sub, sampling, seen, steps=DECODE_CHUNK)
+        pending = np.asarray(out)
+    stats.decode_s = time.perf_counter() - t_decode - (steps.decode_loop.compile_seconds - decode_compiled_before)
+    stats.compile_s = steps.compile_seconds - compiled_before
+    stats.generated_tokens = sum(len(p) for p in produced)
+    return reasons, stats, produced
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def run_text(model, prompts, stop, **kw) -> Iterator:
+    """run() with text: yields (row, piece, stopped) as pieces decode (never a split UTF-8 character),
+    cutting each row at its first stop string; returns (reasons, stats, produced, texts)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    decoders = [model.tokenizer.stream_decoder() if model.tokenizer is not None else None for _ in prompts]
+    texts = [""] * len(prompts)
+    stopped = [False] * len(prompts)
+    gen = run(model, prompts, **kw)
+    try:
+        while True:
+            r, tok = next(gen)
+            if stopped[r] or decoders[r] is None:
+                continue
+            piece = decoders[r].push(tok)
+            if piece:
+                texts[r] += piece
+                hit = _find_stop(texts[r], stop)
+                if hit is not None:
+                    piece = piece[:len(piece) - (len(texts[r]) - hit)]
+                    texts[r] = texts[r][:hit]
+                    stopped[r] = True
+                yield r, piece, stopped[r]
+    except StopIteration as fin:
+        reasons, stats, produced = fin.value
+    for r in range(len(prompts)):
+        if stopped[r]:
+            reasons[r] = "stop"
+        elif decoders[r] is not None:
+            tail = decoders[r].flush()
+            if tail:
+                texts[r] += tail
+                yield r, tail, False
+    return reasons, stats, produced, texts
