@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels.switches import SWITCHES, check_switch
+from .kernels.tuning import KernelConfig, parse_variant as parse_kernel_variant
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -61,19 +61,20 @@ def decode_read_bytes(params, config, batch: int) -> int:
 
 def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, variants=None,
               log=print) -> dict:
-    """Load once; time prefill and decode; then again under each variant's switch settings."""
+    """Load once; time prefill and decode; then again under each variant's KernelConfig."""
     import jax
     import jax.numpy as jnp
 
-    from . import engine, model as M
+    from . import engine, models as M
     from .cache import init_cache
+    from .generate import DECODE_CHUNK
 
     res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "jax": jax.__version__}
     res["copy_GBps"] = copy_bandwidth(1.0 if jax.default_backend() == "gpu" else 1 / 16)
     log(f"copy bandwidth {res['copy_GBps']:.0f} GB/s")
-    chunk = engine.DECODE_CHUNK
+    chunk = DECODE_CHUNK
     calls = max(1, (gen - 1) // chunk)   # timed decode calls of `chunk` steps, after one warm-up call
     max_seq = 1 << (prompt_len + (calls + 1) * chunk).bit_length()
     t = time.perf_counter()
@@ -88,21 +89,21 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     log(f"loaded in {res['load_s']:.1f}s; weights on device {res['weight_device_bytes']/1e9:.3f} GB "
         f"(file {res['file_bytes']/1e9:.3f} GB)")
 
-    def measure(out: dict):
-        """Compile and time prefill + decode with the switches set now (they are read at trace time)."""
+    def measure(out: dict, kernels: KernelConfig):
+        """Compile and time prefill + decode under this KernelConfig (a static argument of the steps)."""
         kv = jnp.dtype(dtype)
         rng = np.random.default_rng(0)
         tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
         lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-        prefill = jax.jit(lambda p, c, t, l: M.prefill(p, c, t, l, config=config), donate_argnums=1)
+        prefill = jax.jit(lambda p, c, t, l: M.prefill(p, c, t, l, config=config, kernels=kernels), donate_argnums=1)
 
         def steps(p, c, tok):
             # greedy decode steps in one device call (lax.scan), as Model.generate runs them: the host
             # dispatches once per chunk, so what is timed is the GPU, not Python
             def body(c, _):
                 tok, c = c
-                logits, c = M.decode_logits(p, c, tok, config=config)
+                logits, c = M.decode_logits(p, c, tok, config=config, kernels=kernels)
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
                 return (nxt, c), nxt
             (tok, c), out = jax.lax.scan(body, (tok, c), None, length=chunk)
@@ -157,7 +158,8 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             return prefill_c(params, fresh, tokens, lengths)[0]
         return decode_c, cache, tok, logits, prefill_once
 
-    decode_c, cache, tok, base_logits, prefill_once = measure(res)
+    res["kernels"] = repr(m.kernels)
+    decode_c, cache, tok, base_logits, prefill_once = measure(res, m.kernels)
     if profile:   # one decode call and one prefill under the profiler: where the time goes, per kernel
         jax.profiler.start_trace(str(Path(profile) / "decode"), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
@@ -176,48 +178,19 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             log("  {us_per_step:9.1f} us/prefill {calls_per_step:6.1f} calls  {name}".format(**row))
         log(f"  GPU busy {res['profile_prefill']['busy_us_per_step']:.0f} us in "
             f"{res['profile_prefill']['kernels_per_step']:.0f} kernels (prefill {res['prefill_s']*1e6:.0f} us)")
-    for spec in variants or ():   # A/B: the same loaded weights under other switch settings
-        env = parse_variant(spec)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        jax.clear_caches()
-        v: dict = {"env": env, "copy_GBps": res["copy_GBps"]}
+    for spec in variants or ():   # A/B: the same loaded weights under other KernelConfigs
+        kernels = parse_kernel_variant(spec, m.kernels)
+        v: dict = {"variant": spec, "kernels": repr(kernels), "copy_GBps": res["copy_GBps"]}
         try:
             log(f"variant {spec}:")
-            logits = measure(v)[3]
+            logits = measure(v, kernels)[3]
             v["prefill_logits_rel_diff"] = float(jnp.linalg.norm(logits - base_logits)
                                                  / jnp.linalg.norm(base_logits))
         except Exception as e:  # noqa: BLE001 -- a variant that fails to build is a result too
             v["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             log(f"  failed: {v['error']}")
-        finally:
-            for k, val in saved.items():
-                if val is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = val
-            jax.clear_caches()
         res.setdefault("variants", []).append(v)
     return res
-
-
-def parse_variant(spec: str) -> dict:
-    """'REALIZAR_GEMV_ACT=int8,REALIZAR_GEMV_TILES={"Q8_0":[8,4,2,4]}' -> {name: value}."""
-    env = {}
-    # items split at commas that start the next REALIZAR_ name, so JSON values may hold commas
-    for item in filter(None, (p.strip() for p in re.split(r",(?=\s*REALIZAR_)", spec))):
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("REALIZAR_"):
-            raise ValueError(f"bench --ab: expected REALIZAR_NAME=VALUE, got {item!r}")
-        if name in SWITCHES:
-            try:
-                check_switch(name, value)
-            except ValueError as e:
-                raise ValueError(f"bench --ab: {e}") from None
-        env[name] = value
-    if not env:
-        raise ValueError("bench --ab: empty variant")
-    return env
 
 
 def summarize_trace(trace_dir, steps: int, top: int = 30) -> dict:
@@ -294,15 +267,15 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--dir", default=os.environ.get("REALIZAR_BENCH_DIR", "/tmp/realizar-bench"),
                     help="where synthesized GGUFs are cached")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--ab", action="append", metavar="ENV=VAL[,ENV=VAL]", default=[],
-                    help="after the default run, time again with these REALIZAR_* switches set (same loaded "
-                         "weights; repeat for more variants)")
+    ap.add_argument("--ab", action="append", metavar="FIELD=VAL[,FIELD=VAL]", default=[],
+                    help="after the default run, time again under a KernelConfig with these fields changed "
+                         "(int8_activations, pallas, tiles=JSON; same loaded weights; repeat for more variants)")
     ap.add_argument("--profile", metavar="DIR", help="also trace one decode call and one prefill with "
                     "jax.profiler into DIR/decode and DIR/prefill and print the kernels that take the time")
     args = ap.parse_args(argv)
     try:
         for spec in args.ab:
-            parse_variant(spec)
+            parse_kernel_variant(spec, KernelConfig())
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -329,7 +302,7 @@ def bench_main(argv=None) -> int:
     res["synth_s"] = synth_s
     if args.shape:
         res["shape"], res["quant"] = args.shape, args.quant
-    rows = [res] + [{**v, "model": f"{Path(res['model']).name} [{','.join(f'{k}={x}' for k, x in v['env'].items())}]",
+    rows = [res] + [{**v, "model": f"{Path(res['model']).name} [{v['variant']}]",
                      "batch": res["batch"]} for v in res.get("variants", [])]
     print(format_table(rows))
     if args.json:

@@ -71,24 +71,26 @@ def test_bench_rejects_missing_model(tmp_path, capsys):
 
 
 def test_bench_ab_variants_and_profile(tmp_path, capsys):
-    """--ab re-times the loaded model under other switch settings; --profile summarizes a trace.
-    On CPU the GPU switches change nothing, so a variant's logits equal the default run's."""
+    """--ab re-times the loaded model under another KernelConfig; --profile summarizes a trace. On a
+    CPU pallas=true runs the decode attention kernel in interpret mode: the prefill (jnp on these
+    unrepacked weights) gives the same logits, and decode still makes tokens in range."""
     out = tmp_path / "r.json"
     rc = bench_main(["--shape", "tiny", "--quant", "q4_k_m", "--prompt-len", "8", "--gen", "9",
                      "--dir", str(tmp_path), "--json", str(out), "--profile", str(tmp_path / "prof"),
-                     "--ab", "REALIZAR_PREFILL_GEMM=xla,REALIZAR_GEMV_ACT=int8"])
+                     "--ab", "pallas=true,int8_activations=false"])
     assert rc == 0
     res = json.loads(out.read_text())
     (v,) = res["variants"]
-    assert v["env"] == {"REALIZAR_PREFILL_GEMM": "xla", "REALIZAR_GEMV_ACT": "int8"}
+    assert "pallas=True" in v["kernels"] and "int8_activations=False" in v["kernels"]
     assert "error" not in v and v["decode_tok_s"] > 0 and v["tokens_in_range"]
     assert v["prefill_logits_rel_diff"] == 0.0
     for key in ("profile", "profile_prefill"):   # no GPU lines on CPU: the traces exist, top is empty
         assert res[key]["trace"].endswith(".trace.json.gz") and res[key]["busy_us_per_step"] == 0.0
-    assert "REALIZAR_GEMV_ACT=int8" in capsys.readouterr().out
+    assert "pallas=true,int8_activations=false" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", ["FOO=1", "REALIZAR_X", "", "REALIZAR_GEMV_ACT=int4"])
+@pytest.mark.parametrize("spec", ["FOO=1", "REALIZAR_GEMV_ACT=int8", "", "int8_activations=maybe",
+                                  'tiles={"Q4_K": [1, 2'])
 def test_bench_ab_rejects_bad_variant(spec, capsys):
     assert bench_main(["--shape", "tiny", "--ab", spec]) == 2
     assert "--ab" in capsys.readouterr().err

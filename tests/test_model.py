@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from realizar_jax.cache import init_cache
-from realizar_jax.model import decode_logits, prefill
+from realizar_jax.models import decode_logits, prefill
 from realizar_jax.weights import rope_inv_freq
 
 from model_helpers import config_from_hf, hf_logits, params_from_hf, tiny_hf_model

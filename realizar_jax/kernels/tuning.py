@@ -85,7 +85,10 @@ def parse_variant(spec: str, base: KernelConfig) -> KernelConfig:
             raise ValueError(f"bench --ab: expected FIELD=VALUE with FIELD one of int8_activations, pallas, "
                              f"tiles; got {item!r}")
         if name == "tiles":
-            changes[name] = parse_tiles(value)
+            try:
+                changes[name] = parse_tiles(value)
+            except ValueError as e:
+                raise ValueError(f"bench --ab: tiles: {e}") from None
         elif value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             changes[name] = value.lower() in ("1", "true", "yes", "on")
         else:

@@ -1,7 +1,7 @@
 """The models as pure functions over (params, cache, tokens), and the registry of families.
 
-One layer loop serves prefill and decode: the attention object (ops.PrefillAttention or
-ops.DecodeAttention) is the varying part. A family module (llama.py) gives `embed`, `block` and
+One layer loop serves prefill and decode: the attention object (PrefillAttention or
+DecodeAttention) is the varying part. A family module (llama.py) gives `embed`, `block` and
 `head`; FAMILIES maps ModelConfig.architecture to it. The KernelConfig is a static argument of the
 entry points (jit specializes on it, as on the ModelConfig), made current while the ops trace.
 """
@@ -12,7 +12,9 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from .. import ops
+from ..ops.attention import DecodeAttention, PrefillAttention
+from ..ops.fused import Stream
+from ..ops.routes import using
 from ..cache import KVCache
 from ..config import ModelConfig
 from ..kernels.tuning import KernelConfig
@@ -33,7 +35,7 @@ def family(config: ModelConfig) -> ModuleType:
 def layers(params: Params, x, attention, config: ModelConfig):
     """The layer loop: (the residual stream after the last block, attention with every layer's cache)."""
     block = family(config).block
-    x = ops.Stream(x)
+    x = Stream(x)
     for i, lp in enumerate(params.layers):
         with jax.named_scope(f"layer{i}"):
             x, attention = block(lp, x, attention.at_layer(i), config)
@@ -47,7 +49,7 @@ def prefill(params: Params, cache: KVCache, tokens, lengths, *, config: ModelCon
     Returns (logits, cache): logits [B, T, V] if all_logits else [B, V] at each prompt's last token.
     """
     dtype = jnp.dtype(dtype or cache.k.dtype)
-    with ops.using(kernels):
+    with using(kernels):
         x = family(config).embed(params, tokens, config, dtype)
     return prefill_embeddings(params, cache, x, lengths, config=config, kernels=kernels, all_logits=all_logits)
 
@@ -56,13 +58,13 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
                        kernels: KernelConfig = KernelConfig(), all_logits: bool = False):
     """prefill() from input embeddings x [B, T, hidden] instead of token ids: what jax.grad differentiates
     for input attribution (weights, packed ones included, stay constants)."""
-    with ops.using(kernels):
-        attention = ops.PrefillAttention.start(cache, params.rope_inv_freq, lengths, x.shape[1],
+    with using(kernels):
+        attention = PrefillAttention.start(cache, params.rope_inv_freq, lengths, x.shape[1],
                                                config.head_dim ** -0.5)
         x, attention = layers(params, x, attention, config)
         if not all_logits:   # the head reads each prompt's last real position only
             last = jnp.take_along_axis(x.value(), jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-            x = ops.Stream(last)
+            x = Stream(last)
         return family(config).head(params, x, config), attention.cache()
 
 
@@ -71,8 +73,8 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     """One token per sequence [B] at position cache.lengths -> (logits [B, V] float32, cache with lengths + 1)."""
     dtype = jnp.dtype(dtype or cache.k.dtype)
     fam = family(config)
-    with ops.using(kernels):
+    with using(kernels):
         x = fam.embed(params, tokens, config, dtype)
-        attention = ops.DecodeAttention.start(cache, params.rope_inv_freq, config.head_dim ** -0.5)
+        attention = DecodeAttention.start(cache, params.rope_inv_freq, config.head_dim ** -0.5)
         x, attention = layers(params, x, attention, config)
         return fam.head(params, x, config), attention.cache()

@@ -1,7 +1,5 @@
-"""matmul / embedding_lookup vs numpy references, dense and quantized, eager and under jit."""
+"""ops.linear / ops.embedding vs numpy references, dense and quantized, eager and under jit; the route table."""
 from __future__ import annotations
-
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,10 @@ from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as GT
 from hypothesis import given, settings, strategies as st
 
-from realizar_jax.quant import QTensor, embedding_lookup, matmul, quantize
-
-mm = importlib.import_module("realizar_jax.quant.matmul")  # the module (the package exports the function)
+from realizar_jax.kernels import KernelConfig, repack_for_gpu
+from realizar_jax.ops import embedding as embedding_lookup, linear as matmul, using
+from realizar_jax.ops import routes
+from realizar_jax.quant import QTensor, quantize
 
 IN, OUT = 512, 48
 QTYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16")
@@ -87,19 +86,28 @@ def test_quantized_bfloat16_activations(qtype):
                                rtol=2 ** -8, atol=2e-3)
 
 
-def test_quantized_weights_go_through_the_dispatch_point(monkeypatch):
+def test_each_op_asks_the_route_table_once(monkeypatch):
+    """linear() on a packed GPU weight takes the ("linear", rows bucket, "gpu") route when the
+    KernelConfig asks for kernels, and the reference otherwise; a route that declines (None) falls
+    back to the reference, whose result equals the dequantized product."""
     calls = []
 
-    def fake(x, w):
-        calls.append(w.qtype)
-        return jnp.zeros((*x.shape[:-1], w.shape[0]), x.dtype)
-    monkeypatch.setattr(mm, "_quantized_matmul", fake)
+    def fake(x, w, *, unsummed=False):
+        calls.append((x.shape[0], w.qtype))
+        return None   # declines: the op must fall back
+    monkeypatch.setitem(routes.ROUTES, ("linear", "gemv", "gpu"), fake)
     w = np.random.default_rng(0).standard_normal((OUT, IN)).astype(np.float32)
-    q, _ = qtensor(w, "Q6_K")
-    x = jnp.ones((2, IN), jnp.float32)
-    assert matmul(x, q).shape == (2, OUT) and calls == ["Q6_K"]
-    matmul(x, jnp.asarray(w))
-    assert calls == ["Q6_K"]  # dense weights never reach it
+    q, _ = qtensor(w, "Q8_0")
+    gq_ = repack_for_gpu(q)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, IN)), jnp.float32)
+    want = matmul(x, q)   # the QTensor reference
+    with using(KernelConfig(pallas=True, interpret=True)):
+        got = matmul(x, gq_)
+    assert calls == [(2, "Q8_0")]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with using(KernelConfig(pallas=False)):
+        matmul(x, gq_)
+    assert calls == [(2, "Q8_0")]   # pallas=False: no route is asked
 
 
 def test_matmul_errors():
