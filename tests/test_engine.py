@@ -109,3 +109,26 @@ def test_perplexity_equals_hf_sliding_window(pair, window, stride):
     ids = [int(i) for i in np.random.default_rng(13).integers(0, 101, 57)]
     ours = model.perplexity(ids, stride=stride, window=window)
     assert ours == pytest.approx(_hf_perplexity(hf, ids, window, stride), rel=1e-4)
+
+
+def test_public_signatures_show_every_knob():
+    """help(rj.load) / help(m.stream) show real signatures, not **kwargs."""
+    import inspect
+
+    import realizar_jax as rj
+    load = inspect.signature(rj.load).parameters
+    for name in ("dtype", "max_seq_len", "kv_dtype", "batch", "check_memory", "progress", "int8_activations",
+                 "kernels"):
+        assert name in load, name
+    stream = inspect.signature(Model.stream).parameters
+    assert list(stream) == list(inspect.signature(Model.generate).parameters)
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*load.values(), *stream.values()))
+
+
+def test_max_seq_len_beyond_the_context_warns(model_files):
+    import realizar_jax as rj
+    path = model_files.gguf("llama", "f16")
+    context = rj.load(path, max_seq_len=16).config.context_length
+    with pytest.warns(UserWarning, match="beyond the model's context length"):
+        m = rj.load(path, max_seq_len=context + 1)
+    assert m.max_seq_len == context + 1

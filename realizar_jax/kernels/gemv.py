@@ -173,8 +173,8 @@ def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
 
 def _quantize_rows(y, group: int, interpret: bool):
     """float32 [n] -> (int32 words [n/4] of the int8s, little-endian; scales [n/group]), rounding as
-    xquant.quantize_x does. Group membership is a broadcast mask over the row (xquant.quantize_flat,
-    which reshapes instead, serves longer rows); these rows hold 16 or 32 values."""
+    xquant.quantize_x does. Group membership is a broadcast mask over the row (a reshape would cost a
+    trip through shared memory); these rows hold 16 or 32 values."""
     n = y.shape[0]
     r = jnp.arange(n, dtype=jnp.int32)
     member = (r[None, :] // group) == jnp.arange(n // group, dtype=jnp.int32)[:, None]      # [G, n]
@@ -197,7 +197,7 @@ def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, x_in_kernel, dtype, g
     mat = lambda m: (m[0], refs[m[1][0]:m[1][1]], refs[m[2][0]:m[2][1]], m[3])
     kw = dict(bn=bn, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
     # one loop over both matrices' tiles, so their loads overlap; dense tiles are too wide for two
-    # matrices' accumulators at once (8B bf16: 182 vs 227 tok/s, BENCHMARKS.md run 31)
+    # matrices' accumulators at once (BENCHMARKS.md, run 31)
     if gate[4] == up[4] and gate[0] != "DENSE":
         g_tot, u_tot = _factored_rows([mat(gate), mat(up)], p, 0, tiles=gate[4], **kw)
     else:

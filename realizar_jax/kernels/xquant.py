@@ -1,8 +1,8 @@
 """The decode GEMV's int8 activations in one Pallas launch, with the op that produces them fused in.
 
 XLA needs two kernels to quantize x per scale group (an absmax reduce, then the rounding), and two
-more for the RMSNorm (or one for the SwiGLU gate) in front of it; at batch 1 each is a ~1.3 us launch
-for a few KB, and they were most of the ~1,000 small kernels of an 8B decode step (BENCHMARKS.md).
+more for the RMSNorm in front of it; at batch 1 each is a launch for a few KB, and they were most of
+the small kernels of an 8B decode step (BENCHMARKS.md).
 This kernel reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
 in_kernel=True): int32 words of four int8s and one float32 scale per group of `group` values.
 
@@ -70,18 +70,6 @@ def _store_int8(ys, words_ref, scales_ref, interpret):
     qs = [jnp.clip(rne_int(y * inv[:, None], interpret=interpret), -127, 127) for y in ys]
     words_ref[...] = (qs[0] & 255) | ((qs[1] & 255) << 8) | ((qs[2] & 255) << 16) | (qs[3] << 24)
     scales_ref[...] = amax / 127.0
-
-
-def quantize_flat(v, group: int, *, interpret: bool):
-    """float32 [n] -> (int32 words [n/4] of its int8s, little-endian; scales [n/group]), rounded as
-    _store_int8 rounds: for a kernel that holds a whole row segment in registers."""
-    n = v.shape[0]
-    g = v.reshape(n // group, group)
-    amax = jnp.max(jnp.abs(g), axis=1)
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = jnp.clip(rne_int(g * inv[:, None], interpret=interpret), -127, 127).reshape(n // 4, 4)
-    shifts = jnp.arange(4, dtype=jnp.int32)[None, :] * 8
-    return jnp.sum((q & 255) << shifts, axis=1), amax / 127.0   # disjoint bytes: the sum is an OR
 
 
 def round_to(v, dtype):

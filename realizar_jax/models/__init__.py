@@ -12,12 +12,11 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 
-from ..ops.attention import DecodeAttention, PrefillAttention
-from ..ops.fused import Stream
-from ..ops.routes import using
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..kernels.tuning import KernelConfig
+from ..ops.attention import DecodeAttention, PrefillAttention
+from ..ops.fused import Stream
+from ..ops.routes import KernelConfig, using
 from ..weights import Params
 from . import llama
 
