@@ -308,7 +308,7 @@ class Model:
         self.last_stats = self._last[1]
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        from .chat import render_chat
+        from .text.chat import render_chat
         from .errors import ChatTemplateError
         template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
         if not template:
@@ -411,7 +411,7 @@ def _gpu_repack():
 
 
 def _load_tokenizer(source):
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
     if source.format == "gguf":
         if "tokenizer.ggml.tokens" not in source.metadata:
             return None

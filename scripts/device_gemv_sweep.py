@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from realizar_jax.bench import summarize_trace  # noqa: E402
+from realizar_jax.cli.bench import summarize_trace  # noqa: E402
 from realizar_jax.kernels.gemv import gemv, gemv_multi, interpret_mode  # noqa: E402
 from realizar_jax.kernels.layout import GpuQTensor, repack_blocks  # noqa: E402
-from realizar_jax.synth import random_blocks  # noqa: E402
+from realizar_jax.cli.synth import random_blocks  # noqa: E402
 
 SMOKE = os.environ.get("MICROBENCH_SMOKE") == "1"
 IN = interpret_mode()

@@ -29,11 +29,12 @@ EXTRA=(); for a in ${EXTRA_AB:-}; do EXTRA+=(--ab "$a"); done
 bench() {  # shape quant [extra args]
   local shape=$1 quant=$2; shift 2
   set -- "$@" "${EXTRA[@]}"
-  timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
+  timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.cli.bench --shape "$shape" --quant "$quant" --dir /tmp/rb \
      --json "$OUT/bench-$shape-$quant-b1.json" "$@" 2>&1 | grep -v -e Warning -e 'loading .*%' \
      | tee -a "$OUT/bench.log"
   if [ -n "${OLD_TREE:-}" ]; then   # run from inside it: `python -m` puts the working directory first
-    (cd "$OLD_TREE" && PYTHONPATH=/tmp/site:$OLD_TREE timeout ${BENCH_TIMEOUT:-240} python3 -m realizar_jax.bench \
+    local mod=realizar_jax.cli.bench; [ -e "$OLD_TREE/realizar_jax/cli/bench.py" ] || mod=realizar_jax.bench  # before the cli/ move
+    (cd "$OLD_TREE" && PYTHONPATH=/tmp/site:$OLD_TREE timeout ${BENCH_TIMEOUT:-240} python3 -m $mod \
       --shape "$shape" --quant "$quant" --dir /tmp/rb --json "$OUT/old-$shape-$quant-b1.json" 2>&1) \
       | grep -v -e Warning -e 'loading .*%' | sed 's/^/[old] /' | tee -a "$OUT/bench.log"
   fi
@@ -128,7 +129,7 @@ if has prof; then
 fi
 if has ab; then
   for v in llama3-8b:q4_k_m llama3.2-1b:q8_0; do
-    timeout ${AB_TIMEOUT:-420} python3 -m realizar_jax.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
+    timeout ${AB_TIMEOUT:-420} python3 -m realizar_jax.cli.bench --shape "${v%%:*}" --quant "${v##*:}" --dir /tmp/rb \
       --json "$OUT/ab-${v%%:*}-${v##*:}.json" --profile "/tmp/prof-${v%%:*}" --ab REALIZAR_GEMV_XPREP=kernel 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | tee -a "$OUT/ab.log"
   done
@@ -139,7 +140,7 @@ if has q4; then has prof || has ab || bench llama3-8b q4_k_m; bench llama3.2-1b 
 if has q8; then bench llama3.2-1b q8_0 "${XQ_1B[@]}"; fi
 if has dense1b; then   # dense bf16 decode: Pallas GEMV vs XLA's dot, same file, same process kind
   for route in pallas xla; do
-    REALIZAR_DENSE_GEMV=$route timeout 240 python3 -m realizar_jax.bench --shape llama3.2-1b --quant bf16 \
+    REALIZAR_DENSE_GEMV=$route timeout 240 python3 -m realizar_jax.cli.bench --shape llama3.2-1b --quant bf16 \
       --dir /tmp/rb --json "$OUT/dense1b-$route.json" 2>&1 | grep -v -e Warning -e 'loading .*%' \
       | sed "s/^/[dense $route] /" | tee -a "$OUT/bench.log"
   done
@@ -147,7 +148,7 @@ fi
 if has bf16; then bench llama3-8b bf16 ${BF16_AB:+--ab REALIZAR_DENSE_GEMV=xla}; fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
-from realizar_jax.bench import format_table
+from realizar_jax.cli.bench import format_table
 rows = [json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + "/bench-*.json"))]
 print(format_table(rows))
 PY

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from realizar_jax.kernels import decode_attention, decode_attention_ref, gemv  # noqa: E402
 from realizar_jax.kernels.layout import GpuQTensor, repack_blocks  # noqa: E402
-from realizar_jax.synth import random_blocks  # noqa: E402
+from realizar_jax.cli.synth import random_blocks  # noqa: E402
 
 ROT_BYTES = 400e6
 

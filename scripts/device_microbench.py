@@ -23,7 +23,7 @@ from realizar_jax.kernels.gemv import gemv, interpret_mode  # noqa: E402
 IN = interpret_mode()
 from realizar_jax.kernels.layout import GpuQTensor, dequantize_gpu_part_order, repack_blocks  # noqa: E402
 from realizar_jax.kernels.unpack import unpack  # noqa: E402
-from realizar_jax.synth import random_blocks  # noqa: E402
+from realizar_jax.cli.synth import random_blocks  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 # MICROBENCH_SMOKE=1: tiny shapes, one repetition, interpret mode on CPU (checks the script, not speed)

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from realizar_jax.kernels.gemv import gemv  # noqa: E402
 from realizar_jax.kernels.layout import GpuQTensor, repack_blocks  # noqa: E402
 from realizar_jax.kernels.unpack import unpack  # noqa: E402
-from realizar_jax.synth import random_blocks  # noqa: E402
+from realizar_jax.cli.synth import random_blocks  # noqa: E402
 
 kind = sys.argv[1]
 rng = np.random.default_rng(0)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realizar_jax.bench import bench_main
-from realizar_jax.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
+from realizar_jax.cli.bench import bench_main
+from realizar_jax.cli.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
 
 
 @settings(max_examples=10, deadline=None)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from realizar_jax.cli import main
+from realizar_jax.cli.main import main
 
 
 def test_generate_streams_text_and_prints_stats(model_files, capsys):
@@ -68,7 +68,7 @@ def test_damaged_model_file_is_one_line(tmp_path, capsys):
 
 def test_console_script_runs_in_a_subprocess(model_files):
     path = model_files.gguf("llama", "q4_k")
-    proc = subprocess.run([sys.executable, "-m", "realizar_jax.cli", "generate", "--model", str(path), "--prompt",
+    proc = subprocess.run([sys.executable, "-m", "realizar_jax.cli.main", "generate", "--model", str(path), "--prompt",
                            "import os", "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("import os") and "decode" in proc.stderr

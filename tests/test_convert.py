@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from realizar_jax.convert import convert_main
+from realizar_jax.cli.convert import convert_main
 from realizar_jax.errors import ModelFormatError
 from realizar_jax.formats import open_model
 from realizar_jax.formats.gguf_writer import fit_qtype, plan_qtype, use_more_bits, write_gguf
@@ -155,7 +155,7 @@ def test_convert_refuses_invalid_folder(model_files, tmp_path):
 
 
 def test_q5_k_through_the_cli(model_files, tmp_path, capsys):
-    from realizar_jax.cli import main
+    from realizar_jax.cli.main import main
     with pytest.raises(SystemExit) as exit_:
         main(["convert", "--help"])  # options before the positionals reach convert's own parser
     assert exit_.value.code == 0 and "q5_k" in capsys.readouterr().out

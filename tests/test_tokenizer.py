@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tokenizer_fixtures as tf
 from realizar_jax.errors import TokenizerError
 from realizar_jax.formats.gguf_tokenizer import gguf_tokenizer_fields
-from realizar_jax.tokenizer import Tokenizer
+from realizar_jax.text.tokenizer import Tokenizer
 
 BPE_STYLES = ["llama3", "qwen2", "gpt2"]
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

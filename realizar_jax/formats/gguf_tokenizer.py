@@ -33,13 +33,26 @@ from pathlib import Path
 import gguf
 
 from ..errors import TokenizerError
-from ..tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
 logger = logging.getLogger(__name__)
 
 Field = tuple[str, object, "gguf.GGUFValueType | None"]
 
-# regex in tokenizer.json -> llama.cpp's name for it (tokenizer.ggml.pre)
+# llama.cpp's split regexes (llama-vocab.cpp) and the tokenizer.ggml.pre names that select them; text/ builds
+# tokenizers from these, so they live here, with the file knowledge.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PRE_NAMES = frozenset(["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"])  # also ignore_merges, BOS
+NFC_PRE_NAMES = frozenset(["qwen2", "deepseek-r1-qwen"])
+PRE_REGEXES = {  # tokenizer.ggml.pre -> split regex
+    **dict.fromkeys(LLAMA3_PRE_NAMES, LLAMA3_REGEX),
+    **dict.fromkeys(NFC_PRE_NAMES, QWEN2_REGEX),
+    **dict.fromkeys(["default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"], GPT2_REGEX),
+}
+# regex in tokenizer.json -> the name we write as tokenizer.ggml.pre
 PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
 
 

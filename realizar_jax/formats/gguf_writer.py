@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..quant.types import QTYPE_SIZES
-from ..roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
+from .roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
 from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

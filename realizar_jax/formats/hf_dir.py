@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
-from ..roles import canonical_architecture
+from .roles import canonical_architecture
 from . import ModelSource, TensorSource
 from .gguf_file import default_add_bos
 

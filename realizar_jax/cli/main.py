@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import RealizarError
+from ..errors import RealizarError
 
-from . import default_model_path
+from .. import default_model_path
 
 DEFAULT_MODEL = default_model_path()
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _delegate(module: str, fn: str):
     def run(args) -> int:
         import importlib
-        return importlib.import_module(f"realizar_jax.{module}").__dict__[fn](args.rest)
+        return importlib.import_module(f"realizar_jax.cli.{module}").__dict__[fn](args.rest)
     return run
 
 

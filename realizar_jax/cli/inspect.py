@@ -9,7 +9,7 @@ import json
 import sys
 from collections import defaultdict
 
-from .errors import RealizarError
+from ..errors import RealizarError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(source, max_seq_len=None, batch=1, dtype="bfloat16", kv_dtype="bfloat16") -> dict:
     """The inspect report of an opened ModelSource as a JSON-able dict."""
-    from .formats.validate import validate_roles
-    from .memory import estimate_memory, weight_bytes_of
+    from ..formats.validate import validate_roles
+    from ..memory import estimate_memory, weight_bytes_of
 
     c = source.config
     roles = {name: key for key, name in validate_roles(source).items()}
@@ -90,7 +90,7 @@ def _print_tables(report: dict) -> None:
 def inspect_main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .formats import open_model
+        from ..formats import open_model
         report = describe(open_model(args.path), args.max_seq_len, args.batch, args.dtype, args.kv_dtype)
     except (RealizarError, OSError, ValueError, TypeError) as e:
         # ValueError/TypeError: a bad --dtype/--kv-dtype name or a non-positive size

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels.switches import SWITCHES, check_switch
+from ..kernels.switches import SWITCHES, check_switch
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -65,8 +65,8 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     import jax
     import jax.numpy as jnp
 
-    from . import engine, model as M
-    from .cache import init_cache
+    from .. import engine, model as M
+    from ..cache import init_cache
 
     res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),

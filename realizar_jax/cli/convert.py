@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RealizarError
-from .formats.gguf_writer import QUANT_CHOICES, write_gguf
+from ..errors import RealizarError
+from ..formats.gguf_writer import QUANT_CHOICES, write_gguf
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
