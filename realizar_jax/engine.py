@@ -411,11 +411,5 @@ def _gpu_repack():
 
 
 def _load_tokenizer(source):
-    from .text.tokenizer import Tokenizer
-    if source.format == "gguf":
-        if "tokenizer.ggml.tokens" not in source.metadata:
-            return None
-        return Tokenizer.from_gguf_metadata(source.metadata)
-    if (source.path / "tokenizer.json").exists():
-        return Tokenizer.from_hf_dir(source.path)
-    return None
+    from .text.tokenizer import load_tokenizer
+    return load_tokenizer(source)

@@ -222,6 +222,35 @@ def test_spm_hf_dir_without_tokenizer_json(spm):
     assert (t.bos_id, t.eos_ids, t.add_bos, t.chat_template) == (1, (2,), True, tf.SPM_CHAT_TEMPLATE)
 
 
+@pytest.fixture(scope="module")
+def spm_model(spm, model_files, tmp_path_factory):
+    """rj.load of an HF model folder whose only tokenizer file is a SentencePiece tokenizer.model."""
+    import json
+    import shutil
+
+    import realizar_jax as rj
+    d = tmp_path_factory.mktemp("spm-model") / "m"
+    shutil.copytree(model_files.hf("llama"), d)
+    (d / "tokenizer.json").unlink()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(spm[0] / name, d / name)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "bos_token_id": 1, "eos_token_id": 2}))  # the SPM's ids
+    return rj.load(d, max_seq_len=64)
+
+
+@HYP
+@given(text=hard_text)
+def test_hf_model_with_only_tokenizer_model_loads_its_tokenizer(spm, spm_model, text):
+    _, sp, _, _ = spm
+    assert spm_model.tokenizer.encode(text, special=False) == [sp.bos_id()] + sp.encode(text)
+
+
+def test_hf_model_with_only_tokenizer_model_generates_text(spm_model):
+    g = spm_model.generate("def main(argv):", max_new_tokens=4)
+    assert g.prompt_tokens[0] == 1 and len(g.tokens) == 4 and isinstance(g.text, str)
+
+
 def test_hf_dir_with_sentencepiece_style_tokenizer_json(spm, tmp_path):
     """A Llama tokenizer saved by transformers (tokenizer.json: Metaspace, byte fallback, Strip decoder) and no
     tokenizer.model: from_hf_dir matches the `tokenizers` library; the GGUF writer refuses it with a clear error."""

@@ -10,6 +10,7 @@ Constructors:
   token_type, scores, merges, bos_token_id, eos_token_id, eot_token_id, eom_token_id, unknown_token_id,
   add_bos_token, add_eos_token, add_space_prefix} and tokenizer.chat_template.
 * `Tokenizer.from_gguf_file(path)`: reads just the metadata with gguf-py and calls the above.
+* `load_tokenizer(source)`: whichever of these fits an opened `formats.ModelSource` (None if it has no tokenizer).
 
 How a GGUF vocab becomes a `tokenizers` object (mirroring llama.cpp's llama-vocab.cpp):
 * 'gpt2' (byte-level BPE): tokens + merges, the split regex named by tokenizer.ggml.pre (llama-bpe/llama3,
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import TokenizerError
+from ..formats import ModelSource
 from ..formats.gguf_tokenizer import GPT2_REGEX, LLAMA3_PRE_NAMES, NFC_PRE_NAMES, PRE_REGEXES
 
 # gguf.TokenType values, as the plain ints metadata holds
@@ -282,6 +284,18 @@ class Tokenizer:
                    add_bos=md.bool("tokenizer.ggml.add_bos_token", default_add_bos),
                    add_eos=md.bool("tokenizer.ggml.add_eos_token", False),
                    chat_template=md.str("tokenizer.chat_template"), decode_mode=mode, strip_first_space=strip)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """The tokenizer of an opened model: from a GGUF's metadata, or from an HF folder's tokenizer.json or
+    SentencePiece tokenizer.model. None when the model carries none (then only token ids work)."""
+    if source.format == "gguf":
+        if "tokenizer.ggml.tokens" not in source.metadata:
+            return None
+        return Tokenizer.from_gguf_metadata(source.metadata, path=source.path)
+    if any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return Tokenizer.from_hf_dir(source.path)
+    return None
 
 
 # -------------------------------------------------------------------- GGUF vocab -> tokenizers
