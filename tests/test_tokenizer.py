@@ -105,6 +105,68 @@ def test_spm_fields_follow_llama_cpp_converter(spm):
     assert md["tokenizer.chat_template"] == tf.SPM_CHAT_TEMPLATE
 
 
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_type=st.sampled_from(["bpe", "unigram"]), byte_fallback=st.booleans(), extra=st.integers(0, 400),
+       ids=st.permutations([0, 1, 2, 3]), no_bos=st.booleans(), pad=st.booleans(), rename=st.booleans(),
+       user=st.lists(st.sampled_from(["<tool>", "foo", "\u2581bar", "<ctl>"]), unique=True))
+def test_tokenizer_model_read_without_the_library_equals_sentencepiece(tmp_path, model_type, byte_fallback, extra,
+                                                                       ids, no_bos, pad, rename, user):
+    """Our reading of the ModelProto gives the pieces, scores, types (as the converter maps them) and special ids
+    that the sentencepiece library gives, over models trained with random settings."""
+    import io
+
+    import sentencepiece
+    from realizar_jax.formats.gguf_tokenizer import _read_spm_model
+    buf = io.BytesIO()
+    names = dict(unk_piece="[UNK]", bos_piece="[BOS]", eos_piece="[EOS]", pad_piece="[PAD]") if rename else {}
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tf.training_text()[::3]), model_writer=buf, model_type=model_type,
+        vocab_size=(700 if byte_fallback else 300) + extra, byte_fallback=byte_fallback, character_coverage=0.995,
+        user_defined_symbols=[u for u in user if u != "<ctl>"], control_symbols=[u for u in user if u == "<ctl>"],
+        unk_id=ids[0], bos_id=-1 if no_bos else ids[1], eos_id=ids[2], pad_id=ids[3] if pad else -1,
+        minloglevel=2, num_threads=1, **names)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    pieces, scores, types, own = _read_spm_model(path)
+    n = sp.vocab_size()
+    assert pieces == [sp.id_to_piece(i) for i in range(n)] and scores == [sp.get_score(i) for i in range(n)]
+    T = gguf.TokenType
+    assert types == [int(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.UNUSED
+                         if sp.is_unused(i) else T.BYTE if sp.is_byte(i) else T.NORMAL) for i in range(n)]
+    assert {k: -1 if v is None else v for k, v in own.items()} == {
+        "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(0, 10**6), xor=st.integers(0, 255), cut=st.integers(0, 10**6))
+def test_damaged_tokenizer_model_is_a_tokenizer_error(spm, tmp_path, pos, xor, cut):
+    from realizar_jax.formats.gguf_tokenizer import _read_spm_model
+    raw = bytearray((spm[0] / "tokenizer.model").read_bytes())
+    raw[pos % len(raw)] ^= xor
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(raw[:len(raw) - cut % len(raw)])
+    try:
+        pieces, scores, types, _ = _read_spm_model(path)
+    except TokenizerError as e:
+        assert str(path) in str(e) and "not a SentencePiece model" in str(e)
+    else:
+        assert len(pieces) == len(scores) == len(types) > 0
+
+
+def test_tokenizer_model_needs_no_sentencepiece_package(spm, monkeypatch):
+    """`realizar-jax convert` of a SentencePiece folder works on a plain install, where sentencepiece is absent."""
+    import sys
+    want = gguf_tokenizer_fields(spm[0])
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` now raises ImportError
+    assert gguf_tokenizer_fields(spm[0]) == want
+    for raw in (b"", b"\xff" * 12, b"\x0a\x20ab"):
+        (spm[0].parent / "bad").mkdir(exist_ok=True)
+        (spm[0].parent / "bad" / "tokenizer.model").write_bytes(raw)
+        with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+            gguf_tokenizer_fields(spm[0].parent / "bad")
+
+
 def test_config_vocab_size_pads_token_list(tmp_path):
     import json
     d = tf.make_bpe_dir(tmp_path / "m", "llama3", vocab_size=400)
