@@ -1,7 +1,7 @@
 """File formats: read headers and metadata, memory-map tensors lazily. No JAX here.
 
 Every reader returns a `ModelSource`: a validated ModelConfig plus the file's tensors as
-`TensorSource`s (memory-mapped, nothing copied yet).
+`TensorSource`s (memory-mapped or read on use: nothing copied yet).
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ class TensorSource:
     name: str  # the tensor's name in the file
     qtype: str  # gguf spelling: 'F32', 'F16', 'BF16', 'Q8_0', 'Q4_K', ...
     shape: tuple[int, ...]  # logical shape in numpy order: [rows=out, cols=in] for matrices
-    # Memory-mapped data. Dense types: an array of `shape` in float32/float16/ml_dtypes.bfloat16.
-    # Quantized types: uint8 [rows, row_bytes] of packed blocks (rows = prod(shape[:-1])).
+    # Dense types: an array of `shape` in float32/float16/ml_dtypes.bfloat16. Quantized types: uint8
+    # [rows, row_bytes] of packed blocks (rows = prod(shape[:-1])). GGUF: an np.memmap; safetensors: a
+    # hf_dir.LazyTensor (shape, dtype, nbytes; read through the library by np.asarray or slicing).
     data: np.ndarray = field(repr=False)
 
     @property
