@@ -66,7 +66,7 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
 
 
 def test_bench_rejects_missing_model(tmp_path, capsys):
-    assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 2
+    assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 1
     assert "no such file" in capsys.readouterr().err
 
 

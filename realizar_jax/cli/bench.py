@@ -11,7 +11,6 @@ copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -281,8 +280,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def bench_main(argv=None) -> int:
+    from .parser import Parser, fail
     from .synth import QUANTS, SHAPES, write_synthetic_gguf
-    ap = argparse.ArgumentParser(prog="realizar-jax bench", description=__doc__.split("\n")[0])
+    ap = Parser(prog="realizar-jax bench", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="a .gguf file or HF folder to benchmark")
     src.add_argument("--shape", choices=sorted(SHAPES), help="synthesize a random-weight GGUF of this shape")
@@ -304,16 +304,13 @@ def bench_main(argv=None) -> int:
         for spec in args.ab:
             parse_variant(spec)
     except ValueError as e:
-        print(str(e), file=sys.stderr)
-        return 2
+        return fail(ap.prog, e, 2)
     if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
-        print("bench: --batch and --prompt-len must be >= 1, --gen >= 2", file=sys.stderr)
-        return 2
+        return fail(ap.prog, "--batch and --prompt-len must be >= 1, --gen >= 2", 2)
     if args.model:
         path = Path(args.model)
         if not path.exists():
-            print(f"bench: {path}: no such file or directory", file=sys.stderr)
-            return 2
+            return fail(ap.prog, f"{path}: no such file or directory")
         synth_s = None
     else:
         shape = args.shape or "llama3.2-1b"

@@ -14,6 +14,7 @@ when complete, so a failure never leaves a half-written OUT.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -202,9 +203,12 @@ def write_gguf(hf_dir, out, quant: str = "f16", *, progress: bool | None = None)
     for p in plan:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype])
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+    tmp, prefix = None, f".{out.name}."
     try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=".tmp")
+        os.close(fd)
         w.write_header_to_file(path=Path(tmp))
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -223,8 +227,11 @@ def write_gguf(hf_dir, out, quant: str = "f16", *, progress: bool | None = None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         w.close()
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno and (e.filename is None or Path(e.filename).name.startswith(prefix)):
+            raise OSError(e.errno, e.strerror, str(out)) from None  # the temp file is ours: name OUT
         raise
     return out
