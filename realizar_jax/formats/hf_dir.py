@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .roles import canonical_architecture
-from . import ModelSource, TensorSource
+from .source import ModelSource, TensorSource
 from .gguf_file import default_add_bos
 
 # safetensors dtype -> (gguf qtype spelling, numpy dtype)
