@@ -149,7 +149,7 @@ class Model:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The messages ([{"role": ..., "content": ...}]) rendered with the model's own Jinja chat template."""
         from .errors import ChatTemplateError
-        from .chat import render_chat
+        from .text.chat import render_chat
         template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
         if not template:
             raise ChatTemplateError(f"{self.path}: this model has no chat template "
@@ -239,11 +239,5 @@ def _gpu_repack():
 
 
 def _load_tokenizer(source):
-    from .tokenizer import Tokenizer
-    if source.format == "gguf":
-        if "tokenizer.ggml.tokens" not in source.metadata:
-            return None
-        return Tokenizer.from_gguf_metadata(source.metadata)
-    if (source.path / "tokenizer.json").exists():
-        return Tokenizer.from_hf_dir(source.path)
-    return None
+    from .text.tokenizer import load_tokenizer
+    return load_tokenizer(source)

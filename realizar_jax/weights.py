@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .errors import MissingTensorError, ShapeMismatchError, UnsupportedQuantError
 from .formats import ModelSource, TensorSource
 from .quant.qtensor import QTensor
-from .roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape,
+from .formats.roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape,
                     required_layer_roles, tensor_name)
 
 DENSE_QTYPES = ("F32", "F16", "BF16")

@@ -12,13 +12,13 @@ if [ "${2:-}" = "pytest" ]; then
 fi
 for cfg in $1; do
   shape=${cfg%%:*}; quant=${cfg##*:}
-  timeout 300 python3 -m realizar_jax.bench --shape "$shape" --quant "$quant" --batch "${BATCH:-1}" \
+  timeout 300 python3 -m realizar_jax.cli.bench --shape "$shape" --quant "$quant" --batch "${BATCH:-1}" \
      --dir /tmp/rb --json "$OUT/bench-$shape-$quant-b${BATCH:-1}.json" 2>&1 | tee -a "$OUT/bench.log"
   rm -f /tmp/rb/"$shape-$quant".gguf   # disk: the 8B bf16 file is 16 GB
 done
 python3 - "$OUT" <<'PY'
 import glob, json, sys
-from realizar_jax.bench import format_table
+from realizar_jax.cli.bench import format_table
 rows = [json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + "/bench-*.json"))]
 print(format_table(rows))
 PY

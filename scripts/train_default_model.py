@@ -471,7 +471,7 @@ def ship(hf_dir: str, data_dir: str, quant: str = "q8_0", notes: dict | None = N
     """Convert the HF folder with the package's converter and write <data_dir>/default.gguf plus
     default_model.json (the recipe and measured numbers from train_log.json)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from realizar_jax.convert import convert_main
+    from realizar_jax.cli.convert import convert_main
 
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from realizar_jax.config import ModelConfig, RopeScaling
-from realizar_jax.roles import LAYER_ROLES, ROLES, tensor_name
+from realizar_jax.formats.roles import LAYER_ROLES, ROLES, tensor_name
 from realizar_jax.weights import LayerParams, Params, rope_inv_freq
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realizar_jax.bench import bench_main
-from realizar_jax.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
+from realizar_jax.cli.bench import bench_main
+from realizar_jax.cli.synth import SHAPES, random_blocks, tensor_plan, write_synthetic_gguf
 
 
 @settings(max_examples=10, deadline=None)
@@ -66,7 +66,7 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
 
 
 def test_bench_rejects_missing_model(tmp_path, capsys):
-    assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 2
+    assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 1
     assert "no such file" in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from realizar_jax.chat import ChatTemplateError, render_chat
+from realizar_jax.text.chat import ChatTemplateError, render_chat
 from realizar_jax.errors import RealizarError
 
 # ---- templates in the style of real models (written for these tests) ----

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from realizar_jax.convert import convert_main
+from realizar_jax.cli.convert import convert_main
 from realizar_jax.errors import ModelFormatError
 from realizar_jax.formats import open_model
 from realizar_jax.formats.gguf_writer import fit_qtype, plan_qtype, use_more_bits, write_gguf
@@ -105,6 +105,24 @@ def test_small_model_falls_back(model_files):
     assert q["output.weight"] == "Q8_0"
 
 
+@pytest.mark.parametrize("quant", ["q4_k", "q5_k", "q6_k", "q4_k_m"])
+def test_k_quant_fallback_is_warned_once_per_tensor(model_files, tmp_path, caplog, quant):
+    """Rows that are not whole 256-value super-blocks fall back to another type, as llama-quantize does, and
+    each such tensor is named once with the type the file then holds (read back with gguf-py)."""
+    caplog.set_level("WARNING", logger="realizar_jax.formats.gguf_writer")
+    write_gguf(model_files.hf("small"), tmp_path / "small.gguf", quant, progress=False)
+    held = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "small.gguf").tensors
+            if len(t.shape) == 2}
+    warned = [r.getMessage() for r in caplog.records if r.name == "realizar_jax.formats.gguf_writer"]
+    assert len(warned) == len(held) == len({m.split(":")[0] for m in warned})
+    for message in warned:
+        name = message.split(":")[0]
+        assert held[name] not in ("Q4_K", "Q5_K", "Q6_K") and message.endswith(f"writing it as {held[name]}")
+    caplog.clear()
+    write_gguf(model_files.hf("llama"), tmp_path / "fits.gguf", quant, progress=False)  # rows of 256 and 512
+    assert [r for r in caplog.records if r.name == "realizar_jax.formats.gguf_writer"] == []
+
+
 def test_convert_is_atomic(model_files, tmp_path, monkeypatch):
     hf = model_files.hf("llama")
     out = tmp_path / "model.gguf"
@@ -155,7 +173,7 @@ def test_convert_refuses_invalid_folder(model_files, tmp_path):
 
 
 def test_q5_k_through_the_cli(model_files, tmp_path, capsys):
-    from realizar_jax.cli import main
+    from realizar_jax.cli.main import main
     with pytest.raises(SystemExit) as exit_:
         main(["convert", "--help"])  # options before the positionals reach convert's own parser
     assert exit_.value.code == 0 and "q5_k" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from realizar_jax.formats import open_model
 from realizar_jax.formats.validate import parse_tensor_name, validate_roles
 from realizar_jax.quant.dequant import dequantize_blocks
 from realizar_jax.quant.quantize import quantize
-from realizar_jax.roles import tensor_name
+from realizar_jax.formats.roles import tensor_name
 
 # Every quant for a few variants that between them cover MHA/GQA/MQA, explicit head_dim, tied
 # embeddings and rows that are not whole K-quant blocks; f16 for all variants (see test_config_parity).

@@ -41,7 +41,34 @@ def test_tensors_equal_safetensors_reference(model_files, variant, kw):
             np.testing.assert_array_equal(np.asarray(t.data, np.float32), r.float().numpy())
         else:
             np.testing.assert_array_equal(t.data, r.numpy())
-        assert not t.data.flags.writeable
+        assert t.nbytes == r.numel() * r.element_size()
+
+
+def test_opening_reads_only_headers(tmp_path):
+    """A 64 MiB safetensors file opens without its data entering RAM; a slice reads only its rows."""
+    from safetensors.numpy import save_file
+
+    from realizar_jax.formats.hf_dir import _open_safetensors
+
+    def rss_mb():
+        return sum(int(line.split()[1]) for line in open("/proc/self/status")
+                   if line.startswith(("RssAnon:", "RssFile:"))) / 1024
+
+    rng = np.random.default_rng()
+    big = rng.standard_normal((4096, 4096), dtype=np.float32)
+    small = rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
+    save_file({"big": big, "small": small}, str(tmp_path / "x.safetensors"))
+    rows = rng.integers(0, 4096 - 8)
+    want = big[rows:rows + 8].copy()
+    del big
+    before = rss_mb()
+    tensors = _open_safetensors(tmp_path / "x.safetensors")
+    part = tensors["big"].data[rows:rows + 8]
+    assert rss_mb() - before < 16
+    np.testing.assert_array_equal(part, want)
+    assert tensors["big"].nbytes == 64 * 2**20 and tensors["big"].shape == (4096, 4096)
+    assert np.asarray(tensors["small"].data).dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(np.asarray(tensors["small"].data, np.float32), small.astype(np.float32))
 
 
 def test_bf16_and_sharded_configs_match_plain(model_files):

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from realizar_jax.roles import ROLES, tensor_name
+from realizar_jax.formats.roles import ROLES, tensor_name
 
 PROBE = r"""
 import json, sys, time

@@ -100,7 +100,7 @@ def check_opens_or_refuses(data: bytes, workdir: Path):
     # harmless damage: the source must be fully usable
     for t in source.tensors.values():
         np.asarray(t.data).view(np.uint8).sum()
-    from realizar_jax.inspect import describe
+    from realizar_jax.cli.inspect import describe
     describe(source)
     return None
 

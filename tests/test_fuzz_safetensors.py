@@ -146,6 +146,14 @@ def test_lying_safetensors_many(base_folder, workdir, edits, key, value):
     _opens_or_refuses(workdir)
 
 
+def test_what_only_the_library_refuses_names_the_file(base_folder, workdir):
+    _, header, data, config = base_folder
+    _write(workdir, {**header, "__metadata__": {"format": 1}}, data, config)  # metadata values must be strings
+    with pytest.raises(DamagedFileError, match="safetensors library") as e:
+        open_model(workdir)
+    assert e.value.path == str(workdir / "model.safetensors")
+
+
 def test_header_checks_are_named(tmp_path):
     path = tmp_path / "x.safetensors"
     good = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
@@ -167,6 +175,9 @@ def test_header_checks_are_named(tmp_path):
         ({"w": {**entry, "shape": [3, -4]}}, None, DamagedFileError, "bad shape"),
         ({"w": entry}, 2**63, DamagedFileError, "header length"),
         ({"w": entry, "v": {**entry, "data_offsets": [16, 64], "shape": [3, 4]}}, None, DamagedFileError, "outside"),
+        # the safetensors library needs every data byte to belong to a tensor
+        ({"w": {**entry, "shape": [2, 4], "data_offsets": [16, 48]}}, None, DamagedFileError, "16 data bytes before"),
+        ({"w": {**entry, "shape": [2, 4], "data_offsets": [0, 32]}}, None, DamagedFileError, "16 data bytes after"),
     ]
     for header, n, err, msg in cases:
         write(header, n=n)

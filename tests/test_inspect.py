@@ -9,7 +9,7 @@ import gguf
 import pytest
 
 from realizar_jax.formats import open_model
-from realizar_jax.inspect import inspect_main
+from realizar_jax.cli.inspect import inspect_main
 from realizar_jax.memory import estimate_memory, weight_bytes_of
 
 
@@ -64,9 +64,9 @@ def test_damaged_input_one_line_error(model_files, tmp_path, capsys):
 def test_module_entry_point(model_files, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
-    ok = subprocess.run([sys.executable, "-m", "realizar_jax.inspect", str(model_files.hf("mqa")), "--json"],
+    ok = subprocess.run([sys.executable, "-m", "realizar_jax.cli.inspect", str(model_files.hf("mqa")), "--json"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and json.loads(ok.stdout)["num_kv_heads"] == 1
-    r = subprocess.run([sys.executable, "-m", "realizar_jax.inspect", str(bad)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "realizar_jax.cli.inspect", str(bad)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "more than" in r.stderr

@@ -25,7 +25,7 @@ from realizar_jax.kernels.qdot import prepare_x_q8
 from realizar_jax.kernels.xquant import quantize_x
 from realizar_jax.quant.matmul import matmul_many
 from realizar_jax.kernels.layout import GPU_QTYPES
-from realizar_jax.synth import random_blocks
+from realizar_jax.cli.synth import random_blocks
 
 ON_GPU = jax.default_backend() == "gpu"
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import realizar_jax as rj
-from realizar_jax.inspect import inspect_main
+from realizar_jax.cli.inspect import inspect_main
 
 from test_load_parity import _hf_logits, _reference_from_gguf
 

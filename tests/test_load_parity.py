@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import realizar_jax as rj
-from realizar_jax.roles import GGUF_QK_PERMUTED_ARCHS, name_to_role, tensor_name
+from realizar_jax.formats.roles import GGUF_QK_PERMUTED_ARCHS, name_to_role, tensor_name
 
 from fixtures import VARIANTS
 

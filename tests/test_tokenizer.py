@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tokenizer_fixtures as tf
 from realizar_jax.errors import TokenizerError
 from realizar_jax.formats.gguf_tokenizer import gguf_tokenizer_fields
-from realizar_jax.tokenizer import Tokenizer
+from realizar_jax.text.tokenizer import Tokenizer
 
 BPE_STYLES = ["llama3", "qwen2", "gpt2"]
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -103,6 +103,68 @@ def test_spm_fields_follow_llama_cpp_converter(spm):
             md["tokenizer.ggml.unknown_token_id"]) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
     assert md["tokenizer.ggml.add_bos_token"] is True and md["tokenizer.ggml.add_eos_token"] is False
     assert md["tokenizer.chat_template"] == tf.SPM_CHAT_TEMPLATE
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_type=st.sampled_from(["bpe", "unigram"]), byte_fallback=st.booleans(), extra=st.integers(0, 400),
+       ids=st.permutations([0, 1, 2, 3]), no_bos=st.booleans(), pad=st.booleans(), rename=st.booleans(),
+       user=st.lists(st.sampled_from(["<tool>", "foo", "\u2581bar", "<ctl>"]), unique=True))
+def test_tokenizer_model_read_without_the_library_equals_sentencepiece(tmp_path, model_type, byte_fallback, extra,
+                                                                       ids, no_bos, pad, rename, user):
+    """Our reading of the ModelProto gives the pieces, scores, types (as the converter maps them) and special ids
+    that the sentencepiece library gives, over models trained with random settings."""
+    import io
+
+    import sentencepiece
+    from realizar_jax.formats.gguf_tokenizer import _read_spm_model
+    buf = io.BytesIO()
+    names = dict(unk_piece="[UNK]", bos_piece="[BOS]", eos_piece="[EOS]", pad_piece="[PAD]") if rename else {}
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tf.training_text()[::3]), model_writer=buf, model_type=model_type,
+        vocab_size=(700 if byte_fallback else 300) + extra, byte_fallback=byte_fallback, character_coverage=0.995,
+        user_defined_symbols=[u for u in user if u != "<ctl>"], control_symbols=[u for u in user if u == "<ctl>"],
+        unk_id=ids[0], bos_id=-1 if no_bos else ids[1], eos_id=ids[2], pad_id=ids[3] if pad else -1,
+        minloglevel=2, num_threads=1, **names)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    pieces, scores, types, own = _read_spm_model(path)
+    n = sp.vocab_size()
+    assert pieces == [sp.id_to_piece(i) for i in range(n)] and scores == [sp.get_score(i) for i in range(n)]
+    T = gguf.TokenType
+    assert types == [int(T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.UNUSED
+                         if sp.is_unused(i) else T.BYTE if sp.is_byte(i) else T.NORMAL) for i in range(n)]
+    assert {k: -1 if v is None else v for k, v in own.items()} == {
+        "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(0, 10**6), xor=st.integers(0, 255), cut=st.integers(0, 10**6))
+def test_damaged_tokenizer_model_is_a_tokenizer_error(spm, tmp_path, pos, xor, cut):
+    from realizar_jax.formats.gguf_tokenizer import _read_spm_model
+    raw = bytearray((spm[0] / "tokenizer.model").read_bytes())
+    raw[pos % len(raw)] ^= xor
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(raw[:len(raw) - cut % len(raw)])
+    try:
+        pieces, scores, types, _ = _read_spm_model(path)
+    except TokenizerError as e:
+        assert str(path) in str(e) and "not a SentencePiece model" in str(e)
+    else:
+        assert len(pieces) == len(scores) == len(types) > 0
+
+
+def test_tokenizer_model_needs_no_sentencepiece_package(spm, monkeypatch):
+    """`realizar-jax convert` of a SentencePiece folder works on a plain install, where sentencepiece is absent."""
+    import sys
+    want = gguf_tokenizer_fields(spm[0])
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` now raises ImportError
+    assert gguf_tokenizer_fields(spm[0]) == want
+    for raw in (b"", b"\xff" * 12, b"\x0a\x20ab"):
+        (spm[0].parent / "bad").mkdir(exist_ok=True)
+        (spm[0].parent / "bad" / "tokenizer.model").write_bytes(raw)
+        with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+            gguf_tokenizer_fields(spm[0].parent / "bad")
 
 
 def test_config_vocab_size_pads_token_list(tmp_path):
@@ -220,6 +282,35 @@ def test_spm_hf_dir_without_tokenizer_json(spm):
     t = Tokenizer.from_hf_dir(d)  # only tokenizer.model: goes through the GGUF fields
     assert t.encode(tf.PROSE) == ours.encode(tf.PROSE) == [sp.bos_id()] + sp.encode(tf.PROSE)
     assert (t.bos_id, t.eos_ids, t.add_bos, t.chat_template) == (1, (2,), True, tf.SPM_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def spm_model(spm, model_files, tmp_path_factory):
+    """rj.load of an HF model folder whose only tokenizer file is a SentencePiece tokenizer.model."""
+    import json
+    import shutil
+
+    import realizar_jax as rj
+    d = tmp_path_factory.mktemp("spm-model") / "m"
+    shutil.copytree(model_files.hf("llama"), d)
+    (d / "tokenizer.json").unlink()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(spm[0] / name, d / name)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "bos_token_id": 1, "eos_token_id": 2}))  # the SPM's ids
+    return rj.load(d, max_seq_len=64)
+
+
+@HYP
+@given(text=hard_text)
+def test_hf_model_with_only_tokenizer_model_loads_its_tokenizer(spm, spm_model, text):
+    _, sp, _, _ = spm
+    assert spm_model.tokenizer.encode(text, special=False) == [sp.bos_id()] + sp.encode(text)
+
+
+def test_hf_model_with_only_tokenizer_model_generates_text(spm_model):
+    g = spm_model.generate("def main(argv):", max_new_tokens=4)
+    assert g.prompt_tokens[0] == 1 and len(g.tokens) == 4 and isinstance(g.text, str)
 
 
 def test_hf_dir_with_sentencepiece_style_tokenizer_json(spm, tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 
 import tokenizer_fixtures as tf
 from realizar_jax.formats.gguf_tokenizer import gguf_tokenizer_fields
-from realizar_jax.tokenizer import Tokenizer
+from realizar_jax.text.tokenizer import Tokenizer
 
 hard_text = tf.hard_text_strategy()
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -19,7 +19,7 @@ from realizar_jax.kernels.xquant import fusable_prep, quantize_x
 from realizar_jax.layers import rms_norm, swiglu
 from realizar_jax.quant.matmul import matmul, normed_matmul_many, swiglu_matmul
 from realizar_jax.quant.qtensor import QTensor
-from realizar_jax.synth import random_blocks
+from realizar_jax.cli.synth import random_blocks
 
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
 BF16 = ml_dtypes.bfloat16

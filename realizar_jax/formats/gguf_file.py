@@ -23,8 +23,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..config import ModelConfig, RopeScaling
 from ..errors import DamagedFileError, ModelFormatError, UnsupportedQuantError
 from ..quant.types import DENSE_QTYPES, SUPPORTED_QTYPES
-from ..roles import canonical_architecture
-from . import ModelSource, TensorSource
+from .roles import canonical_architecture
+from .source import ModelSource, TensorSource
 
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS

@@ -28,18 +28,32 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import gguf
 
 from ..errors import TokenizerError
-from ..tokenizer import GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
 logger = logging.getLogger(__name__)
 
 Field = tuple[str, object, "gguf.GGUFValueType | None"]
 
-# regex in tokenizer.json -> llama.cpp's name for it (tokenizer.ggml.pre)
+# llama.cpp's split regexes (llama-vocab.cpp) and the tokenizer.ggml.pre names that select them; text/ builds
+# tokenizers from these, so they live here, with the file knowledge.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PRE_NAMES = frozenset(["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"])  # also ignore_merges, BOS
+NFC_PRE_NAMES = frozenset(["qwen2", "deepseek-r1-qwen"])
+PRE_REGEXES = {  # tokenizer.ggml.pre -> split regex
+    **dict.fromkeys(LLAMA3_PRE_NAMES, LLAMA3_REGEX),
+    **dict.fromkeys(NFC_PRE_NAMES, QWEN2_REGEX),
+    **dict.fromkeys(["default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"], GPT2_REGEX),
+}
+# regex in tokenizer.json -> the name we write as tokenizer.ggml.pre
 PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
 
 
@@ -136,30 +150,88 @@ def _bpe_vocab(hf_dir: Path, tok_json: dict, n_vocab: int | None):
     return tokens, types
 
 
+def _proto_fields(buf: bytes):
+    """(field number, wire type, value) of each field of one protobuf message: an int for varints, bytes for the
+    rest. Raises ValueError on a truncated or malformed message."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while shift < 70:
+            b = buf[i]  # IndexError past the end
+            value, i, shift = value | (b & 0x7F) << shift, i + 1, shift + 7
+            if b < 0x80:
+                return value, i
+        raise ValueError("varint longer than 10 bytes")
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire in (1, 2, 5):
+            size, i = (8, i) if wire == 1 else (4, i) if wire == 5 else varint(i)
+            value, i = buf[i:i + size], i + size
+            if i > len(buf):
+                raise ValueError("field runs past the end")
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield key >> 3, wire, value
+
+
+# SentencePiece piece types the converter keeps (the enum has gguf's values); the others become NORMAL
+_SPM_KEPT_TYPES = {int(t) for t in (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.UNUSED,
+                                    gguf.TokenType.BYTE)}
+
+
+def _read_spm_model(path: Path):
+    """(pieces, scores, types, {'unk'|'bos'|'eos'|'pad': id}) of a SentencePiece tokenizer.model.
+
+    The ModelProto is read directly (pieces = field 1: piece 1, score 2, type 3; trainer_spec = field 2 with
+    the special pieces' names in 45-48): this is all the converter takes from the `sentencepiece` library, so
+    a plain install needs no compiled extension for it. Special ids as the library gives them: the named
+    piece when it has the right type (the first UNKNOWN piece for unk)."""
+    try:
+        pieces, scores, types = [], [], []
+        names = {45: "<unk>", 46: "<s>", 47: "</s>", 48: "<pad>"}
+        for field, wire, value in _proto_fields(path.read_bytes()):
+            if field == 1 and wire == 2:
+                piece, score, kind = "", 0.0, int(gguf.TokenType.NORMAL)
+                for f, w, v in _proto_fields(value):
+                    if f == 1 and w == 2:
+                        piece = v.decode("utf-8")
+                    elif f == 2 and w == 5:
+                        score = struct.unpack("<f", v)[0]
+                    elif f == 3 and w == 0:
+                        kind = v
+                pieces.append(piece)
+                scores.append(score)
+                types.append(kind if kind in _SPM_KEPT_TYPES else int(gguf.TokenType.NORMAL))
+            elif field == 2 and wire == 2:
+                names.update({f: v.decode("utf-8") for f, w, v in _proto_fields(value) if f in names and w == 2})
+    except (ValueError, IndexError) as e:  # UnicodeDecodeError is a ValueError
+        raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from None
+    if not pieces:
+        raise TokenizerError(f"{path}: not a SentencePiece model: it holds no pieces")
+    ids = {p: i for i, p in reversed(list(enumerate(pieces)))}  # the first id of a repeated piece
+    own = {"unk": next((i for i, t in enumerate(types) if t == gguf.TokenType.UNKNOWN), None)}
+    for key, field in (("bos", 46), ("eos", 47), ("pad", 48)):
+        i = ids.get(names[field])
+        own[key] = i if i is not None and types[i] == gguf.TokenType.CONTROL else None
+    return pieces, scores, types, own
+
+
 def _spm_vocab(hf_dir: Path, n_vocab: int | None):
-    try:
-        from sentencepiece import SentencePieceProcessor
-    except ImportError as e:  # pragma: no cover - sentencepiece is a test/convert dependency
-        raise TokenizerError("reading tokenizer.model needs the `sentencepiece` package") from e
-    sp = SentencePieceProcessor()
     path = hf_dir / "tokenizer.model"
-    try:
-        sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError) as e:
-        raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from e
-    size = n_vocab or sp.vocab_size()
+    pieces, piece_scores, piece_types, own_ids = _read_spm_model(path)
+    size = n_vocab or len(pieces)
     tokens = [f"[PAD{i}]" for i in range(size)]
     scores = [-10000.0] * size
     types = [int(gguf.TokenType.UNUSED)] * size
-    for i in range(min(size, sp.vocab_size())):
-        tokens[i] = sp.IdToPiece(i)
-        scores[i] = float(sp.GetScore(i))
-        types[i] = int(gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
-                       else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
-                       else gguf.TokenType.NORMAL)
-    if sp.vocab_size() > size:
+    n = min(size, len(pieces))
+    tokens[:n], scores[:n], types[:n] = pieces[:n], piece_scores[:n], piece_types[:n]
+    if len(pieces) > size:
         logger.warning("%s: tokenizer has %d pieces but config.json vocab_size is %d; extra pieces dropped",
-                       path, sp.vocab_size(), size)
+                       path, len(pieces), size)
     extra = {}
     if (hf_dir / "added_tokens.json").is_file():
         extra.update({int(i): {"content": t} for t, i in _read_json(hf_dir / "added_tokens.json").items()})
@@ -177,8 +249,7 @@ def _spm_vocab(hf_dir: Path, n_vocab: int | None):
             text = text.replace("\u2581", " ")
             types[i] = int(gguf.TokenType.USER_DEFINED)
         tokens[i], scores[i] = text, -1000.0
-    own_ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
-    return tokens, scores, types, {k: v for k, v in own_ids.items() if 0 <= v < size}
+    return tokens, scores, types, {k: v for k, v in own_ids.items() if v is not None and v < size}
 
 
 def gguf_tokenizer_fields(hf_dir) -> list[Field]:

@@ -14,6 +14,8 @@ when complete, so a failure never leaves a half-written OUT.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
 import tempfile
@@ -25,8 +27,10 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..quant.types import QTYPE_SIZES
-from ..roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
+from .roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
 from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
+
+logger = logging.getLogger(__name__)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
@@ -57,8 +61,9 @@ def fit_qtype(qtype: str, row_length: int) -> str:
 
 
 def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str, num_layers: int,
-               has_output: bool) -> str:
-    """The gguf qtype a tensor is written in for `--quant quant`."""
+               has_output: bool, tensor: str | None = None) -> str:
+    """The gguf qtype a tensor is written in for `--quant quant`. When its rows do not fit the type's blocks
+    and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one."""
     if quant not in _BASE_QTYPE:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
     if len(shape) < 2 or quant == "f32":
@@ -66,10 +71,14 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
     qtype = _BASE_QTYPE[quant]
     if quant == "q4_k_m":
         if role == "lm_head" or (role == "embed" and not has_output):
-            qtype = "Q6_K" if shape[-1] % 256 == 0 else "Q8_0"
+            qtype = "Q6_K"
         elif role in ("wv", "w_down") and use_more_bits(layer, num_layers):
             qtype = "Q6_K"
-    return fit_qtype(qtype, shape[-1])
+    fitted = fit_qtype(qtype, shape[-1])
+    if fitted != qtype and tensor is not None:
+        logger.warning("%s: rows of %d values are not a whole number of %s blocks (%d values); writing it as %s",
+                       tensor, shape[-1], qtype, QTYPE_SIZES[qtype][0], fitted)
+    return fitted
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -109,8 +118,9 @@ def _plan(src, role_map, quant: str) -> list[_Planned]:
             continue
         hf_name = role_map[(role, layer)]
         shape = tuple(src.tensors[hf_name].shape)
-        qtype = plan_qtype(role, layer, shape, quant, c.num_layers, has_output)
-        plan.append(_Planned(tensor_name(role, "gguf", layer), role, layer, hf_name, shape, qtype))
+        name = tensor_name(role, "gguf", layer)
+        plan.append(_Planned(name, role, layer, hf_name, shape,
+                             plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name)))
     return plan
 
 
@@ -202,9 +212,12 @@ def write_gguf(hf_dir, out, quant: str = "f16", *, progress: bool | None = None)
     for p in plan:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype])
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+    tmp, prefix = None, f".{out.name}."
     try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=".tmp")
+        os.close(fd)
         w.write_header_to_file(path=Path(tmp))
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -223,8 +236,11 @@ def write_gguf(hf_dir, out, quant: str = "f16", *, progress: bool | None = None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         w.close()
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno and (e.filename is None or Path(e.filename).name.startswith(prefix)):
+            raise OSError(e.errno, e.strerror, str(out)) from None  # the temp file is ours: name OUT
         raise
     return out

@@ -1,24 +1,26 @@
 """Open a Hugging Face model folder (config.json + *.safetensors) as a validated ModelSource.
 
-The safetensors header (8-byte little-endian length, then JSON) is parsed here rather than by the
-safetensors package, whose numpy backend cannot hand out bf16 and which would not tell us which
-field of a damaged header is wrong. Every length and offset is checked against the file size
-before the data is np.memmap'ed (nothing is copied).
+Each safetensors header (8-byte little-endian length, then JSON) is checked here first, so that a damaged
+file's error names the field and the tensor (the library's own errors name neither): every length, offset
+and span against the file size. The tensors are then read through the safetensors library (`safe_open`,
+numpy), each one only when it is used: opening a folder reads nothing but headers.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy, which the safetensors library's numpy backend needs
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
-from ..roles import canonical_architecture
-from . import ModelSource, TensorSource
+from .roles import canonical_architecture
+from .source import ModelSource, TensorSource
 from .gguf_file import default_add_bos
 
 # safetensors dtype -> (gguf qtype spelling, numpy dtype)
@@ -85,25 +87,51 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise DamagedFileError(f"{dtype} {shape} needs {n_elements * ST_DTYPES[dtype][1].itemsize} bytes but "
                                    f"data_offsets span {offsets[1] - offsets[0]}", path=path, tensor=name)
         spans.append((offsets[0], offsets[1], name))
-    spans.sort()
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            raise DamagedFileError(f"data of {a!r} and {b!r} overlap", path=path, tensor=b)
+    # The library wants the data covered exactly, tensor after tensor: say which tensor breaks that.
+    covered, prev = 0, None
+    for start, end, name in sorted(spans):
+        if start < covered:
+            raise DamagedFileError(f"data of {prev!r} and {name!r} overlap", path=path, tensor=name)
+        if start > covered:
+            raise DamagedFileError(f"{start - covered} data bytes before this tensor belong to no tensor",
+                                   path=path, tensor=name)
+        covered, prev = end, name
+    if covered != data_len:
+        raise DamagedFileError(f"{data_len - covered} data bytes after the last tensor belong to no tensor",
+                               path=path)
     return header, data_start
 
 
+class LazyTensor:
+    """One tensor of an open safetensors file: shape, dtype and nbytes now; its data, through the library, when
+    converted (np.asarray) or sliced. Each read copies out only that tensor or slice."""
+
+    __slots__ = ("_file", "_name", "shape", "dtype")
+
+    def __init__(self, file, name: str, shape, dtype: np.dtype):
+        self._file, self._name, self.shape, self.dtype = file, name, tuple(shape), dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        data = self._file.get_tensor(self._name)
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._file.get_slice(self._name)[key]
+
+
 def _open_safetensors(path: Path) -> dict[str, TensorSource]:
-    header, data_start = read_safetensors_header(path)
-    if not header:
-        return {}
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, entry in header.items():
-        qtype, dtype = ST_DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        data = mm[data_start + begin:data_start + end].view(dtype).reshape(entry["shape"])
-        out[name] = TensorSource(name, qtype, tuple(entry["shape"]), data)
-    return out
+    header, _ = read_safetensors_header(path)
+    try:
+        file = safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise DamagedFileError(f"the safetensors library cannot open it: {e}", path=path) from None
+    return {name: TensorSource(name, ST_DTYPES[entry["dtype"]][0], tuple(entry["shape"]),
+                               LazyTensor(file, name, entry["shape"], ST_DTYPES[entry["dtype"]][1]))
+            for name, entry in header.items()}
 
 
 def _weight_files(folder: Path) -> list[tuple[Path, set[str] | None]]:

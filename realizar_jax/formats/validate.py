@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, UnsupportedQuantError
 from ..quant.types import DENSE_QTYPES
-from ..roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles
+from .roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
 

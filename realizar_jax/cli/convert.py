@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import RealizarError
-from .formats.gguf_writer import QUANT_CHOICES, write_gguf
+from ..formats.gguf_writer import QUANT_CHOICES, write_gguf
+from .parser import Parser, run
+
+PROG = "realizar-jax convert"
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="realizar-jax convert",
-                                          description="Convert an HF model folder to a GGUF file.")
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="Convert an HF model folder to a GGUF file.")
     p.add_argument("hf_dir", help="folder with config.json, *.safetensors and the tokenizer files")
     p.add_argument("out", help="output .gguf path (written atomically)")
     p.add_argument("--quant", default="f16", type=str.lower, choices=QUANT_CHOICES,
@@ -21,12 +22,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def convert_main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = write_gguf(args.hf_dir, args.out, args.quant, progress=None if not args.no_progress else False)
-    except (RealizarError, OSError) as e:
-        print(f"realizar-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    return run(PROG, _convert, build_parser().parse_args(argv))
+
+
+def _convert(args) -> int:
+    out = write_gguf(args.hf_dir, args.out, args.quant, progress=False if args.no_progress else None)
     print(f"wrote {out}")
     return 0
 

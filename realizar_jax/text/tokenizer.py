@@ -10,6 +10,7 @@ Constructors:
   token_type, scores, merges, bos_token_id, eos_token_id, eot_token_id, eom_token_id, unknown_token_id,
   add_bos_token, add_eos_token, add_space_prefix} and tokenizer.chat_template.
 * `Tokenizer.from_gguf_file(path)`: reads just the metadata with gguf-py and calls the above.
+* `load_tokenizer(source)`: whichever of these fits an opened `formats.ModelSource` (None if it has no tokenizer).
 
 How a GGUF vocab becomes a `tokenizers` object (mirroring llama.cpp's llama-vocab.cpp):
 * 'gpt2' (byte-level BPE): tokens + merges, the split regex named by tokenizer.ggml.pre (llama-bpe/llama3,
@@ -36,25 +37,13 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
+from ..formats import ModelSource
+from ..formats.gguf_tokenizer import GPT2_REGEX, LLAMA3_PRE_NAMES, NFC_PRE_NAMES, PRE_REGEXES
 
-# gguf.TokenType values (not imported: gguf is only needed for files)
+# gguf.TokenType values, as the plain ints metadata holds
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-# tokenizer.ggml.pre names (llama.cpp's spellings) -> split regex
-_PRE_REGEX = {
-    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"], LLAMA3_REGEX),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], QWEN2_REGEX),
-    **dict.fromkeys(["default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"], GPT2_REGEX),
-}
-_LLAMA3_NAMES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"}  # llama.cpp sets ignore_merges, add_bos
-_NFC_NAMES = {"qwen2", "deepseek-r1-qwen"}
 
 # Control tokens llama.cpp also treats as end-of-generation (llama-vocab.cpp's EOG list).
 EOG_TEXTS = frozenset(["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
@@ -207,7 +196,7 @@ class Tokenizer:
         tj_path = path / "tokenizer.json"
         if not tj_path.is_file():
             if (path / "tokenizer.model").is_file():
-                from .formats.gguf_tokenizer import gguf_tokenizer_fields
+                from ..formats.gguf_tokenizer import gguf_tokenizer_fields
                 return cls.from_gguf_metadata({k: v for k, v, _ in gguf_tokenizer_fields(path)})
             raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
         from tokenizers import Tokenizer as HFTokenizer
@@ -269,7 +258,7 @@ class Tokenizer:
         pre = md.str("tokenizer.ggml.pre") or "default"
         if model == "gpt2":
             hf = _build_byte_level_bpe(tokens, types, md, pre, where)
-            mode, strip, default_add_bos = "byte_level", False, pre in _LLAMA3_NAMES
+            mode, strip, default_add_bos = "byte_level", False, pre in LLAMA3_PRE_NAMES
             defaults = {}
         elif model == "llama":
             add_space_prefix = md.bool("tokenizer.ggml.add_space_prefix", True)
@@ -295,6 +284,18 @@ class Tokenizer:
                    add_bos=md.bool("tokenizer.ggml.add_bos_token", default_add_bos),
                    add_eos=md.bool("tokenizer.ggml.add_eos_token", False),
                    chat_template=md.str("tokenizer.chat_template"), decode_mode=mode, strip_first_space=strip)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """The tokenizer of an opened model: from a GGUF's metadata, or from an HF folder's tokenizer.json or
+    SentencePiece tokenizer.model. None when the model carries none (then only token ids work)."""
+    if source.format == "gguf":
+        if "tokenizer.ggml.tokens" not in source.metadata:
+            return None
+        return Tokenizer.from_gguf_metadata(source.metadata, path=source.path)
+    if any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return Tokenizer.from_hf_dir(source.path)
+    return None
 
 
 # -------------------------------------------------------------------- GGUF vocab -> tokenizers
@@ -328,16 +329,16 @@ def _build_byte_level_bpe(tokens, types, md, pre, where):
         if a not in vocab or b not in vocab or a + b not in vocab:
             raise TokenizerError(f"{where}tokenizer.ggml.merges[{k}] = {a + ' ' + b!r} uses or makes a token "
                                  f"that is not in tokenizer.ggml.tokens")
-    regex = _PRE_REGEX.get(pre)
+    regex = PRE_REGEXES.get(pre)
     if regex is None:
         warnings.warn(f"{where}unknown tokenizer.ggml.pre {pre!r}; splitting text with GPT-2's regex, which may "
                       f"not match the model's own tokenizer")
         regex = GPT2_REGEX
     try:
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_NAMES))
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in LLAMA3_PRE_NAMES))
     except Exception as e:
         raise TokenizerError(f"{where}cannot build the BPE tokenizer: {e}") from e
-    if pre in _NFC_NAMES:
+    if pre in NFC_PRE_NAMES:
         hf.normalizer = normalizers.NFC()
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),

@@ -16,7 +16,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import ChatTemplateError
+from ..errors import ChatTemplateError
 
 __all__ = ["render_chat", "ChatTemplateError"]
 

@@ -1,7 +1,7 @@
 """Command line: realizar-jax generate | perplexity | inspect | convert | bench.
 
 Every failure the user can cause (missing file, damaged model, bad argument) ends in one line on
-stderr and a non-zero exit code, never a traceback.
+stderr, `realizar-jax CMD: error: ...`, and exit code 2 (command line) or 1 (while running).
 """
 from __future__ import annotations
 
@@ -9,24 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import RealizarError
-
-from . import default_model_path
+from .. import __version__, default_model_path
+from .parser import DTYPES, Parser, positive_int, run
 
 DEFAULT_MODEL = default_model_path()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, as argparse does, without the usage block
-        print(f"realizar-jax: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+DELEGATED = ("inspect", "convert", "bench")  # subcommands with their own parser in cli/NAME.py
 
 
 def _resolve_model(path: str | None) -> Path:
@@ -44,10 +31,10 @@ def cmd_generate(args) -> int:
     model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or None)
-    pieces = (model.chat([{"role": "user", "content": args.prompt}], stream=True, **kw) if args.chat
-              else model.stream(args.prompt, **kw))
-    if not args.chat:
-        sys.stdout.write(args.prompt)
+    pieces = iter(model.chat([{"role": "user", "content": args.prompt}], stream=True, **kw) if args.chat
+                  else model.stream(args.prompt, **kw))
+    first = next(pieces, "")  # a prompt the model refuses fails here, before anything reaches stdout
+    sys.stdout.write(("" if args.chat else args.prompt) + first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -66,13 +53,14 @@ def cmd_perplexity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="realizar-jax", description="LLM inference on JAX for GGUF and safetensors models")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="realizar-jax", description="LLM inference on JAX for GGUF and safetensors models")
+    p.add_argument("--version", action="version", version=f"realizar-jax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate text (streams to stdout, stats to stderr)")
     g.add_argument("--model", help="a .gguf file or HF folder (default: the embedded model)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -81,53 +69,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--max-seq-len", type=_positive_int)
+    g.add_argument("--dtype", choices=DTYPES)
+    g.add_argument("--max-seq-len", type=positive_int)
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("perplexity", help="perplexity of a text file")
     x.add_argument("file")
     x.add_argument("--model")
-    x.add_argument("--stride", type=_positive_int)
-    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    x.add_argument("--max-seq-len", type=_positive_int)
+    x.add_argument("--stride", type=positive_int)
+    x.add_argument("--dtype", choices=DTYPES)
+    x.add_argument("--max-seq-len", type=positive_int)
     x.set_defaults(func=cmd_perplexity)
 
-    for name, module, fn, helptext in [
-        ("inspect", "inspect", "inspect_main", "show a model's config, memory estimate and tensors by role"),
-        ("convert", "convert", "convert_main", "convert an HF folder to GGUF (optionally quantized)"),
-        ("bench", "bench", "bench_main", "benchmark load/compile/prefill/decode on random-weight GGUFs"),
-    ]:
+    for name, helptext in [("inspect", "show a model's config, memory estimate and tensors by role"),
+                           ("convert", "convert an HF folder to GGUF (optionally quantized)"),
+                           ("bench", "benchmark load/compile/prefill/decode on random-weight GGUFs")]:
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_delegate(module, fn))
+        s.set_defaults(func=_delegate(name))
     return p
 
 
-def _delegate(module: str, fn: str):
-    def run(args) -> int:
+def _delegate(name: str):
+    def call(args) -> int:  # cli/NAME.py's NAME_main(argv)
         import importlib
-        return importlib.import_module(f"realizar_jax.{module}").__dict__[fn](args.rest)
-    return run
+        return getattr(importlib.import_module(f"realizar_jax.cli.{name}"), f"{name}_main")(args.rest)
+    return call
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv and argv[0] in ("inspect", "convert", "bench"):
+    if argv and argv[0] in DELEGATED:
         # argparse's REMAINDER drops a leading option (`convert --help`, `inspect --json X`): hand the
         # subcommand every argument itself, its own parser checks them.
         args = parser.parse_args(argv[:1])
         args.rest = argv[1:]
     else:
         args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (RealizarError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as exc:
-        print(f"realizar-jax: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run(f"realizar-jax {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

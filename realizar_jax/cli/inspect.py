@@ -9,26 +9,27 @@ import json
 import sys
 from collections import defaultdict
 
-from .errors import RealizarError
+from .parser import DTYPES, Parser, positive_int, run
+
+PROG = "realizar-jax inspect"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="realizar-jax inspect",
-                                description="Show a model's architecture, config, memory estimate and tensors.")
+    p = Parser(prog=PROG, description="Show a model's architecture, config, memory estimate and tensors.")
     p.add_argument("path", help="a .gguf file or an HF model folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="context length for the memory estimate (default: the model's context length)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for the memory estimate")
-    p.add_argument("--dtype", default="bfloat16", help="dtype dense weights get on the device")
-    p.add_argument("--kv-dtype", default="bfloat16", help="KV cache dtype for the memory estimate")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size for the memory estimate")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype dense weights get on the device")
+    p.add_argument("--kv-dtype", default="bfloat16", choices=DTYPES, help="KV cache dtype for the memory estimate")
     return p
 
 
 def describe(source, max_seq_len=None, batch=1, dtype="bfloat16", kv_dtype="bfloat16") -> dict:
     """The inspect report of an opened ModelSource as a JSON-able dict."""
-    from .formats.validate import validate_roles
-    from .memory import estimate_memory, weight_bytes_of
+    from ..formats.validate import validate_roles
+    from ..memory import estimate_memory, weight_bytes_of
 
     c = source.config
     roles = {name: key for key, name in validate_roles(source).items()}
@@ -88,14 +89,12 @@ def _print_tables(report: dict) -> None:
 
 
 def inspect_main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from .formats import open_model
-        report = describe(open_model(args.path), args.max_seq_len, args.batch, args.dtype, args.kv_dtype)
-    except (RealizarError, OSError, ValueError, TypeError) as e:
-        # ValueError/TypeError: a bad --dtype/--kv-dtype name or a non-positive size
-        print(f"realizar-jax inspect: error: {e}", file=sys.stderr)
-        return 1
+    return run(PROG, _inspect, build_parser().parse_args(argv))
+
+
+def _inspect(args) -> int:
+    from ..formats import open_model
+    report = describe(open_model(args.path), args.max_seq_len, args.batch, args.dtype, args.kv_dtype)
     if args.json:
         print(json.dumps(report))
     else:

@@ -11,7 +11,6 @@ copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .kernels.tuning import KernelConfig, parse_variant as parse_kernel_variant
+from ..kernels.tuning import KernelConfig, parse_variant as parse_kernel_variant
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -65,9 +64,9 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     import jax
     import jax.numpy as jnp
 
-    from . import engine, models as M
-    from .cache import init_cache
-    from .generate import DECODE_CHUNK
+    from .. import engine, models as M
+    from ..cache import init_cache
+    from ..generate import DECODE_CHUNK
 
     res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
@@ -254,8 +253,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def bench_main(argv=None) -> int:
+    from .parser import Parser, fail
     from .synth import QUANTS, SHAPES, write_synthetic_gguf
-    ap = argparse.ArgumentParser(prog="realizar-jax bench", description=__doc__.split("\n")[0])
+    ap = Parser(prog="realizar-jax bench", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="a .gguf file or HF folder to benchmark")
     src.add_argument("--shape", choices=sorted(SHAPES), help="synthesize a random-weight GGUF of this shape")
@@ -277,16 +277,13 @@ def bench_main(argv=None) -> int:
         for spec in args.ab:
             parse_kernel_variant(spec, KernelConfig())
     except ValueError as e:
-        print(str(e), file=sys.stderr)
-        return 2
+        return fail(ap.prog, e, 2)
     if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
-        print("bench: --batch and --prompt-len must be >= 1, --gen >= 2", file=sys.stderr)
-        return 2
+        return fail(ap.prog, "--batch and --prompt-len must be >= 1, --gen >= 2", 2)
     if args.model:
         path = Path(args.model)
         if not path.exists():
-            print(f"bench: {path}: no such file or directory", file=sys.stderr)
-            return 2
+            return fail(ap.prog, f"{path}: no such file or directory")
         synth_s = None
     else:
         shape = args.shape or "llama3.2-1b"

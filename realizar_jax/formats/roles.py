@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
-from .errors import UnknownArchitectureError
+from ..config import SUPPORTED_ARCHITECTURES, ModelConfig
+from ..errors import UnknownArchitectureError
 
 
 @dataclass(frozen=True)
