@@ -97,12 +97,15 @@ class PrefillAttention(_Attention):
 
     def __call__(self, q, k, v, wo):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D] before RoPE -> (attention @ wo.T [B, T, hidden], self updated)."""
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         b, t = q.shape[:2]
         ks = self.k.at[self.layer, :, :, :t].set(k.swapaxes(1, 2).astype(self.k.dtype))
         vs = self.v.at[self.layer, :, :, :t].set(v.swapaxes(1, 2).astype(self.v.dtype))
         out = prefill_attention(q, k, v, self.lengths, self.scale)
-        return linear(out.reshape(b, t, -1), wo, unsummed=True), dataclasses.replace(self, k=ks, v=vs)
+        with jax.named_scope("o"):
+            y = linear(out.reshape(b, t, -1), wo, unsummed=True)
+        return y, dataclasses.replace(self, k=ks, v=vs)
 
     def cache(self) -> KVCache:
         return KVCache(self.k, self.v, self.lengths.astype(jnp.int32))
@@ -127,7 +130,8 @@ class DecodeAttention(_Attention):
         res = kernel(*args, wo, partial(linear, unsummed=True)) if kernel is not None else None
         if res is None:
             out, ks, vs = decode_attention_update_ref(*args)
-            res = linear(out.reshape(out.shape[0], -1), wo, unsummed=True), ks, vs
+            with jax.named_scope("o"):
+                res = linear(out.reshape(out.shape[0], -1), wo, unsummed=True), ks, vs
         y, ks, vs = res
         return y, dataclasses.replace(self, k=ks, v=vs)
 
