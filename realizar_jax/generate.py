@@ -183,7 +183,17 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     reasons = ["length"] * b
     produced = [[] for _ in range(b)]
     pending = first_host[None]  # [steps, B] tokens not yet handed out
-    last = first
+    state = (cache, first, seen, key)
+    queued = []   # dispatched chunks not yet read: the next one is queued before this one is read
+
+    def dispatch():
+        nonlocal state
+        cache, last, seen, key = state
+        key, sub = jax.random.split(key)
+        out, cache, seen, last = steps.decode_loop(model.params, cache, last, sub, sampling, seen, steps=DECODE_CHUNK)
+        state = (cache, last, seen, key)
+        queued.append(out)
+
     t_decode = time.perf_counter()
     decode_compiled_before = steps.decode_loop.compile_seconds
     while True:
@@ -201,9 +211,14 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
                     done[r] = True
         if done.all():
             break
-        key, sub = jax.random.split(key)
-        out, cache, seen, last = steps.decode_loop(model.params, cache, last, sub, sampling, seen, steps=DECODE_CHUNK)
-        pending = np.asarray(out)
+        if not queued:
+            dispatch()
+        # tokens still wanted once the queued chunk is read: then the chunk after it goes to the
+        # device now, and the GPU never waits for the host to read and hand out tokens
+        wanted = max(max_new_tokens - len(produced[r]) for r in range(b) if not done[r])
+        if wanted > DECODE_CHUNK * len(queued):
+            dispatch()
+        pending = np.asarray(queued.pop(0))
     stats.decode_s = time.perf_counter() - t_decode - (steps.decode_loop.compile_seconds - decode_compiled_before)
     stats.compile_s = steps.compile_seconds - compiled_before
     stats.generated_tokens = sum(len(p) for p in produced)
