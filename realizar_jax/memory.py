@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InsufficientMemoryError
+from .quant.types import qtype_info
 
 DEFAULT_PREFILL_CHUNK = 512
 GIB = 1024 ** 3
@@ -90,7 +91,7 @@ def weight_bytes_of(source, dense_dtype=None) -> int:
     ones in `dense_dtype` (default: as stored in the file)."""
     total = 0
     for t in source.tensors.values():
-        if dense_dtype is not None and t.qtype in ("F32", "F16", "BF16"):
+        if dense_dtype is not None and qtype_info(t.qtype).is_dense:
             total += int(np.prod(t.shape, dtype=np.int64)) * dtype_itemsize(dense_dtype)
         else:
             total += t.nbytes

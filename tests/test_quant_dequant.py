@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from realizar_jax.errors import UnsupportedQuantError
-from realizar_jax.quant import (DENSE_QTYPES, QTYPE_SIZES, QUANTIZED_QTYPES, QTensor, bits_per_weight,
+from realizar_jax.quant import (DENSE_QTYPES, QTYPE_SIZES, QTYPES, QUANTIZED_QTYPES, QTensor, bits_per_weight,
                                 dequantize, dequantize_blocks, dequantize_rows, row_bytes)
 
 # byte offsets of the f16 scale fields in each block (from the ggml block structs)
@@ -53,6 +53,7 @@ def test_f16_fields_table_matches_block_sizes():
     for qtype, offs in F16_FIELDS.items():
         assert all(off + 2 <= QTYPE_SIZES[qtype][1] for off in offs)
     assert set(F16_FIELDS) == set(QUANTIZED_QTYPES)
+    assert all(QTYPES[qtype].f16_offsets == offs for qtype, offs in F16_FIELDS.items())   # the registry's
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED_QTYPES)

@@ -12,32 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# qtype -> (values per block, bytes per block, byte offsets of f16 scale fields)
-_BLOCKS = {
-    "Q8_0": (32, 34, (0,)), "Q4_0": (32, 18, (0,)), "Q4_K": (256, 144, (0, 2)),
-    "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)),
-}
+from .formats.gguf_writer import use_more_bits
+from .quant.types import qtype_info, row_bytes
 
-
-def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, row_bytes] of random `qtype` blocks with finite f16 scales (|w| ~ 1e-2)."""
-    if qtype in ("F16", "BF16", "F32"):
-        w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
-        if qtype == "F32":
-            return w.view(np.uint8)
-        if qtype == "F16":
-            return w.astype(np.float16).view(np.uint8)
-        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    bs, ts, offs = _BLOCKS[qtype]
-    nb = cols // bs
-    b = rng.integers(0, 256, (rows, nb, ts), dtype=np.uint8)
-    # scale magnitudes chosen so a weight is ~1e-2 whatever the quant range
-    lo, hi = {"Q8_0": (2e-4, 4e-4), "Q4_0": (2e-3, 4e-3), "Q4_K": (5e-5, 1.5e-4),
-              "Q5_K": (3e-5, 8e-5), "Q6_K": (1e-5, 3e-5)}[qtype]
-    for o in offs:
-        s = rng.uniform(lo, hi, (rows, nb)).astype(np.float16)
-        b[..., o:o + 2] = s.view(np.uint8).reshape(rows, nb, 2)
-    return b.reshape(rows, nb * ts)
+# random dense values: keep the sign and low mantissa bits of random 16-bit words and set the
+# exponent: |w| in [2^-7, 2^-6)
+_DENSE_BITS = {"F16": (0x83FF, 0x2000), "BF16": (0x807F, 0x3C00)}
 
 
 @dataclass(frozen=True)
@@ -59,22 +39,18 @@ SHAPES = {
     "tiny": Shape(2, 256, 4, 2, 512, 512, False, ctx=512),   # for tests
 }
 
-QUANTS = ("q4_k_m", "q8_0", "q6_k", "q4_k", "q4_0", "bf16", "f16")
-_FILE_TYPE = {"q4_k_m": 15, "q8_0": 7, "q6_k": 18, "q4_k": 14, "q4_0": 2, "bf16": 32, "f16": 1}
+# quant -> (the type of most matrices, general.file_type)
+_QUANTS = {"q4_k_m": ("Q4_K", 15), "q8_0": ("Q8_0", 7), "q6_k": ("Q6_K", 18), "q4_k": ("Q4_K", 14),
+           "q4_0": ("Q4_0", 2), "bf16": ("BF16", 32), "f16": ("F16", 1)}
+QUANTS = tuple(_QUANTS)
 _CHUNK_BYTES = 64 << 20
-
-
-def _use_more_bits(i: int, n: int) -> bool:
-    # llama-quantize: layers whose attn_v / ffn_down get Q6_K in *_K_M files
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def tensor_plan(shape: Shape, quant: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(gguf name, numpy shape [rows, cols] or [n], qtype) for every tensor, in file order."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
-    base = {"q4_k_m": "Q4_K", "q8_0": "Q8_0", "q6_k": "Q6_K", "q4_k": "Q4_K", "q4_0": "Q4_0",
-            "bf16": "BF16", "f16": "F16"}[quant]
+    base = _QUANTS[quant][0]
     D, hd = shape.d_model, shape.d_model // shape.n_head
     kv = shape.n_kv * hd
 
@@ -82,7 +58,7 @@ def tensor_plan(shape: Shape, quant: str) -> list[tuple[str, tuple[int, ...], st
         if quant == "q4_k_m":
             if role == "output" or (role == "token_embd" and shape.tied):
                 return "Q6_K"
-            if role in ("attn_v", "ffn_down") and _use_more_bits(layer, shape.n_layer):
+            if role in ("attn_v", "ffn_down") and use_more_bits(layer, shape.n_layer):
                 return "Q6_K"
         return base
 
@@ -104,31 +80,21 @@ def tensor_plan(shape: Shape, quant: str) -> list[tuple[str, tuple[int, ...], st
     return plan
 
 
-def _row_bytes(qtype: str, cols: int) -> int:
-    if qtype in ("F16", "BF16"):
-        return 2 * cols
-    if qtype == "F32":
-        return 4 * cols
-    bs, ts, _ = _BLOCKS[qtype]
-    return cols // bs * ts
-
-
-def _random_chunk(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Fast random rows: raw random bytes, then scale fields / exponents fixed to sane values."""
-    if qtype == "F32":   # norm weights: around 1 so activations stay O(1)
+def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [rows, row_bytes] of random `qtype` rows, fast: raw random bytes, then the f16 scale fields
+    (or dense exponents) fixed so that |w| ~ 1e-2; F32 (the norm weights) around 1."""
+    q, bits = qtype_info(qtype), _DENSE_BITS.get(qtype)
+    if q.is_dense and bits is None:   # F32: around 1 so activations stay O(1)
         return (1.0 + 0.1 * rng.standard_normal((rows, cols), dtype=np.float32)).view(np.uint8)
-    raw = np.frombuffer(rng.bytes(rows * _row_bytes(qtype, cols)), np.uint8).copy()
-    if qtype in ("F16", "BF16"):
+    raw = np.frombuffer(rng.bytes(rows * row_bytes(qtype, cols)), np.uint8).copy()
+    if bits is not None:
+        keep, exponent = bits
         r = raw.view(np.uint16)
-        # sign + random mantissa + exponent in a 2-value range: |w| in [2^-7, 2^-5)
-        r[:] = (r & 0x807F) | 0x3C00 if qtype == "BF16" else (r & 0x83FF) | 0x2000
+        r[:] = (r & keep) | exponent
         return raw.reshape(rows, -1)
-    bs, ts, offs = _BLOCKS[qtype]
-    b = raw.reshape(rows, cols // bs, ts)
-    lo, hi = {"Q8_0": (2e-4, 4e-4), "Q4_0": (2e-3, 4e-3), "Q4_K": (5e-5, 1.5e-4),
-              "Q5_K": (3e-5, 8e-5), "Q6_K": (1e-5, 3e-5)}[qtype]
-    table = np.linspace(lo, hi, 256).astype(np.float16).view(np.uint8).reshape(256, 2)
-    for o in offs:   # scale = table[one random byte already in the block]
+    b = raw.reshape(rows, cols // q.block_size, q.type_size)
+    table = np.linspace(*q.random_scale, 256).astype(np.float16).view(np.uint8).reshape(256, 2)
+    for o in q.f16_offsets:   # scale = table[one random byte already in the block]
         b[..., o:o + 2] = table[b[..., o + 1]]
     return b.reshape(rows, -1)
 
@@ -161,7 +127,7 @@ def write_synthetic_gguf(path, shape_name: str, quant: str, *, seed: int = 0, pr
     w.add_rope_dimension_count(shape.d_model // shape.n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(shape.vocab)
-    w.add_file_type(_FILE_TYPE[quant])
+    w.add_file_type(_QUANTS[quant][1])
     w.add_quantization_version(2)
     toks, scores, types = _tokens(shape.vocab)
     w.add_tokenizer_model("llama")
@@ -172,7 +138,7 @@ def write_synthetic_gguf(path, shape_name: str, quant: str, *, seed: int = 0, pr
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     for name, shp, qt in plan:
-        nbytes = int(np.prod(shp[:-1], dtype=np.int64)) * _row_bytes(qt, shp[-1])
+        nbytes = int(np.prod(shp[:-1], dtype=np.int64)) * row_bytes(qt, shp[-1])
         w.add_tensor_info(name, shp, np.float32, nbytes, raw_dtype=gguf.GGMLQuantizationType[qt])
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -181,10 +147,10 @@ def write_synthetic_gguf(path, shape_name: str, quant: str, *, seed: int = 0, pr
     for name, shp, qt in plan:
         rows, cols = (1, shp[0]) if len(shp) == 1 else shp
         w.write_padding(fout, fout.tell())
-        step = max(1, _CHUNK_BYTES // _row_bytes(qt, cols))
+        step = max(1, _CHUNK_BYTES // row_bytes(qt, cols))
         for r0 in range(0, rows, step):
-            _random_chunk(qt, min(step, rows - r0), cols, rng).tofile(fout)
-        w.write_padding(fout, rows * _row_bytes(qt, cols))
+            random_blocks(qt, min(step, rows - r0), cols, rng).tofile(fout)
+        w.write_padding(fout, rows * row_bytes(qt, cols))
         if progress:
             progress(name)
     w.close()

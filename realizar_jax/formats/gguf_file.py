@@ -16,13 +16,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import DamagedFileError, ModelFormatError, UnsupportedQuantError
-from ..quant.types import DENSE_QTYPES, SUPPORTED_QTYPES
+from ..quant.types import qtype_info
 from .roles import canonical_architecture
 from .source import ModelSource, TensorSource
 
@@ -34,7 +33,6 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
-_DENSE_NP = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 # Keys we write for llama3 rope scaling: llama.cpp encodes it only as the rope_freqs.weight tensor,
 # from which low/high_freq_factor and the original context cannot be recovered exactly.
@@ -179,9 +177,7 @@ def _prescan(buf, path) -> tuple[list[_TensorInfo], int]:
                 f"data ({t.nbytes} bytes of {t.qtype} {list(t.dims)}) at offset {t.offset} runs past the end "
                 f"of the file ({max(0, c.size - data_offset)} bytes of tensor data)", path=path, tensor=t.name)
     for t in infos:  # structure is sound; now what we cannot read
-        if t.qtype not in SUPPORTED_QTYPES:
-            raise UnsupportedQuantError(f"quantization type {t.qtype} is not supported (supported: "
-                                        f"{', '.join(SUPPORTED_QTYPES)})", path=path, tensor=t.name)
+        qtype_info(t.qtype, path=path, tensor=t.name)
     return infos, data_offset
 
 
@@ -218,8 +214,8 @@ def _tensor_sources(reader, infos: list[_TensorInfo], path) -> dict[str, TensorS
                                    path=path, tensor=info.name)
         shape = tuple(reversed(info.dims))
         flat = rt.data.reshape(-1).view(np.uint8) if rt.data.dtype != np.uint8 else rt.data.reshape(-1)
-        if info.qtype in DENSE_QTYPES:
-            data = flat.view(_DENSE_NP[info.qtype]).reshape(shape)
+        if qtype_info(info.qtype).is_dense:
+            data = flat.view(qtype_info(info.qtype).dtype).reshape(shape)
         else:
             rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
             data = flat.reshape(rows, info.nbytes // rows)

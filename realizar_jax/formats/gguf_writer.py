@@ -26,21 +26,20 @@ import gguf
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..quant.types import QTYPE_SIZES
+from ..quant.types import qtype_info, row_bytes
 from .roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
 from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
 
 logger = logging.getLogger(__name__)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
-_BASE_QTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K",
-               "q5_k": "Q5_K", "q6_k": "Q6_K", "q4_k_m": "Q4_K"}
-_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
-              "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
-              "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K, "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+_FT = gguf.LlamaFileType
+# quant -> (the type of 2-D tensors before llama-quantize's mix and fallbacks, general.file_type)
+_QUANTS = {"f32": ("F32", _FT.ALL_F32), "f16": ("F16", _FT.MOSTLY_F16), "bf16": ("BF16", _FT.MOSTLY_BF16),
+           "q8_0": ("Q8_0", _FT.MOSTLY_Q8_0), "q4_0": ("Q4_0", _FT.MOSTLY_Q4_0),
+           "q4_k": ("Q4_K", _FT.MOSTLY_Q4_K_S), "q5_k": ("Q5_K", _FT.MOSTLY_Q5_K_S),
+           "q6_k": ("Q6_K", _FT.MOSTLY_Q6_K), "q4_k_m": ("Q4_K", _FT.MOSTLY_Q4_K_M)}
+QUANT_CHOICES = tuple(_QUANTS)
 # llama-quantize's convert_incompatible_tensor: a type whose blocks fit rows that K-quants do not.
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
 
@@ -52,10 +51,10 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 def fit_qtype(qtype: str, row_length: int) -> str:
     """`qtype`, or llama-quantize's fallback when row_length is not a whole number of its blocks."""
-    if row_length % QTYPE_SIZES.get(qtype, (1, 0))[0] == 0:
+    if row_length % qtype_info(qtype).block_size == 0:
         return qtype
     alt = _FALLBACK.get(qtype)
-    if alt is not None and row_length % QTYPE_SIZES[alt][0] == 0:
+    if alt is not None and row_length % qtype_info(alt).block_size == 0:
         return alt
     return "F16"
 
@@ -64,11 +63,11 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
                has_output: bool, tensor: str | None = None) -> str:
     """The gguf qtype a tensor is written in for `--quant quant`. When its rows do not fit the type's blocks
     and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one."""
-    if quant not in _BASE_QTYPE:
+    if quant not in _QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
     if len(shape) < 2 or quant == "f32":
         return "F32"
-    qtype = _BASE_QTYPE[quant]
+    qtype = _QUANTS[quant][0]
     if quant == "q4_k_m":
         if role == "lm_head" or (role == "embed" and not has_output):
             qtype = "Q6_K"
@@ -77,7 +76,7 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
     fitted = fit_qtype(qtype, shape[-1])
     if fitted != qtype and tensor is not None:
         logger.warning("%s: rows of %d values are not a whole number of %s blocks (%d values); writing it as %s",
-                       tensor, shape[-1], qtype, QTYPE_SIZES[qtype][0], fitted)
+                       tensor, shape[-1], qtype, qtype_info(qtype).block_size, fitted)
     return fitted
 
 
@@ -97,8 +96,7 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
-        block, size = QTYPE_SIZES[self.qtype]
-        return int(np.prod(self.shape, dtype=np.int64)) // block * size
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.qtype, self.shape[-1])
 
 
 def _plan(src, role_map, quant: str) -> list[_Planned]:
@@ -136,10 +134,6 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
             x = permute_qk(x, c.num_heads)
         elif p.role in ("wk", "bk"):
             x = permute_qk(x, c.num_kv_heads)
-    if p.qtype == "F32":
-        return np.ascontiguousarray(x)
-    if p.qtype == "F16":
-        return x.astype(np.float16)
     try:
         return quantize(x, p.qtype)
     except ValueError as e:
@@ -151,8 +145,8 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
     arch = GGUF_ARCH[c.architecture]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
-    w.add_file_type(int(_FILE_TYPE[quant]))
-    if any(p.qtype not in ("F32", "F16", "BF16") for p in plan):
+    w.add_file_type(int(_QUANTS[quant][1]))
+    if any(not qtype_info(p.qtype).is_dense for p in plan):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.context_length)

@@ -6,7 +6,7 @@ sources) and its result, role -> tensor name, is what the weights builder walks.
 from __future__ import annotations
 
 from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, UnsupportedQuantError
-from ..quant.types import DENSE_QTYPES
+from ..quant.types import qtype_info
 from .roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
@@ -107,7 +107,7 @@ def validate_roles(source) -> dict[RoleKey, str]:
         if tuple(t.shape) != want:
             raise ShapeMismatchError(f"shape {list(t.shape)} but the config needs {list(want)} for role {role}",
                                      path=path, tensor=name)
-        if ROLES[role].kind == "vector" and t.qtype not in DENSE_QTYPES:
+        if ROLES[role].kind == "vector" and not qtype_info(t.qtype).is_dense:
             raise UnsupportedQuantError(f"1-D tensor stored as {t.qtype}; only F32/F16/BF16 vectors are supported",
                                         path=path, tensor=name)
     return found

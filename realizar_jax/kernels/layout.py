@@ -9,19 +9,22 @@ Q8_0, Q4_0, Q6_K, Q5_K: identical; Q4_K: 148 / 144 (+2.8%, the 6-bit sub-scales 
 Each layout also fixes how the 256 input values of a superblock are split into "parts": a part
 is the set of values that one packed array field (e.g. the low nibbles) multiplies. The kernels
 compute sum_parts <dequant(part), x_part>, with x split the same way once per call (x is tiny).
+
+A GPU type is its GpuLayout in GPU_LAYOUTS (below: repack, split of x, tile dequantizer, unpack's
+part shape) plus, where it has them, its factored and int8 tile dots in qdot.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .qdot import FACTORED_DOTS, INT8_DOTS, _BYTE_SIGNS, _small_int_to_f32, q4k_scales, q6k_scales
+
 SB = 256  # values per superblock, every layout
-GPU_QTYPES = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
-_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176),
-          "Q6_K": (256, 210)}
 
 
 @jax.tree_util.register_dataclass
@@ -44,9 +47,8 @@ class GpuQTensor:
         return f"GpuQTensor({self.qtype}, shape={self.shape}, nbytes={self.nbytes})"
 
 
-def supports_gpu_layout(qtype: str, shape) -> bool:
-    return qtype in GPU_QTYPES and shape[1] % SB == 0
-
+# ---- per type: repack (numpy: file blocks [rows, nsb, 256 // block_size, type_size] -> parts), dequant
+# (loaded parts -> float32 [N, S, P] matching split_x; `done(w, P)` flattens a part unless flat=False)
 
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16)[..., 0]
@@ -63,48 +65,86 @@ def _k_scales(s: np.ndarray):
     return sc, m
 
 
-def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]:
-    """File bytes uint8 [rows, row_bytes] -> the numpy parts of the GPU layout (see GpuQTensor)."""
-    rows, cols = shape
-    if not supports_gpu_layout(qtype, shape):
-        raise ValueError(f"no GPU layout for {qtype} {shape}")
-    bs, ts = _BLOCK[qtype]
-    nsb = cols // SB
-    b = np.asarray(data, np.uint8).reshape(rows, nsb, SB // bs, ts)
-    if qtype == "Q8_0":   # qs as int32 words [r, nsb, 8, 8] (byte k of word w: value 4w+k), d [r, nsb, 8]
-        return (np.ascontiguousarray(b[..., 2:]).view(np.int32), _f16(b[..., :2]))
-    if qtype == "Q4_0":   # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]
-        return (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2]))
+def _dequant_q8_0(p, done):
+    qs, d = p                                           # int32 words [N, S, 8, 8]
+    d = d.astype(jnp.float32)[..., None]
+    biased = qs ^ _BYTE_SIGNS                           # each signed byte b -> b + 128, unsigned
+    return [done(_small_int_to_f32((biased >> (8 * k)) & 255, 128) * d, 64) for k in range(4)]  # byte k
+
+
+def _dequant_q4_0(p, done):
+    qs, d = p
+    q = qs.astype(jnp.int32)
+    d = d.astype(jnp.float32)[..., None]
+    return [done(_small_int_to_f32(v, 8) * d, 128) for v in (q & 15, q >> 4)]
+
+
+def _repack_q4_k(b):
     b = b[:, :, 0]
-    if qtype == "Q4_K":
-        sc, m = _k_scales(b[..., 4:16])
-        # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1; int32 words
-        # [r, nsb, 4, 8], byte k of word w is byte l = 4w+k
-        qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32)).view(np.int32)
-        # chunk j's four 6-bit scales/mins as the bytes of one word, and d/dmin as the halves of one
-        # word: three arrays for the GEMV to load per tile instead of seven
-        meta = np.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
-        return (qs, np.ascontiguousarray(meta).view(np.int32)[..., 0],
-                np.ascontiguousarray(b[..., 0:4]).view(np.int32)[..., 0])
-    if qtype == "Q5_K":
-        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        sc, m = _k_scales(b[..., 4:16])
-        qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32))
-        qh = np.ascontiguousarray(b[..., 16:48])   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
-        return (qs, qh, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
-                np.ascontiguousarray(m[..., 0::2]), np.ascontiguousarray(m[..., 1::2]), d, dmin)
-    if qtype == "Q6_K":
-        q = _q6_values(b)                                   # [r, nsb, 256] in 0..63
-        g = q.reshape(rows, nsb, 4, 4, 16)                  # group 4t+c of 16 values
-        lo, hi = g & 15, g >> 4
-        ql_e = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)       # [r, nsb, 4, 16]
-        ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
-        qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
-        # the signed 8-bit scales of groups (t, 0..3) as the bytes of word t: [r, nsb, 4] int32
-        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int32)
-        words = [np.ascontiguousarray(a.astype(np.uint8)).view(np.int32) for a in (ql_e, ql_o, qh)]
-        return (*words, sc, _f16(b[..., 208:210]))          # words int32 [r, nsb, 4, 4] each
-    raise AssertionError(qtype)
+    rows, nsb = b.shape[:2]
+    sc, m = _k_scales(b[..., 4:16])
+    # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1; int32 words
+    # [r, nsb, 4, 8], byte k of word w is byte l = 4w+k
+    qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32)).view(np.int32)
+    # chunk j's four 6-bit scales/mins as the bytes of one word, and d/dmin as the halves of one
+    # word: three arrays for the GEMV to load per tile instead of seven
+    meta = np.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
+    return (qs, np.ascontiguousarray(meta).view(np.int32)[..., 0],
+            np.ascontiguousarray(b[..., 0:4]).view(np.int32)[..., 0])
+
+
+def _dequant_q4_k(p, done):
+    qs, meta, dm = p                                    # qs int32 words [N, S, 4, 8]
+    scale, mins = q4k_scales(meta, dm)
+    scale, mins = [s[..., None] for s in scale], [m[..., None] for m in mins]
+    return [done(_small_int_to_f32((qs >> (8 * k + 4 * h)) & 15) * scale[h] - mins[h], 32)
+            for k in range(4) for h in range(2)]
+
+
+def _repack_q5_k(b):
+    b = b[:, :, 0]
+    rows, nsb = b.shape[:2]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, m = _k_scales(b[..., 4:16])
+    qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32))
+    qh = np.ascontiguousarray(b[..., 16:48])   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
+    return (qs, qh, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
+            np.ascontiguousarray(m[..., 0::2]), np.ascontiguousarray(m[..., 1::2]), d, dmin)
+
+
+def _dequant_q5_k(p, done):
+    f32 = jnp.float32
+    qs, qh, sce, sco, me, mo, d, dmin = p
+    q = qs.astype(jnp.int32)
+    d = d.astype(f32)[..., None]
+    dmin = dmin.astype(f32)[..., None]
+    lo, hi = q & 15, q >> 4
+    h = qh.astype(jnp.int32)[:, :, None, :]   # [N, S, 32] -> bit 2j / 2j+1 of byte l for chunk j
+    sh = (jnp.arange(4, dtype=jnp.int32) * 2).reshape(1, 1, 4, 1)
+    lo = lo + (((h >> sh) & 1) << 4)
+    hi = hi + (((h >> (sh + 1)) & 1) << 4)
+    out = []
+    for v, sc, m in ((lo, sce, me), (hi, sco, mo)):
+        s = (d * sc.astype(f32))[..., None]
+        mm = (dmin * m.astype(f32))[..., None]
+        w = _small_int_to_f32(v) * s - mm
+        out.append(done(w, 128))
+    return out
+
+
+def _repack_q6_k(b):
+    b = b[:, :, 0]
+    rows, nsb = b.shape[:2]
+    q = _q6_values(b)                                   # [r, nsb, 256] in 0..63
+    g = q.reshape(rows, nsb, 4, 4, 16)                  # group 4t+c of 16 values
+    lo, hi = g & 15, g >> 4
+    ql_e = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)       # [r, nsb, 4, 16]
+    ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
+    qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+    # the signed 8-bit scales of groups (t, 0..3) as the bytes of word t: [r, nsb, 4] int32
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int32)
+    words = [np.ascontiguousarray(a.astype(np.uint8)).view(np.int32) for a in (ql_e, ql_o, qh)]
+    return (*words, sc, _f16(b[..., 208:210]))          # words int32 [r, nsb, 4, 4] each
 
 
 def _q6_values(b: np.ndarray) -> np.ndarray:
@@ -122,6 +162,83 @@ def _q6_values(b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _dequant_q6_k(p, done):
+    e, o, h, sc_words, d = p                           # words int32 [N, S, 4, 4]
+    out = []
+    for c, s in enumerate(q6k_scales(sc_words, d)):
+        ql = e if c < 2 else o
+        sc = s[..., None]
+        for k in range(4):
+            nib = (ql >> (8 * k + 4 * (c % 2))) & 15
+            hi = (h >> (8 * k + 2 * c)) & 3
+            w = _small_int_to_f32(nib | (hi << 4), 32) * sc
+            out.append(done(w, 16))
+    return out
+
+
+# ---- the registry -----------------------------------------------------------------------------------
+
+_ = slice(None)
+
+
+@dataclass(frozen=True)
+class GpuLayout:
+    """One GPU type (qtype: its gguf name; DENSE: a dense matrix read as is). split_x views x as [B, nsb,
+    *x_view] and takes part i (the values dequantized part i multiplies) as [B, nsb, *x_parts[i]], flat.
+    part_shape: (parts, a, b), the words' shape of each part of a superblock, as unpack.py writes them."""
+    qtype: str
+    x_view: tuple
+    x_parts: tuple
+    dequant: Callable
+    repack: Callable | None = None
+    part_shape: tuple[int, int, int] | None = None
+
+    @property
+    def factored(self) -> bool:   # a factored tile dot (qdot.FACTORED_DOTS); else the GEMV dequantizes tiles
+        return self.qtype in FACTORED_DOTS
+
+    @property
+    def int8_group(self) -> int | None:   # values per int8 scale group of x (qdot.INT8_DOTS); None: x stays float
+        return INT8_DOTS[self.qtype].groups[-1] if self.qtype in INT8_DOTS else None
+
+
+GPU_LAYOUTS: dict[str, GpuLayout] = {lay.qtype: lay for lay in (
+    # qs int32 words [r, nsb, 8, 8] (byte k of word w: value 4w+k), d [r, nsb, 8]; part k: byte k of each word
+    GpuLayout("Q8_0", (8, 8, 4), tuple((_, _, k) for k in range(4)), _dequant_q8_0,
+              lambda b: (np.ascontiguousarray(b[..., 2:]).view(np.int32), _f16(b[..., :2])), (4, 8, 8)),
+    # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]; part h: the lo/hi nibbles
+    GpuLayout("Q4_0", (8, 2, 16), tuple((_, h) for h in range(2)), _dequant_q4_0,
+              lambda b: (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2])), (2, 8, 16)),
+    # part (k, h): byte k of each word, low (h=0) or high nibble
+    GpuLayout("Q4_K", (4, 2, 8, 4), tuple((_, h, _, k) for k in range(4) for h in range(2)), _dequant_q4_k,
+              _repack_q4_k, (8, 4, 8)),
+    # part h: the low (h=0) or high nibbles of each 32-byte chunk j, sub-block 2j + h
+    GpuLayout("Q5_K", (4, 2, 32), tuple((_, h) for h in range(2)), _dequant_q5_k, _repack_q5_k, (2, 4, 32)),
+    # part (c, k): quant c (group 4t+c) from byte k of each word
+    GpuLayout("Q6_K", (4, 4, 4, 4), tuple((_, c, _, k) for c in range(4) for k in range(4)), _dequant_q6_k,
+              _repack_q6_k, (16, 4, 4)),
+    GpuLayout("DENSE", (SB,), ((),), lambda p, done: [p[0].astype(jnp.float32)]),   # viewed as [rows, nsb, 256]
+)}
+GPU_LAYOUTS["DENSE_ID"] = GPU_LAYOUTS["DENSE"]   # the name the GEMV's dequantizing kernel uses for it
+GPU_QTYPES = tuple(q for q, lay in GPU_LAYOUTS.items() if lay.repack is not None)   # packed types
+
+
+def supports_gpu_layout(qtype: str, shape) -> bool:
+    lay = GPU_LAYOUTS.get(qtype)
+    return lay is not None and lay.repack is not None and shape[1] % SB == 0
+
+
+def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]:
+    """File bytes uint8 [rows, row_bytes] -> the numpy parts of the GPU layout (see GpuQTensor)."""
+    rows, cols = shape
+    if not supports_gpu_layout(qtype, shape):
+        raise ValueError(f"no GPU layout for {qtype} {shape}")
+    from ..quant.types import qtype_info   # not at import: quant/__init__ imports quant.matmul, which imports this
+    q = qtype_info(qtype)
+    b = np.asarray(data, np.uint8).reshape(rows, cols // SB, SB // q.block_size, q.type_size)
+    return GPU_LAYOUTS[qtype].repack(b)
+
+
 def repack_for_gpu(q):
     """QTensor (file blocks) -> GpuQTensor on the default device. A QTensor whose type (or row
     length) has no GPU layout is returned unchanged: quant.matmul dequantizes it + XLA dot."""
@@ -131,69 +248,12 @@ def repack_for_gpu(q):
     return GpuQTensor(tuple(jnp.asarray(p) for p in parts), q.qtype, tuple(q.shape))
 
 
-# ---- x split into the parts each layout multiplies: x [B, cols] -> list of [B, nsb, P] --------
-
 def split_x(x: jax.Array, qtype: str) -> list:
+    """x [B, cols] -> the list of [B, nsb, P] activations each part of the layout multiplies."""
     B, cols = x.shape
-    nsb = cols // SB
-    if qtype == "DENSE":
-        return [x.reshape(B, nsb, SB)]
-    if qtype == "Q8_0":
-        v = x.reshape(B, nsb, 8, 8, 4)
-        return [v[..., k].reshape(B, nsb, 64) for k in range(4)]
-    if qtype == "Q4_0":
-        v = x.reshape(B, nsb, 8, 2, 16)
-        return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
-    if qtype == "Q5_K":
-        v = x.reshape(B, nsb, 4, 2, 32)
-        return [v[:, :, :, h].reshape(B, nsb, 128) for h in range(2)]
-    if qtype == "Q4_K":   # part (k, h): byte k of each word, low (h=0) or high nibble
-        v = x.reshape(B, nsb, 4, 2, 8, 4)
-        return [v[:, :, :, h, :, k].reshape(B, nsb, 32) for k in range(4) for h in range(2)]
-    if qtype == "Q6_K":   # part (c, k): quant c (group 4t+c) from byte k of each word
-        v = x.reshape(B, nsb, 4, 4, 4, 4)
-        return [v[:, :, :, c, :, k].reshape(B, nsb, 16) for c in range(4) for k in range(4)]
-    raise ValueError(qtype)
-
-
-# ---- dequantization of a tile, shared by the kernels (on loaded values) and by the jnp path ----
-
-_MAGIC = 0x4B000000   # float32 bit pattern of 2**23: OR-ing a small int n into its mantissa gives 2**23 + n
-_TWO23 = float(2 ** 23)
-_BYTE_SIGNS = 0x80808080 - (1 << 32)   # the int32 with bit 7 of every byte set
-
-
-def _small_int_to_f32(v, offset: int = 0):
-    """float32(v - offset) for ints 0 <= v < 2**23, without an int->float convert instruction.
-
-    Why: on Hopper a cvt.f32.s32 issues at 16/clk/SM against 64 for logic ops and 128 for FMAs, so
-    one convert per weight made the decode GEMV ALU-bound far below HBM bandwidth. bitcast(v | 2**23
-    bits) is exactly 2**23 + v; subtracting 2**23 + offset is exact too, so results are bit-identical.
-    """
-    f = jax.lax.bitcast_convert_type(v | _MAGIC, jnp.float32)
-    return f - (_TWO23 + offset)
-
-
-def _f16_half(words, high: bool):
-    """float32 of the float16 in the low (or high) half of int32 words."""
-    bits = ((words >> 16) if high else words) & 0xFFFF
-    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
-
-
-def q4k_scales(meta, dm):
-    """Q4_K's per-chunk words (repack_blocks) -> ((d*sc_even, d*sc_odd), (dmin*m_even, dmin*m_odd)),
-    float32 of meta's shape: the scales and mins of sub-blocks 2j and 2j+1 of chunk j."""
-    d, dmin = _f16_half(dm, False)[..., None], _f16_half(dm, True)[..., None]
-    sce, sco, me, mo = (_small_int_to_f32((meta >> (8 * k)) & 255) for k in range(4))
-    return (d * sce, d * sco), (dmin * me, dmin * mo)
-
-
-def q6k_scales(sc_words, d):
-    """Q6_K's scale words [..., 4] (byte c of word t: group (t, c)'s signed scale) and d -> the four
-    float32 [..., 4] arrays d * scale of groups (t, c), c = 0..3."""
-    d = d.astype(jnp.float32)[..., None]
-    # signed byte b read as unsigned u: u ^ 128 = b + 128, converted exactly by _small_int_to_f32
-    return [d * _small_int_to_f32(((sc_words >> (8 * c)) & 255) ^ 128, 128) for c in range(4)]
+    nsb, lay = cols // SB, GPU_LAYOUTS[qtype]
+    v = x.reshape(B, nsb, *lay.x_view)
+    return [v[(_, _) + idx].reshape(B, nsb, -1) for idx in lay.x_parts]
 
 
 def dequant_parts(qtype: str, p, flat: bool = True) -> list:
@@ -202,72 +262,10 @@ def dequant_parts(qtype: str, p, flat: bool = True) -> list:
     flat=False keeps each part in the shape of its words, [N, S, a, b] with a * b = P (no reshape:
     inside a Triton kernel a reshape can cost a trip through shared memory).
     """
-    f32 = jnp.float32
-
     def done(w, P):
         return w.reshape(w.shape[0], w.shape[1], P) if flat else w
 
-    if qtype == "DENSE_ID":   # a dense matrix viewed as [rows, nsb, 256]
-        return [p[0].astype(f32)]
-    if qtype == "Q8_0":
-        qs, d = p                                           # int32 words [N, S, 8, 8]
-        d = d.astype(f32)[..., None]
-        out = []
-        biased = qs ^ _BYTE_SIGNS                           # each signed byte b -> b + 128, unsigned
-        for k in range(4):
-            w = _small_int_to_f32((biased >> (8 * k)) & 255, 128) * d  # signed byte k
-            out.append(done(w, 64))
-        return out
-    if qtype == "Q4_0":
-        qs, d = p
-        q = qs.astype(jnp.int32)
-        d = d.astype(f32)[..., None]
-        out = []
-        for v in (q & 15, q >> 4):
-            w = _small_int_to_f32(v, 8) * d
-            out.append(done(w, 128))
-        return out
-    if qtype == "Q4_K":
-        qs, meta, dm = p                                    # qs int32 words [N, S, 4, 8]
-        scale, mins = q4k_scales(meta, dm)
-        scale, mins = [s[..., None] for s in scale], [m[..., None] for m in mins]
-        out = []
-        for k in range(4):
-            for h in range(2):
-                w = _small_int_to_f32((qs >> (8 * k + 4 * h)) & 15) * scale[h] - mins[h]
-                out.append(done(w, 32))
-        return out
-    if qtype == "Q5_K":
-        qs, qh, sce, sco, me, mo, d, dmin = p
-        q = qs.astype(jnp.int32)
-        d = d.astype(f32)[..., None]
-        dmin = dmin.astype(f32)[..., None]
-        lo, hi = q & 15, q >> 4
-        if qh is not None:   # [N, S, 32] -> bit 2j / 2j+1 of byte l for chunk j
-            h = qh.astype(jnp.int32)[:, :, None, :]
-            sh = (jnp.arange(4, dtype=jnp.int32) * 2).reshape(1, 1, 4, 1)
-            lo = lo + (((h >> sh) & 1) << 4)
-            hi = hi + (((h >> (sh + 1)) & 1) << 4)
-        out = []
-        for v, sc, m in ((lo, sce, me), (hi, sco, mo)):
-            s = (d * sc.astype(f32))[..., None]
-            mm = (dmin * m.astype(f32))[..., None]
-            w = _small_int_to_f32(v) * s - mm
-            out.append(done(w, 128))
-        return out
-    if qtype == "Q6_K":
-        e, o, h, sc_words, d = p                           # words int32 [N, S, 4, 4]
-        out = []
-        for c, s in enumerate(q6k_scales(sc_words, d)):
-            ql = e if c < 2 else o
-            sc = s[..., None]
-            for k in range(4):
-                nib = (ql >> (8 * k + 4 * (c % 2))) & 15
-                hi = (h >> (8 * k + 2 * c)) & 3
-                w = _small_int_to_f32(nib | (hi << 4), 32) * sc
-                out.append(done(w, 16))
-        return out
-    raise ValueError(qtype)
+    return GPU_LAYOUTS[qtype].dequant(p, done)
 
 
 def _part_order(qtype: str) -> np.ndarray:
@@ -277,9 +275,13 @@ def _part_order(qtype: str) -> np.ndarray:
     return np.concatenate([np.asarray(p).reshape(-1) for p in parts]).astype(np.int32)
 
 
+def _cat(parts: list) -> jax.Array:
+    return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
 def _merge_parts(qtype: str, parts: list, rows: int, nsb: int) -> jax.Array:
     """Inverse of split_x for dequantized weights: list of [rows, nsb, P] -> [rows, nsb*256]."""
-    w = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    w = _cat(parts)
     inv = np.argsort(_part_order(qtype))
     if not np.array_equal(inv, np.arange(SB)):
         w = w[..., inv]
@@ -301,14 +303,12 @@ def dequantize_gpu_part_order(w: GpuQTensor, dtype=jnp.bfloat16) -> jax.Array:
     """
     rows, cols = w.shape
     parts = dequant_parts(w.qtype, w.parts)
-    dense = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-    return dense.reshape(rows, cols).astype(dtype)
+    return _cat(parts).reshape(rows, cols).astype(dtype)
 
 
 def x_part_order(x: jax.Array, qtype: str) -> jax.Array:
     """x [M, cols] with each superblock's values reordered as split_x's parts, flattened back."""
-    parts = split_x(x, qtype)
-    return (jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]).reshape(x.shape)
+    return _cat(split_x(x, qtype)).reshape(x.shape)
 
 
 def gather_rows(w: GpuQTensor, ids: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -2,10 +2,10 @@
 
 At 512 prompt tokens a prefill matmul is compute-bound, so re-reading the weight as bf16 once per
 call costs little, provided the unpacking itself runs at memory speed: XLA's fusion of the jnp
-dequantizer did not (346 us for a 14336x4096 Q4_K matrix whose bf16 dot takes 139 us, H100). This
-kernel dequantizes tiles in registers (layout.dequant_parts) and writes each part as a contiguous
-run, so the result is dequantize_gpu_part_order's matrix: columns of each superblock in the
-layout's part order, which x_part_order matches on the activation side.
+dequantizer did not (about twice the bf16 dot's time: BENCHMARKS.md, "Prefill at 512 tokens").
+This kernel dequantizes tiles in registers (layout.dequant_parts) and writes each part as a
+contiguous run, so the result is dequantize_gpu_part_order's matrix: columns of each superblock in
+the layout's part order, which x_part_order matches on the activation side.
 """
 from __future__ import annotations
 
@@ -16,11 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .layout import SB, GpuQTensor, dequant_parts
+from .layout import GPU_LAYOUTS, SB, GpuQTensor, dequant_parts
 
-# part count and the shape of one part's block of a superblock, per layout (layout.dequant_parts)
-_PART_SHAPE = {"Q8_0": (4, 8, 8), "Q4_0": (2, 8, 16), "Q4_K": (8, 4, 8), "Q5_K": (2, 4, 32),
-               "Q6_K": (16, 4, 4)}
 DEFAULT_TILES = (32, 4, 4)   # (rows, superblocks, warps) per program
 
 
@@ -46,7 +43,7 @@ def unpack(w: GpuQTensor, dtype=jnp.bfloat16, *, tiles: tuple | None = None,
     rows, cols = w.shape
     nsb = cols // SB
     bn, bs = _fit(rows, bn), _fit(nsb, bs)
-    n_parts, a, b = _PART_SHAPE[w.qtype]
+    n_parts, a, b = GPU_LAYOUTS[w.qtype].part_shape   # each part's words of a superblock
     in_specs = [pl.BlockSpec((bn, bs) + p.shape[2:], lambda i, s, nd=p.ndim: (i, s) + (0,) * (nd - 2))
                 for p in w.parts]
     out = pl.pallas_call(

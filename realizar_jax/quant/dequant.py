@@ -17,7 +17,6 @@ import numpy as np
 from jax import lax
 
 from .qtensor import QTensor
-from .types import DENSE_QTYPES, QTYPE_SIZES, check_qtype, row_bytes
 
 _IQ4_GRID = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -55,20 +54,20 @@ def _lut(idx, table):
     return jnp.take(t, idx.astype(jnp.int32), axis=0, mode="clip")
 
 
-# ---- one decoder per type: uint8 [..., nb, type_size] -> float32 [..., nb, block_size] -------
+# ---- one decoder per type (types.QTYPES): uint8 [..., nb, type_size] -> float32 [..., nb, block_size]
 
 def _nibbles_lohi(qs):
     """[..., k] bytes -> [..., 2k]: all low nibbles, then all high nibbles (the 32-block layout)."""
     return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
 
 
-def _q4_0(b):
+def dequant_q4_0(b):
     d = _f16(b, 0)
     q = _nibbles_lohi(b[..., 2:18]).astype(jnp.int32) - 8
     return d * q.astype(jnp.float32)
 
 
-def _q4_1(b):
+def dequant_q4_1(b):
     d, m = _f16(b, 0), _f16(b, 2)
     q = _nibbles_lohi(b[..., 4:20]).astype(jnp.float32)
     return d * q + m
@@ -80,27 +79,27 @@ def _bits32(qh):
     return bits.reshape(*qh.shape[:-1], 32)
 
 
-def _q5_0(b):
+def dequant_q5_0(b):
     d = _f16(b, 0)
     hi = _bits32(b[..., 2:6])
     q = (_nibbles_lohi(b[..., 6:22]) | (hi << 4)).astype(jnp.int32) - 16
     return d * q.astype(jnp.float32)
 
 
-def _q5_1(b):
+def dequant_q5_1(b):
     d, m = _f16(b, 0), _f16(b, 2)
     hi = _bits32(b[..., 4:8])
     q = (_nibbles_lohi(b[..., 8:24]) | (hi << 4)).astype(jnp.float32)
     return d * q + m
 
 
-def _q8_0(b):
+def dequant_q8_0(b):
     d = _f16(b, 0)
     q = lax.bitcast_convert_type(b[..., 2:34], jnp.int8).astype(jnp.float32)
     return q * d
 
 
-def _q2_k(b):
+def dequant_q2_k(b):
     lead = b.shape[:-1]
     sc, qs = b[..., 0:16], b[..., 16:80]
     d, dmin = _f16(b, 80), _f16(b, 82)
@@ -112,7 +111,7 @@ def _q2_k(b):
     return (dl * q - ml).reshape(*lead, 256)
 
 
-def _q3_k(b):
+def dequant_q3_k(b):
     lead = b.shape[:-1]
     hmask, qs, sc, d = b[..., 0:32], b[..., 32:96], b[..., 96:108], _f16(b, 108)
     lo = _shifts(sc[..., 0:8], (0, 4), -2).reshape(*lead, 16) & 0xF
@@ -145,14 +144,14 @@ def _k_nibbles(qs):
     return _shifts(_split_groups(qs, 32), (0, 4), -2) & 0xF         # [..., 4, 2, 32]
 
 
-def _q4_k(b):
+def dequant_q4_k(b):
     lead = b.shape[:-1]
     dl, ml = _k4_ds(b)
     q = _k_nibbles(b[..., 16:144]).reshape(*lead, 8, 32).astype(jnp.float32)
     return (dl * q - ml).reshape(*lead, 256)
 
 
-def _q5_k(b):
+def dequant_q5_k(b):
     lead = b.shape[:-1]
     dl, ml = _k4_ds(b)
     ql = _k_nibbles(b[..., 48:176]).reshape(*lead, 8, 32)
@@ -161,7 +160,7 @@ def _q5_k(b):
     return (dl * q - ml).reshape(*lead, 256)
 
 
-def _q6_k(b):
+def dequant_q6_k(b):
     lead = b.shape[:-1]
     ql, qh, sc, d = b[..., 0:128], b[..., 128:192], b[..., 192:208], _f16(b, 208)
     scale = lax.bitcast_convert_type(sc, jnp.int8).astype(jnp.float32)
@@ -172,12 +171,12 @@ def _q6_k(b):
     return (dl * q.reshape(*lead, 16, 16).astype(jnp.float32)).reshape(*lead, 256)
 
 
-def _iq4_nl(b):
+def dequant_iq4_nl(b):
     d = _f16(b, 0)
     return d * _lut(_nibbles_lohi(b[..., 2:18]), _IQ4_GRID)
 
 
-def _iq4_xs(b):
+def dequant_iq4_xs(b):
     lead = b.shape[:-1]
     d = _f16(b, 0)
     sh = _u16(b, 2)                                                 # 2 high bits of 8 scales
@@ -189,25 +188,24 @@ def _iq4_xs(b):
     return (dl * _lut(q.reshape(*lead, 8, 32), _IQ4_GRID)).reshape(*lead, 256)
 
 
-_DECODERS = {
-    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-    "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
-}
+def _dense_u16(b):
+    """[..., nb, 2] bytes -> the little-endian uint16 of each value [..., nb]."""
+    w = b.astype(jnp.uint16)
+    return w[..., 0] | (w[..., 1] << 8)
 
 
-def _dense(data, qtype):
-    """Dense rows of bytes -> float32 values (exact for F16/BF16; F32 bits are kept)."""
-    lead = data.shape[:-1]
-    if qtype == "F32":
-        w = data.reshape(*lead, -1, 4).astype(jnp.uint32)
-        u = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
-        return lax.bitcast_convert_type(u, jnp.float32)
-    w = data.reshape(*lead, -1, 2).astype(jnp.uint16)
-    u = w[..., 0] | (w[..., 1] << 8)
-    if qtype == "F16":
-        return lax.bitcast_convert_type(u, jnp.float16).astype(jnp.float32)
-    return lax.bitcast_convert_type(u.astype(jnp.uint32) << 16, jnp.float32)  # BF16
+def dequant_f32(b):   # the F32 bits are kept
+    w = b.astype(jnp.uint32)
+    u = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
+    return lax.bitcast_convert_type(u, jnp.float32)
+
+
+def dequant_f16(b):
+    return lax.bitcast_convert_type(_dense_u16(b), jnp.float16).astype(jnp.float32)
+
+
+def dequant_bf16(b):
+    return lax.bitcast_convert_type(_dense_u16(b).astype(jnp.uint32) << 16, jnp.float32)
 
 
 def dequantize_blocks(data, qtype: str, dtype=jnp.float32) -> jax.Array:
@@ -216,26 +214,23 @@ def dequantize_blocks(data, qtype: str, dtype=jnp.float32) -> jax.Array:
     qtype is static (a Python str); the leading axes are kept. Float32 output is bit-identical to
     gguf.quants.dequantize; other dtypes are that float32 result rounded once.
     """
-    qtype = check_qtype(qtype)
+    from .types import qtype_info   # types.py imports this module's decoders
+    q = qtype_info(qtype)
     data = jnp.asarray(data)
     if data.dtype != jnp.uint8:
-        raise TypeError(f"{qtype} data must be uint8 bytes, got {data.dtype}")
+        raise TypeError(f"{q.name} data must be uint8 bytes, got {data.dtype}")
     if data.ndim < 1:
-        raise ValueError(f"{qtype} data must have at least one axis of bytes")
-    bs, ts = QTYPE_SIZES[qtype]
-    nbytes = data.shape[-1]
+        raise ValueError(f"{q.name} data must have at least one axis of bytes")
+    nbytes, ts = data.shape[-1], q.type_size
     if nbytes % ts:
-        raise ValueError(f"{nbytes} bytes per row is not a whole number of {qtype} blocks of {ts} bytes")
-    if qtype in DENSE_QTYPES:
-        out = _dense(data, qtype)
-    else:
-        lead = data.shape[:-1]
-        out = _DECODERS[qtype](data.reshape(*lead, nbytes // ts, ts))
-        out = out.reshape(*lead, nbytes // ts * bs)
-    return out.astype(dtype)
+        raise ValueError(f"{nbytes} bytes per row is not a whole number of {q.name} blocks of {ts} bytes")
+    lead = data.shape[:-1]
+    out = q.dequant(data.reshape(*lead, nbytes // ts, ts))
+    return out.reshape(*lead, nbytes // ts * q.block_size).astype(dtype)
 
 
 def _check_qtensor(q: QTensor) -> None:
+    from .types import row_bytes
     rows, cols = q.shape
     want = (rows, row_bytes(q.qtype, cols))
     if tuple(q.data.shape) != want:

@@ -19,16 +19,10 @@ of a sub-block whose coded scale is 0 are written as 0.
 """
 from __future__ import annotations
 
-import ml_dtypes
+import math
+
 import numpy as np
-from gguf import quants as gq
-from gguf.constants import GGMLQuantizationType
 
-from .types import check_qtype, row_bytes, type_size
-
-_GGUF_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_K_QTYPES = ("Q4_K", "Q5_K", "Q6_K")
-QUANTIZABLE_QTYPES: tuple[str, ...] = ("F32", "F16", "BF16") + _GGUF_QTYPES + _K_QTYPES
 _F16_MAX = 65504.0
 _CHUNK = 1024  # super-blocks per pass: keeps the [chunk*8, 32] temporaries in cache
 
@@ -39,32 +33,20 @@ def quantize(array, qtype: str) -> np.ndarray:
     Dense types are passed through as their little-endian bytes (BF16 rounded to nearest even).
     Raises ValueError for non-finite values, and for |x| > 65504 with any type that stores f16.
     """
-    qtype = check_qtype(qtype)
-    if qtype not in QUANTIZABLE_QTYPES:
-        raise ValueError(f"cannot quantize to {qtype} (can: {', '.join(QUANTIZABLE_QTYPES)})")
+    from .types import QUANTIZABLE_QTYPES, qtype_info, row_bytes   # types.py imports the encoders below
+    q = qtype_info(qtype)
+    if q.quantize is None:
+        raise ValueError(f"cannot quantize to {q.name} (can: {', '.join(QUANTIZABLE_QTYPES)})")
     x = np.ascontiguousarray(array, dtype=np.float32)
     if x.ndim < 1:
         raise ValueError("quantize needs at least one axis")
-    nbytes = row_bytes(qtype, x.shape[-1])
+    nbytes = row_bytes(q.name, x.shape[-1])
     if not np.isfinite(x).all():
-        raise ValueError(f"cannot quantize non-finite values to {qtype}")
-    if qtype not in ("F32", "BF16") and x.size and np.abs(x).max() > _F16_MAX:
-        raise ValueError(f"values beyond +-{_F16_MAX} do not fit the f16 fields of {qtype}")
+        raise ValueError(f"cannot quantize non-finite values to {q.name}")
+    if q.f16_offsets and x.size and np.abs(x).max() > _F16_MAX:
+        raise ValueError(f"values beyond +-{_F16_MAX} do not fit the f16 fields of {q.name}")
     lead = x.shape[:-1]
-    if qtype == "F32":
-        out = x.view(np.uint8)
-    elif qtype == "F16":
-        out = x.astype("<f2").view(np.uint8)
-    elif qtype == "BF16":
-        out = x.astype(ml_dtypes.bfloat16).view(np.uint8)
-    elif qtype in _GGUF_QTYPES:
-        out = gq.quantize(x.reshape(-1, x.shape[-1]), GGMLQuantizationType[qtype])
-    else:
-        blocks = x.reshape(-1, 256)
-        out = np.empty((blocks.shape[0], type_size(qtype)), np.uint8)
-        fn = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}[qtype]
-        for i in range(0, blocks.shape[0], _CHUNK):
-            out[i:i + _CHUNK] = fn(blocks[i:i + _CHUNK])
+    out = q.quantize(x.reshape(math.prod(lead), x.shape[-1]))
     return np.ascontiguousarray(out).reshape(*lead, nbytes)
 
 
@@ -73,10 +55,27 @@ def quantize_qtensor(array, qtype: str):
     import jax.numpy as jnp
 
     from .qtensor import QTensor
+    from .types import check_qtype
     x = np.asarray(array)
     if x.ndim != 2:
         raise ValueError(f"quantize_qtensor needs a 2-D array, got shape {x.shape}")
     return QTensor(jnp.asarray(quantize(x, qtype)), check_qtype(qtype), tuple(int(s) for s in x.shape))
+
+
+# ---- the encoders of types.QTYPES: float32 rows [N, cols] -> their uint8 bytes -----------------------
+
+def quantize_dense(dtype):
+    """Little-endian values of `dtype` (BF16: rounded to nearest even), as bytes."""
+    return lambda x: x.astype(dtype, copy=False).view(np.uint8)
+
+
+def _superblocks(encode):
+    """A K-quant encoder of super-blocks [n, 256] -> [n, type_size], run _CHUNK super-blocks at a time."""
+    def quantize_rows(x):
+        blocks = x.reshape(-1, 256)
+        out = [encode(blocks[i:i + _CHUNK]) for i in range(0, blocks.shape[0], _CHUNK)]
+        return np.concatenate(out) if out else np.empty(0, np.uint8)
+    return quantize_rows
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -240,3 +239,6 @@ def _q6_k(x):
     out = np.concatenate([ql, qh, sc.view(np.uint8), d_bytes], axis=1)
     out[zero] = 0  # llama.cpp zeroes the whole block
     return out
+
+
+quantize_q4_k, quantize_q5_k, quantize_q6_k = _superblocks(_q4_k), _superblocks(_q5_k), _superblocks(_q6_k)
