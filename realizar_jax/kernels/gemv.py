@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ..layers import rms_norm
-from .layout import SB, GpuQTensor, dequant_parts, split_x
+from .layout import GPU_LAYOUTS, SB, GpuQTensor, dequant_parts, split_x
 from .qdot import (FACTORED_QTYPES, Q8_ACT_QTYPES, init_accumulators, init_accumulators_q8,
                    prepare_x, prepare_x_q8, tile_dot, tile_dot_q8, x_q8_group, x_q8_natural, x_q8_tiles)
 from .tuning import KernelConfig
@@ -104,14 +104,14 @@ def _kernel(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, use_dot):
         acc = jax.lax.fori_loop(0, tiles, body, init)
         o_ref[...] = acc.T
     else:
-        width = bs * {"Q4_K": 32, "Q5_K": 128, "Q4_0": 128, "Q6_K": 16, "Q8_0": 64}.get(qtype, SB)
+        width = bs * SB // len(GPU_LAYOUTS[qtype].x_parts)   # values of one part in a tile
         init = tuple(jnp.zeros((bn, width), jnp.float32) for _ in range(nb))
         accs = jax.lax.fori_loop(0, tiles, body, init)
         for b in range(nb):
             o_ref[b, :] = jnp.sum(accs[b], axis=1)
 
 
-def _factored_rows(mats, i, s, *, bn, tiles, nb, q8, interpret, x_in_kernel):
+def _factored_rows(mats, i, s, *, bn, tiles, nb, q8, interpret):
     """qdot.tile_dot (or tile_dot_q8) over K tiles `s * tiles ...` of row block i of each matrix in
     mats ((qtype, w refs, x refs, bs) each; all walked in one loop, so their loads overlap) -> per
     matrix, [bn] per batch row; accumulators stay elementwise until the end."""
@@ -123,10 +123,9 @@ def _factored_rows(mats, i, s, *, bn, tiles, nb, q8, interpret, x_in_kernel):
             ks = pl.ds((s * tiles + t) * bs, bs)
             loaded = [_tile(r, (rows, ks)) for r in w_refs]
             if q8:
-                xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx), in_kernel=x_in_kernel)
+                xs = [x_q8_tiles(x_refs, qtype, lambda r, idx, b=b: _tile(r, (b, ks) + idx))
                       for b in range(nb)]
-                new.append(tuple(tile_dot_q8(qtype, loaded, xs, list(acc), interpret=interpret,
-                                             in_kernel=x_in_kernel)))
+                new.append(tuple(tile_dot_q8(qtype, loaded, xs, list(acc), interpret=interpret)))
             else:
                 xs = [[_tile(r, (b, ks)) for r in x_refs] for b in range(nb)]
                 new.append(tuple(tile_dot(qtype, loaded, xs, list(acc))))
@@ -148,15 +147,15 @@ def _factored_rows(mats, i, s, *, bn, tiles, nb, q8, interpret, x_in_kernel):
     return out
 
 
-def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret, x_in_kernel):
+def _kernel_factored(*refs, qtype, n_w, n_x, bn, bs, tiles, nb, q8, interpret):
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:n_w + n_x], refs[-1]
     [totals] = _factored_rows([(qtype, w_refs, x_refs, bs)], pl.program_id(0), pl.program_id(1), bn=bn,
-                              tiles=tiles, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+                              tiles=tiles, nb=nb, q8=q8, interpret=interpret)
     for b in range(nb):
         o_ref[b, :] = totals[b]
 
 
-def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
+def _kernel_multi(*refs, mats, bn, nb, q8, interpret):
     """Several matrices in one launch: program p serves the matrix whose block range holds p and
     writes that matrix's output (one output per matrix, already in its dtype: no slicing after).
     mats: per matrix (qtype, w ref range, x ref range, first program, programs, bs, tiles)."""
@@ -166,7 +165,7 @@ def _kernel_multi(*refs, mats, bn, nb, q8, interpret, x_in_kernel):
         @pl.when((p >= first) & (p < first + count))
         def _(qtype=qtype, w0=w0, w1=w1, x0=x0, x1=x1, first=first, bs=bs, tiles=tiles, o_ref=o_ref):
             [totals] = _factored_rows([(qtype, refs[w0:w1], refs[x0:x1], bs)], p - first, 0, bn=bn, tiles=tiles,
-                                      nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+                                      nb=nb, q8=q8, interpret=interpret)
             for b in range(nb):
                 o_ref[b, :] = totals[b].astype(o_ref.dtype)
 
@@ -188,14 +187,14 @@ def _quantize_rows(y, group: int, interpret: bool):
     return words, amax / 127.0
 
 
-def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, x_in_kernel, dtype, group):
+def _kernel_swiglu(*refs, gate, up, bn, nb, q8, interpret, dtype, group):
     """Program p: row block p of both gate and up, then the SwiGLU gate on them and, with a group
     size, the int8 quantization the down projection's GEMV reads (outputs: words, scales); without
     one, the activation in the model's dtype."""
     outs = refs[-2:] if group else refs[-1:]
     p = pl.program_id(0)
     mat = lambda m: (m[0], refs[m[1][0]:m[1][1]], refs[m[2][0]:m[2][1]], m[3])
-    kw = dict(bn=bn, nb=nb, q8=q8, interpret=interpret, x_in_kernel=x_in_kernel)
+    kw = dict(bn=bn, nb=nb, q8=q8, interpret=interpret)
     # one loop over both matrices' tiles, so their loads overlap; dense tiles are too wide for two
     # matrices' accumulators at once (BENCHMARKS.md, run 31)
     if gate[4] == up[4] and gate[0] != "DENSE":
@@ -254,7 +253,7 @@ def _x_q8(xp, qtype: str, pre, other, eps, cfg: KernelConfig) -> list:
     if fusable_prep(xp.shape[1], group, pre, cfg):
         words, scales = quantize_x(xp, group, pre=pre, other=other, eps=eps, cfg=cfg)
         return x_q8_natural(words, scales, qtype)
-    return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype, in_kernel=True)
+    return prepare_x_q8(apply_pre(xp, pre, other, eps), qtype)
 
 
 def _x_q8_all(xp, qtypes, pre, other, eps, cfg: KernelConfig, residual=None):
@@ -325,7 +324,7 @@ def gemv_multi(x: jax.Array, ws: tuple, *, cfg: KernelConfig, pre: str | None = 
     out_specs = [pl.BlockSpec((nb, bn), lambda p, f=m[3], c=m[4]: (0, jnp.clip(p - f, 0, c - 1))) for m in mats]
     outs = pl.pallas_call(
         functools.partial(_kernel_multi, mats=tuple(mats), bn=bn, nb=nb, q8=q8, interpret=cfg.interpret,
-                          x_in_kernel=q8),
+                          ),
         grid=(first,),
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((nb, w.shape[0]), out_dtype) for w in ws],
@@ -426,7 +425,7 @@ def gemv_swiglu(x: jax.Array, gate, up, *, cfg: KernelConfig, pre: str | None = 
         out_shape = [jax.ShapeDtypeStruct((nb, rows), x.dtype)]
     outs = pl.pallas_call(
         functools.partial(_kernel_swiglu, gate=pair[0], up=pair[1], bn=bn, nb=nb, q8=q8, interpret=cfg.interpret,
-                          x_in_kernel=q8, dtype=x.dtype, group=group),
+                          dtype=x.dtype, group=group),
         grid=(rows // bn,),
         out_specs=out_specs,
         out_shape=out_shape,
@@ -512,7 +511,7 @@ def _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stage
 def _factored_call(parts, xs, qtype, rows, nsb, nb, bn, bs, splits, num_warps, num_stages, q8, interpret,
                    summed=True):
     kernel = functools.partial(_kernel_factored, qtype=qtype, n_w=len(parts), n_x=len(xs), bn=bn, bs=bs,
-                               tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret, x_in_kernel=q8)
+                               tiles=nsb // bs // splits, nb=nb, q8=q8, interpret=interpret)
     return _launch(kernel, parts, xs, qtype, rows, nb, bn, splits, num_warps, num_stages, interpret, summed)
 
 

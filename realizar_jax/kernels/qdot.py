@@ -331,23 +331,19 @@ def x_q8_natural(words: jax.Array, scales: jax.Array, qtype: str) -> list:
     return [words.reshape(B, -1, *lead, g // 4), scales.reshape(B, -1, *lead)]
 
 
-def prepare_x_q8(x: jax.Array, qtype: str, *, in_kernel: bool = True) -> list:
+def prepare_x_q8(x: jax.Array, qtype: str) -> list:
     """x [B, cols] -> the int8-activation kernel's inputs [words, scales]: int32 words of the int8s
-    and the float32 scale of each group, in their natural layout (parts on axis 3).
-
-    in_kernel is accepted for callers that still pass it and ignored: the kernel always sums the
-    rounded x itself (the layout with XLA-computed sums, in_kernel=False, was removed).
-    """
+    and the float32 scale of each group, in their natural layout (parts on axis 3); the GEMV sums
+    each group's rounded x itself (dp4a against all-ones)."""
     groups = INT8_DOTS[qtype].groups
     B, cols = x.shape
     q, s = _quantize_blocks(x.astype(jnp.float32).reshape(B, cols // 256, *groups))
     return [_words(q), s]
 
 
-def x_q8_tiles(xs: list, qtype: str, tile, *, in_kernel: bool = True) -> list:
+def x_q8_tiles(xs: list, qtype: str, tile) -> list:
     """tile_dot_q8's list of x operands: tile(array, idx) for every part of every prepared array,
-    idx being the indexers after (batch row, superblocks): () where there is no part axis.
-    in_kernel: ignored (see prepare_x_q8)."""
+    idx being the indexers after (batch row, superblocks): () where there is no part axis."""
     n = INT8_DOTS[qtype].parts
     if n == 1:
         return [tile(a, ()) for a in xs]
@@ -358,7 +354,7 @@ def init_accumulators_q8(qtype: str, bn: int, bs: int) -> tuple:
     return tuple(jnp.zeros((bn, bs) + s, jnp.float32) for s in INT8_DOTS[qtype].acc_shapes)
 
 
-def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool, in_kernel: bool = True) -> list:
+def tile_dot_q8(qtype: str, w: list, xs: list, accs: list, *, interpret: bool) -> list:
     """tile_dot for int8 activations (x_q8_tiles of prepare_x_q8's arrays in xs[b]; the group sums
-    are computed here). in_kernel: ignored (see prepare_x_q8)."""
+    are computed here)."""
     return INT8_DOTS[qtype].tile_dot(w, xs, accs, interpret)

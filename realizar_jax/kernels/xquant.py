@@ -3,8 +3,7 @@
 XLA needs two kernels to quantize x per scale group (an absmax reduce, then the rounding), and two
 more for the RMSNorm in front of it; at batch 1 each is a launch for a few KB, and they were most of
 the small kernels of an 8B decode step (BENCHMARKS.md).
-This kernel reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout with
-in_kernel=True): int32 words of four int8s and one float32 scale per group of `group` values.
+This kernel reads x once and writes what the GEMV reads (qdot.prepare_x_q8's natural layout): int32 words of four int8s and one float32 scale per group of `group` values.
 
 pre: None (x as is) or "norm" (RMSNorm by `weight`; every program reads the whole row for the sum
 of squares and quantizes its share), rounded like layers.py, so the int8s match the unfused path's;
