@@ -16,10 +16,10 @@ from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from ..errors import UnsupportedQuantError
-from .dequant import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k,
+from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k,
                       dequant_q3_k, dequant_q4_0, dequant_q4_1, dequant_q4_k, dequant_q5_0, dequant_q5_1,
                       dequant_q5_k, dequant_q6_k, dequant_q8_0)
-from .quantize import quantize_dense, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from .encoders import quantize_dense, quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 
 @dataclass(frozen=True)
