@@ -2,7 +2,8 @@
 # One device call: the gpu tests, then whole-model benches of this tree and of OLD_TREE (another checkout,
 # e.g. `git archive COMMIT | tar -x -C .ab/old`) on the same random-weight files, each in its own process,
 # in the order new, old, new (the two new runs show the run-to-run spread).
-# usage (device tool, carry .whl and .ab): OLD_TREE=.ab/old bash scripts/device_ab.sh [tests] [ab]
+# usage (device tool, carry .whl and .ab): OLD_TREE=.ab/old bash scripts/device_ab.sh [tests] [ab] [gen]
+#   gen: Model.generate() decode speed on the first model's file (128-token prompt, 256 new tokens), new tree
 #   MODELS="llama3-8b:q4_k_m llama3-8b:bf16" picks the files; EXTRA="--ab int8_activations=false" adds variants.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -28,6 +29,17 @@ if has ab; then
     bench "$PWD" new "$shape" "$quant"
     [ -n "${OLD_TREE:-}" ] && bench "$OLD_TREE" old "$shape" "$quant"
     bench "$PWD" new2 "$shape" "$quant"
+    if has gen && [ -z "${GEN_DONE:-}" ]; then
+      GEN_DONE=1; PYTHONPATH=/tmp/site:$PWD timeout 200 python3 - /tmp/rb/"$shape-$quant".gguf <<'PY' 2>&1 | grep -v Warning | tee -a "$OUT/gen.log"
+import sys, numpy as np, realizar_jax as rj
+m = rj.load(sys.argv[1], max_seq_len=1024)
+ids = [int(t) for t in np.random.default_rng(0).integers(3, m.config.vocab_size, 128)]
+m.generate(ids, max_new_tokens=16)   # compiles
+for _ in range(2):
+    g = m.generate(ids, max_new_tokens=256, stop_token_ids=[])
+    print("generate:", g.stats.summary())
+PY
+    fi
     rm -f /tmp/rb/"$shape-$quant".gguf   # disk: the 8B bf16 file is 16 GB
   done
   python3 - "$OUT" <<'PY'
