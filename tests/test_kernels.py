@@ -1,34 +1,39 @@
 """Pallas kernels (interpret mode on CPU) vs independent references: gguf-py dequantize + numpy.
 
-The same checks run on the GPU (compiled, not interpreted) under `pytest -m gpu`.
+Every kernel takes a KernelConfig (`cfg`) as a static argument; CFG runs the Pallas routes,
+interpreted off the GPU and compiled on one (`pytest -m "not slow" tests/test_kernels.py` there runs
+these checks compiled; `-m gpu` runs the large shapes).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from realizar_jax.kernels import (GpuQTensor, decode_attention, decode_attention_ref, dequantize_gpu,
-                                  gemv, kernel_matmul, repack_blocks)
-from realizar_jax.kernels.gemm import gemm
-from realizar_jax.kernels.dispatch import prefill_route
-from realizar_jax.kernels.gemv import apply_pre, default_tiles, gemv_multi, gemv_swiglu
+from realizar_jax.kernels import GpuQTensor, KernelConfig, dequantize_gpu, repack_blocks
 from realizar_jax.kernels.attention import _plan, attention_tile, decode_attention_update
-from realizar_jax.attention import decode_attention_update_ref
-from realizar_jax.kernels.layout import dequantize_gpu_part_order
-from realizar_jax.kernels.unpack import unpack
+from realizar_jax.kernels.gemv import TILES, gemv, gemv_multi, gemv_swiglu, tiles_for
+from realizar_jax.kernels.layout import GPU_QTYPES, dequantize_gpu_part_order
 from realizar_jax.kernels.qdot import prepare_x_q8
+from realizar_jax.kernels.tuning import TILES_ENV, parse_tiles
+from realizar_jax.kernels.unpack import unpack
 from realizar_jax.kernels.xquant import quantize_x
-from realizar_jax.quant.matmul import matmul_many
-from realizar_jax.kernels.layout import GPU_QTYPES
+from realizar_jax.ops import linear, linear_many, routes, summed, using
+from realizar_jax.ops.attention import decode_attention_ref, decode_attention_update_ref
 from realizar_jax.cli.synth import random_blocks
 
 ON_GPU = jax.default_backend() == "gpu"
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
+CFG = KernelConfig(pallas=True, interpret=not ON_GPU)   # the Pallas routes, int8 activations (the default)
+FLOAT = CFG.replace(int8_activations=False)             # float32 activations on every type
+BF16 = ml_dtypes.bfloat16
 
 
 def _packed(qtype, rows, cols, rng):
@@ -43,6 +48,35 @@ def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
+def _small_tiles(cfg, bn, bs):
+    """cfg with every GEMV type's tile at bn rows and bs superblocks per K step (warps and stages do
+    not matter in interpret mode): several row tiles and K splits even on these small matrices."""
+    return cfg.replace(tiles=tuple((k, (bn, bs, 4, 3)) for k in GPU_QTYPES + ("DENSE",)))
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _linear(x, w, *, cfg):
+    """ops.linear traced under cfg (the models' pattern: the KernelConfig is a static argument)."""
+    with using(cfg):
+        return linear(x, w)
+
+
+def _bf16(a):
+    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
+
+
+def _numpy_norm(x, weight, eps):
+    """layers.rms_norm in numpy: normalize in float64, round to bf16, scale by the bf16 weight, round."""
+    r = 1.0 / np.sqrt((np.asarray(x, np.float64) ** 2).mean(axis=-1, keepdims=True) + eps)
+    return _bf16(_bf16(weight) * _bf16(x * r))
+
+
+def _numpy_swiglu(g, u):
+    """layers.swiglu in numpy on bf16 values: silu rounded once, the product once."""
+    g, u = np.asarray(g, np.float32), np.asarray(u, np.float32)
+    return _bf16(_bf16(g / (1.0 + np.exp(-g.astype(np.float64)))) * u)
+
+
 @settings(max_examples=10, **SETTINGS)
 @given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 32]), nsb=st.integers(1, 3),
        seed=st.integers(0, 2**31))
@@ -53,15 +87,34 @@ def test_repack_dequantize_is_exact(qtype, rows, nsb, seed):
     assert file_bytes <= w.nbytes <= 1.05 * file_bytes   # the 5% device-bytes budget
 
 
+def test_gpu_layouts_agree_with_the_qtype_registry():
+    """Each GPU layout: a registry type with synth scales; split_x's parts and the dequantized parts
+    pair up (count, size), unpack's part_shape is their words' shape, and .factored / .int8_group agree
+    with the tuples the GEMV reads."""
+    from realizar_jax.kernels.layout import GPU_LAYOUTS, dequant_parts, split_x
+    from realizar_jax.kernels.qdot import FACTORED_QTYPES, Q8_ACT_QTYPES, x_q8_group
+    from realizar_jax.quant import QTYPES
+    for qtype in GPU_QTYPES:
+        lay, q = GPU_LAYOUTS[qtype], QTYPES[qtype]
+        assert q.random_scale is not None and 256 % q.block_size == 0
+        w, _ = _packed(qtype, 16, 256, np.random.default_rng(1))
+        parts, xs = dequant_parts(qtype, list(w.parts), flat=False), split_x(jnp.zeros((1, 256)), qtype)
+        assert len(parts) == len(xs) == lay.part_shape[0], qtype
+        for p, x in zip(parts, xs):
+            assert p.shape == (16, 1) + lay.part_shape[1:] and x.shape == (1, 1, p.shape[2] * p.shape[3]), qtype
+        assert lay.factored == (qtype in FACTORED_QTYPES)
+        assert lay.int8_group == (x_q8_group(qtype) if qtype in Q8_ACT_QTYPES else None)
+
+
 @settings(max_examples=8, **SETTINGS)
 @given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([16, 32, 48]), nsb=st.integers(1, 4),
-       batch=st.integers(1, 8), xprep=st.sampled_from(["fused", "kernel", "xla"]), seed=st.integers(0, 2**31))
-def test_gemv_matches_gguf_reference(qtype, rows, nsb, batch, xprep, seed):
-    """float32 x takes the float path whatever xprep says (xprep only concerns int8 activations)."""
+       batch=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_gemv_matches_gguf_reference(qtype, rows, nsb, batch, seed):
+    """float32 x takes the float path whatever the config says about int8 activations."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, rows, nsb * 256, rng)
     x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
-    y = gemv(jnp.asarray(x), w, bn=16, bs=2, target_programs=4, xprep=xprep, interpret=not ON_GPU)
+    y = gemv(jnp.asarray(x), w, cfg=_small_tiles(CFG, 16, 2), target_programs=4)
     assert y.shape == (batch, rows) and np.isfinite(np.asarray(y)).all()
     # batch <= 4: float32 FMAs; batch > 4: bf16 tensor-core dot (2^-8 relative rounding of inputs)
     tol = 2e-5 if batch <= 4 else 1.5e-2
@@ -80,71 +133,74 @@ def _int8_grid(x, group):
 
 @settings(max_examples=8, **SETTINGS)
 @given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), rows=st.sampled_from([16, 32]),
-       nsb=st.integers(1, 3), batch=st.integers(1, 4), xprep=st.sampled_from(["fused", "kernel", "xla"]),
-       seed=st.integers(0, 2**31))
-def test_gemv_int8_activations(qtype, rows, nsb, batch, xprep, seed):
-    """act="int8" (the dp4a path; x quantized by the xquant kernel (xprep="fused") or by XLA, the
-    group sums of the rounded x taken by the GEMV or, xprep="xla", by XLA): exactly the gguf-py weights times x rounded to int8 per scale group (checked against
-    that rounding done in numpy), and near the unrounded product; the float path (act="float") on
-    the same bf16 x stays exact."""
+       nsb=st.integers(1, 3), batch=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_gemv_int8_activations(qtype, rows, nsb, batch, seed):
+    """int8_activations=True (the dp4a path; x quantized per scale group by the xquant kernel, the
+    group sums of the rounded x taken by the GEMV): exactly the gguf-py weights times x rounded to
+    int8 per scale group (that rounding done in numpy), and near the unrounded product; the float
+    path (int8_activations=False) on the same bf16 x stays exact."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, rows, nsb * 256, rng)
-    x = np.asarray(jnp.asarray(rng.standard_normal((batch, nsb * 256)), jnp.bfloat16).astype(jnp.float32))
-    y = gemv(jnp.asarray(x, jnp.bfloat16), w, bn=16, bs=2, target_programs=4, act="int8", xprep=xprep,
-             interpret=not ON_GPU)
+    x = _bf16(rng.standard_normal((batch, nsb * 256)))
+    y = gemv(jnp.asarray(x, jnp.bfloat16), w, cfg=_small_tiles(CFG, 16, 2), target_programs=4)
     assert y.shape == (batch, rows)
     xq = _int8_grid(x, 16 if qtype == "Q6_K" else 32)
-    assert _rel(y, xq @ ref.T) < 2e-6
-    assert _rel(y, x.astype(np.float64) @ ref.T) < 3e-2   # int8 rounding of x: ~0.5-1% here
-    y_float = gemv(jnp.asarray(x, jnp.bfloat16), w, bn=16, bs=2, target_programs=4, act="float",
-                   interpret=not ON_GPU)
+    assert _rel(y, xq @ ref.T) < (1e-3 if ON_GPU else 2e-6)   # GPU: see large_shapes
+    assert 1e-4 < _rel(y, x.astype(np.float64) @ ref.T) < 3e-2   # int8 rounding of x: ~0.5-1% here
+    y_float = gemv(jnp.asarray(x, jnp.bfloat16), w, cfg=_small_tiles(FLOAT, 16, 2), target_programs=4)
     assert _rel(y_float, x.astype(np.float64) @ ref.T) < 2e-5
 
 
 @settings(max_examples=6, **SETTINGS)
 @given(qtypes=st.lists(st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), min_size=1, max_size=3),
        rows=st.lists(st.sampled_from([16, 32, 48]), min_size=3, max_size=3), nsb=st.integers(1, 3),
-       batch=st.integers(1, 4), xprep=st.sampled_from(["fused", "kernel", "xla"]),
-       act=st.sampled_from(["float", "int8"]), seed=st.integers(0, 2**31))
-def test_gemv_multi_matches_separate_products(qtypes, rows, nsb, batch, xprep, act, seed):
+       batch=st.integers(1, 4), int8=st.booleans(), seed=st.integers(0, 2**31))
+def test_gemv_multi_matches_separate_products(qtypes, rows, nsb, batch, int8, seed):
     """Several matrices in one launch (Q/K/V, gate/up) give each matrix's own product: float32 x
     exactly, bf16 x with int8 activations exactly on the int8 grid."""
     rng = np.random.default_rng(seed)
     packed = [_packed(q, r, nsb * 256, rng) for q, r in zip(qtypes, rows)]
     x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
-    if act == "int8":   # int8 activations need half-precision x
-        x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
-    xin = jnp.asarray(x, jnp.bfloat16 if act == "int8" else jnp.float32)
-    outs = gemv_multi(xin, tuple(w for w, _ in packed), xprep=xprep, act=act, interpret=not ON_GPU)
+    if int8:   # int8 activations need half-precision x
+        x = _bf16(x)
+    xin = jnp.asarray(x, jnp.bfloat16 if int8 else jnp.float32)
+    outs = gemv_multi(xin, tuple(w for w, _ in packed), cfg=CFG)
     assert len(outs) == len(packed)
     for y, (w, ref) in zip(outs, packed):
         assert y.shape == (batch, w.shape[0])
-        xr = _int8_grid(x, 16 if w.qtype == "Q6_K" else 32) if act == "int8" else x.astype(np.float64)
-        assert _rel(y, xr @ ref.T) < (1e-3 if ON_GPU and act == "int8" else 2e-5)   # GPU: see large_shapes
+        xr = _int8_grid(x, 16 if w.qtype == "Q6_K" else 32) if int8 else x.astype(np.float64)
+        assert _rel(y, xr @ ref.T) < (1e-3 if ON_GPU and int8 else 2e-5)   # GPU: see large_shapes
     # results in the activations' dtype come out of the kernel rounded as a cast after it would be
-    halves = gemv_multi(xin, tuple(w for w, _ in packed), xprep=xprep, act=act, interpret=not ON_GPU,
-                        out_dtype=jnp.bfloat16)
+    halves = gemv_multi(xin, tuple(w for w, _ in packed), cfg=CFG, out_dtype=jnp.bfloat16)
     for h, y in zip(halves, outs):
         assert h.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(h.astype(jnp.float32)),
                                       np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)))
 
 
-def test_matmul_many_fused_switch(monkeypatch):
-    """REALIZAR_GEMV_FUSE=1 (default) routes decode rows through one launch, =0 through one per matrix;
-    the results stay the products."""
+def test_linear_many_takes_one_launch(monkeypatch):
+    """ops.linear_many on decode rows routes packed matrices of the factored kernel through one
+    gemv_multi launch, and a set that cannot share a launch (a Q4_0 matrix among them) through one
+    GEMV per matrix; either way each result is its matrix's product (gguf-py reference)."""
+    calls = []
+    real = routes.gemv_multi
+    monkeypatch.setattr(routes, "gemv_multi", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     rng = np.random.default_rng(9)
-    packed = [_packed("Q4_K", r, 512, rng) for r in (32, 16, 16)]
     x = jnp.asarray(rng.standard_normal((1, 2, 512)), jnp.float32)
-    monkeypatch.setenv("REALIZAR_PALLAS_INTERPRET", "1")
-    monkeypatch.setenv("REALIZAR_GEMV_FUSE", "0")
-    separate = matmul_many(x, [w for w, _ in packed])
-    monkeypatch.setenv("REALIZAR_GEMV_FUSE", "1")
-    fused = matmul_many(x, [w for w, _ in packed])
-    for a, b, (w, ref) in zip(separate, fused, packed):
-        assert a.shape == b.shape == (1, 2, w.shape[0])
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
-        assert _rel(b.reshape(2, -1), np.asarray(x, np.float64).reshape(2, -1) @ ref.T) < 2e-5
+    xf = np.asarray(x, np.float64).reshape(2, -1)
+    for qtypes, launches in ((("Q4_K", "Q6_K", "Q8_0"), [3]), (("Q4_K", "Q4_0"), [])):
+        packed = [_packed(q, r, 512, rng) for q, r in zip(qtypes, (32, 16, 16))]
+        calls.clear()
+        with using(CFG):
+            ys = linear_many(x, [w for w, _ in packed])
+        assert calls == launches, (qtypes, calls)
+        for y, (w, ref) in zip(ys, packed):
+            assert y.shape == (1, 2, w.shape[0]) and y.dtype == jnp.float32
+            assert _rel(y.reshape(2, -1), xf @ ref.T) < 2e-5, (qtypes, w.qtype)
+    with using(KernelConfig(pallas=False)):   # the reference: no kernel launch
+        calls.clear()
+        ys = linear_many(x, [w for w, _ in packed])
+    assert calls == [] and _rel(ys[0].reshape(2, -1), xf @ packed[0][1].T) < 2e-5
 
 
 @settings(max_examples=4, **SETTINGS)
@@ -154,7 +210,7 @@ def test_gemv_dense_bf16(rows, nsb, batch, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, nsb * 256)).astype(np.float32)
     x = rng.standard_normal((batch, nsb * 256)).astype(np.float32)
-    y = gemv(jnp.asarray(x), jnp.asarray(w, jnp.bfloat16), bn=16, bs=1, interpret=not ON_GPU)
+    y = gemv(jnp.asarray(x), jnp.asarray(w, jnp.bfloat16), cfg=_small_tiles(CFG, 16, 1))
     wb = np.asarray(jnp.asarray(w, jnp.bfloat16).astype(jnp.float32), np.float64)
     assert _rel(y, x.astype(np.float64) @ wb.T) < 2e-5
 
@@ -168,7 +224,7 @@ def test_gemv_multi_dense(rows, nsb, batch, dtype, seed):
     rng = np.random.default_rng(seed)
     ws = [jnp.asarray(rng.standard_normal((r, nsb * 256)), dtype) for r in rows]
     x = jnp.asarray(rng.standard_normal((batch, nsb * 256)), dtype)
-    outs = gemv_multi(x, tuple(ws), interpret=not ON_GPU, out_dtype=x.dtype)
+    outs = gemv_multi(x, tuple(ws), cfg=CFG, out_dtype=x.dtype)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
     for y, w in zip(outs, ws):
         exact = xf @ np.asarray(w.astype(jnp.float32), np.float64).T
@@ -178,35 +234,41 @@ def test_gemv_multi_dense(rows, nsb, batch, dtype, seed):
         np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), exact, rtol=ulp, atol=1e-3)
     packed, _ = _packed("Q4_K", 16, nsb * 256, rng)
     with pytest.raises(ValueError, match="not fusable"):   # dense and packed do not share a launch
-        gemv_multi(x, (ws[0], packed), interpret=not ON_GPU)
-
-
-@settings(max_examples=3, **SETTINGS)
-@given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), tokens=st.sampled_from([2, 9, 17]),
-       seed=st.integers(0, 2**31))
-def test_kernel_matmul_routes_and_matches(qtype, tokens, seed):
-    """Leading dims kept, x.dtype returned; 2 rows -> GEMV kernel, 9/17 rows -> dequant + bf16 dot."""
-    rng = np.random.default_rng(seed)
-    w, ref = _packed(qtype, 32, 512, rng)
-    x = rng.standard_normal((1, tokens, 512)).astype(np.float32)
-    y = jax.jit(kernel_matmul)(jnp.asarray(x, jnp.bfloat16), w)   # traced, as inside the model
-    assert y.shape == (1, tokens, 32) and y.dtype == jnp.bfloat16
-    xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
-    assert _rel(y.astype(jnp.float32), xb @ ref.T) < 1.5e-2
+        gemv_multi(x, (ws[0], packed), cfg=CFG)
 
 
 @settings(max_examples=4, **SETTINGS)
-@given(qtype=st.sampled_from(GPU_QTYPES), tokens=st.sampled_from([9, 20, 33]), nsb=st.integers(1, 2),
+@given(qtype=st.sampled_from(["Q4_K", "Q8_0", "Q6_K"]), tokens=st.sampled_from([2, 6, 17]),
        seed=st.integers(0, 2**31))
-def test_prefill_gemm_matches_gguf_reference(qtype, tokens, nsb, seed):
-    """Pallas prefill GEMM (ragged M padded to the tile, several row tiles) vs gguf-py dequant + numpy."""
+def test_linear_routes_and_matches(qtype, tokens, seed):
+    """ops.linear on a GPU-layout weight, traced under the KernelConfig as inside the model: leading
+    dims kept, x.dtype returned; 2 rows -> the int8 GEMV, 6 rows -> the GEMV's tensor-core kernel,
+    17 rows -> the unpack kernel + XLA's bf16 dot. Each runs a Pallas kernel; pallas=False none."""
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, 32, 512, rng)
+    x = jnp.asarray(rng.standard_normal((1, tokens, 512)), jnp.bfloat16)
+    y = _linear(x, w, cfg=CFG)
+    assert y.shape == (1, tokens, 32) and y.dtype == jnp.bfloat16
+    xb = np.asarray(x.astype(jnp.float32), np.float64)
+    assert _rel(y.astype(jnp.float32), xb @ ref.T) < 1.5e-2
+    assert "pallas_call" in str(jax.make_jaxpr(functools.partial(_linear, cfg=CFG))(x, w))
+    assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(_linear, cfg=KernelConfig()))(x, w))
+
+
+@settings(max_examples=4, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), batch=st.integers(1, 2), tokens=st.sampled_from([9, 20, 33]),
+       nsb=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_prefill_linear_matches_gguf_reference(qtype, batch, tokens, nsb, seed):
+    """The prefill route on packed weights (the Pallas unpack to bf16 in part order, x permuted to
+    match, XLA's dot accumulated in float32): ragged row counts, several row tiles, vs gguf-py + numpy."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, 48, nsb * 256, rng)
-    x = jnp.asarray(rng.standard_normal((tokens, nsb * 256)), jnp.bfloat16)
-    y = gemm(x, w, tiles=(16, 16, 1, 4, 2), interpret=not ON_GPU)
-    assert y.shape == (tokens, 48) and y.dtype == jnp.float32
-    # bf16 weights in the dot: error within bf16 rounding of the weights (2**-8 relative)
-    assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ ref.T) < 1e-2
+    x = jnp.asarray(rng.standard_normal((batch, tokens, nsb * 256)), jnp.bfloat16)
+    y = _linear(x, w, cfg=CFG)
+    assert y.shape == (batch, tokens, 48) and y.dtype == jnp.bfloat16
+    # bf16 weights in the dot and a bf16 result: error within bf16 rounding (2**-8 relative)
+    want = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, nsb * 256) @ ref.T
+    assert _rel(y.astype(jnp.float32).reshape(-1, 48), want) < 1e-2
 
 
 @settings(max_examples=6, **SETTINGS)
@@ -219,45 +281,36 @@ def test_unpack_kernel_is_exact(qtype, rows, nsb, seed):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantize_gpu_part_order(w, jnp.float32)))
 
 
-def test_gpu_switches_reject_bad_values(monkeypatch):
-    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"Q4_K": [8, 2, 2, 3]}')
-    assert default_tiles("Q4_K") == (8, 2, 2, 3) and default_tiles("Q6_K") != (8, 2, 2, 3)
-    for bad, what in (("[1, 2", "JSON"), ('{"Q4_K": [8, 2]}', "4 ints >= 1"), ('{"Q4_K": 5}', "JSON")):
-        monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
-        with pytest.raises(ValueError, match=what):
-            default_tiles("Q4_K")
-    for bad in ('{"ATTN": [8, 0, 4, 2]}', '{"ATTN": [64, 0, 0, 2]}', '{"ATTN": [48, 2, 4, 2]}'):
-        monkeypatch.setenv("REALIZAR_GEMV_TILES", bad)
-        with pytest.raises(ValueError, match="ATTN"):
-            attention_tile()
-    monkeypatch.setenv("REALIZAR_GEMV_TILES", '{"ATTN": [32, 4, 2, 3]}')
-    assert attention_tile() == (32, 4, 2, 3)
-    monkeypatch.delenv("REALIZAR_GEMV_TILES")
-    monkeypatch.setenv("REALIZAR_PREFILL_GEMM", "cublas")
-    with pytest.raises(ValueError, match="REALIZAR_PREFILL_GEMM"):
-        prefill_route()
+def test_kernel_config_tiles_and_rejects(monkeypatch):
+    """KernelConfig.from_env reads REALIZAR_GEMV_TILES once; tiles_for/attention_tile take a key's
+    override or the default and refuse overrides of the wrong shape, and a kernel asked to run with
+    one refuses it too."""
+    monkeypatch.setenv(TILES_ENV, '{"Q4_K": [8, 2, 2, 3]}')
+    cfg = KernelConfig.from_env(pallas=True)
+    assert cfg.pallas and cfg.tiles == (("Q4_K", (8, 2, 2, 3)),)
+    assert tiles_for(cfg, "Q4_K") == (8, 2, 2, 3) and tiles_for(cfg, "Q6_K") == TILES["Q6_K"]
+    assert tiles_for(KernelConfig(), "Q4_K") == TILES["Q4_K"] != (8, 2, 2, 3)
+    assert hash(cfg) == hash(KernelConfig.from_env(pallas=True))   # a static jit argument
+    assert KernelConfig.from_env(int8_activations=False).int8_activations is False
+    for bad in ("[1, 2", '{"Q4_K": 5}', "[8, 2, 2, 3]"):
+        monkeypatch.setenv(TILES_ENV, bad)
+        with pytest.raises(ValueError, match="JSON"):
+            KernelConfig.from_env()
+    monkeypatch.delenv(TILES_ENV)
+    assert parse_tiles('{"Q6_K": [16, 4, 4, 2], "ATTN": [32, 0, 4, 2]}') == (("ATTN", (32, 0, 4, 2)),
+                                                                           ("Q6_K", (16, 4, 4, 2)))
     w, _ = _packed("Q4_K", 16, 256, np.random.default_rng(0))
     x = jnp.ones((1, 256), jnp.bfloat16)
-    for name in ("REALIZAR_GEMV_ACT", "REALIZAR_GEMV_XPREP"):
-        monkeypatch.setenv(name, "fast")
-        with pytest.raises(ValueError, match=name):
-            gemv(x, w, interpret=True)
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("REALIZAR_GEMV_FUSE", "yes")
-    with pytest.raises(ValueError, match="REALIZAR_GEMV_FUSE"):
-        matmul_many(x, [w, w])
-
-
-@pytest.mark.parametrize("route", ["unpack", "pallas", "xla"])
-def test_prefill_routes_agree(route, monkeypatch):
-    """Both prefill routes behind kernel_matmul give the reference product (the env var picks one)."""
-    monkeypatch.setenv("REALIZAR_PREFILL_GEMM", route)
-    rng = np.random.default_rng(5)
-    w, ref = _packed("Q4_K", 32, 512, rng)
-    x = jnp.asarray(rng.standard_normal((2, 9, 512)), jnp.bfloat16)
-    y = jax.jit(kernel_matmul)(x, w)
-    want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
-    assert y.shape == (2, 9, 32) and _rel(y.astype(jnp.float32), want) < 1.5e-2
+    for tile in ((8, 2), (8, 0, 2, 3)):
+        bad = CFG.replace(tiles=(("Q4_K", tile),))
+        with pytest.raises(ValueError, match="4 ints >= 1"):
+            tiles_for(bad, "Q4_K")
+        with pytest.raises(ValueError, match="4 ints >= 1"):
+            gemv(x, w, cfg=bad)
+    for tile in ((8, 0, 4, 2), (64, 0, 0, 2), (48, 2, 4, 2), (64, 0, 4)):
+        with pytest.raises(ValueError, match="ATTN"):
+            attention_tile(KernelConfig(tiles=(("ATTN", tile),)))
+    assert attention_tile(KernelConfig(tiles=(("ATTN", (32, 4, 2, 3)),))) == (32, 4, 2, 3)
 
 
 def _attn_numpy(q, k, v, lengths, scale):
@@ -275,9 +328,10 @@ def _attn_numpy(q, k, v, lengths, scale):
 
 @settings(max_examples=6, **SETTINGS)
 @given(batch=st.integers(1, 3), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4, 8]),
-       seq=st.sampled_from([32, 64, 128]), dim=st.sampled_from([16, 64]), splits=st.sampled_from([1, 2, 4]),
-       seed=st.integers(0, 2**31))
-def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
+       seq=st.sampled_from([32, 64, 128]), dim=st.sampled_from([16, 64]), seed=st.integers(0, 2**31))
+def test_decode_attention_ref_ragged_gqa(batch, hkv, group, seq, dim, seed):
+    """The jnp decode attention (the CPU path and the kernels' reference): GQA over ragged lengths,
+    blind to garbage past each length."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, hkv * group, dim)).astype(np.float32)
     k = rng.standard_normal((batch, hkv, seq, dim)).astype(np.float32)
@@ -285,20 +339,10 @@ def test_decode_attention_ragged_gqa(batch, hkv, group, seq, dim, splits, seed):
     lengths = rng.integers(1, seq + 1, batch).astype(np.int32)
     past = np.arange(seq)[None, None, :] >= lengths[:, None, None]
     k[np.broadcast_to(past, k.shape[:3])] = 1e4                      # garbage past the length
-    scale = dim ** -0.5
-    want = _attn_numpy(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), lengths, scale)
-    ref = decode_attention_ref(*map(jnp.asarray, (q, k, v, lengths)), scale)
+    v[np.broadcast_to(past, v.shape[:3])] = 1e4
+    want = _attn_numpy(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), lengths, dim ** -0.5)
+    ref = decode_attention_ref(*map(jnp.asarray, (q, k, v, lengths)), dim ** -0.5)
     np.testing.assert_allclose(np.asarray(ref), want, atol=2e-5)
-    got = decode_attention(*map(jnp.asarray, (q, k, v, lengths)), scale, bt=16, splits=splits,
-                           interpret=not ON_GPU)
-    # on the GPU the two products run on tensor cores (tf32/bf16 inputs)
-    np.testing.assert_allclose(np.asarray(got), want, atol=3e-2 if ON_GPU else 2e-5)
-    # the model passes the whole layer stack and a layer index (read in place, not sliced out)
-    stack_k = jnp.stack([jnp.asarray(rng.standard_normal(k.shape), jnp.float32), jnp.asarray(k)])
-    stack_v = jnp.stack([jnp.asarray(rng.standard_normal(v.shape), jnp.float32), jnp.asarray(v)])
-    got_l = decode_attention(jnp.asarray(q), stack_k, stack_v, jnp.asarray(lengths), scale, bt=16,
-                             splits=splits, layer=1, interpret=not ON_GPU)
-    np.testing.assert_allclose(np.asarray(got_l), np.asarray(got), atol=1e-6)
 
 
 def _rope_numpy(x, pos, inv_freq):
@@ -320,29 +364,46 @@ def _update_case(rng, batch, hkv, group, seq, dim, layers, dtype):
     return q, k, v, kc, vc, pos, cos, sin, inv_freq
 
 
+def _attn_tiles(cfg, bt, splits):
+    return cfg.replace(tiles=(("ATTN", (bt, splits, 4, 2)),))
+
+
 @settings(max_examples=6, **SETTINGS)
 @given(batch=st.integers(1, 3), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
        seq=st.sampled_from([32, 64, 128]), dim=st.sampled_from([32, 64]), splits=st.sampled_from([1, 2, 4]),
        layers=st.integers(1, 3), seed=st.integers(0, 2**31))
 def test_decode_attention_update(batch, hkv, group, seq, dim, splits, layers, seed):
     """The fused step (RoPE, cache write at pos, attention over <= pos) against numpy in float64 and
-    against the XLA composition; the cache changes at exactly the new rows of the named layer."""
+    against the XLA composition; the cache changes at exactly the new rows of the named layer (read
+    in place in the whole stack), garbage past pos is never attended to; where the split is shorter
+    than a 16-position block the kernel does not apply and says so (None)."""
     rng = np.random.default_rng(seed)
     q, k, v, kc, vc, pos, cos, sin, inv_freq = _update_case(rng, batch, hkv, group, seq, dim, layers,
                                                             jnp.float32)
     layer, scale = int(rng.integers(0, layers)), dim ** -0.5
     pos_np = np.asarray(pos)
+    past = np.arange(seq)[None, None, :] > pos_np[:, None, None]          # [B, 1, S]: after the new row
+    kc_np, vc_np = np.array(kc), np.array(vc)
+    kc_np[layer][np.broadcast_to(past, kc_np.shape[1:4])] = 1e4
+    vc_np[layer][np.broadcast_to(past, vc_np.shape[1:4])] = -1e4
+    kc, vc = jnp.asarray(kc_np), jnp.asarray(vc_np)
     qr = _rope_numpy(np.asarray(q), pos_np, inv_freq)
     kr = _rope_numpy(np.asarray(k), pos_np, inv_freq)
-    want_k, want_v = np.array(kc, np.float64), np.array(vc, np.float64)
+    want_k, want_v = kc_np.astype(np.float64), vc_np.astype(np.float64)
     for b in range(batch):
         want_k[layer, b, :, pos_np[b]] = kr[b]
         want_v[layer, b, :, pos_np[b]] = np.asarray(v)[b]
     want = _attn_numpy(qr, want_k[layer], want_v[layer], pos_np + 1, scale)
-    for name, fn in (("xla", decode_attention_update_ref),
-                     ("kernel", lambda *a: decode_attention_update(*a, bt=16, splits=splits,
-                                                                   interpret=not ON_GPU))):
-        out, k2, v2 = fn(q, k, v, kc, vc, pos, cos, sin, scale, layer)
+    cfg = _attn_tiles(CFG, 16, splits)
+    applies = seq // splits >= 16
+    assert (_plan(q.shape, kc.shape, 16, splits) is not None) == applies
+    got = decode_attention_update(q, k, v, kc, vc, pos, cos, sin, scale, layer, cfg=cfg)
+    assert (got is not None) == applies
+    for name, res in (("xla", decode_attention_update_ref(q, k, v, kc, vc, pos, cos, sin, scale, layer)),
+                      ("kernel", got)):
+        if res is None:
+            continue
+        out, k2, v2 = res
         np.testing.assert_allclose(np.asarray(k2), want_k, atol=1e-5, err_msg=name)   # float32 RoPE
         np.testing.assert_array_equal(np.asarray(v2), want_v, err_msg=name)
         np.testing.assert_allclose(np.asarray(out), want, atol=3e-2 if ON_GPU else 5e-5, err_msg=name)
@@ -354,7 +415,8 @@ def test_decode_attention_update_rejects_operands_that_do_not_fit():
     q, k, v, kc, vc, pos, cos, sin, _ = _update_case(rng, 2, 2, 2, 32, 32, 2, jnp.float32)
     run = lambda **kw: decode_attention_update(*[kw.get(n, a) for n, a in zip(
         ("q", "k", "v", "kc", "vc", "pos", "cos", "sin"), (q, k, v, kc, vc, pos, cos, sin))], 0.1,
-        kw.get("layer", 1), interpret=True)
+        kw.get("layer", 1), cfg=CFG)
+    assert run() is not None
     with pytest.raises(ValueError, match="layer 2 is not in the cache's 2 layers"):
         run(layer=2)
     with pytest.raises(ValueError, match="k has shape"):
@@ -367,10 +429,18 @@ def test_decode_attention_update_rejects_operands_that_do_not_fit():
         run(kc=kc[0])
 
 
+def _int8_steps(a, b):
+    """The int8s in two (words, ...) as ints, flattened."""
+    return [np.asarray(w).view(np.int8).ravel().astype(int) for w in (a, b)]
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_large_shapes():
-    """Real layer shapes, compiled on the GPU: every packed type and decode attention with bf16 KV."""
+    """Real layer shapes, compiled on the GPU: every packed type, the activation preps, the prefill
+    route and the fused decode attention step with bf16 KV, through the o projection."""
     assert ON_GPU
+    from realizar_jax.kernels.qdot import x_q8_group
+    from realizar_jax.layers import rope_tables
     rng = np.random.default_rng(7)
     for qtype in GPU_QTYPES:
         w, ref = _packed(qtype, 1024, 4096, rng)
@@ -379,97 +449,76 @@ def test_gpu_kernels_large_shapes():
             xb = jnp.asarray(x, jnp.bfloat16)
             xf = np.asarray(xb.astype(jnp.float32), np.float64)
             want = xf @ ref.T
-            y = gemv(xb, w, act="float")   # float32 activations: float32 rounding only
+            y = gemv(xb, w, cfg=FLOAT)   # float32 activations: float32 rounding only
             assert _rel(y, want) < (1e-5 if batch <= 4 else 1e-2), (qtype, batch)
-            y = kernel_matmul(xb, w).astype(jnp.float32)   # the model's default route, bf16 result
+            y = _linear(xb, w, cfg=CFG).astype(jnp.float32)   # the model's default route, bf16 result
             int8 = batch <= 4 and qtype in ("Q4_K", "Q8_0", "Q6_K")   # default int8 activations + dp4a
             assert _rel(y, want) < (1.5e-2 if int8 or batch > 4 else 4e-3), (qtype, batch)
-            if int8:   # the weights times x rounded to int8 per scale group: XLA's float32 127/amax on
-                # the GPU can differ from numpy's by an ulp and round an odd element one step the other
-                # way (~1.5e-4 each here); int8 vs float rounding is ~1e-2, so this still tells them apart
-                y8 = gemv(xb, w, act="int8")
-                assert _rel(y8, _int8_grid(xf, 16 if qtype == "Q6_K" else 32) @ ref.T) < 1e-3, (qtype, batch)
-                # the kernel sums the rounded x itself (REALIZAR_GEMV_XPREP=kernel; the default, fused,
-                # also quantizes x in a Pallas kernel): the same products
-                y8x = np.asarray(gemv(xb, w, act="int8", xprep="xla"), np.float64)
-                assert _rel(gemv(xb, w, act="int8", xprep="kernel"), y8x) < 1e-5, (qtype, batch)
-                assert _rel(y8, y8x) < 1e-3, (qtype, batch)   # a tie may round apart (see below)
-                # the RMSNorm / SwiGLU gate fused into that kernel: the XLA ops' product up to bf16
-                # rounding flips (the GPU's rsqrt and exp against XLA's)
-                norm = jnp.asarray(rng.standard_normal(4096) + 1.0, jnp.float32)
-                up = jnp.asarray(rng.standard_normal((batch, 4096)), jnp.bfloat16)
-                for pre, other in (("norm", norm), ("swiglu", up)):
-                    eps = 1e-5 if pre == "norm" else None
-                    want_pre = jax.jit(lambda x, o: gemv(apply_pre(x, pre, o, eps), w, act="int8", xprep="xla"))(xb, other)
-                    got = gemv(xb, w, act="int8", pre=pre, other=other, eps=eps)
-                    assert _rel(got, np.asarray(want_pre, np.float64)) < 1e-2, (qtype, batch, pre)
+            if int8:   # the weights times x rounded to int8 per scale group: the GPU's float32 127/amax
+                # can differ from numpy's by an ulp and round an odd element one step the other way
+                # (~1.5e-4 each here); int8 vs float rounding is ~1e-2, so this still tells them apart
+                group = x_q8_group(qtype)
+                y8 = gemv(xb, w, cfg=CFG)
+                assert _rel(y8, _int8_grid(xf, group) @ ref.T) < 1e-3, (qtype, batch)
+                # the RMSNorm fused into the prep: numpy's norm, rounded as the model rounds, then the
+                # int8 product, up to bf16 rounding flips (the GPU's rsqrt against numpy's)
+                norm = (rng.standard_normal(4096) + 1.0).astype(np.float32)
+                got = gemv(xb, w, cfg=CFG, pre="norm", other=jnp.asarray(norm), eps=1e-5)
+                want_pre = _int8_grid(_numpy_norm(xf, norm, 1e-5).astype(np.float64), group) @ ref.T
+                assert _rel(got, want_pre) < 1e-2, (qtype, batch)
         if qtype in ("Q4_K", "Q6_K"):   # the int8s of the Pallas prep vs XLA's: ties may round apart
             group = 16 if qtype == "Q6_K" else 32
             xq = jnp.asarray(rng.standard_normal((4, 14336)) * 5, jnp.bfloat16)
-            words, scales = quantize_x(xq, group)
-            want_w, want_s = prepare_x_q8(xq, qtype, in_kernel=True)
-            a = np.asarray(words).view(np.int8).ravel().astype(int)
-            b = np.asarray(want_w).view(np.int8).ravel().astype(int)
+            words, scales = quantize_x(xq, group, cfg=CFG)
+            want_w, want_s = prepare_x_q8(xq, qtype)
+            a, b = _int8_steps(words, want_w)
             assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (qtype, (a != b).mean())
             np.testing.assert_allclose(np.asarray(scales).ravel(), np.asarray(want_s).ravel(), rtol=1e-6)
         if qtype in ("Q4_K", "Q6_K"):   # gate, up and the SwiGLU gate in one launch at 8B's MLP shape,
-            # writing the down GEMV's int8s: the unfused launches' up to a tie rounded apart
+            # writing the down GEMV's int8s: the multi-matrix launch's outputs through numpy's SwiGLU
+            # and the int8 prep, up to a tie rounded apart
             gate, _ = _packed(qtype, 14336, 4096, rng)
             up, _ = _packed(qtype, 14336, 4096, rng)
             xs = jnp.asarray(rng.standard_normal((1, 4096)), jnp.bfloat16)
             norm = jnp.asarray(rng.standard_normal(4096) * 0.2 + 1.0, jnp.bfloat16)
+            g, u = gemv_multi(xs, (gate, up), cfg=CFG, pre="norm", other=norm, eps=1e-5, out_dtype=jnp.bfloat16)
+            act = jnp.asarray(_numpy_swiglu(g.astype(jnp.float32), u.astype(jnp.float32)), jnp.bfloat16)
             for group in (16, 32):
-                words, scales = gemv_swiglu(xs, gate, up, pre="norm", other=norm, eps=1e-5, group=group)
-                g, u = gemv_multi(xs, (gate, up), pre="norm", other=norm, eps=1e-5, out_dtype=jnp.bfloat16)
-                want_w, want_s = quantize_x(g, group, pre="swiglu", other=u)
-                a = np.asarray(words).view(np.int8).ravel().astype(int)
-                b = np.asarray(want_w).view(np.int8).ravel().astype(int)
+                words, scales = gemv_swiglu(xs, gate, up, cfg=CFG, pre="norm", other=norm, eps=1e-5, group=group)
+                want_w, want_s = quantize_x(act, group, cfg=CFG)
+                a, b = _int8_steps(words, want_w)
                 assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (qtype, group, (a != b).mean())
                 np.testing.assert_allclose(np.asarray(scales), np.asarray(want_s), rtol=1e-2)
-        x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: both routes
+        x = jnp.asarray(rng.standard_normal((200, 4096)), jnp.bfloat16)   # prefill: unpack + XLA's dot
         want = np.asarray(x.astype(jnp.float32), np.float64) @ ref.T
-        assert _rel(gemm(x, w), want) < 1e-2, (qtype, "pallas gemm")
-        assert _rel(kernel_matmul(x, w).astype(jnp.float32), want) < 1.5e-2, (qtype, "prefill route")
-    B, Hq, Hkv, S, D = 2, 32, 8, 2048, 128
-    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.bfloat16)
-    lengths = jnp.asarray([1500, 37], jnp.int32)
-    want = decode_attention_ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                lengths, D ** -0.5)
-    got = decode_attention(q, k, v, lengths, D ** -0.5).astype(jnp.float32)
-    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+        assert _rel(_linear(x, w, cfg=CFG).astype(jnp.float32), want) < 1.5e-2, (qtype, "prefill route")
     # the fused step at 8B shapes in bf16 (and a 3:1 GQA group): RoPE and the cache write exactly as
     # XLA's (up to an FMA's rounding), attention within bf16 rounding
     for group in (4, 3):
         q, k, v, kc, vc, pos, cos, sin, _ = _update_case(rng, 2, 8, group, 2048, 128, 2, jnp.bfloat16)
         pos = jnp.asarray([1500, 37], jnp.int32)
-        from realizar_jax.layers import rope_tables
         cos, sin = rope_tables(jnp.asarray(1.0 / 500000 ** (np.arange(0, 128, 2) / 128), jnp.float32), pos)
-        want = decode_attention_update_ref(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1)
-        got = decode_attention_update(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1)
+        args = (q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1)
+        want = decode_attention_update_ref(*args)
+        got = decode_attention_update(*args, cfg=CFG)
+        assert got is not None
         w32, g32 = (np.asarray(a.astype(jnp.float32)) for a in (want[0], got[0]))
         assert np.linalg.norm(g32 - w32) / np.linalg.norm(w32) < 1e-2, group
         for a, b in zip(want[1:], got[1:]):
             diff = np.abs(np.asarray(a.astype(jnp.float32)) - np.asarray(b.astype(jnp.float32)))
             assert diff.max() <= 1e-2 * np.abs(np.asarray(a.astype(jnp.float32))).max() and (diff > 0).mean() < 1e-4
-        # and through the o projection, with the merge inside the attention launch (the default
-        # decode route, counters given; a 3:1 group falls back to the prep) or inside the o GEMV's
-        # int8 prep; the attention output in bf16 merged in the launch for a dense wo
-        from realizar_jax.attention import attention_sync
-        from realizar_jax.kernels.attention import decode_attention_merged, decode_attention_output
-        wo, _ = _packed("Q4_K", 4096, 8 * group * 128, rng)
-        y_want = gemv(want[0].reshape(2, -1), wo, act="int8", xprep="xla")
-        splits = _plan(q.shape, kc.shape, 64, None)[3]
-        for merge, sync in (("kernel", attention_sync(kc)), ("kernel", None), ("prep", None)):
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("REALIZAR_ATTN_MERGE", merge)
-                res = decode_attention_output(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, wo, sync=sync)
+        # and through the o projection (the decode route): a Q4_K wo takes the merge inside its int8
+        # prep, a dense bf16 wo the XLA merge and the dense GEMV; against the XLA step's output
+        # projected by numpy (gguf-py weights), within the int8 (or bf16) rounding of the activations
+        wo, wo_ref = _packed("Q4_K", 4096, 8 * group * 128, rng)
+        wo_dense = jnp.asarray(wo_ref, jnp.bfloat16)
+        attn = w32.reshape(2, -1).astype(np.float64)
+        for wmat, wref in ((wo, wo_ref), (wo_dense, np.asarray(wo_dense.astype(jnp.float32), np.float64))):
+            with using(CFG):
+                res = routes.decode_attention_kernel(*args, wmat, functools.partial(linear, unsummed=True))
             assert res is not None
-            assert _rel(res[0].astype(jnp.float32), np.asarray(y_want, np.float64)) < 1e-2, (group, merge, sync is None)
-            if sync is not None and group == 4:   # counted: every split of layer 1 checked in once
-                counts = np.asarray(res[3])
-                assert (counts[1] == splits).all() and (counts[0] == 0).all(), counts
-        if group == 4:
-            out, *_ = decode_attention_merged(q, k, v, kc, vc, pos, cos, sin, 128 ** -0.5, 1, attention_sync(kc))
-            assert _rel(out.astype(jnp.float32), w32.astype(np.float64)) < 1e-2
+            y = summed(res[0])
+            assert y.shape == (2, 4096) and y.dtype == jnp.bfloat16
+            assert _rel(y.astype(jnp.float32), attn @ wref.T) < 1.5e-2, (group, type(wmat).__name__)
+            for a, b in zip(got[1:], res[1:]):   # the same kernel wrote the caches
+                np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))

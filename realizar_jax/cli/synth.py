@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats.gguf_writer import use_more_bits
-from .quant.types import qtype_info, row_bytes
+from ..formats.gguf_writer import use_more_bits
+from ..quant.types import qtype_info, row_bytes
 
 # random dense values: keep the sign and low mantissa bits of random 16-bit words and set the
 # exponent: |w| in [2^-7, 2^-6)

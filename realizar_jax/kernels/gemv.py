@@ -45,13 +45,16 @@ def tiles_for(cfg: KernelConfig, qtype: str) -> tuple:
     return cfg.tile(qtype, TILES.get(qtype, OTHER_TILE))
 
 
+def _pow2_divisor(n: int, most: int) -> int:
+    """The largest power of two <= most that divides n (Triton's blocks are powers of two)."""
+    d = 1 << (max(1, min(most, n)).bit_length() - 1)
+    while n % d:
+        d //= 2
+    return d
+
+
 def _pick(nsb: int, rows: int, bn: int, bs: int, target_programs: int):
-    bs = min(bs, nsb)
-    while nsb % bs:
-        bs //= 2
-    bn = min(bn, rows)
-    while rows % bn:
-        bn //= 2
+    bs, bn = _pow2_divisor(nsb, bs), _pow2_divisor(rows, bn)
     tiles = nsb // bs
     splits = 1
     for s in range(1, tiles + 1):
