@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the gpu tests, then whole-model benches of this tree and of OLD_TREE (another checkout,
 # e.g. `git archive COMMIT | tar -x -C .ab/old`) on the same random-weight files, each in its own process,
-# in the order new, old, new (the two new runs show the run-to-run spread).
+# in the order new, old (and new again on the first model: the run-to-run spread).
 # usage (device tool, carry .whl and .ab): OLD_TREE=.ab/old bash scripts/device_ab.sh [tests] [ab] [gen]
 #   gen: Model.generate() decode speed on the first model's file (128-token prompt, 256 new tokens), new tree
 #   MODELS="llama3-8b:q4_k_m llama3-8b:bf16" picks the files; EXTRA="--ab int8_activations=false" adds variants.
@@ -24,11 +24,12 @@ if has tests; then
      2>&1 | tail -25 | tee "$OUT/pytest_gpu.log"
 fi
 if has ab; then
-  for m in ${MODELS:-llama3-8b:q4_k_m llama3-8b:bf16}; do
+  MODELS=${MODELS:-llama3-8b:q4_k_m llama3-8b:bf16}
+  for m in $MODELS; do
     shape=${m%%:*}; quant=${m##*:}
     bench "$PWD" new "$shape" "$quant"
     [ -n "${OLD_TREE:-}" ] && bench "$OLD_TREE" old "$shape" "$quant"
-    bench "$PWD" new2 "$shape" "$quant"
+    [ "$m" = "${MODELS%% *}" ] && bench "$PWD" new2 "$shape" "$quant"   # the spread, on the first model
     if has gen && [ -z "${GEN_DONE:-}" ]; then
       GEN_DONE=1; PYTHONPATH=/tmp/site:$PWD timeout 200 python3 - /tmp/rb/"$shape-$quant".gguf <<'PY' 2>&1 | grep -v Warning | tee -a "$OUT/gen.log"
 import sys, numpy as np, realizar_jax as rj

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from realizar_jax import models, ops
+from realizar_jax import models
 from realizar_jax.cache import init_cache
 from realizar_jax.config import ModelConfig
 from realizar_jax.kernels import KernelConfig, repack_for_gpu

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from realizar_jax.kernels import GpuQTensor, KernelConfig, repack_blocks
 from realizar_jax.kernels.gemv import _plan_multi, apply_pre, gemv, gemv_multi, gemv_swiglu, swiglu_tile, weight_parts
 from realizar_jax.kernels.qdot import prepare_x_q8, x_q8_group, x_q8_natural
-from realizar_jax.kernels.splitsum import SplitSum, total
+from realizar_jax.kernels.splitsum import SplitSum
 from realizar_jax.kernels.xquant import (fusable_prep, merge_quantize_x, norm_fusable, norm_quantize_x, norm_x,
                                          quantize_x)
 from realizar_jax.layers import rms_norm, swiglu
