@@ -106,11 +106,12 @@ class Model:
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int = 0, stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None) -> Generation | list[Generation]:
         """Generate from a prompt (text or token ids), or from a list of prompts run as one padded batch
         (then a list of Generations comes back). temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and
-        repetition_penalty=1 turn those filters off. Generation stops at max_new_tokens, an EOS id (the
+        repetition_penalty=1 turn those filters off. seed: an int makes sampling reproducible; None
+        (the default) draws fresh randomness. Generation stops at max_new_tokens, an EOS id (the
         model's and stop_token_ids) or the first `stop` string (cut from the text)."""
         prompts, batched = self._prompts(prompt)
         gen = run_text(self, prompts, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -125,7 +126,7 @@ class Model:
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None,
                stop_token_ids: Sequence[int] | None = None) -> Iterator[str]:
         """Yield text pieces of one prompt as they are produced (never a broken UTF-8 character); the
@@ -159,15 +160,20 @@ class Model:
                            bos_token=tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.id_to_piece(tok.eos_ids[0]) if tok.eos_ids else "")
 
-    def chat(self, messages: Sequence[dict], stream: bool = False, **kwargs) -> Generation | Iterator[str]:
+    def chat(self, messages: Sequence[dict], stream: bool = False, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+             stop_token_ids: Sequence[int] | None = None) -> Generation | Iterator[str]:
         """Render messages with the model's chat template and generate the assistant's reply: a
-        Generation, or (stream=True) an iterator of text pieces. kwargs: generate()'s arguments."""
+        Generation, or (stream=True) an iterator of text pieces. The other arguments are generate()'s."""
         text = self.apply_chat_template(messages)
         tok = self.tokenizer
         bos_piece = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else None
         # The template decides about BOS when it writes one; otherwise the model's add_bos rule applies.
         ids = tok.encode(text, add_bos=False) if bos_piece and text.startswith(bos_piece) else tok.encode(text)
-        return self.stream(ids, **kwargs) if stream else self.generate(ids, **kwargs)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                  repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids)
+        return self.stream(ids, **kw) if stream else self.generate(ids, **kw)
 
     def __repr__(self) -> str:
         c = self.config

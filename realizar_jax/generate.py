@@ -3,6 +3,7 @@ cache, and the host loop that drives them for Model.generate / stream / chat."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -149,9 +150,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int):
 
 
 def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-        repetition_penalty=1.0, seed=0, stop_token_ids=None):
+        repetition_penalty=1.0, seed=None, stop_token_ids=None, finished=None):
     """Yields (row, new token id) as chunks arrive; returns (StopIteration.value) the per-row finish
-    reasons, the stats and the produced ids."""
+    reasons, the stats and the produced ids. seed None: fresh randomness; an int: reproducible.
+    finished: a list of per-row flags the consumer sets (a stop string matched): such a row takes no
+    more tokens, and the run ends once every row is done."""
     steps: Steps = model.steps
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -166,7 +169,10 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     if model.tokenizer is not None:
         stop_ids |= set(getattr(model.tokenizer, "eos_ids", ()) or ())
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
     key = jax.random.PRNGKey(int(seed))
+    finished = finished if finished is not None else [False] * b
     tokens, lengths = pad_prompts(prompts, model.max_seq_len)
     seen = seen_mask_from_tokens(tokens, model.config.vocab_size, lengths)
 
@@ -199,6 +205,7 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     while True:
         for step in pending:
             for r in range(b):
+                done[r] |= finished[r]
                 if done[r]:
                     continue
                 tok = int(step[r])
@@ -209,6 +216,7 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
                 yield r, tok
                 if len(produced[r]) >= max_new_tokens:
                     done[r] = True
+        done |= np.asarray(finished, bool)
         if done.all():
             break
         if not queued:
@@ -230,27 +238,35 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of text could still begin a stop string (not handed out yet)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
 def run_text(model, prompts, stop, **kw) -> Iterator:
     """run() with text: yields (row, piece, stopped) as pieces decode (never a split UTF-8 character),
-    cutting each row at its first stop string; returns (reasons, stats, produced, texts)."""
+    cutting each row at its first stop string: text that could begin a stop string is held back until
+    it cannot, so no part of a stop string is ever handed out, and a matched row stops decoding.
+    Returns (reasons, stats, produced, texts)."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     decoders = [model.tokenizer.stream_decoder() if model.tokenizer is not None else None for _ in prompts]
-    texts = [""] * len(prompts)
+    texts = [""] * len(prompts)   # each row's text so far, stop-free
+    sent = [0] * len(prompts)     # how much of it was handed out
     stopped = [False] * len(prompts)
-    gen = run(model, prompts, **kw)
+    gen = run(model, prompts, finished=stopped, **kw)
     try:
         while True:
             r, tok = next(gen)
             if stopped[r] or decoders[r] is None:
                 continue
-            piece = decoders[r].push(tok)
-            if piece:
-                texts[r] += piece
-                hit = _find_stop(texts[r], stop)
-                if hit is not None:
-                    piece = piece[:len(piece) - (len(texts[r]) - hit)]
-                    texts[r] = texts[r][:hit]
-                    stopped[r] = True
+            texts[r] += decoders[r].push(tok)
+            hit = _find_stop(texts[r], stop)
+            if hit is not None:
+                texts[r], stopped[r] = texts[r][:hit], True
+            end = len(texts[r]) if stopped[r] else len(texts[r]) - _held_back(texts[r], stop)
+            if end > sent[r] or stopped[r]:
+                piece, sent[r] = texts[r][sent[r]:end], max(end, sent[r])
                 yield r, piece, stopped[r]
     except StopIteration as fin:
         reasons, stats, produced = fin.value
@@ -258,8 +274,7 @@ def run_text(model, prompts, stop, **kw) -> Iterator:
         if stopped[r]:
             reasons[r] = "stop"
         elif decoders[r] is not None:
-            tail = decoders[r].flush()
-            if tail:
-                texts[r] += tail
-                yield r, tail, False
+            texts[r] += decoders[r].flush()
+            if len(texts[r]) > sent[r]:
+                yield r, texts[r][sent[r]:], False
     return reasons, stats, produced, texts

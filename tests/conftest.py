@@ -10,3 +10,10 @@ from fixtures import ModelFiles
 def model_files(tmp_path_factory) -> ModelFiles:
     """`model_files.hf("qwen3")`, `model_files.gguf("llama", "q4_k_m")`: built once per session, then cached."""
     return ModelFiles(tmp_path_factory.mktemp("models"))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default): one worker per core, except for GPU tests, which share one device
+    (every worker's JAX would claim its memory): those run in one process."""
+    expr = (config.getoption("markexpr", "") or "").replace("not gpu", "")
+    return 0 if "gpu" in expr else None

@@ -122,7 +122,9 @@ def test_public_signatures_show_every_knob():
         assert name in load, name
     stream = inspect.signature(Model.stream).parameters
     assert list(stream) == list(inspect.signature(Model.generate).parameters)
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*load.values(), *stream.values()))
+    chat = inspect.signature(Model.chat).parameters
+    assert [p for p in chat if p not in ("messages", "stream")] == [p for p in stream if p != "prompt"]
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in (*load.values(), *stream.values(), *chat.values()))
 
 
 def test_max_seq_len_beyond_the_context_warns(model_files):
@@ -132,3 +134,33 @@ def test_max_seq_len_beyond_the_context_warns(model_files):
     with pytest.warns(UserWarning, match="beyond the model's context length"):
         m = rj.load(path, max_seq_len=context + 1)
     assert m.max_seq_len == context + 1
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    import realizar_jax as rj
+    return rj.load(rj.default_model_path(), dtype="float32", max_seq_len=128)
+
+
+def test_a_stop_string_across_tokens_never_leaks_and_ends_the_run(embedded):
+    """A stop string that spans two tokens: generate() and the joined stream() both end right before
+    it, and decoding stops there (fewer tokens than max_new_tokens)."""
+    m, prompt, n = embedded, "def fibonacci(n):", 48
+    full = m.generate(prompt, max_new_tokens=n)
+    text, bounds, dec = "", [], m.tokenizer.stream_decoder()
+    for tok in full.tokens:   # where each token's text ends: the token boundaries inside the text
+        text += dec.push(tok)
+        bounds.append(len(text))
+    cut = next(b for b in bounds[4:-4] if 0 < b < len(text) - 1 and text.find(text[b - 1:b + 1]) == b - 1)
+    stop = text[cut - 1:cut + 1]   # its last character ends one token's text, its second starts the next
+    g = m.generate(prompt, max_new_tokens=n, stop=[stop])
+    assert g.text == text[:cut - 1] and g.finish_reason == "stop"
+    assert "".join(m.stream(prompt, max_new_tokens=n, stop=[stop])) == g.text
+    assert len(g.tokens) < len(full.tokens)   # the run ended at the stop, not at max_new_tokens
+
+
+def test_no_seed_is_fresh_randomness_a_seed_repeats(embedded):
+    kw = dict(max_new_tokens=12, temperature=1.5)
+    runs = {tuple(embedded.generate("import os\n", **kw).tokens) for _ in range(4)}
+    assert len(runs) > 1
+    assert embedded.generate("import os\n", seed=5, **kw).tokens == embedded.generate("import os\n", seed=5, **kw).tokens

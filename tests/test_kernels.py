@@ -29,6 +29,8 @@ from realizar_jax.ops import linear, linear_many, routes, summed, using
 from realizar_jax.ops.attention import decode_attention_ref, decode_attention_update_ref
 from realizar_jax.cli.synth import random_blocks
 
+from numpy_refs import bf16 as _bf16, numpy_norm as _numpy_norm, numpy_swiglu as _numpy_swiglu
+
 ON_GPU = jax.default_backend() == "gpu"
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
 CFG = KernelConfig(pallas=True, interpret=not ON_GPU)   # the Pallas routes, int8 activations (the default)
@@ -59,22 +61,6 @@ def _linear(x, w, *, cfg):
     """ops.linear traced under cfg (the models' pattern: the KernelConfig is a static argument)."""
     with using(cfg):
         return linear(x, w)
-
-
-def _bf16(a):
-    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
-
-
-def _numpy_norm(x, weight, eps):
-    """layers.rms_norm in numpy: normalize in float64, round to bf16, scale by the bf16 weight, round."""
-    r = 1.0 / np.sqrt((np.asarray(x, np.float64) ** 2).mean(axis=-1, keepdims=True) + eps)
-    return _bf16(_bf16(weight) * _bf16(x * r))
-
-
-def _numpy_swiglu(g, u):
-    """layers.swiglu in numpy on bf16 values: silu rounded once, the product once."""
-    g, u = np.asarray(g, np.float32), np.asarray(u, np.float32)
-    return _bf16(_bf16(g / (1.0 + np.exp(-g.astype(np.float64)))) * u)
 
 
 @settings(max_examples=10, **SETTINGS)

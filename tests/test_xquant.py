@@ -24,27 +24,13 @@ from realizar_jax.ops import Stream, linear, norm_linear, norm_mlp, routes, summ
 from realizar_jax.quant.qtensor import QTensor
 from realizar_jax.cli.synth import random_blocks
 
+from numpy_refs import bf16 as _bf16, numpy_norm as _numpy_norm, numpy_swiglu as _numpy_swiglu
+
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck))
 BF16 = ml_dtypes.bfloat16
 CFG = KernelConfig(pallas=True, interpret=True)      # the Pallas routes in interpret mode, int8 activations
 FLOAT = CFG.replace(int8_activations=False)
 REFERENCE = KernelConfig(pallas=False)               # every op as its jnp reference
-
-
-def _bf16(a):
-    return np.asarray(a, np.float32).astype(BF16).astype(np.float32)
-
-
-def _numpy_norm(x, weight, eps):
-    """layers.rms_norm in numpy, rounding to bf16 where the model does."""
-    r = 1.0 / np.sqrt((np.asarray(x, np.float64) ** 2).mean(axis=-1, keepdims=True) + eps)
-    return _bf16(_bf16(weight) * _bf16(x * r))
-
-
-def _numpy_swiglu(g, u):
-    """layers.swiglu in numpy on bf16 values: silu rounded once, the product once."""
-    g, u = np.asarray(g, np.float32), np.asarray(u, np.float32)
-    return _bf16(_bf16(g / (1.0 + np.exp(-g.astype(np.float64)))) * u)
 
 
 def _unpack(words, scales):
