@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..quant.types import qtype_info
 from .qdot import FACTORED_DOTS, INT8_DOTS, _BYTE_SIGNS, _small_int_to_f32, q4k_scales, q6k_scales
 
 SB = 256  # values per superblock, every layout
@@ -233,7 +234,6 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
     rows, cols = shape
     if not supports_gpu_layout(qtype, shape):
         raise ValueError(f"no GPU layout for {qtype} {shape}")
-    from ..quant.types import qtype_info   # not at import: quant/__init__ imports quant.matmul, which imports this
     q = qtype_info(qtype)
     b = np.asarray(data, np.uint8).reshape(rows, cols // SB, SB // q.block_size, q.type_size)
     return GPU_LAYOUTS[qtype].repack(b)
@@ -241,7 +241,7 @@ def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]
 
 def repack_for_gpu(q):
     """QTensor (file blocks) -> GpuQTensor on the default device. A QTensor whose type (or row
-    length) has no GPU layout is returned unchanged: quant.matmul dequantizes it + XLA dot."""
+    length) has no GPU layout is returned unchanged: ops/ dequantize it for an XLA dot."""
     if not supports_gpu_layout(q.qtype, q.shape):
         return q
     parts = repack_blocks(np.asarray(q.data), q.qtype, q.shape)

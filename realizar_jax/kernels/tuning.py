@@ -82,17 +82,17 @@ def parse_variant(spec: str, base: KernelConfig) -> KernelConfig:
     for item in filter(None, (p.strip() for p in re.split(r",(?=\s*[a-z_0-9]+=)", spec))):
         name, sep, value = item.partition("=")
         if not sep or name not in ("int8_activations", "tiles", "pallas"):
-            raise ValueError(f"bench --ab: expected FIELD=VALUE with FIELD one of int8_activations, pallas, "
+            raise ValueError(f"--ab: expected FIELD=VALUE with FIELD one of int8_activations, pallas, "
                              f"tiles; got {item!r}")
         if name == "tiles":
             try:
                 changes[name] = parse_tiles(value)
             except ValueError as e:
-                raise ValueError(f"bench --ab: tiles: {e}") from None
+                raise ValueError(f"--ab: tiles: {e}") from None
         elif value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             changes[name] = value.lower() in ("1", "true", "yes", "on")
         else:
-            raise ValueError(f"bench --ab: {name} takes true or false, got {value!r}")
+            raise ValueError(f"--ab: {name} takes true or false, got {value!r}")
     if not changes:
-        raise ValueError("bench --ab: empty variant")
+        raise ValueError("--ab: empty variant")
     return base.replace(**changes)
