@@ -36,6 +36,3 @@ def init_cache(config: ModelConfig, batch: int, max_seq_len: int, dtype=jnp.bflo
     shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
-
-def cache_bytes(config: ModelConfig, batch: int, max_seq_len: int, dtype=jnp.bfloat16) -> int:
-    return 2 * config.num_layers * batch * config.num_kv_heads * max_seq_len * config.head_dim * jnp.dtype(dtype).itemsize

@@ -211,6 +211,8 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     """
     from .formats import open_model
     from .memory import check_fits, estimate_memory, free_device_memory, weight_bytes_of
+    from .kernels.layout import repack_for_gpu
+    from .text.tokenizer import load_tokenizer
     from .weights import build_params
     path = Path(path)
     if not path.exists():
@@ -233,17 +235,8 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
         if free is not None:
             check_fits(est, free, path)
     kernels = kernels or KernelConfig.from_env(int8_activations=int8_activations)
-    params = build_params(source, dtype, transform_matrix=_gpu_repack() if kernels.pallas else None,
+    params = build_params(source, dtype, transform_matrix=repack_for_gpu if kernels.pallas else None,
                           progress=progress)
-    return Model(config, params, _load_tokenizer(source), dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv,
+    return Model(config, params, load_tokenizer(source), dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv,
                  path=path, source_format=source.format, kernels=kernels)
 
-
-def _gpu_repack():
-    from .kernels.layout import repack_for_gpu
-    return repack_for_gpu
-
-
-def _load_tokenizer(source):
-    from .text.tokenizer import load_tokenizer
-    return load_tokenizer(source)

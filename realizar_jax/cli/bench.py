@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kernels.tuning import KernelConfig, parse_variant as parse_kernel_variant
+from ..weights import param_bytes
 
 
 def copy_bandwidth(gib: float = 1.0) -> float:
@@ -38,21 +39,11 @@ def copy_bandwidth(gib: float = 1.0) -> float:
     return 2 * (int(gib * (1 << 30)) // 2) * 2 / float(np.median(ts)) / 1e9
 
 
-def _leaf_bytes(tree) -> int:
-    import jax
-    seen, total = set(), 0
-    for x in jax.tree_util.tree_leaves(tree):
-        if id(x) not in seen:
-            seen.add(id(x))
-            total += int(x.size * x.dtype.itemsize)
-    return total
-
-
 def decode_read_bytes(params, config, batch: int) -> int:
     """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows."""
-    total = _leaf_bytes(params)
+    total = param_bytes(params)
     if not config.tie_embeddings:
-        emb = _leaf_bytes(params.embed)
+        emb = param_bytes(params.embed)
         total -= emb - emb * batch // config.vocab_size
     return total
 
@@ -80,7 +71,7 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     jax.block_until_ready(m.params)
     res["load_s"] = time.perf_counter() - t
     params, config = m.params, m.config
-    res["weight_device_bytes"] = _leaf_bytes(params)
+    res["weight_device_bytes"] = param_bytes(params)
     res["file_bytes"] = os.path.getsize(path)
     read = decode_read_bytes(params, config, batch)
     res["decode_read_bytes"] = read

@@ -37,11 +37,6 @@ class SplitSum:
         return f"SplitSum({self.parts.shape[0]} splits of {self.shape}, {self.dtype})"
 
 
-def total(delta) -> jax.Array:
-    """delta as an array: a SplitSum's total, anything else as it is."""
-    return delta.total() if isinstance(delta, SplitSum) else delta
-
-
 def as_parts(delta, rows: int, cols: int) -> jax.Array:
     """delta (a SplitSum or an array [..., cols]) as partial sums [S, rows, cols] (S = 1 for an array)."""
     parts = delta.parts if isinstance(delta, SplitSum) else jnp.asarray(delta)[None]
