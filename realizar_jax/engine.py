@@ -48,6 +48,12 @@ class Model:
         return init_cache(self.config, batch, self.max_seq_len, self.kv_dtype)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"a prompt is a string or a list of token ids, got {type(ids).__name__} {ids!r:.80}")
+        ids = list(ids)
+        for i in ids:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r:.40}")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
@@ -59,6 +65,10 @@ class Model:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt is not valid Unicode text: {e.reason} at index {e.start}") from None
             return self.tokenizer.encode(prompt)
         return self._check_ids(prompt)
 
@@ -98,11 +108,13 @@ class Model:
     def _prompts(self, prompt) -> tuple[list[list[int]], bool]:
         if isinstance(prompt, str):
             return [self.encode(prompt)], False
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (int, np.integer)) for p in prompt):
-            return [self.encode(prompt)], False
-        if isinstance(prompt, (list, tuple)) and prompt:
+        if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) and all(
+                isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
             return [self.encode(p) for p in prompt], True
-        raise ValueError("prompt must be a string, a list of token ids, or a non-empty list of those")
+        if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt):
+            return [self.encode(prompt)], False
+        raise TypeError(f"prompt must be a string, a list of token ids, or a non-empty list of those; got "
+                        f"{type(prompt).__name__} {prompt!r:.80}")
 
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -222,13 +234,17 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     dtype = jnp.dtype(dtype or default_dtype())
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    max_seq_len = int(max_seq_len or min(config.context_length, MAX_SEQ_LEN_DEFAULT))
-    if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if max_seq_len is None:
+        max_seq_len = min(config.context_length, MAX_SEQ_LEN_DEFAULT)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    max_seq_len = int(max_seq_len)
     if max_seq_len > config.context_length:
         warnings.warn(f"{path.name}: max_seq_len={max_seq_len} is beyond the model's context length "
                       f"({config.context_length}); positions past it were never trained", stacklevel=2)
     kv = jnp.dtype(kv_dtype or dtype)
+    if kv not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"kv_dtype must be float32, bfloat16 or float16, got {kv_dtype!r}")
     if check_memory:
         est = estimate_memory(config, max_seq_len, batch, kv.name, weight_bytes=weight_bytes_of(source, dtype.name))
         free = free_device_memory()

@@ -156,8 +156,11 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     finished: a list of per-row flags the consumer sets (a stop string matched): such a row takes no
     more tokens, and the run ends once every row is done."""
     steps: Steps = model.steps
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    if seed is not None:
+        _check_int("seed", seed, 0, 2**63 - 1)
+    for t in stop_token_ids or ():
+        _check_int("stop_token_ids", t, 0, model.config.vocab_size - 1)
     b = len(prompts)
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.max_seq_len:
@@ -176,6 +179,7 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     tokens, lengths = pad_prompts(prompts, model.max_seq_len)
     seen = seen_mask_from_tokens(tokens, model.config.vocab_size, lengths)
 
+    _check_cache_fits(model, b)
     compiled_before = steps.compile_seconds
     cache = model.new_cache(b)
     t0 = time.perf_counter()
@@ -233,6 +237,26 @@ def run(model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1
     return reasons, stats, produced
 
 
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r:.40}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {'...' if hi is None else hi}], got {value}")
+
+
+def _check_cache_fits(model, batch: int) -> None:
+    """InsufficientMemoryError before a batch's KV cache is allocated, when it cannot fit."""
+    from .errors import InsufficientMemoryError
+    from .memory import free_device_memory
+    c = model.config
+    need = 2 * c.num_layers * batch * c.num_kv_heads * model.max_seq_len * c.head_dim * model.kv_dtype.itemsize
+    free = free_device_memory()
+    if free is not None and need > free:
+        raise InsufficientMemoryError(f"a batch of {batch} prompts needs {need / 2**30:.2f} GiB of KV cache at "
+                                      f"max_seq_len={model.max_seq_len} but {free / 2**30:.2f} GiB is free; "
+                                      f"pass fewer prompts at once or load with a smaller max_seq_len")
+
+
 def _find_stop(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
@@ -249,7 +273,10 @@ def run_text(model, prompts, stop, **kw) -> Iterator:
     cutting each row at its first stop string: text that could begin a stop string is held back until
     it cannot, so no part of a stop string is ever handed out, and a matched row stops decoding.
     Returns (reasons, stats, produced, texts)."""
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    stop = list(stop or [])
     decoders = [model.tokenizer.stream_decoder() if model.tokenizer is not None else None for _ in prompts]
     texts = [""] * len(prompts)   # each row's text so far, stop-free
     sent = [0] * len(prompts)     # how much of it was handed out

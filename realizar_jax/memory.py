@@ -123,7 +123,7 @@ def check_fits(estimate: MemoryEstimate, free_bytes: int, path=None) -> None:
             if 0 < b < e.batch:
                 hints.append(f"a smaller batch (batch={b} would fit)")
     smaller = [f"{q} ~{_gib(int(e.parameters * bits / 8))}" for q, bits in BITS_PER_WEIGHT.items()
-               if e.parameters * bits / 8 < e.weights]
+               if e.parameters * bits / 8 < 0.9 * e.weights]   # only types that would save something
     if smaller:
         hints.append("a quantized file (" + ", ".join(smaller) + ")")
     if hints:

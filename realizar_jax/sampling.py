@@ -48,6 +48,8 @@ def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
         raise ValueError(f"{name} must be finite, got {value!r}")
     if dtype == np.int32 and not np.all(arr == np.round(arr)):
         raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if dtype == np.int32 and np.any(np.abs(arr) >= 2**31):
+        raise ValueError(f"{name} must be below 2**31, got {value!r}")
     return arr.astype(dtype)
 
 

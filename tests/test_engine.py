@@ -164,3 +164,54 @@ def test_no_seed_is_fresh_randomness_a_seed_repeats(embedded):
     runs = {tuple(embedded.generate("import os\n", **kw).tokens) for _ in range(4)}
     assert len(runs) > 1
     assert embedded.generate("import os\n", seed=5, **kw).tokens == embedded.generate("import os\n", seed=5, **kw).tokens
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(prompt=[1.0, 2.0]), TypeError, "token ids must be integers, got float"),
+    (dict(prompt=[True, 2]), TypeError, "token ids must be integers, got bool"),
+    (dict(prompt=5), TypeError, "prompt must be"),
+    (dict(prompt=[]), TypeError, "prompt must be"),
+    (dict(max_new_tokens="8"), TypeError, "max_new_tokens must be an integer, got str"),
+    (dict(max_new_tokens=None), TypeError, "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, got float"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be in"),
+    (dict(seed=2**64), ValueError, "seed must be in"),
+    (dict(seed=-1), ValueError, "seed must be in"),
+    (dict(seed="1"), TypeError, "seed must be an integer"),
+    (dict(stop=5), TypeError, "stop must be a string or a list of strings"),
+    (dict(stop=["a", 3]), TypeError, "stop must be a string or a list of strings"),
+    (dict(top_k=2**32 + 1), ValueError, "top_k must be below 2\\*\\*31"),
+    (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids must be in"),
+])
+def test_generation_arguments_are_checked_by_name(pair, kwargs, error, match):
+    _, model = pair
+    kw = dict(prompt=[1, 2, 3], max_new_tokens=4) | kwargs
+    with pytest.raises(error, match=match):
+        model.generate(**kw)
+    with pytest.raises(error, match=match):   # stream() checks the same, on its first piece at the latest
+        list(model.stream(**kw)) if model.tokenizer is not None else model.generate(**kw)
+    assert model.generate([1, 2, 3], max_new_tokens=2).tokens   # and the model still works
+
+
+def test_text_prompts_must_be_valid_unicode(embedded):
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        embedded.generate("def f(x):\ud800", max_new_tokens=2)
+
+
+def test_load_arguments_are_checked(model_files):
+    import realizar_jax as rj
+    path = model_files.gguf("llama", "f16")
+    for bad in (0, -3, 2.5, "16"):
+        with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
+            rj.load(path, max_seq_len=bad)
+    with pytest.raises(ValueError, match="kv_dtype must be"):
+        rj.load(path, max_seq_len=16, kv_dtype="int8")
+
+
+def test_a_batch_whose_cache_cannot_fit_is_refused_before_allocating(pair, monkeypatch):
+    from realizar_jax import memory
+    from realizar_jax.errors import InsufficientMemoryError
+    _, model = pair
+    monkeypatch.setattr(memory, "free_device_memory", lambda: 2**20)   # 1 MiB free
+    with pytest.raises(InsufficientMemoryError, match="a batch of 3000 prompts needs"):
+        model.generate([[1, 2]] * 3000, max_new_tokens=2)

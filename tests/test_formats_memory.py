@@ -60,3 +60,15 @@ def test_check_fits_advice():
     with pytest.raises(InsufficientMemoryError, match="quantized file") as err:
         check_fits(e, e.weights // 2)
     assert "shorter context" not in str(err.value)
+
+
+def test_the_quantized_file_hint_names_only_smaller_types():
+    """A Q8_0 file that does not fit is not told to try Q8_0 (the norms make it a little larger than
+    parameters x 8.5 bits); Q6_K and Q4_K_M are still smaller."""
+    from realizar_jax.memory import parameter_count
+    q8_bytes = int(parameter_count(LLAMA3_8B) * 8.5 / 8 * 1.01)
+    e = estimate_memory(LLAMA3_8B, 1024, weight_bytes=q8_bytes)
+    with pytest.raises(InsufficientMemoryError) as err:
+        check_fits(e, e.weights // 2)
+    msg = str(err.value)
+    assert "Q8_0" not in msg and "Q6_K" in msg and "Q4_K_M" in msg
