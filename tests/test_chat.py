@@ -1,6 +1,7 @@
 """Chat templates: same text as HF transformers' apply_chat_template, sandboxed, clear errors."""
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from realizar_jax.text import chat
 from realizar_jax.text.chat import ChatTemplateError, render_chat
 from realizar_jax.errors import RealizarError
 
@@ -260,3 +262,100 @@ def test_rich_objects_reach_the_template_as_plain_data():
     msgs = [{"role": "user", "content": "x", "meta": {"n": np.int64(3), "f": np.float32(0.5), "arr": np.ones(2)}}]
     out = render_chat("{{ messages[0].meta | tojson(sort_keys=True) }}", msgs)
     assert out == '{"arr": "<ndarray>", "f": 0.5, "n": 3}'
+
+
+# ---- hostile templates: each overrun is a prompt, named ChatTemplateError (time and memory stay bounded) ----
+
+@pytest.mark.parametrize("template, limit", [
+    ("{{ 10 ** (10 ** 9) }}", "integer size"),  # jinja would fold this while compiling
+    ("{% set x = 7 %}{{ x ** (10**9) }}", "integer size"),
+    ("{{ 99 ** 9999 }}", "integer size"),
+    ("{{ (10 ** 1000) * (10 ** 1000) * (10 ** 1000) * (10 ** 1000) * (10 ** 1000) }}", "integer size"),
+    ("{{ lipsum(10**7) }}", "lipsum size"),
+    ("{{ lipsum(1, False, 10**6, 10**6) }}", "lipsum size"),
+    ("{{ 'a' * 3000000000 }}", "string or list length"),  # 3 GB
+    ("{{ 'a' * (3 * 10**9) }}", "string or list length"),
+    ("{{ [1] * 10**8 }}", "string or list length"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "string or list length"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "string or list length"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}", "output length"),
+    ("{{ messages | tojson(indent=10**9) }}", "integer argument"),
+    ("{{ messages | tojson(indent=1000) }}", "tojson indent"),
+    ("{{ messages | tojson(indent=' ' * 1000) }}", "tojson indent"),
+    ("{{ 'x'.ljust(10**9) }}", "integer argument"),
+    ("{{ 'x' | center(1000000000) }}", "integer argument"),  # a constant filter call jinja folds at compile
+    ("{{ '%*s' % (1000000000, 'x') }}", "integer argument"),
+    ("{{ range(10**6) | list }}", "range length"),
+    ("{{ [1] | batch(10**9, 'x') | list }}", "integer argument"),
+    ("{{ '{:>9999999999}'.format('x') }}", "format width"),
+    ("{{ '{:>{}}'.format('x', 10**10) }}", "integer argument"),
+    ("{{ '%09999999999d' % 1 }}", "format width"),
+    ("{{ '%09999999999d' | format(1) }}", "format width"),
+    ("{% set s = 'x' * 10**7 %}{{ s.replace('x', 'yyyyyyyy') }}", "string or list length"),
+    ("{% set s = 'x' * 10**7 %}{{ s | replace('x', 'yyyyyyyy') }}", "string or list length"),
+    ("{% set s = 'x' * 10**7 %}{{ [s, s, s] | join }}", "string or list length"),
+    ("{% set s = 'x' * 10**7 %}{{ ','.join([s, s, s]) }}", "string or list length"),
+    ("{% set s = 'x' * 10**7 %}{% set b %}{{ s }}{{ s }}{% endset %}", "string or list length"),
+    ("{% macro m(s) %}{{ s }}{{ s }}{% endmacro %}{{ m('x' * 10**7) }}", "string or list length"),
+])
+def test_hostile_template_hits_a_named_limit_fast(template, limit):
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=f"sandbox's {limit} limit"):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_big_numbers_as_values_are_not_refused():
+    template = ("{{ 1700000000 | string }} {% set ns = namespace(t=10**12) %}{{ ns.t }} {{ dict(a=2**64) | tojson }}"
+                " {{ '%5d|{}' % 3 }} {{ 'a-b'.replace('-', '+') }} {{ 'ab' * 3 }}"
+                " {{ lipsum(1, False, 3, 5)|length > 0 }}")
+    out = render_chat(template, [{"role": "user", "content": "hi"}])
+    assert out == '1700000000 1000000000000 {"a": 18446744073709551616}     3|{} a+b ababab True'
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% set s = 'x' * 10000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",  # no range() at all
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+])
+def test_endless_loops_hit_the_render_time_limit(template, monkeypatch):
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="sandbox's render time limit \\(0.3 s\\)"):
+        render_chat(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_long_legitimate_prompt_is_not_capped():
+    msgs = _alternating(["hello " * 200_000, "world " * 200_000, "x" * 1_000_000], "s" * 100_000)
+    got = _ours("chatml", msgs, add_generation_prompt=True)
+    assert got == _hf("chatml", msgs, add_generation_prompt=True) and len(got) > 3_000_000
+
+
+_tool_call = st.builds(lambda name, city: {"type": "function", "function": {"name": name, "arguments": {"city": city}}},
+                       st.text(alphabet="abc_xyz", min_size=1, max_size=8), text)
+
+
+@st.composite
+def _conversations(draw):
+    """User/assistant turns, some assistant turns calling tools and answered by tool turns (ChatML style)."""
+    msgs = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 6))):
+        msgs.append({"role": "user", "content": draw(text)})
+        calls = draw(st.lists(_tool_call, max_size=2))
+        if calls:
+            msgs.append({"role": "assistant", "content": draw(st.just("") | text), "tool_calls": calls})
+            msgs.append({"role": "tool", "content": draw(text)})
+        msgs.append({"role": "assistant", "content": draw(text)})
+    return msgs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(msgs=_conversations(), name=st.sampled_from(["chatml", "blocky"]), gen=st.booleans(),
+       tools=st.none() | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+           {"name": text, "description": text})}), min_size=1, max_size=2))
+def test_bounded_sandbox_renders_conversations_as_hf(msgs, name, gen, tools):
+    got = _ours(name, msgs, add_generation_prompt=gen, tools=tools)
+    assert got == _hf(name, msgs, add_generation_prompt=gen, tools=tools)
