@@ -184,3 +184,50 @@ def test_chat_template_not_utf8(model_files, tmp_path):
     with pytest.raises(DamagedFileError, match="tokenizer_config.json is not valid JSON") as info:
         open_model(folder)
     assert info.value.path == str(folder / "tokenizer_config.json")
+
+
+def test_gguf_linear_factor_zero_or_nan(llama3_gguf):
+    src = llama3_gguf
+    tensors = {k: v for k, v in src.tensors.items() if k != "rope_freqs.weight"}
+    for bad in (0.0, math.nan):
+        meta = {**src.metadata, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": bad}
+        with pytest.raises(DamagedFileError, match=f"llama.rope.scaling.factor = {bad} must be a finite"):
+            config_from_gguf(meta, tensors, src.path)
+
+
+CONFIG_KEYS = ["rms_norm_eps", "rope_theta", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "num_hidden_layers", "intermediate_size", "head_dim", "max_position_embeddings", "vocab_size",
+               "architectures", "model_type", "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id",
+               "tie_word_embeddings", "attention_bias"]
+
+
+def _values():
+    from hypothesis import strategies as st
+    scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, 2**63, 10**400])
+               | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
+    rope = st.fixed_dictionaries({"rope_type": st.sampled_from(["linear", "llama3", "default", 5])},
+                                 optional={k: scalars for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                "original_max_position_embeddings", "rope_theta")})
+    return scalars | rope | st.lists(scalars, max_size=3) | st.dictionaries(st.text(max_size=4), scalars, max_size=2)
+
+
+def test_fuzzed_config_values_give_only_model_format_errors(model_files, tmp_path):
+    """Any value at any key config.json's reader uses: the folder opens or a ModelFormatError names config.json."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    folder = _copy(model_files.hf("llama"), tmp_path)
+    original = json.loads((folder / "config.json").read_text())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(st.sampled_from(CONFIG_KEYS), _values(), min_size=1, max_size=3))
+    def check(changes):
+        (folder / "config.json").write_text(json.dumps({**original, **changes}))
+        try:
+            config = open_model(folder).config
+        except ModelFormatError as e:
+            assert str(folder) in str(e)
+            return
+        assert math.isfinite(config.norm_eps) and math.isfinite(config.rope_theta)
+        assert config.context_length <= MAX_SIZE
+
+    check()

@@ -262,9 +262,10 @@ def _get(meta, key, kind, path, default=None, required=False):
 
 def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None:
     kind = _get(meta, f"{arch_key}.rope.scaling.type", "str", path, default=None)
-    factor = _get(meta, f"{arch_key}.rope.scaling.factor", "float", path, default=None)
+    factor_key = f"{arch_key}.rope.scaling.factor"
     if kind is None and f"{arch_key}.rope.scale_linear" in meta:  # older llama.cpp files
-        kind, factor = "linear", _get(meta, f"{arch_key}.rope.scale_linear", "float", path)
+        kind, factor_key = "linear", f"{arch_key}.rope.scale_linear"
+    factor = _get(meta, factor_key, "float", path, default=None)
     if kind not in (None, "none", "linear"):
         raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3)",
                                path=path)
@@ -283,7 +284,10 @@ def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None
         if freqs is not None:
             raise DamagedFileError("linear rope scaling and a rope_freqs.weight tensor: the model would apply "
                                    "only the tensor", path=path, tensor=freqs.name)
-        return RopeScaling("linear", factor=factor)
+        try:
+            return RopeScaling("linear", factor=factor)
+        except ConfigValueError as e:
+            raise DamagedFileError(f"metadata {factor_key} = {e.value!r} {e.why}", path=path) from None
     if freqs is None:
         return None
     p = REALIZAR_ROPE_PREFIX
@@ -387,9 +391,9 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
     except ModelFormatError:
         raise
     except ConfigValueError as e:
-        if e.field.startswith("rope_scaling."):
-            where = (f"{REALIZAR_ROPE_PREFIX}{e.field[13:]}" if REALIZAR_ROPE_PREFIX + e.field[13:] in meta
-                     else f"{arch_key}.rope.scaling.factor")
+        if e.field.startswith("rope_scaling."):  # llama3: our keys, or the largest rope_freqs.weight entry
+            where = REALIZAR_ROPE_PREFIX + e.field[13:]
+            where = where if where in meta else "max(rope_freqs.weight)"
         else:
             where = "token_embd.weight rows" if e.field == "vocab_size" else f"{arch_key}.{_GGUF_KEYS[e.field]}"
         raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
