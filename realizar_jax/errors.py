@@ -49,8 +49,8 @@ class InsufficientMemoryError(RealizarError, MemoryError):
     """The model would not fit in the device memory that is free."""
 
 
-class TokenizerError(RealizarError, ValueError):
-    """The model's tokenizer is missing or cannot be built."""
+class TokenizerError(ModelFormatError):
+    """The model's tokenizer is missing or cannot be built (its message names the file)."""
 
 
 class ChatTemplateError(RealizarError, ValueError):

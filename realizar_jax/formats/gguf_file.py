@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ConfigValueError, ModelConfig, RopeScaling
 from ..errors import DamagedFileError, ModelFormatError, UnsupportedQuantError
 from ..quant.types import qtype_info
 from .roles import canonical_architecture
@@ -262,24 +262,34 @@ def _get(meta, key, kind, path, default=None, required=False):
 
 def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None:
     kind = _get(meta, f"{arch_key}.rope.scaling.type", "str", path, default=None)
-    factor = _get(meta, f"{arch_key}.rope.scaling.factor", "float", path, default=None)
+    factor_key = f"{arch_key}.rope.scaling.factor"
     if kind is None and f"{arch_key}.rope.scale_linear" in meta:  # older llama.cpp files
-        kind, factor = "linear", _get(meta, f"{arch_key}.rope.scale_linear", "float", path)
-    if kind == "linear" and factor is not None and factor != 1.0:
-        return RopeScaling("linear", factor=factor)
+        kind, factor_key = "linear", f"{arch_key}.rope.scale_linear"
+    factor = _get(meta, factor_key, "float", path, default=None)
     if kind not in (None, "none", "linear"):
-        raise ModelFormatError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)",
+        raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3)",
                                path=path)
     freqs = tensors.get("rope_freqs.weight")
+    if freqs is not None:  # the weights builder divides by these: check them whatever the scaling type
+        if freqs.qtype != "F32" or len(freqs.shape) != 1:
+            raise DamagedFileError(f"rope_freqs.weight should be a 1-D F32 tensor, got {freqs.qtype} "
+                                   f"{freqs.shape}", path=path, tensor=freqs.name)
+        values = np.asarray(freqs.data, np.float64)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DamagedFileError(f"rope_freqs.weight[{i}] = {float(values[i])} (frequency divisors must be finite "
+                                   f"and > 0)", path=path, tensor=freqs.name)
+    if kind == "linear" and factor is not None and factor != 1.0:
+        if freqs is not None:
+            raise DamagedFileError("linear rope scaling and a rope_freqs.weight tensor: the model would apply "
+                                   "only the tensor", path=path, tensor=freqs.name)
+        try:
+            return RopeScaling("linear", factor=factor)
+        except ConfigValueError as e:
+            raise DamagedFileError(f"metadata {factor_key} = {e.value!r} {e.why}", path=path) from None
     if freqs is None:
         return None
-    if freqs.qtype != "F32" or len(freqs.shape) != 1:
-        raise DamagedFileError(f"rope_freqs.weight should be a 1-D F32 tensor, got {freqs.qtype} {freqs.shape}",
-                               path=path, tensor=freqs.name)
-    values = np.asarray(freqs.data, np.float64)
-    if not np.isfinite(values).all() or values.min() <= 0:
-        raise DamagedFileError("rope_freqs.weight holds non-positive or non-finite factors",
-                               path=path, tensor=freqs.name)
     p = REALIZAR_ROPE_PREFIX
     scaling = RopeScaling("llama3",
                           factor=_get(meta, p + "factor", "float", path, default=float(values.max())),
@@ -314,6 +324,13 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np
                       / (scaling.high_freq_factor - scaling.low_freq_factor))
             out.append(1.0 / ((1 - smooth) / scaling.factor + smooth))
     return np.asarray(out, np.float32)
+
+
+# ModelConfig field -> the `{arch}.` metadata key it comes from, for error messages
+_GGUF_KEYS = {"hidden_size": "embedding_length", "num_layers": "block_count", "num_heads": "attention.head_count",
+              "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+              "intermediate_size": "feed_forward_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+              "rope_theta": "rope.freq_base", "context_length": "context_length"}
 
 
 def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> ModelConfig:
@@ -373,6 +390,13 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
         )
     except ModelFormatError:
         raise
+    except ConfigValueError as e:
+        if e.field.startswith("rope_scaling."):  # llama3: our keys, or the largest rope_freqs.weight entry
+            where = REALIZAR_ROPE_PREFIX + e.field[13:]
+            where = where if where in meta else "max(rope_freqs.weight)"
+        else:
+            where = "token_embd.weight rows" if e.field == "vocab_size" else f"{arch_key}.{_GGUF_KEYS[e.field]}"
+        raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
     except ValueError as e:  # ModelConfig's own consistency checks
         raise DamagedFileError(f"inconsistent model metadata: {e}", path=path) from None
 

@@ -17,7 +17,7 @@ import ml_dtypes  # registers bfloat16 with numpy, which the safetensors library
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ConfigValueError, ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .roles import canonical_architecture
 from .source import ModelSource, TensorSource
@@ -187,41 +187,49 @@ def _rope(cfg: dict, path) -> tuple[float, RopeScaling | None]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
-    try:
-        if kind == "linear":
-            return theta, RopeScaling("linear", factor=float(scaling["factor"]))
-        if kind == "llama3":
-            return theta, RopeScaling("llama3", factor=float(scaling["factor"]),
-                                      low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-                                      high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-                                      original_context_length=int(scaling.get("original_max_position_embeddings",
-                                                                              8192)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise DamagedFileError(f"config.json rope scaling {scaling!r:.120} is malformed: {e}", path=path) from None
-    raise ModelFormatError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)", path=path)
+    if kind in ("linear", "llama3") and "factor" not in scaling:
+        raise DamagedFileError(f"config.json rope scaling {scaling!r:.120} has no factor", path=path)
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor=scaling["factor"])
+    if kind == "llama3":  # RopeScaling checks each value
+        return theta, RopeScaling("llama3", factor=scaling["factor"],
+                                  low_freq_factor=scaling.get("low_freq_factor", 1.0),
+                                  high_freq_factor=scaling.get("high_freq_factor", 4.0),
+                                  original_context_length=scaling.get("original_max_position_embeddings", 8192))
+    raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3)", path=path)
+
+
+def _obj(value) -> dict:
+    """value if it is a JSON object, else {}: tokenizer.json is read here before the tokenizers library checks it."""
+    return value if isinstance(value, dict) else {}
 
 
 def _token_id(tok_json: dict | None, content) -> int | None:
-    if tok_json is None or not isinstance(content, (str, dict)):
-        return None
     if isinstance(content, dict):
         content = content.get("content")
-    for a in tok_json.get("added_tokens") or []:
-        if a.get("content") == content:
-            return a.get("id")
-    return ((tok_json.get("model") or {}).get("vocab") or {}).get(content)
+    if tok_json is None or not isinstance(content, str):
+        return None
+    added = tok_json.get("added_tokens")
+    for a in added if isinstance(added, list) else []:
+        if isinstance(a, dict) and a.get("content") == content:
+            return a["id"] if type(a.get("id")) is int else None
+    vocab = _obj(tok_json.get("model")).get("vocab")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+        return next((i for i, e in enumerate(vocab) if isinstance(e, list) and e and e[0] == content), None)
+    found = _obj(vocab).get(content)
+    return found if type(found) is int else None
 
 
 def _bos_in_post_processor(tok_json: dict | None) -> bool | None:
     """Whether tokenizer.json's TemplateProcessing puts a special token first (how Llama 3 adds BOS)."""
     if tok_json is None:
         return None
-    pp = tok_json.get("post_processor") or {}
+    pp = _obj(tok_json.get("post_processor"))
     steps = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
-    for step in steps:
-        if step.get("type") == "TemplateProcessing":
+    for step in steps if isinstance(steps, list) else []:
+        if _obj(step).get("type") == "TemplateProcessing":
             single = step.get("single") or []
-            return bool(single) and "SpecialToken" in single[0]
+            return isinstance(single, list) and bool(single) and "SpecialToken" in _obj(single[0])
     return None
 
 
@@ -235,11 +243,19 @@ def _ids(value) -> list[int]:
     return []
 
 
+# ModelConfig field -> the config.json key it comes from, for error messages
+_HF_KEYS = {"norm_eps": "rms_norm_eps", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
+            "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+            "rope_scaling.original_context_length": "rope_scaling.original_max_position_embeddings"}
+
+
 def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) -> ModelConfig:
     path = folder / "config.json"
-    name = cfg.get("model_type") or (cfg.get("architectures") or [None])[0]
+    archs = cfg.get("architectures")
+    name = cfg.get("model_type") or (archs[0] if isinstance(archs, list) and archs else None)
     if not isinstance(name, str):
-        raise ModelFormatError("config.json names no model_type or architectures", path=path)
+        raise DamagedFileError(f"config.json names no model_type or architectures (model_type "
+                               f"{cfg.get('model_type')!r:.40}, architectures {archs!r:.40})", path=path)
     arch = canonical_architecture(name, path=path)
     tok_cfg = _read_json(folder / "tokenizer_config.json", "tokenizer_config.json") \
         if (folder / "tokenizer_config.json").is_file() else {}
@@ -276,8 +292,8 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             intermediate_size=cfg["intermediate_size"],
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
             rope_scaling=scaling,
             context_length=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -289,6 +305,9 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
         )
     except ModelFormatError:
         raise
+    except ConfigValueError as e:
+        raise DamagedFileError(f"config.json {_HF_KEYS.get(e.field, e.field)} = {e.value!r:.60} {e.why}",
+                               path=path) from None
     except KeyError as e:
         raise DamagedFileError(f"config.json lacks {e.args[0]!r}", path=path) from None
     except (TypeError, ValueError) as e:

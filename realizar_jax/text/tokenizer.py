@@ -292,10 +292,15 @@ def load_tokenizer(source: ModelSource) -> Tokenizer | None:
     if source.format == "gguf":
         if "tokenizer.ggml.tokens" not in source.metadata:
             return None
-        return Tokenizer.from_gguf_metadata(source.metadata, path=source.path)
-    if any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        return Tokenizer.from_hf_dir(source.path)
-    return None
+        tok = Tokenizer.from_gguf_metadata(source.metadata, path=source.path)
+    elif any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        tok = Tokenizer.from_hf_dir(source.path)
+    else:
+        return None
+    if tok.vocab_size > source.config.vocab_size:  # ids past the table would read no embedding row
+        raise TokenizerError(f"{source.path}: the tokenizer has {tok.vocab_size} tokens but the embedding table "
+                             f"only {source.config.vocab_size} rows")
+    return tok
 
 
 # -------------------------------------------------------------------- GGUF vocab -> tokenizers
@@ -477,8 +482,8 @@ def _read_json_opt(path: Path) -> dict:
         return {}
     try:
         v = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: cannot read JSON: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise TokenizerError(f"{path}: cannot read JSON: {e}") from None
     return v if isinstance(v, dict) else {}
 
 
@@ -511,7 +516,10 @@ def _decode_mode(decoder) -> tuple[str, bool]:
 def _hf_chat_template(path: Path, tcfg: dict) -> str | None:
     tmpl = tcfg.get("chat_template")
     if tmpl is None and (path / "chat_template.jinja").is_file():
-        tmpl = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            tmpl = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path / 'chat_template.jinja'}: cannot read the chat template: {e}") from None
     if tmpl is None and (path / "chat_template.json").is_file():
         tmpl = _read_json_opt(path / "chat_template.json").get("chat_template")
     if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
