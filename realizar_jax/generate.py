@@ -85,15 +85,13 @@ class Steps:
         static = dict(config=config, dtype=dtype, kernels=kernels)
         self.prefill = Compiled(jax.jit(partial(prefill, **static), static_argnames=("all_logits",),
                                         donate_argnums=(1,)))
-        self.decode_logits = Compiled(jax.jit(partial(decode_logits, **static), donate_argnums=(1,)))
         self.decode_loop = Compiled(jax.jit(partial(decode_loop, **static), static_argnames=("steps",),
                                             donate_argnums=(1, 5)))
         self.sample = Compiled(jax.jit(_sample_first))
 
     @property
     def compile_seconds(self) -> float:
-        return (self.prefill.compile_seconds + self.sample.compile_seconds + self.decode_loop.compile_seconds
-                + self.decode_logits.compile_seconds)
+        return self.prefill.compile_seconds + self.sample.compile_seconds + self.decode_loop.compile_seconds
 
 
 @dataclass
