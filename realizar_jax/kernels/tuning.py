@@ -40,16 +40,16 @@ def parse_tiles(text: str) -> tuple:
 class KernelConfig:
     """How the compute runs. Frozen and hashable: jit specializes on it.
 
-    pallas: take the Pallas kernel routes where they apply (default: on a GPU); False runs every op
-    as its jnp reference. interpret: run those kernels in Pallas interpret mode (default: when the
-    backend is not a GPU). int8_activations: decode matmuls on Q4_K/Q6_K/Q8_0 weights round bf16/f16
+    pallas: take the Pallas kernel routes where they apply; False (the bare default; from_env: on a
+    GPU) runs every op as its jnp reference. interpret: run those kernels in Pallas interpret mode
+    (from_env: when the backend is not a GPU), so `KernelConfig(pallas=True)` is the compiled GPU path. int8_activations: decode matmuls on Q4_K/Q6_K/Q8_0 weights round bf16/f16
     activations to int8 per scale group and multiply with dp4a, as llama.cpp's MMVQ does (about
     0.5-1% relative error per matmul); False keeps them float32. tiles: tile overrides,
     ((key, ints), ...), see the module doc.
     """
 
     pallas: bool = False
-    interpret: bool = True
+    interpret: bool = False
     int8_activations: bool = True
     tiles: tuple = ()
 
