@@ -172,17 +172,22 @@ class Model:
                            bos_token=tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else "",
                            eos_token=tok.id_to_piece(tok.eos_ids[0]) if tok.eos_ids else "")
 
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the messages rendered with the chat template (what chat() and the server's
+        /v1/chat/completions feed the model)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        tok = self.tokenizer
+        bos_piece = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else None
+        # The template decides about BOS when it writes one; otherwise the model's add_bos rule applies.
+        return tok.encode(text, add_bos=False) if bos_piece and text.startswith(bos_piece) else tok.encode(text)
+
     def chat(self, messages: Sequence[dict], stream: bool = False, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
              stop_token_ids: Sequence[int] | None = None) -> Generation | Iterator[str]:
         """Render messages with the model's chat template and generate the assistant's reply: a
         Generation, or (stream=True) an iterator of text pieces. The other arguments are generate()'s."""
-        text = self.apply_chat_template(messages)
-        tok = self.tokenizer
-        bos_piece = tok.id_to_piece(tok.bos_id) if tok.bos_id is not None else None
-        # The template decides about BOS when it writes one; otherwise the model's add_bos rule applies.
-        ids = tok.encode(text, add_bos=False) if bos_piece and text.startswith(bos_piece) else tok.encode(text)
+        ids = self.encode_chat(messages)
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids)
         return self.stream(ids, **kw) if stream else self.generate(ids, **kw)
