@@ -29,6 +29,7 @@ from .requests import (Choice, Completion, ContextLengthError, EngineClosedError
 from .text import ChoiceText
 
 GOLDEN = 0x9E3779B97F4A7C15
+MAX_PREFILL_BATCH = 16   # prompts per prefill call (the batched prefill amortizes the weight reads)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,13 @@ class RequestHandle:
         return m.get(b, 0.0) - m.get(a, 0.0) if a in m and b in m else 0.0
 
 
+def _variant(options) -> dict:
+    """The decode variant (static flags) that serves these requests' options."""
+    return dict(logprobs=any(o.logprobs is not None for o in options),
+                sample=any(o.temperature > 0 for o in options),
+                penalize=any(o.repetition_penalty != 1 or o.presence_penalty or o.frequency_penalty for o in options))
+
+
 def _resolve(fut) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -308,25 +316,31 @@ class Engine:
                                  used / (self.max_slots * self.model.max_seq_len), self.max_slots, self.max_queue,
                                  self.steps.compiles, self.steps.compile_seconds)
 
-    def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = True) -> float:
-        """Compile what serving will run, so the first requests don't: prefill and insert for every
-        prompt bucket up to prefill_chunk (or those of `prompt_lengths`), extend, start, and decode
-        (with and without logprobs). Runs on a scratch state; returns the compile seconds spent."""
+    def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = False) -> float:
+        """Compile what serving will run, so the first requests don't: prefill (every batch size) and
+        insert for every prompt bucket up to prefill_chunk (or those of `prompt_lengths`), extend,
+        start, and the greedy and sampling decode variants (also with logprobs if asked; penalties
+        compile when first used). Runs on a scratch state; returns the compile seconds spent."""
         before = self.steps.compile_seconds
         lengths = prompt_lengths or [1 << k for k in range(4, self.prefill_chunk.bit_length())]
         scratch = S.new_state(self.model.config, self.max_slots, self.model.max_seq_len, self.model.kv_dtype)
         setting = S.settings(max_tokens=2)
         p = self.model.params
+        batches = [1 << k for k in range(min(self.max_slots, MAX_PREFILL_BATCH).bit_length())]
         for n in sorted({bucket_length(n, self.prefill_chunk) for n in lengths}):
-            pre = self.steps.prefill(p, jnp.zeros((1, n), jnp.int32), jnp.ones((1,), jnp.int32))
-            scratch, _ = self.steps.insert(None, scratch, pre, jnp.int32(0), setting)
+            for b in batches:
+                pre = self.steps.prefill(p, jnp.zeros((b, n), jnp.int32), jnp.ones((b,), jnp.int32))
+                scratch, _ = self.steps.insert(None, scratch, pre, jnp.int32(0), jnp.int32(0), setting)
         c = self.prefill_chunk
         scratch, logits = self.steps.extend(p, scratch, jnp.int32(0), jnp.zeros((1, c), jnp.int32), jnp.int32(0),
                                             jnp.ones((1,), jnp.int32))
         scratch, _ = self.steps.start(None, scratch, jnp.int32(0), logits, setting)
-        for lp in ((False, True) if logprobs else (False,)):
+        variants = [dict(logprobs=False, sample=False, penalize=False), dict(logprobs=False, sample=True, penalize=False)]
+        if logprobs:
+            variants += [dict(v, logprobs=True) for v in variants]
+        for v in variants:
             scratch, out = self.steps.decode(p, scratch, jnp.zeros((self.max_slots,), bool), steps=self.decode_chunk,
-                                             logprobs=lp)
+                                             **v)
         jax.block_until_ready(out.tokens)
         del scratch
         return self.steps.compile_seconds - before
@@ -400,39 +414,53 @@ class Engine:
             if spent >= budget:
                 return
             spent += self._extend(ch)
+        group: list[RequestHandle] = []   # short prompts admitted together share one batched prefill
         while self._queue and spent < budget:
             with self._cond:
                 handle = self._queue[0]
                 free = [s for s, c in enumerate(self._slots) if c is None]
                 if len(free) < handle.n:
-                    return
+                    break
                 self._queue.popleft()
             handle.stats.admitted = time.perf_counter()
             handle._compile_marks["admitted"] = self.steps.compile_seconds
-            self._running.add(handle)
+            with self._cond:
+                self._running.add(handle)
             for ch, slot in zip(handle.choices, free):
                 ch.slot = slot
                 self._slots[slot] = ch
                 self._release.discard(slot)   # insert/extend rewrite every per-slot field
             n = len(handle.prompt_token_ids)
             if n <= self.prefill_chunk:
-                self._prefill(handle)
+                group.append(handle)
                 spent += n
+                if len(group) == MAX_PREFILL_BATCH:
+                    self._prefill(group)
+                    group = []
             else:
                 for ch in handle.choices:
                     self._prefilling.append(ch)
                 spent += self._extend(self._prefilling[-len(handle.choices)])
+        if group:
+            self._prefill(group)
 
-    def _prefill(self, handle: RequestHandle) -> None:
-        ids = handle.prompt_token_ids
-        t = bucket_length(len(ids), self.prefill_chunk)
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, :len(ids)] = ids
-        pre = self.steps.prefill(self.model.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32))
-        for ch in handle.choices:
-            self.state, first = self.steps.insert(None, self.state, pre, jnp.int32(ch.slot), ch.setting(True))
-            ch.decoding = True
-            self._pending.append(_Pending("first", first, [ch]))
+    def _prefill(self, group: list[RequestHandle]) -> None:
+        """One prefill call for the group's prompts (rows padded to a power of two, length to the
+        longest one's bucket), then each row inserted into its choices' slots."""
+        t = bucket_length(max(len(h.prompt_token_ids) for h in group), self.prefill_chunk)
+        rows = 1 << (len(group) - 1).bit_length()
+        tokens = np.zeros((rows, t), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        for r, h in enumerate(group):
+            tokens[r, :len(h.prompt_token_ids)] = h.prompt_token_ids
+            lengths[r] = len(h.prompt_token_ids)
+        pre = self.steps.prefill(self.model.params, jnp.asarray(tokens), jnp.asarray(lengths))
+        for r, h in enumerate(group):
+            for ch in h.choices:
+                self.state, first = self.steps.insert(None, self.state, pre, jnp.int32(r), jnp.int32(ch.slot),
+                                                      ch.setting(True))
+                ch.decoding = True
+                self._pending.append(_Pending("first", first, [ch]))
 
     def _extend(self, ch: _Choice) -> int:
         """One prompt chunk of a long prompt into ch's slot; the last one starts the choice."""
@@ -456,9 +484,9 @@ class Engine:
         release[list(self._release)] = True
         self._release.clear()
         owners = list(self._slots)
-        want_lp = any(c is not None and c.decoding and c.handle.options.logprobs is not None for c in owners)
+        live = [c.handle.options for c in owners if c is not None and c.decoding]
         self.state, out = self.steps.decode(self.model.params, self.state, jnp.asarray(release),
-                                            steps=self.decode_chunk, logprobs=want_lp)
+                                            steps=self.decode_chunk, **_variant(live))
         for c in owners:
             if c is not None and c.decoding:
                 c.dispatched += self.decode_chunk

@@ -104,8 +104,8 @@ def state_bytes(config: ModelConfig, slots: int, max_seq_len: int, kv_dtype) -> 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class Prefilled:
-    """A prompt run from position 0: its cache k/v [L, 1, Hkv, T, D], its tokens [1, T] and length
-    [1], the logits [1, V] at its last token. Inserting it into n slots shares one prefill (n > 1)."""
+    """Prompts run from position 0: their cache k/v [L, B, Hkv, T, D], tokens [B, T], lengths [B] and
+    the logits [B, V] at each one's last token. Inserting a row into n slots shares its prefill (n > 1)."""
     k: jax.Array
     v: jax.Array
     tokens: jax.Array
@@ -125,8 +125,8 @@ class Sampled:
 
 
 def prefill(params: Params, tokens, length, *, config: ModelConfig, dtype, kv_dtype, kernels: KernelConfig):
-    """tokens [1, T] (right-padded), length [1] -> Prefilled."""
-    cache = init_cache(config, 1, tokens.shape[1], kv_dtype)
+    """tokens [B, T] (right-padded), length [B] -> Prefilled."""
+    cache = init_cache(config, tokens.shape[0], tokens.shape[1], kv_dtype)
     logits, cache = model_prefill(params, cache, tokens, length, config=config, dtype=dtype, kernels=kernels)
     return Prefilled(cache.k, cache.v, tokens, length, logits)
 
@@ -142,16 +142,18 @@ def _seen_row(tokens, length, vocab: int):
     return jnp.zeros((vocab + 1,), bool).at[ids].set(True)[:vocab]
 
 
-def insert(state: SlotState, pre: Prefilled, slot, setting: SlotSettings):
-    """Write a prefilled prompt into `slot` and start it (its first token sampled from the prompt's
-    logits). -> (state, Sampled [1] with logprobs)."""
+def insert(state: SlotState, pre: Prefilled, row, slot, setting: SlotSettings):
+    """Write prompt `row` of a prefilled batch into `slot` and start it (its first token sampled from
+    the prompt's logits). -> (state, Sampled [1] with logprobs)."""
     cache = state.cache
-    k = jax.lax.dynamic_update_slice(cache.k, pre.k.astype(cache.k.dtype), (0, slot, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache.v, pre.v.astype(cache.v.dtype), (0, slot, 0, 0, 0))
-    cache = KVCache(k, v, _row_set(cache.lengths, slot, pre.length[0]))
-    seen = _row_set(state.seen, slot, _seen_row(pre.tokens, pre.length[0], state.seen.shape[1]))
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, 1)   # noqa: E731  (the batch axis of k/v)
+    k = jax.lax.dynamic_update_slice(cache.k, take(pre.k).astype(cache.k.dtype), (0, slot, 0, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache.v, take(pre.v).astype(cache.v.dtype), (0, slot, 0, 0, 0))
+    length = pre.length[row]
+    cache = KVCache(k, v, _row_set(cache.lengths, slot, length))
+    seen = _row_set(state.seen, slot, _seen_row(pre.tokens[row], length, state.seen.shape[1]))
     state = dataclasses.replace(state, cache=cache, seen=seen)
-    return start(state, slot, pre.logits, setting)
+    return start(state, slot, jax.lax.dynamic_slice_in_dim(pre.logits, row, 1, 0), setting)
 
 
 def extend(params: Params, state: SlotState, slot, tokens, start_pos, length, *, config: ModelConfig, dtype,
@@ -190,7 +192,7 @@ def start(state: SlotState, slot, logits, setting: SlotSettings):
     # the slot's rows alone, so the first token sees exactly the settings decode would use
     one = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, 0),
                                  dataclasses.replace(state, cache=None))
-    tok, lp = _pick(one, logits.astype(jnp.float32), with_logprobs=True)
+    tok, lp = _pick(one, logits.astype(jnp.float32), sample=True, penalize=True, with_logprobs=True)
     one = _advance(one, tok)
     state = dataclasses.replace(state, **{f: jax.lax.dynamic_update_slice_in_dim(getattr(state, f), getattr(one, f),
                                                                                   slot, 0)
@@ -200,28 +202,24 @@ def start(state: SlotState, slot, logits, setting: SlotSettings):
 
 def _penalized(state: SlotState, logits):
     """Repetition penalty (HF, over prompt + output) then OpenAI's presence/frequency penalties (output)."""
-    def apply(x):
-        x = apply_repetition_penalty(x, state.sampling.repetition_penalty, state.seen)
-        c = state.counts.astype(jnp.float32)
-        return x - state.presence_penalty[:, None] * (c > 0) - state.frequency_penalty[:, None] * c
-    needed = jnp.any((state.sampling.repetition_penalty != 1) | (state.presence_penalty != 0)
-                     | (state.frequency_penalty != 0))
-    return jax.lax.cond(needed, apply, lambda x: x, logits)
+    x = apply_repetition_penalty(logits, state.sampling.repetition_penalty, state.seen)
+    c = state.counts.astype(jnp.float32)
+    return x - state.presence_penalty[:, None] * (c > 0) - state.frequency_penalty[:, None] * c
 
 
-def _pick(state: SlotState, logits, *, with_logprobs: bool):
-    """Each slot's next token from its logits [S, V] (float32), with its own key at its own position."""
-    x = _penalized(state, logits)
-    greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    greedy = state.sampling.temperature <= 0
+def _pick(state: SlotState, logits, *, sample: bool, penalize: bool, with_logprobs: bool):
+    """Each slot's next token from its logits [S, V] (float32), with its own key at its own position.
 
-    def draw(_):
+    sample / penalize are static: a chunk whose slots are all greedy, or all without penalties, is
+    compiled without the sort and the penalty pass. (Not a lax.cond: on a GPU a conditional copies its
+    predicate to the host and blocks the dispatching thread until the device gets there.)
+    """
+    x = _penalized(state, logits) if penalize else logits
+    tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if sample:
         keys = jax.vmap(lambda k, g: jax.random.fold_in(jax.random.wrap_key_data(k), g))(state.keys, state.generated)
-        filtered = filter_logits(x, state.sampling)
-        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
-        return jnp.where(greedy, greedy_tok, drawn)
-
-    tok = jax.lax.cond(jnp.all(greedy), lambda _: greedy_tok, draw, None)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filter_logits(x, state.sampling))
+        tok = jnp.where(state.sampling.temperature > 0, drawn.astype(jnp.int32), tok)
     if not with_logprobs:
         return tok, Sampled(tok)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -243,10 +241,11 @@ def _advance(state: SlotState, tok):
         seen=state.seen.at[rows, tok].set(state.seen[rows, tok] | took), counts=state.counts.at[rows, tok].add(took.astype(jnp.int32)))
 
 
-def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: bool, config: ModelConfig, dtype,
-           kernels: KernelConfig):
+def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: bool, sample: bool, penalize: bool,
+           config: ModelConfig, dtype, kernels: KernelConfig):
     """Free the `release` slots [S] bool, then `steps` decode steps of every active slot in one call.
-    -> (state, Sampled [steps, S]: -1 where a slot was not active at that step)."""
+    -> (state, Sampled [steps, S]: -1 where a slot was not active at that step). logprobs / sample /
+    penalize (static): whether any slot asks for logprobs, samples (temperature > 0), has penalties."""
     cache = state.cache
     state = dataclasses.replace(state, active=state.active & ~release,
                                 cache=KVCache(cache.k, cache.v, jnp.where(release, 0, cache.lengths)))
@@ -255,7 +254,7 @@ def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: b
         logits, cache = decode_logits(params, state.cache, state.tokens, config=config, dtype=dtype, kernels=kernels)
         # a slot that is not active keeps its length (its write at that position is beyond its content)
         cache = KVCache(cache.k, cache.v, jnp.where(state.active, cache.lengths, state.cache.lengths))
-        tok, out = _pick(state, logits.astype(jnp.float32), with_logprobs=logprobs)
+        tok, out = _pick(state, logits.astype(jnp.float32), sample=sample, penalize=penalize, with_logprobs=logprobs)
         emitted = jnp.where(state.active, tok, -1)
         state = _advance(dataclasses.replace(state, cache=cache), tok)
         return state, dataclasses.replace(out, tokens=emitted)
@@ -274,7 +273,7 @@ class SlotSteps:
         self.insert = Compiled(jax.jit(lambda _, *a: insert(*a), donate_argnums=(1,)))
         self.start = Compiled(jax.jit(lambda _, *a: start(*a), donate_argnums=(1,)))
         self.extend = Compiled(jax.jit(partial(extend, **static), donate_argnums=(1,)))
-        self.decode = Compiled(jax.jit(partial(decode, **static), static_argnames=("steps", "logprobs"),
+        self.decode = Compiled(jax.jit(partial(decode, **static), static_argnames=("steps", "logprobs", "sample", "penalize"),
                                        donate_argnums=(1,)))
         self.all = (self.prefill, self.insert, self.start, self.extend, self.decode)
 
