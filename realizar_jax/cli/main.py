@@ -1,4 +1,4 @@
-"""Command line: realizar-jax generate | perplexity | inspect | convert | bench.
+"""Command line: realizar-jax generate | perplexity | inspect | convert | bench | serve.
 
 Every failure the user can cause (missing file, damaged model, bad argument) ends in one line on
 stderr, `realizar-jax CMD: error: ...`, and exit code 2 (command line) or 1 (while running).
@@ -13,7 +13,7 @@ from .. import __version__, default_model_path
 from .parser import DTYPES, Parser, positive_int, run
 
 DEFAULT_MODEL = default_model_path()
-DELEGATED = ("inspect", "convert", "bench")  # subcommands with their own parser in cli/NAME.py
+DELEGATED = ("inspect", "convert", "bench", "serve")  # subcommands with their own parser in cli/NAME.py
 
 
 def _resolve_model(path: str | None) -> Path:
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in [("inspect", "show a model's config, memory estimate and tensors by role"),
                            ("convert", "convert an HF folder to GGUF (optionally quantized)"),
-                           ("bench", "benchmark load/compile/prefill/decode on random-weight GGUFs")]:
+                           ("bench", "benchmark load/compile/prefill/decode on random-weight GGUFs"),
+                           ("serve", "serve a model over an OpenAI-compatible HTTP API (completions, chat)")]:
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=_delegate(name))
