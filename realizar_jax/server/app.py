@@ -50,7 +50,8 @@ def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX
     def error_response(e: RequestError) -> JSONResponse:
         metrics.error(e.status)
         headers = {"Retry-After": str(e.retry_after)} if getattr(e, "retry_after", None) is not None else None
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status, headers=headers)
+        message = e.message if not e.param or e.param in e.message else f"{e.param}: {e.message}"
+        return JSONResponse(error_body(message, e.type, e.param, e.code), e.status, headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
