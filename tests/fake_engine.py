@@ -93,7 +93,7 @@ class FakeEngine:
         ids = self.model.encode(prompt)
         if len(ids) + options.max_tokens > self.max_seq_len:
             raise ContextLengthError(f"{len(ids)} + {options.max_tokens} > {self.max_seq_len}", "max_tokens")
-        self.submitted += 1
+        self.submitted, self.last = self.submitted + 1, options
         return FakeHandle(self, ids, options)
 
     def metrics(self):

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import realizar_jax as rj
 from fake_engine import FakeEngine
 from realizar_jax.server import create_app
+from realizar_jax.serving import SamplingOptions
 from realizar_jax.server.schema import (ChatCompletionRequest, CompletionRequest, RequestError, parse_json,
                                         parse_request)
 
@@ -111,16 +112,16 @@ def stream_text(client, prompt, max_tokens=12, **kw) -> tuple[str, str]:
 
 
 # ---- completions and chat ------------------------------------------------------------------------------
-def test_completion_matches_generate(client, model):
+def test_completion_matches_the_engine(client, engine, model):
     prompt = PROMPTS[0]
     r = greedy(client, prompt, max_tokens=10)
-    ref = model.generate(prompt, max_new_tokens=10)
+    ref = engine.submit(prompt, SamplingOptions(max_tokens=10)).result().choices[0]
     assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
     assert [c.index for c in r.choices] == [0]
     assert r.choices[0].text == ref.text
     assert r.choices[0].finish_reason == {"length": "length", "eos": "stop", "stop": "stop"}[ref.finish_reason]
     assert r.usage.prompt_tokens == len(model.encode(prompt))
-    assert r.usage.completion_tokens == len(ref.tokens)
+    assert r.usage.completion_tokens == len(ref.token_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
@@ -141,7 +142,7 @@ def test_echo(client, model):
     assert stream_text(client, ids, max_tokens=4, echo=True, temperature=0)[0].startswith(model.tokenizer.decode(ids))
 
 
-def test_chat_stream_and_not(client, model):
+def test_chat_stream_and_not(client, engine, model):
     messages = [{"role": "system", "content": "You write Python."},
                 {"role": "user", "content": [{"type": "text", "text": "def add(a, b):"}]}]
     r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
@@ -149,21 +150,13 @@ def test_chat_stream_and_not(client, model):
     ids = model.encode_chat([{"role": "system", "content": "You write Python."},
                              {"role": "user", "content": "def add(a, b):"}])
     assert r.usage.prompt_tokens == len(ids)
-    assert r.choices[0].message.content == model.generate(ids, max_new_tokens=12).text
+    assert r.choices[0].message.content == engine.submit(ids, SamplingOptions(max_tokens=12)).result().choices[0].text
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == r.choices[0].message.content
     assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == [r.choices[0].finish_reason]
     assert chunks[-1].usage.model_dump() == r.usage.model_dump()
-
-
-def test_chat_default_max_tokens_is_the_rest_of_the_context(served, model):
-    r = httpx.post(served.url + "/v1/chat/completions", timeout=120, json={
-        "messages": [{"role": "user", "content": "x " * 240}], "temperature": 0, "ignore_eos": True})
-    assert r.status_code == 200, r.text
-    u = r.json()["usage"]
-    assert u["total_tokens"] == model.max_seq_len and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_n_and_prompt_lists(client):
@@ -220,12 +213,12 @@ def test_stop(client):
 
 
 def test_seed_reproducible_also_concurrently(client):
-    kw = dict(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
+    kw = dict(max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
     alone = client.completions.create(model=NAME, prompt=PROMPTS[6], **kw).choices[0].text
     assert client.completions.create(model=NAME, prompt=PROMPTS[6], **kw).choices[0].text == alone
     with ThreadPoolExecutor(6) as pool:
         seeded = pool.map(lambda _: stream_text(client, PROMPTS[6], **kw)[0], range(3))
-        others = [pool.submit(stream_text, client, p, 12, temperature=1.0) for p in PROMPTS[:3]]
+        others = [pool.submit(stream_text, client, p, 8, temperature=1.0) for p in PROMPTS[:3]]
         assert list(seeded) == [alone] * 3
         [f.result() for f in others]
     texts = {client.completions.create(model=NAME, prompt=PROMPTS[6], **{**kw, "seed": s}).choices[0].text
@@ -234,11 +227,12 @@ def test_seed_reproducible_also_concurrently(client):
 
 
 def test_concurrent_greedy_streams_equal_alone(client, model):
-    prompts = [" ".join(["x = 1"] * (1 + 3 * i)) + "\n" + PROMPTS[i % len(PROMPTS)] for i in range(16)]
-    assert len({len(model.encode(p)) for p in prompts}) == 16
-    alone = [stream_text(client, p, 10, temperature=0, ignore_eos=True) for p in prompts]
+    ids = model.encode("\n".join(PROMPTS))
+    prompts = [ids[:8 + 3 * i] for i in range(16)]  # 16 lengths, 8..53 tokens
+    assert len({len(p) for p in prompts}) == 16 and len(ids) >= 53
+    alone = [stream_text(client, p, 6, temperature=0, ignore_eos=True) for p in prompts]
     with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda p: stream_text(client, p, 10, temperature=0, ignore_eos=True), prompts))
+        together = list(pool.map(lambda p: stream_text(client, p, 6, temperature=0, ignore_eos=True), prompts))
     assert together == alone
     assert all(reason == "length" for _, reason in alone)
 
@@ -263,18 +257,19 @@ def test_disconnect_frees_the_slot(served):
 def test_full_queue_is_429_with_retry_after(model):
     engine = model.engine(max_slots=1, max_queue=1)
     s = Served(create_app(engine, NAME, model=model))
-    long = {"prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    long = SamplingOptions(max_tokens=500, ignore_eos=True)
     try:
-        with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
-            with a.stream("POST", s.url + "/v1/completions", json=long) as ra:
-                next(ra.iter_lines())  # running: holds the one slot
-                with b.stream("POST", s.url + "/v1/completions", json=long) as rb:
-                    assert rb.status_code == 200  # queued
-                    r = httpx.post(s.url + "/v1/completions", json=long)
-                    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-                    assert r.json()["error"]["type"] == "rate_limit_error"
+        running = engine.submit(PROMPTS[0], long)
+        while running.stats.admitted is None:  # it holds the one slot ...
+            time.sleep(0.01)
+        queued = engine.submit(PROMPTS[1], long)  # ... and this one the one place in the queue
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert r.json()["error"]["type"] == "rate_limit_error" and not queued.done
+        running.cancel(), queued.cancel()
         wait_idle(s.url)
-        assert metric(s.url, 'realizar:request_errors_total') == 1
+        assert metric(s.url, "realizar:request_errors_total") == 1
+        assert greedy(openai.OpenAI(base_url=s.url + "/v1", api_key="x"), "x", max_tokens=2).usage.completion_tokens
     finally:
         s.close()
         engine.close(drain=False)
@@ -436,6 +431,19 @@ def test_engine_failures_and_draining(model):
         engine.closed = True
         r = httpx.post(s.url + "/v1/chat/completions", json=M)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_closed"
+    finally:
+        s.close()
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(model):
+    engine = FakeEngine(model)
+    s = Served(create_app(engine, NAME, model=model))
+    try:
+        messages = [{"role": "user", "content": "x " * 100}]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": messages})
+        assert r.status_code == 200
+        assert engine.last.max_tokens == model.max_seq_len - len(model.encode_chat(messages))
+        assert r.json()["usage"]["total_tokens"] == model.max_seq_len
     finally:
         s.close()
 

@@ -37,15 +37,16 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving `engine` (a realizar_jax.serving.Engine) as `model_name`. `model` defaults to
-    engine.model (its tokenizer and chat template). Set app.state.draining = True to make /health 503
-    while a shutdown drains."""
+    engine.model (its tokenizer and chat template). /health is 503 once engine.closed or
+    app.state.draining (set by `realizar-jax serve` when a shutdown starts)."""
     model = model if model is not None else engine.model
     tok = model.tokenizer
     max_seq_len = int(getattr(engine, "max_seq_len", model.max_seq_len))
     metrics = ServerMetrics(engine)
     created = int(time.time())
     app = FastAPI(title="realizar-jax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.metrics, app.state.model_name, app.state.draining = engine, metrics, model_name, False
+    app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
+    app.state.model_name = model_name
 
     def error_response(e: RequestError) -> JSONResponse:
         metrics.error(e.status)
@@ -171,7 +172,7 @@ def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX
     # ---- endpoints ------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if app.state.draining:
+        if app.state.draining or getattr(engine, "closed", False):
             return JSONResponse({"status": "draining"}, 503)
         return {"status": "ok"}
 
