@@ -4,6 +4,7 @@ host-side drivers of the jitted steps."""
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -14,12 +15,13 @@ import numpy as np
 
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .generate import Generation, GenerationStats, Steps, pad_prompts, run_text
+from .generate import Generation, GenerationStats, Steps, generation_stats, pad_prompts
 from .kernels.tuning import KernelConfig
 from .weights import Params
 
 Prompt = Union[str, Sequence[int]]
 MAX_SEQ_LEN_DEFAULT = 4096
+GENERATE_SLOTS = 32   # generate() with a longer list of prompts queues the rest
 
 
 def default_dtype() -> str:
@@ -43,6 +45,9 @@ class Model:
         self.kernels = kernels or KernelConfig.from_env()
         self.steps = Steps(config, self.dtype, self.kernels)
         self.last_stats: GenerationStats | None = None
+        self._slot_steps = None
+        self._generate_engine = None
+        self._engine_lock = threading.Lock()
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return init_cache(self.config, batch, self.max_seq_len, self.kv_dtype)
@@ -116,48 +121,116 @@ class Model:
         raise TypeError(f"prompt must be a string, a list of token ids, or a non-empty list of those; got "
                         f"{type(prompt).__name__} {prompt!r:.80}")
 
+    @property
+    def slot_steps(self):
+        """The serving engine's jitted steps of this model (compiled per shape, shared by its Engines)."""
+        if self._slot_steps is None:
+            from .serving.state import SlotSteps
+            self._slot_steps = SlotSteps(self.config, self.dtype, self.kv_dtype, self.kernels)
+        return self._slot_steps
+
+    def engine(self, max_slots: int = 32, max_queue: int = 256, **kw):
+        """A serving Engine over this model: continuous batching of up to max_slots sequences, at most
+        max_queue requests waiting. submit() returns a handle to iterate, await or cancel; close() it
+        (or use it as a context manager) to free its KV cache. See realizar_jax.serving.Engine."""
+        from .serving.scheduler import Engine
+        return Engine(self, max_slots=max_slots, max_queue=max_queue, **kw)
+
+    def _engine_for(self, rows: int):
+        """The private engine generate()/stream() run on: slots for `rows` prompts at once (a power of
+        two, at most GENERATE_SLOTS; more prompts queue), replaced when a different size is needed."""
+        slots = min(1 << max(0, rows - 1).bit_length(), GENERATE_SLOTS)
+        with self._engine_lock:
+            if self._generate_engine is None or self._generate_engine.max_slots != slots:
+                if self._generate_engine is not None:
+                    self._generate_engine.close(drain=True)
+                    self._generate_engine = None
+                self._generate_engine = self.engine(max_slots=slots, max_queue=1 << 20)
+            return self._generate_engine
+
+    def _submit(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                stop_token_ids):
+        from .generate import _check_int
+        from .sampling import make_sampling_params
+        from .serving.requests import SamplingOptions, check_stop_strings
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        if seed is not None:
+            _check_int("seed", seed, 0, 2**63 - 1)
+        for t in stop_token_ids or ():
+            _check_int("stop_token_ids", t, 0, self.config.vocab_size - 1)
+        make_sampling_params(1, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty)   # the checks, with their messages
+        try:
+            stop = check_stop_strings(stop)
+        except ValueError as e:
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.80}") from e
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.max_seq_len}; load with a larger max_seq_len")
+        engine = self._engine_for(len(prompts))
+        handles = []
+        for i, p in enumerate(prompts):
+            opts = SamplingOptions(max_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                                   top_p=float(top_p), min_p=float(min_p),
+                                   repetition_penalty=float(repetition_penalty),
+                                   seed=None if seed is None else seed + i, stop=stop,
+                                   stop_token_ids=tuple(int(t) for t in stop_token_ids or ()))
+            handles.append(engine.submit(p, opts))
+        return handles
+
     def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: str | Sequence[str] | None = None,
                  stop_token_ids: Sequence[int] | None = None) -> Generation | list[Generation]:
-        """Generate from a prompt (text or token ids), or from a list of prompts run as one padded batch
-        (then a list of Generations comes back). temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and
-        repetition_penalty=1 turn those filters off. seed: an int makes sampling reproducible; None
-        (the default) draws fresh randomness. Generation stops at max_new_tokens, an EOS id (the
-        model's and stop_token_ids) or the first `stop` string (cut from the text)."""
+        """Generate from a prompt (text or token ids), or from a list of prompts (then a list of
+        Generations comes back; they run continuously batched on the serving engine, so short ones
+        finish early). temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and repetition_penalty=1
+        turn those filters off. seed: an int makes sampling reproducible (the i-th prompt of a list
+        uses seed + i); None (the default) draws fresh randomness. Generation stops at
+        max_new_tokens, an EOS id (the model's and stop_token_ids) or the first `stop` string (cut
+        from the text, and decoding ends there)."""
         prompts, batched = self._prompts(prompt)
-        gen = run_text(self, prompts, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                       stop_token_ids=stop_token_ids)
-        reasons, stats, produced, texts = _drain(gen)
-        self.last_stats = stats
-        if self.tokenizer is None:
-            texts = [""] * len(prompts)
-        results = [Generation(text=texts[r], tokens=produced[r], prompt_tokens=prompts[r], finish_reason=reasons[r],
-                              stats=stats) for r in range(len(prompts))]
+        handles = self._submit(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                               stop, stop_token_ids)
+        results = []
+        for h in handles:
+            done = h.result()
+            if h.error is not None:
+                raise RuntimeError(f"generation failed: {h.error}")
+            c = done.choices[0]
+            results.append(Generation(text=c.text if self.tokenizer is not None else "", tokens=list(c.token_ids),
+                                      prompt_tokens=list(done.prompt_token_ids), finish_reason=c.finish_reason,
+                                      stats=generation_stats([h])))
+        self.last_stats = generation_stats(handles)
         return results if batched else results[0]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None,
                stop_token_ids: Sequence[int] | None = None) -> Iterator[str]:
-        """Yield text pieces of one prompt as they are produced (never a broken UTF-8 character); the
-        arguments are generate()'s. The run's stats are in `last_stats` afterwards."""
+        """Yield text pieces of one prompt as they are produced (never a broken UTF-8 character, never
+        part of a stop string); the arguments are generate()'s. Closing the iterator early cancels
+        the request. The run's stats are in `last_stats` afterwards."""
         prompts, batched = self._prompts(prompt)
         if batched:
             raise ValueError("stream() takes one prompt; use generate() for a batch")
         if self.tokenizer is None:
             raise ValueError("stream() needs a tokenizer; this model has none")
-        gen = run_text(self, prompts, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                       stop_token_ids=stop_token_ids)
+        handle, = self._submit(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                               stop, stop_token_ids)
+        return self._pieces(handle)
+
+    def _pieces(self, handle) -> Iterator[str]:
         try:
-            while True:
-                _, piece, _ = next(gen)
-                if piece:
-                    yield piece
-        except StopIteration as fin:
-            self.last_stats = fin.value[1]
+            for ev in handle:
+                if ev.error:
+                    raise RuntimeError(f"generation failed: {ev.error}")
+                if ev.text:
+                    yield ev.text
+            self.last_stats = generation_stats([handle])
+        finally:
+            handle.cancel()
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The messages ([{"role": ..., "content": ...}]) rendered with the model's own Jinja chat template."""
@@ -197,14 +270,6 @@ class Model:
         return (f"Model({c.architecture}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
                 f"{c.num_kv_heads}, vocab={c.vocab_size}, dtype={self.dtype.name}, max_seq_len={self.max_seq_len}, "
                 f"path={self.path})")
-
-
-def _drain(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as fin:
-        return fin.value
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

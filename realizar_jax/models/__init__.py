@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..ops.attention import DecodeAttention, PrefillAttention
+from ..ops.attention import DecodeAttention, ExtendAttention, PrefillAttention
 from ..ops.fused import Stream
 from ..ops.routes import KernelConfig, using
 from ..weights import Params
@@ -65,6 +65,22 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
             last = jnp.take_along_axis(x.value(), jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
             x = Stream(last)
         return family(config).head(params, x, config), attention.cache()
+
+
+def extend(params: Params, cache: KVCache, tokens, start, lengths, *, config: ModelConfig, dtype=None,
+           kernels: KernelConfig = KernelConfig()):
+    """Continue prompts with a chunk tokens [B, C] at positions start [B] (the cache holds the earlier
+    positions); lengths [B] real tokens of the chunk. Returns (logits [B, V] at each chunk's last real
+    token, cache with lengths start + lengths): chunked prefill of prompts longer than one chunk."""
+    dtype = jnp.dtype(dtype or cache.k.dtype)
+    fam = family(config)
+    with using(kernels):
+        x = fam.embed(params, tokens, config, dtype)
+        attention = ExtendAttention.begin(cache, params.rope_inv_freq, start, lengths, tokens.shape[1],
+                                          config.head_dim ** -0.5)
+        x, attention = layers(params, x, attention, config)
+        last = jnp.take_along_axis(x.value(), jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        return fam.head(params, Stream(last), config), attention.cache()
 
 
 def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig, dtype=None,

@@ -1,7 +1,7 @@
 """Attention over the KV cache, as the varying part of the one layer loop (models/).
 
-`PrefillAttention` (a prompt from position 0) and `DecodeAttention` (one token per sequence at its
-position) share one call: `attention(q, k, v, wo) -> (output projection, attention with its cache
+`PrefillAttention` (a prompt from position 0), `ExtendAttention` (a chunk of a long prompt after the
+positions already cached) and `DecodeAttention` (one token per sequence at its position) share one call: `attention(q, k, v, wo) -> (output projection, attention with its cache
 updated)`, with q/k/v the block's projections before RoPE. Decode asks the route table for the fused
 kernel (RoPE, cache write and attention in one launch, the merge in the o projection's prep); the
 jnp functions here are the reference and the CPU path.
@@ -109,6 +109,56 @@ class PrefillAttention(_Attention):
 
     def cache(self) -> KVCache:
         return KVCache(self.k, self.v, self.lengths.astype(jnp.int32))
+
+
+def extend_attention(q, k_cache, v_cache, start, lengths, scale):
+    """A prompt chunk's attention over the cache. q [B, C, Hq, D] at positions start + i; k/v_cache
+    [B, Hkv, S, D] already holding the chunk; lengths [B] valid tokens of the chunk. -> [B, C, Hq, D].
+
+    Key j is visible to query i when j <= start + i and j < start + lengths[b].
+    """
+    b, c, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, c, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("bchgd,bhsd->bhgcs", qg, k_cache.astype(jnp.float32)) * scale
+    qpos = start[:, None] + jnp.arange(c)[None, :]                       # [B, C]
+    j = jnp.arange(s)
+    visible = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < (start + lengths)[:, None, None])
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgcs,bhsd->bchgd", probs, v_cache.astype(jnp.float32))
+    return out.reshape(b, c, hq, d).astype(q.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class ExtendAttention(_Attention):
+    """A chunk [B, C] of each prompt at positions start [B] onwards, after the cached ones; lengths [B]
+    real tokens of the chunk (the rest is padding, whose cache writes past the end are dropped)."""
+    start: jax.Array = None
+    lengths: jax.Array = None
+
+    @classmethod
+    def begin(cls, cache: KVCache, inv_freq, start, lengths, c: int, scale: float) -> "ExtendAttention":
+        cos, sin = rope_tables(inv_freq, start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :])
+        return cls(cache.k, cache.v, cos, sin, scale, 0, start, lengths)
+
+    def __call__(self, q, k, v, wo):
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        b, c = q.shape[:2]
+        rows = jnp.arange(b)[:, None]
+        pos = self.start[:, None] + jnp.arange(c)[None, :]               # [B, C]
+        # k/v [B, C, Hkv, D] land at cache[layer, b, :, pos]; padding past max_seq_len is dropped
+        ks = self.k.at[self.layer, rows, :, pos].set(k.astype(self.k.dtype), mode="drop")
+        vs = self.v.at[self.layer, rows, :, pos].set(v.astype(self.v.dtype), mode="drop")
+        out = extend_attention(q, ks[self.layer], vs[self.layer], self.start, self.lengths, self.scale)
+        with jax.named_scope("o"):
+            y = linear(out.reshape(b, c, -1), wo, unsummed=True)
+        return y, dataclasses.replace(self, k=ks, v=vs)
+
+    def cache(self) -> KVCache:
+        return KVCache(self.k, self.v, (self.start + self.lengths).astype(jnp.int32))
 
 
 @jax.tree_util.register_dataclass

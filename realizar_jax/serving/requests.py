@@ -167,6 +167,7 @@ class Choice:
     token_ids: tuple[int, ...]
     finish_reason: str
     logprobs: tuple[TokenLogprob, ...] | None = None
+    generated_tokens: int = 0   # sampled tokens (EOS excluded), those of a matched stop string included
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ class Completion:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.choices)
+        """Tokens generated over all choices (what OpenAI's usage.completion_tokens counts)."""
+        return sum(c.generated_tokens for c in self.choices)
 
 
 def as_options(options: SamplingOptions | None = None, **kw) -> SamplingOptions:
