@@ -71,7 +71,7 @@ def served(engine):
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=240)
 
 
 def metric(url, name) -> float:
@@ -467,7 +467,7 @@ def test_signal_drains_in_flight_requests(model):
 
 def test_serve_cli_sigterm_exits_0(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "realizar_jax.cli.main", "serve", "--port", "0", "--max-slots",
-                             "2", "--model-name", "m"], stderr=subprocess.PIPE, text=True)
+                             "2", "--model-name", "m", "--warmup", "16"], stderr=subprocess.PIPE, text=True)
     try:
         url = None
         for line in proc.stderr:
@@ -486,6 +486,9 @@ def test_serve_cli_bad_flags():
     from realizar_jax.cli.main import main
     with pytest.raises(SystemExit) as e:
         main(["serve", "--port", "70000"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--warmup", "some"])
     assert e.value.code == 2
 
 

@@ -35,7 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=positive_int, help="KV-cache length per slot (default: the model's, <= 4096)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--model-name", help="the id clients pass as `model` (default: the file name without suffix)")
+    p.add_argument("--decode-chunk", type=positive_int, default=4,
+                   help="decode steps per device call; tokens stream paced over each chunk (default: 4)")
+    p.add_argument("--warmup", type=_warmup, default="all", metavar="all|none|N,N,...",
+                   help="compile before listening: every prompt bucket (all, the default), none, or the buckets "
+                        "of these prompt lengths")
+    p.add_argument("--request-timeout", type=float, metavar="S",
+                   help="end a request after S seconds (finish_reason 'timeout'); default: no limit")
     return p
+
+
+def _warmup(text: str):
+    if text in ("all", "none"):
+        return text
+    try:
+        lengths = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"all, none or comma-separated prompt lengths, got {text!r}") from None
+    if not all(n > 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"prompt lengths must be positive, got {text!r}")
+    return lengths
 
 
 class Server(uvicorn.Server):
@@ -82,8 +101,14 @@ def cmd_serve(args) -> int:
     path = _resolve_model(args.model)
     model = rj.load(path, dtype=args.dtype, max_seq_len=args.max_seq_len)
     name = args.model_name or ("realizar-jax-default" if args.model is None else (path.stem or path.name))
-    engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue)
-    app = create_app(engine, name, model=model)
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue, decode_chunk=args.decode_chunk)
+    if args.warmup != "none":
+        print(f"realizar-jax serve: compiling ({args.max_slots} slots) ...", file=sys.stderr, flush=True)
+        seconds = engine.warmup(None if args.warmup == "all" else args.warmup)
+        print(f"realizar-jax serve: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    app = create_app(engine, name, model=model, request_timeout=args.request_timeout)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                     access_log=False, timeout_graceful_shutdown=None), app, engine)
     try:

@@ -35,7 +35,8 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX_BODY_BYTES,
+               request_timeout: float | None = None) -> FastAPI:
     """An app serving `engine` (a realizar_jax.serving.Engine) as `model_name`. `model` defaults to
     engine.model (its tokenizer and chat template). /health is 503 once engine.closed or
     app.state.draining (set by `realizar-jax serve` when a shutdown starts)."""
@@ -106,7 +107,7 @@ def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX
         handles = []
         try:
             for p in prompts:
-                handles.append(await to_thread.run_sync(engine.submit, p, opts))
+                handles.append(await to_thread.run_sync(engine.submit, p, opts, request_timeout))
         except BaseException as e:
             for h in handles:
                 h.cancel()
