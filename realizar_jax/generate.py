@@ -15,10 +15,24 @@ import numpy as np
 
 from .config import ModelConfig
 from .kernels.tuning import KernelConfig
-from .models import prefill
+from .models import decode_logits, prefill
+from .sampling import SamplingParams, sample, update_seen_mask
+from .weights import Params
 
 MIN_BUCKET = 16
 DECODE_CHUNK = 8  # decode steps per device call in `bench` (the engine has its own decode_chunk)
+
+
+def decode_step(params: Params, cache, tokens, key, sampling: SamplingParams, seen=None, *, config: ModelConfig,
+                dtype=None, kernels: KernelConfig = KernelConfig()):
+    """One decode step as a pure function, for writing a loop by hand (notebook 02): feed tokens [B],
+    sample the next ones on device. -> (next_tokens [B], logits [B, V], cache, seen). The engine's
+    batched step with per-slot keys and stops is serving.state.decode."""
+    logits, cache = decode_logits(params, cache, tokens, config=config, dtype=dtype, kernels=kernels)
+    next_tokens = sample(logits, sampling, key, seen)
+    if seen is not None:
+        seen = update_seen_mask(seen, next_tokens)
+    return next_tokens, logits, cache, seen
 
 
 class Compiled:
