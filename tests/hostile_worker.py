@@ -110,6 +110,11 @@ def problem(result: dict, path=None) -> str | None:
 
 
 # ---------------------------------------------------------------- the worker process
+def _clip(text: str, n: int = 600) -> str:
+    """Head and tail of a long message: the path is at its start, the reason at its end."""
+    return text if len(text) <= 2 * n else f"{text[:n]} [...{len(text) - 2 * n} characters...] {text[-n:]}"
+
+
 def _handle(req: dict) -> dict:
     import contextlib
     import io
@@ -142,13 +147,13 @@ def _handle(req: dict) -> dict:
                         "traceback": traceback.format_exc()[-3000:]}
             if code == 0:
                 return {"status": "ok"}
-            return {"status": "error", "type": "exit", "project": True, "message": err.getvalue()[-1000:],
+            return {"status": "error", "type": "exit", "project": True, "message": _clip(err.getvalue()),
                     "code": code}
         else:
             raise ValueError(f"unknown op {op!r}")
     except Exception as e:
         out = {"status": "error", "type": type(e).__name__, "project": isinstance(e, RealizarError),
-               "message": str(e)[:1000]}
+               "message": _clip(str(e))}
         if not out["project"]:
             out["traceback"] = traceback.format_exc()[-3000:]
         return out

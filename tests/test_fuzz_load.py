@@ -154,8 +154,10 @@ def _hf_fuzz(worker, hf_base, tmp_path, files, cases, name):
         for f, edits in changes:
             (folder / f).write_bytes(_apply_json((folder / f).read_bytes(), edits))
         counts["cases"] += 1
-        _check(worker, folder, counts, problems, repr(changes)[:300])
-        assert not problems, problems[0]
+        found = []  # this case's problems only, so that hypothesis shrinks to the case that has them
+        _check(worker, folder, counts, found, repr(changes)[:300])
+        problems.extend(found)
+        assert not found, found[0]
 
     try:
         case()
@@ -300,8 +302,10 @@ def _gguf_fuzz(worker, gguf_base, tmp_path, cases, name, keys):
         except (struct_error, OverflowError, UnicodeEncodeError):
             return  # a value the format cannot hold (e.g. a nested array of mixed types)
         counts["cases"] += 1
-        _check(worker, path, counts, problems, repr(edits)[:300])
-        assert not problems, problems[0]
+        found = []
+        _check(worker, path, counts, found, repr(edits)[:300])
+        problems.extend(found)
+        assert not found, found[0]
 
     try:
         case()

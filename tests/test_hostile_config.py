@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,60 @@ def test_fuzzed_config_values_give_only_model_format_errors(model_files, tmp_pat
         assert config.context_length <= MAX_SIZE
 
     check()
+
+
+@pytest.mark.parametrize("file,key,value,message", [
+    ("config.json", "tie_word_embeddings", "false", 'tie_word_embeddings = "false" must be true or false'),
+    ("config.json", "attention_bias", 1, "attention_bias = 1 must be true or false"),
+    ("config.json", "rope_scaling", [1, 2], r"rope_scaling = \[1, 2\] must be an object"),
+    ("config.json", "rope_parameters", "linear", 'rope_parameters = "linear" must be an object'),
+    ("config.json", "num_hidden_layers", [2], r"num_hidden_layers = \[2\] must be an integer"),
+    ("config.json", "hidden_size", "256", "hidden_size = '256' must be an integer"),
+    ("config.json", "bos_token_id", "0", 'bos_token_id = "0" must be an integer'),
+    ("config.json", "eos_token_id", [2, "x"], r'eos_token_id = \[2, "x"\] must be an integer or a list'),
+    ("config.json", "eos_token_id", 10**6, "eos_token_id = 1000000 must be a token id in 0..700"),
+    ("generation_config.json", "eos_token_id", 2.0, "eos_token_id = 2.0 must be an integer or a list"),
+    ("tokenizer_config.json", "add_bos_token", "yes", 'add_bos_token = "yes" must be true or false'),
+    ("tokenizer_config.json", "bos_token", 5, "bos_token = 5 must be a string or an object"),
+])
+def test_wrong_json_type_names_the_key(model_files, tmp_path, file, key, value, message):
+    folder = _copy(model_files.hf("llama"), tmp_path)
+    if not (folder / file).is_file():
+        (folder / file).write_text("{}")
+    _edit_json(folder / file, _set(**{key: value}))
+    with pytest.raises(DamagedFileError, match=message) as info:
+        open_model(folder)
+    expected = folder / ("config.json" if "must be a token id" in message else file)
+    assert info.value.path == str(expected)
+
+
+def test_tied_embeddings_beside_an_lm_head(model_files, tmp_path):
+    """Decision: a byte copy of the embedding is accepted (tied; the copy is dropped), a different lm_head.weight
+    is refused naming it -- the file means two different models to transformers and to other tools."""
+    from safetensors.numpy import load_file, save_file
+    folder = _copy(model_files.hf("llama"), tmp_path)
+    _edit_json(folder / "config.json", _set(tie_word_embeddings=True))
+    with pytest.raises(DamagedFileError, match="tie_word_embeddings=true.*differs") as info:
+        open_model(folder)
+    assert info.value.tensor == "lm_head.weight"
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+    save_file(weights, folder / "model.safetensors")
+    source = open_model(folder)
+    assert source.config.tie_embeddings and "lm_head.weight" not in source.tensors
+
+
+def test_fifo_config_on_the_real_cli(model_files, tmp_path):
+    """`realizar-jax inspect` on a FIFO config.json, as a user runs it: one error line, exit 1, no traceback."""
+    import os
+    import subprocess
+    import sys
+    folder = _copy(model_files.hf("llama"), tmp_path)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    run = subprocess.run([sys.executable, "-c", "import sys; from realizar_jax.cli.main import main; "
+                          "sys.exit(main(sys.argv[1:]))", "inspect", str(folder)],
+                         capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parent.parent))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"realizar-jax inspect: error: {folder / 'config.json'}: config.json is a FIFO, not a regular file"]

@@ -310,3 +310,13 @@ def test_tokenizer_errors_are_model_format_errors_with_the_path(gguf_base, tmp_p
     with pytest.raises(TokenizerError) as info:
         load_tokenizer(open_model(path))
     assert isinstance(info.value, ModelFormatError) and info.value.path == str(path)
+
+
+def test_a_long_architecture_name_is_not_echoed_whole(gguf_base, tmp_path):
+    """Found by the slow fuzz: a 3,000-character general.architecture made a 3 kB error line."""
+    from realizar_jax.errors import UnknownArchitectureError
+    kvs, tensors = gguf_base
+    path = write_gguf(tmp_path / "arch.gguf", set_kv(kvs, "general.architecture", 8, "a" * 3000), tensors)
+    with pytest.raises(UnknownArchitectureError) as info:
+        open_model(path)
+    assert str(info.value).startswith(str(path)) and len(str(info.value)) < len(str(path)) + 200

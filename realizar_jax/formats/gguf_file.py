@@ -193,7 +193,7 @@ def _prescan(buf, path) -> tuple[list[_TensorInfo], int, dict]:
     for i in range(n_kv):
         key = c.text(f"key #{i}")
         if key in metadata:
-            raise DamagedFileError(f"duplicate metadata key {key!r}", path=path)
+            raise DamagedFileError(f"duplicate metadata key {key!r:.80}", path=path)
         vtype = c.unpack("I", f"type of {key!r}")
         metadata[key] = value = c.value(vtype, f"value of {key!r}")
         if key == "general.alignment":
