@@ -90,6 +90,12 @@ class ModelConfig:
             raise ConfigValueError("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
         _finite_positive(self, "norm_eps")
         _finite_positive(self, "rope_theta")
+        # token ids index the embedding: one past it would read a clamped row (BOS) or never match (EOS)
+        for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                          ("eos_token_ids", self.eos_token_ids)):
+            for i in ids:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                    raise ConfigValueError(name, i, f"must be a token id in 0..{self.vocab_size - 1}")
 
     @property
     def q_size(self) -> int:

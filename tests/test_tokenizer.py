@@ -128,7 +128,7 @@ def test_tokenizer_model_read_without_the_library_equals_sentencepiece(tmp_path,
     path = tmp_path / "tokenizer.model"
     path.write_bytes(buf.getvalue())
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    pieces, scores, types, own = _read_spm_model(path)
+    pieces, scores, types, own, _ = _read_spm_model(path)
     n = sp.vocab_size()
     assert pieces == [sp.id_to_piece(i) for i in range(n)] and scores == [sp.get_score(i) for i in range(n)]
     T = gguf.TokenType
@@ -147,7 +147,7 @@ def test_damaged_tokenizer_model_is_a_tokenizer_error(spm, tmp_path, pos, xor, c
     path = tmp_path / "tokenizer.model"
     path.write_bytes(raw[:len(raw) - cut % len(raw)])
     try:
-        pieces, scores, types, _ = _read_spm_model(path)
+        pieces, scores, types, _, _ = _read_spm_model(path)
     except TokenizerError as e:
         assert str(path) in str(e) and "not a SentencePiece model" in str(e)
     else:

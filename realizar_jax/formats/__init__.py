@@ -5,6 +5,7 @@ Every reader returns a `ModelSource`: a validated ModelConfig plus the file's te
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .source import ModelSource, TensorSource
@@ -15,6 +16,9 @@ __all__ = ["ModelSource", "TensorSource", "open_model"]
 def open_model(path) -> ModelSource:
     """Open a .gguf file or an HF folder (config.json + *.safetensors) and validate its header."""
     path = Path(path)
+    if not os.path.lexists(path):
+        from ..errors import ModelFormatError
+        raise ModelFormatError("no such file or folder", path=path)
     if path.is_dir():
         from .hf_dir import open_hf_dir
         return open_hf_dir(path)

@@ -34,6 +34,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import TokenizerError
+from .files import MAX_JSON_BYTES, MAX_SPM_MODEL_BYTES, MAX_TOKENIZER_JSON_BYTES, present, read_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +66,30 @@ def _looks_special(text: str) -> bool:
             or (text.startswith("<unused") and text.endswith(">")))
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, limit: int = MAX_JSON_BYTES) -> dict:
+    raw = read_bounded(path, limit)  # a regular file within the bound, or a DamagedFileError naming it
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: cannot read JSON: {e}") from e
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"cannot read JSON: {str(e)[:200]}", path=path) from None
+    if not isinstance(value, dict):
+        raise TokenizerError("cannot read JSON: not a JSON object", path=path)
+    return value
 
 
 def _config_vocab_size(hf_dir: Path) -> int | None:
     cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
+    if not present(cfg_path):
         return None
+    from ..config import MAX_SIZE
     cfg = _read_json(cfg_path)
-    n = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
-    return n if isinstance(n, int) and n > 0 else None
+    text_config = cfg.get("text_config")
+    n = cfg.get("vocab_size", text_config.get("vocab_size") if isinstance(text_config, dict) else None)
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_SIZE:
+        raise TokenizerError(f"config.json vocab_size = {n!r:.40} must be an integer in 1..{MAX_SIZE}", path=cfg_path)
+    return n
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
@@ -183,18 +193,21 @@ _SPM_KEPT_TYPES = {int(t) for t in (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTR
                                     gguf.TokenType.BYTE)}
 
 
-def _read_spm_model(path: Path):
-    """(pieces, scores, types, {'unk'|'bos'|'eos'|'pad': id}) of a SentencePiece tokenizer.model.
+def _read_spm_model(path: Path, limit: int | None = None):
+    """(pieces, scores, types, {'unk'|'bos'|'eos'|'pad': id}, number of pieces) of a SentencePiece tokenizer.model;
+    past the first `limit` pieces (those the vocabulary has room for) pieces are counted, not decoded.
 
     The ModelProto is read directly (pieces = field 1: piece 1, score 2, type 3; trainer_spec = field 2 with
     the special pieces' names in 45-48): this is all the converter takes from the `sentencepiece` library, so
     a plain install needs no compiled extension for it. Special ids as the library gives them: the named
     piece when it has the right type (the first UNKNOWN piece for unk)."""
     try:
-        pieces, scores, types = [], [], []
+        pieces, scores, types, skipped = [], [], [], 0
         names = {45: "<unk>", 46: "<s>", 47: "</s>", 48: "<pad>"}
-        for field, wire, value in _proto_fields(path.read_bytes()):
-            if field == 1 and wire == 2:
+        for field, wire, value in _proto_fields(read_bounded(path, MAX_SPM_MODEL_BYTES)):
+            if field == 1 and wire == 2 and limit is not None and len(pieces) >= limit:
+                skipped += 1
+            elif field == 1 and wire == 2:
                 piece, score, kind = "", 0.0, int(gguf.TokenType.NORMAL)
                 for f, w, v in _proto_fields(value):
                     if f == 1 and w == 2:
@@ -209,35 +222,45 @@ def _read_spm_model(path: Path):
             elif field == 2 and wire == 2:
                 names.update({f: v.decode("utf-8") for f, w, v in _proto_fields(value) if f in names and w == 2})
     except (ValueError, IndexError) as e:  # UnicodeDecodeError is a ValueError
-        raise TokenizerError(f"{path}: not a SentencePiece model: {e}") from None
+        raise TokenizerError(f"not a SentencePiece model: {e}", path=path) from None
     if not pieces:
-        raise TokenizerError(f"{path}: not a SentencePiece model: it holds no pieces")
+        raise TokenizerError("not a SentencePiece model: it holds no pieces", path=path)
     ids = {p: i for i, p in reversed(list(enumerate(pieces)))}  # the first id of a repeated piece
     own = {"unk": next((i for i, t in enumerate(types) if t == gguf.TokenType.UNKNOWN), None)}
     for key, field in (("bos", 46), ("eos", 47), ("pad", 48)):
         i = ids.get(names[field])
         own[key] = i if i is not None and types[i] == gguf.TokenType.CONTROL else None
-    return pieces, scores, types, own
+    return pieces, scores, types, own, len(pieces) + skipped
 
 
 def _spm_vocab(hf_dir: Path, n_vocab: int | None):
     path = hf_dir / "tokenizer.model"
-    pieces, piece_scores, piece_types, own_ids = _read_spm_model(path)
+    pieces, piece_scores, piece_types, own_ids, total = _read_spm_model(path, n_vocab)
     size = n_vocab or len(pieces)
     tokens = [f"[PAD{i}]" for i in range(size)]
     scores = [-10000.0] * size
     types = [int(gguf.TokenType.UNUSED)] * size
     n = min(size, len(pieces))
     tokens[:n], scores[:n], types[:n] = pieces[:n], piece_scores[:n], piece_types[:n]
-    if len(pieces) > size:
+    if total > size:
         logger.warning("%s: tokenizer has %d pieces but config.json vocab_size is %d; extra pieces dropped",
-                       path, len(pieces), size)
+                       path, total, size)
     extra = {}
-    if (hf_dir / "added_tokens.json").is_file():
-        extra.update({int(i): {"content": t} for t, i in _read_json(hf_dir / "added_tokens.json").items()})
-    if (hf_dir / "tokenizer_config.json").is_file():
+    if present(hf_dir / "added_tokens.json"):
+        for t, i in _read_json(hf_dir / "added_tokens.json").items():
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise TokenizerError(f"added token {t!r:.60} has id {i!r:.40}, not an integer >= 0",
+                                     path=hf_dir / "added_tokens.json")
+            extra[i] = {"content": t}
+    if present(hf_dir / "tokenizer_config.json"):
         decoder = _read_json(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
-        extra.update({int(i): d for i, d in decoder.items()})
+        if not isinstance(decoder, dict):
+            raise TokenizerError("added_tokens_decoder must be an object", path=hf_dir / "tokenizer_config.json")
+        for i, d in decoder.items():
+            if not (i.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)):
+                raise TokenizerError(f"added_tokens_decoder[{i!r:.40}] = {d!r:.60} is not id -> "
+                                     f"{{\"content\": text, ...}}", path=hf_dir / "tokenizer_config.json")
+            extra[int(i)] = d
     for i, d in sorted(extra.items()):
         if i >= size:
             logger.warning("%s: added token %r has id %d >= vocab size %d; skipped", hf_dir, d["content"], i, size)
@@ -268,10 +291,13 @@ def gguf_tokenizer_fields(hf_dir) -> list[Field]:
     Raises TokenizerError when the folder has no usable tokenizer.
     """
     hf_dir = Path(hf_dir)
+    for name in ("config.json", "tokenizer_config.json", "chat_template.json", "tokenizer.json"):  # SpecialVocab
+        if present(hf_dir / name):  # reads these itself, unbounded: check first that they are safe to read
+            read_bounded(hf_dir / name, MAX_TOKENIZER_JSON_BYTES if name == "tokenizer.json" else MAX_JSON_BYTES)
     n_vocab = _config_vocab_size(hf_dir)
     # A scratch writer (never opened on disk) lets gguf-py's own helpers pick keys and value types.
     w = gguf.GGUFWriter(path=None, arch="llama")
-    if (hf_dir / "tokenizer.model").is_file():
+    if present(hf_dir / "tokenizer.model"):
         tokens, scores, types, own_ids = _spm_vocab(hf_dir, n_vocab)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
@@ -281,8 +307,8 @@ def gguf_tokenizer_fields(hf_dir) -> list[Field]:
         special = gguf.SpecialVocab(hf_dir, load_merges=False, n_vocab=len(tokens))
         for typ, tid in own_ids.items():  # without config.json ids, use the model's own (llama.cpp's defaults)
             special.special_token_ids.setdefault(typ, tid)
-    elif (hf_dir / "tokenizer.json").is_file():
-        tok_json = _read_json(hf_dir / "tokenizer.json")
+    elif present(hf_dir / "tokenizer.json"):
+        tok_json = _read_json(hf_dir / "tokenizer.json", MAX_TOKENIZER_JSON_BYTES)
         tokens, types = _bpe_vocab(hf_dir, tok_json, n_vocab)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre_tokenizer_name(tok_json))

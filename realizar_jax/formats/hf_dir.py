@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import ConfigValueError, ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
+from .files import MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, open_regular, present, read_bounded
 from .roles import canonical_architecture
 from .source import ModelSource, TensorSource
 from .gguf_file import default_add_bos
@@ -32,14 +33,12 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict:
+    raw = read_bounded(path, limit, what)  # a regular file within the bound, or a DamagedFileError naming it
     try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read())
-    except FileNotFoundError:
-        raise MissingTensorError(f"{what} not found", path=path) from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise DamagedFileError(f"{what} is not valid JSON: {e}", path=path) from None
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedFileError(f"{what} is not valid JSON: {str(e)[:200]}", path=path) from None
     if not isinstance(value, dict):
         raise DamagedFileError(f"{what} should hold a JSON object", path=path)
     return value
@@ -47,10 +46,10 @@ def _read_json(path: Path, what: str) -> dict:
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parsed and checked header of one .safetensors file -> (entries by name, data start offset)."""
-    size = os.path.getsize(path)
-    if size < 8:
-        raise DamagedFileError(f"file is {size} bytes, too short for a safetensors header", path=path)
-    with open(path, "rb") as f:
+    f, size = open_regular(path)
+    with f:
+        if size < 8:
+            raise DamagedFileError(f"file is {size} bytes, too short for a safetensors header", path=path)
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8 or n > MAX_HEADER_BYTES:
             raise DamagedFileError(f"header length {n} exceeds the file ({size} bytes) or the "
@@ -137,7 +136,7 @@ def _open_safetensors(path: Path) -> dict[str, TensorSource]:
 def _weight_files(folder: Path) -> list[tuple[Path, set[str] | None]]:
     """The safetensors files to read, each with the tensor names the index assigns to it (or None)."""
     index_path = folder / INDEX_FILE
-    if index_path.is_file():
+    if present(index_path):
         index = _read_json(index_path, INDEX_FILE)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -148,7 +147,7 @@ def _weight_files(folder: Path) -> list[tuple[Path, set[str] | None]]:
                 raise DamagedFileError(f"weight_map names file {fname!r:.80}", path=index_path, tensor=name)
             files.setdefault(fname, set()).add(name)
         for fname in files:
-            if not (folder / fname).is_file():
+            if not present(folder / fname):
                 raise MissingTensorError(f"shard {fname} named by the index is missing", path=index_path)
         return [(folder / fname, names) for fname, names in sorted(files.items())]
     paths = sorted(folder.glob("*.safetensors"))
@@ -244,13 +243,61 @@ def _ids(value) -> list[int]:
 
 
 # ModelConfig field -> the config.json key it comes from, for error messages
-_HF_KEYS = {"norm_eps": "rms_norm_eps", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
+_HF_KEYS = {"norm_eps": "rms_norm_eps", "eos_token_ids": "eos_token_id", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
             "rope_scaling.original_context_length": "rope_scaling.original_max_position_embeddings"}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_ids(v) -> bool:
+    return _is_int(v) or (isinstance(v, list) and all(_is_int(i) for i in v))
+
+
+def _is_token(v) -> bool:  # a special token in tokenizer_config.json: its text, or an AddedToken object
+    return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+
+
+# key -> (check, what it must be): the keys the readers use that ModelConfig does not check itself. null (None)
+# is always allowed and means "not given", as in transformers.
+_TYPES = {
+    "config.json": {
+        "architectures": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of strings"),
+        "model_type": (lambda v: isinstance(v, str), "a string"),
+        "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+        "attention_bias": (lambda v: isinstance(v, bool), "true or false"),
+        "rope_scaling": (lambda v: isinstance(v, dict), "an object"),
+        "rope_parameters": (lambda v: isinstance(v, dict), "an object"),
+        "bos_token_id": (_is_int, "an integer"),
+        "eos_token_id": (_is_ids, "an integer or a list of integers"),
+    },
+    "generation_config.json": {
+        "bos_token_id": (_is_int, "an integer"),
+        "eos_token_id": (_is_ids, "an integer or a list of integers"),
+    },
+    "tokenizer_config.json": {
+        "add_bos_token": (lambda v: isinstance(v, bool), "true or false"),
+        "add_eos_token": (lambda v: isinstance(v, bool), "true or false"),
+        "bos_token": (_is_token, "a string or an object with a string 'content'"),
+        "eos_token": (_is_token, "a string or an object with a string 'content'"),
+        "chat_template": (lambda v: isinstance(v, (str, list)), "a string or a list of named templates"),
+    },
+}
+
+
+def check_types(value: dict, file: str, path) -> None:
+    """A DamagedFileError naming `file`'s key and value if a key the readers use has the wrong JSON type."""
+    for key, (ok, what) in _TYPES[file].items():
+        v = value.get(key)
+        if v is not None and not ok(v):
+            raise DamagedFileError(f"{file} {key} = {json.dumps(v)[:60]} must be {what}", path=path)
+
+
 def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) -> ModelConfig:
     path = folder / "config.json"
+    check_types(cfg, "config.json", path)
     archs = cfg.get("architectures")
     name = cfg.get("model_type") or (archs[0] if isinstance(archs, list) and archs else None)
     if not isinstance(name, str):
@@ -258,11 +305,13 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
                                f"{cfg.get('model_type')!r:.40}, architectures {archs!r:.40})", path=path)
     arch = canonical_architecture(name, path=path)
     tok_cfg = _read_json(folder / "tokenizer_config.json", "tokenizer_config.json") \
-        if (folder / "tokenizer_config.json").is_file() else {}
-    tok_json = _read_json(folder / "tokenizer.json", "tokenizer.json") \
-        if (folder / "tokenizer.json").is_file() else None
+        if present(folder / "tokenizer_config.json") else {}
+    check_types(tok_cfg, "tokenizer_config.json", folder / "tokenizer_config.json")
+    tok_json = _read_json(folder / "tokenizer.json", "tokenizer.json", MAX_TOKENIZER_JSON_BYTES) \
+        if present(folder / "tokenizer.json") else None
     gen_cfg = _read_json(folder / "generation_config.json", "generation_config.json") \
-        if (folder / "generation_config.json").is_file() else {}
+        if present(folder / "generation_config.json") else {}
+    check_types(gen_cfg, "generation_config.json", folder / "generation_config.json")
 
     bos = cfg.get("bos_token_id")
     if not isinstance(bos, int) or isinstance(bos, bool):
@@ -296,8 +345,8 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
             rope_theta=theta,
             rope_scaling=scaling,
             context_length=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_embeddings=cfg.get("tie_word_embeddings") is True,
+            qkv_bias=arch == "qwen2" or cfg.get("attention_bias") is True,
             qk_norm=arch == "qwen3",
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
@@ -314,6 +363,27 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
         raise DamagedFileError(f"config.json is inconsistent: {e}", path=path) from None
 
 
+def _check_tied_head(tensors: dict[str, TensorSource], folder: Path) -> None:
+    """tie_word_embeddings=true beside an lm_head.weight: fine if the tensor is a copy of the embedding (some
+    exporters save both), a DamagedFileError naming it if not. Which one such a file means is ambiguous:
+    transformers ties (the embedding wins, or whichever loads last), other tools use the tensor. Guessing
+    would silently give one of two different models, so we refuse and say how to resolve it."""
+    head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+    same = embed is not None and head.shape == embed.shape and head.qtype == embed.qtype
+    if same:
+        rows = max(1, (64 << 20) // max(1, head.nbytes // max(1, head.shape[0])))  # compare ~64 MiB at a time
+        for start in range(0, head.shape[0], rows):
+            stop = min(start + rows, head.shape[0])  # the library's slices do not clamp
+            a, b = np.asarray(head.data[start:stop]), np.asarray(embed.data[start:stop])
+            if a.tobytes() != b.tobytes():
+                same = False
+                break
+    if not same:
+        raise DamagedFileError("config.json says tie_word_embeddings=true, but the folder has its own lm_head.weight "
+                               "that differs from model.embed_tokens.weight; set tie_word_embeddings to false to use "
+                               "it, or delete it to tie", path=folder, tensor="lm_head.weight")
+
+
 def open_hf_dir(path) -> ModelSource:
     """Open and validate an HF model folder; tensors stay memory-mapped. Raises ModelFormatError subclasses."""
     folder = Path(path)
@@ -322,6 +392,9 @@ def open_hf_dir(path) -> ModelSource:
     cfg = _read_json(folder / "config.json", "config.json")
     tensors = _tensors(folder)
     config = config_from_hf(cfg, folder, tensors)
+    if config.tie_embeddings and "lm_head.weight" in tensors:
+        _check_tied_head(tensors, folder)
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     source = ModelSource(path=folder, format="hf", config=config, tensors=tensors, metadata=cfg)
     from .validate import validate_roles
     validate_roles(source)

@@ -37,12 +37,17 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..errors import TokenizerError
+from ..errors import ModelFormatError, TokenizerError
 from ..formats import ModelSource
+from ..formats.files import MAX_JSON_BYTES, MAX_TEMPLATE_BYTES, MAX_TOKENIZER_JSON_BYTES, present, read_bounded
 from ..formats.gguf_tokenizer import GPT2_REGEX, LLAMA3_PRE_NAMES, NFC_PRE_NAMES, PRE_REGEXES
 
 # gguf.TokenType values, as the plain ints metadata holds
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Longest token text accepted. Published vocabularies stay under ~130 characters; deriving SentencePiece merges
+# costs O(length^2) per token, so one 1,000,000-character token would hang the build (and a 300,000-character
+# one took 33 s). With this bound the build is linear in the vocabulary's total size.
+MAX_TOKEN_CHARS = 1024
 
 
 # Control tokens llama.cpp also treats as end-of-generation (llama-vocab.cpp's EOG list).
@@ -192,19 +197,24 @@ class Tokenizer:
     def from_hf_dir(cls, path) -> "Tokenizer":
         path = Path(path)
         if not path.is_dir():
-            raise TokenizerError(f"{path}: not a directory")
+            raise TokenizerError("not a directory", path=path)
         tj_path = path / "tokenizer.json"
-        if not tj_path.is_file():
-            if (path / "tokenizer.model").is_file():
+        if not present(tj_path):
+            if present(path / "tokenizer.model"):
                 from ..formats.gguf_tokenizer import gguf_tokenizer_fields
-                return cls.from_gguf_metadata({k: v for k, v, _ in gguf_tokenizer_fields(path)})
-            raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+                return cls.from_gguf_metadata({k: v for k, v, _ in gguf_tokenizer_fields(path)},
+                                              path=path / "tokenizer.model")
+            raise TokenizerError("no tokenizer.json or tokenizer.model", path=path)
         from tokenizers import Tokenizer as HFTokenizer
+        raw = read_bounded(tj_path, MAX_TOKENIZER_JSON_BYTES, "tokenizer.json")  # regular, bounded, or refused
         try:
-            hf = HFTokenizer.from_file(str(tj_path))
-            tj = json.loads(tj_path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+            tj = json.loads(text)
+            hf = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise TokenizerError(f"{tj_path}: cannot load: {e}") from e
+            raise TokenizerError(f"cannot load: {str(e)[:300]}", path=tj_path) from None
+        if not isinstance(tj, dict):
+            raise TokenizerError("cannot load: not a JSON object", path=tj_path)
         tcfg = _read_json_opt(path / "tokenizer_config.json")
         cfg = _read_json_opt(path / "config.json")
         gcfg = _read_json_opt(path / "generation_config.json")
@@ -235,23 +245,28 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_file(cls, path) -> "Tokenizer":
-        import gguf
-        try:
-            reader = gguf.GGUFReader(str(path), "r")
-            md = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-        except Exception as e:
-            raise TokenizerError(f"{path}: cannot read GGUF metadata: {e}") from e
+        from ..formats.gguf_file import read_gguf_metadata  # bounded and checked, as open_model reads it
+        md = {k: v for k, v in read_gguf_metadata(path).items() if k.startswith("tokenizer.")}
         return cls.from_gguf_metadata(md, path=path)
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict, path=None) -> "Tokenizer":
+    def from_gguf_metadata(cls, metadata: dict, path=None, *, max_vocab: int | None = None) -> "Tokenizer":
+        """max_vocab: refuse (before building anything) a vocabulary longer than this, e.g. the embedding."""
         where = f"{path}: " if path is not None else ""
         md = _Meta(metadata, where)
         model = md.str("tokenizer.ggml.model", required=True)
+        raw_tokens = metadata.get("tokenizer.ggml.tokens")
+        if max_vocab is not None and hasattr(raw_tokens, "__len__") and len(raw_tokens) > max_vocab:
+            raise TokenizerError(f"{where}the tokenizer has {len(raw_tokens)} tokens but the embedding table only "
+                                 f"{max_vocab} rows")  # before anything is built from them
         tokens = md.str_list("tokenizer.ggml.tokens", required=True)
         n = len(tokens)
         if n == 0:
             raise TokenizerError(f"{where}tokenizer.ggml.tokens is empty")
+        for i, t in enumerate(tokens):
+            if len(t) > MAX_TOKEN_CHARS:
+                raise TokenizerError(f"{where}tokenizer.ggml.tokens[{i}] is {len(t)} characters long, more than the "
+                                     f"{MAX_TOKEN_CHARS} a token may have")
         types = md.int_list("tokenizer.ggml.token_type", n)
         if types is None:
             types = [NORMAL] * n
@@ -289,17 +304,22 @@ class Tokenizer:
 def load_tokenizer(source: ModelSource) -> Tokenizer | None:
     """The tokenizer of an opened model: from a GGUF's metadata, or from an HF folder's tokenizer.json or
     SentencePiece tokenizer.model. None when the model carries none (then only token ids work)."""
-    if source.format == "gguf":
-        if "tokenizer.ggml.tokens" not in source.metadata:
+    try:
+        if source.format == "gguf":
+            if "tokenizer.ggml.tokens" not in source.metadata:
+                return None
+            tok = Tokenizer.from_gguf_metadata(source.metadata, path=source.path, max_vocab=source.config.vocab_size)
+        elif any(present(source.path / name) for name in ("tokenizer.json", "tokenizer.model")):
+            tok = Tokenizer.from_hf_dir(source.path)
+        else:
             return None
-        tok = Tokenizer.from_gguf_metadata(source.metadata, path=source.path)
-    elif any((source.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        tok = Tokenizer.from_hf_dir(source.path)
-    else:
-        return None
-    if tok.vocab_size > source.config.vocab_size:  # ids past the table would read no embedding row
-        raise TokenizerError(f"{source.path}: the tokenizer has {tok.vocab_size} tokens but the embedding table "
-                             f"only {source.config.vocab_size} rows")
+        if tok.vocab_size > source.config.vocab_size:  # ids past the table would read no embedding row
+            raise TokenizerError(f"{source.path}: the tokenizer has {tok.vocab_size} tokens but the embedding "
+                                 f"table only {source.config.vocab_size} rows")
+    except ModelFormatError as e:
+        if e.path is None:  # messages name the file already; the attribute says it too
+            e.path = str(source.path)
+        raise
     return tok
 
 
@@ -478,12 +498,13 @@ class _Meta:
 
 # -------------------------------------------------------------------- HF folder helpers
 def _read_json_opt(path: Path) -> dict:
-    if not path.is_file():
+    if not present(path):
         return {}
+    raw = read_bounded(path, MAX_JSON_BYTES)
     try:
-        v = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise TokenizerError(f"{path}: cannot read JSON: {e}") from None
+        v = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise TokenizerError(f"cannot read JSON: {str(e)[:200]}", path=path) from None
     return v if isinstance(v, dict) else {}
 
 
@@ -515,12 +536,13 @@ def _decode_mode(decoder) -> tuple[str, bool]:
 
 def _hf_chat_template(path: Path, tcfg: dict) -> str | None:
     tmpl = tcfg.get("chat_template")
-    if tmpl is None and (path / "chat_template.jinja").is_file():
+    if tmpl is None and present(path / "chat_template.jinja"):
+        raw = read_bounded(path / "chat_template.jinja", MAX_TEMPLATE_BYTES)
         try:
-            tmpl = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{path / 'chat_template.jinja'}: cannot read the chat template: {e}") from None
-    if tmpl is None and (path / "chat_template.json").is_file():
+            tmpl = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"cannot read the chat template: {e}", path=path / "chat_template.jinja") from None
+    if tmpl is None and present(path / "chat_template.json"):
         tmpl = _read_json_opt(path / "chat_template.json").get("chat_template")
     if isinstance(tmpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
