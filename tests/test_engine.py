@@ -63,6 +63,10 @@ def test_decode_and_same_bucket_prefill_compile_nothing_new(pair):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         model.generate([1, 2, 3, 4, 5], max_new_tokens=8, temperature=0.7, top_p=0.9)  # warm: compiles
+        # the decode chunk's static variants (greedy / sampling, penalties or not) compile once each
+        model.generate([1, 2, 3], max_new_tokens=8, temperature=0.0, repetition_penalty=1.1)
+        model.generate([1, 2, 3], max_new_tokens=8, temperature=0.5, repetition_penalty=1.1)
+        model.generate([1, 2, 3], max_new_tokens=8, temperature=0.0)
         before = len(compiles)
         assert before > 0  # the listener does see compilations
         # 100+ decode steps, a different prompt length in the same bucket (<= 16), other sampling values:

@@ -81,7 +81,9 @@ class Target:
         self.chat = args.endpoint == "chat"
         self.path = "/v1/chat/completions" if self.chat else "/v1/completions"
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        self.n_words = args.prompt_tokens  # refined from the warm-up's usage.prompt_tokens
+        # words per prompt: refined from the warm-up's usage.prompt_tokens (a tokenizer that splits words
+        # into many tokens may need a --prompt-words start so the warm-up itself fits the context)
+        self.n_words = args.prompt_words or args.prompt_tokens
 
     def body(self, prompt: str) -> dict:
         a = self.args
@@ -353,6 +355,8 @@ def bench_serve_main(argv=None) -> int:
                          "--no-ignore-eos for servers that reject the field)")
     ap.add_argument("--warmup", type=int, default=1, metavar="N", help="requests sent at once before measuring, which also "
                     "calibrate the prompt length from the server's usage.prompt_tokens (1; 0: none)")
+    ap.add_argument("--prompt-words", type=int, metavar="N", help="words per prompt before the warm-up's calibration "
+                    "(default: --prompt-tokens)")
     ap.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds one request may take in all (300)")
     ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompt words (0)")
     ap.add_argument("--json", metavar="OUT.json", help="write settings, per-level results and every request's record here")

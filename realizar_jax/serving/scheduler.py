@@ -343,9 +343,10 @@ class Engine:
         variants = [dict(logprobs=False, sample=False, penalize=False), dict(logprobs=False, sample=True, penalize=False)]
         if logprobs:
             variants += [dict(v, logprobs=True) for v in variants]
-        for v in variants:
-            scratch, out = self.steps.decode(p, scratch, jnp.zeros((self.max_slots,), bool), steps=self.decode_chunk,
-                                             **v)
+        for rows in sorted({self._rows(n) for n in range(1, self.max_slots + 1)}):
+            for v in variants:
+                scratch, out = self.steps.decode(p, scratch, jnp.zeros((self.max_slots,), bool),
+                                                 steps=self.decode_chunk, rows=rows, **v)
         jax.block_until_ready(out.tokens)
         del scratch
         return self.steps.compile_seconds - before
@@ -484,14 +485,23 @@ class Engine:
             self._pending.append(_Pending("first", first, [ch]))
         return len(part)
 
+    def _rows(self, used: int) -> int:
+        """The decode rows bucket that covers slots [0, used): 1, 4, 16, ... (admission fills the lowest
+        free slots, so the requests stay packed at the front)."""
+        rows = 1
+        while rows < used:
+            rows *= 4
+        return min(rows, self.max_slots)
+
     def _dispatch_decode(self) -> None:
         release = np.zeros((self.max_slots,), bool)
         release[list(self._release)] = True
         self._release.clear()
         owners = list(self._slots)
         live = [c.handle.options for c in owners if c is not None and c.decoding]
+        top = max(s for s, c in enumerate(owners) if c is not None and c.decoding) + 1
         self.state, out = self.steps.decode(self.model.params, self.state, jnp.asarray(release),
-                                            steps=self.decode_chunk, **_variant(live))
+                                            steps=self.decode_chunk, rows=self._rows(top), **_variant(live))
         for c in owners:
             if c is not None and c.decoding:
                 c.dispatched += self.decode_chunk

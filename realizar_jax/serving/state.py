@@ -242,13 +242,18 @@ def _advance(state: SlotState, tok):
 
 
 def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: bool, sample: bool, penalize: bool,
-           config: ModelConfig, dtype, kernels: KernelConfig):
+           rows: int, config: ModelConfig, dtype, kernels: KernelConfig):
     """Free the `release` slots [S] bool, then `steps` decode steps of every active slot in one call.
     -> (state, Sampled [steps, S]: -1 where a slot was not active at that step). logprobs / sample /
-    penalize (static): whether any slot asks for logprobs, samples (temperature > 0), has penalties."""
+    penalize (static): whether any slot asks for logprobs, samples (temperature > 0), has penalties.
+    rows (static): only slots [0, rows) are stepped (the others hold no request), so one request on a
+    64-slot engine costs a 1-row step, not a 64-row one."""
     cache = state.cache
     state = dataclasses.replace(state, active=state.active & ~release,
                                 cache=KVCache(cache.k, cache.v, jnp.where(release, 0, cache.lengths)))
+    full = state
+    if rows < full.slots:   # only the first `rows` slots hold requests: step those alone
+        state = _first_rows(full, rows)
 
     def step(state, _):
         logits, cache = decode_logits(params, state.cache, state.tokens, config=config, dtype=dtype, kernels=kernels)
@@ -259,7 +264,31 @@ def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: b
         state = _advance(dataclasses.replace(state, cache=cache), tok)
         return state, dataclasses.replace(out, tokens=emitted)
 
-    return jax.lax.scan(step, state, None, length=steps)
+    state, out = jax.lax.scan(step, state, None, length=steps)
+    if rows < full.slots:
+        state = _put_rows(full, state)
+        out = jax.tree_util.tree_map(lambda y: jnp.pad(y, ((0, 0), (0, full.slots - rows)) + ((0, 0),) * (y.ndim - 2),
+                                                       constant_values=-1 if y.dtype == jnp.int32 else 0), out)
+    return state, out
+
+
+def _slot_axes(state: SlotState) -> list[int]:
+    """The slot axis of each leaf of a SlotState: 1 for the cache's k/v [L, S, ...], else 0."""
+    def axis(path):
+        names = [getattr(k, "name", None) for k in path]
+        return 1 if names[:1] == ["cache"] and names[-1] in ("k", "v") else 0
+    return [axis(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def _first_rows(state: SlotState, rows: int) -> SlotState:
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return treedef.unflatten([jax.lax.slice_in_dim(x, 0, rows, axis=a) for x, a in zip(leaves, _slot_axes(state))])
+
+
+def _put_rows(full: SlotState, part: SlotState) -> SlotState:
+    leaves, treedef = jax.tree_util.tree_flatten(full)
+    return treedef.unflatten([jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=a) for x, y, a in
+                              zip(leaves, jax.tree_util.tree_leaves(part), _slot_axes(full))])
 
 
 class SlotSteps:
@@ -273,7 +302,7 @@ class SlotSteps:
         self.insert = Compiled(jax.jit(lambda _, *a: insert(*a), donate_argnums=(1,)))
         self.start = Compiled(jax.jit(lambda _, *a: start(*a), donate_argnums=(1,)))
         self.extend = Compiled(jax.jit(partial(extend, **static), donate_argnums=(1,)))
-        self.decode = Compiled(jax.jit(partial(decode, **static), static_argnames=("steps", "logprobs", "sample", "penalize"),
+        self.decode = Compiled(jax.jit(partial(decode, **static), static_argnames=("steps", "logprobs", "sample", "penalize", "rows"),
                                        donate_argnums=(1,)))
         self.all = (self.prefill, self.insert, self.start, self.extend, self.decode)
 
