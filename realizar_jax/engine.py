@@ -148,6 +148,14 @@ class Model:
                 self._generate_engine = self.engine(max_slots=slots, max_queue=1 << 20)
             return self._generate_engine
 
+    def close(self) -> None:
+        """Stop the private engine generate()/stream() run on and free its KV cache (it is made again
+        on the next call). Engines from engine() are closed by their owners."""
+        with self._engine_lock:
+            if self._generate_engine is not None:
+                self._generate_engine.close(drain=False)
+                self._generate_engine = None
+
     def _submit(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
                 stop_token_ids):
         from .generate import _check_int
@@ -193,6 +201,13 @@ class Model:
         prompts, batched = self._prompts(prompt)
         handles = self._submit(prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                stop, stop_token_ids)
+        try:
+            for h in handles:
+                h.result()
+        except BaseException:   # Ctrl-C in a notebook: nothing keeps decoding for a caller who left
+            for h in handles:
+                h.cancel()
+            raise
         results = []
         for h in handles:
             done = h.result()
