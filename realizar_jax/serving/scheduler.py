@@ -247,6 +247,7 @@ class Engine:
                 f"but {free / 2**30:.2f} GiB is free; use fewer slots or load with a smaller max_seq_len")
         self.steps: S.SlotSteps = model.slot_steps
         self.state = S.new_state(c, self.max_slots, model.max_seq_len, model.kv_dtype)
+        self._no_release = jnp.zeros((self.max_slots,), bool)
         self._eos = frozenset(c.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_ids", ()) or ())
         self._cond = threading.Condition()
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -494,13 +495,17 @@ class Engine:
         return min(rows, self.max_slots)
 
     def _dispatch_decode(self) -> None:
-        release = np.zeros((self.max_slots,), bool)
-        release[list(self._release)] = True
-        self._release.clear()
+        if self._release:
+            mask = np.zeros((self.max_slots,), bool)
+            mask[list(self._release)] = True
+            release = jnp.asarray(mask)
+            self._release.clear()
+        else:   # the usual case: no host-to-device copy per chunk
+            release = self._no_release
         owners = list(self._slots)
         live = [c.handle.options for c in owners if c is not None and c.decoding]
         top = max(s for s, c in enumerate(owners) if c is not None and c.decoding) + 1
-        self.state, out = self.steps.decode(self.model.params, self.state, jnp.asarray(release),
+        self.state, out = self.steps.decode(self.model.params, self.state, release,
                                             steps=self.decode_chunk, rows=self._rows(top), **_variant(live))
         for c in owners:
             if c is not None and c.decoding:
