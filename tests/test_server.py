@@ -243,7 +243,11 @@ def test_disconnect_frees_the_slot(served):
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", served.url + "/v1/completions", json={**long, "stream": True}) as r:
             assert r.status_code == 200
-            next(r.iter_lines())
+            lines = r.iter_lines()
+            next(lines)
+            deadline = time.time() + 10   # the gauge is read at scrape time; give a loaded machine a moment
+            while metric(served.url, "realizar:num_requests_running") < 1 and time.time() < deadline:
+                next(lines)
             assert metric(served.url, "realizar:num_requests_running") >= 1
     wait_idle(served.url)
     with pytest.raises(httpx.ReadTimeout):  # non-streaming: the client gives up waiting
