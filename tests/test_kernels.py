@@ -390,7 +390,9 @@ def test_decode_attention_update(batch, hkv, group, seq, dim, splits, layers, se
         if res is None:
             continue
         out, k2, v2 = res
-        np.testing.assert_allclose(np.asarray(k2), want_k, atol=1e-5, err_msg=name)   # float32 RoPE
+        # float32 RoPE against a float64 reference: the angle pos * freq rounds at ~pos * 1e-7 (hypothesis
+        # found 1.1e-5 at position 116), so the bound grows with the position
+        np.testing.assert_allclose(np.asarray(k2), want_k, atol=2e-7 * seq + 1e-6, err_msg=name)
         np.testing.assert_array_equal(np.asarray(v2), want_v, err_msg=name)
         np.testing.assert_allclose(np.asarray(out), want, atol=3e-2 if ON_GPU else 5e-5, err_msg=name)
 
