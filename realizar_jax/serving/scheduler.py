@@ -63,7 +63,7 @@ class _Choice:
     def needs_steps(self) -> bool:
         return self.decoding and self.finish is None and self.dispatched < self.handle.options.max_tokens - 1
 
-    def setting(self, eos_ok: bool) -> S.SlotSettings:
+    def setting(self) -> S.SlotSettings:
         o = self.handle.options
         return S.settings(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
                           repetition_penalty=o.repetition_penalty, presence_penalty=o.presence_penalty,
@@ -452,8 +452,8 @@ class Engine:
             self._prefill(group)
 
     def _prefill(self, group: list[RequestHandle]) -> None:
-        """One prefill call for the group's prompts (rows padded to a power of two, length to the
-        longest one's bucket), then each row inserted into its choices' slots."""
+        """One prefill call for the group's prompts (rows padded to 1, 4 or 16, length to the longest
+        one's bucket), then each row inserted into its choices' slots."""
         t = bucket_length(max(len(h.prompt_token_ids) for h in group), self.prefill_chunk)
         rows = _prefill_rows(len(group))
         tokens = np.zeros((rows, t), np.int32)
@@ -465,7 +465,7 @@ class Engine:
         for r, h in enumerate(group):
             for ch in h.choices:
                 self.state, first = self.steps.insert(None, self.state, pre, jnp.int32(r), jnp.int32(ch.slot),
-                                                      ch.setting(True))
+                                                      ch.setting())
                 ch.decoding = True
                 self._pending.append(_Pending("first", first, [ch]))
 
@@ -481,7 +481,7 @@ class Engine:
         ch.prefilled += len(part)
         if ch.prefilled >= len(ids):
             self._prefilling.remove(ch)
-            self.state, first = self.steps.start(None, self.state, jnp.int32(ch.slot), logits, ch.setting(True))
+            self.state, first = self.steps.start(None, self.state, jnp.int32(ch.slot), logits, ch.setting())
             ch.decoding = True
             self._pending.append(_Pending("first", first, [ch]))
         return len(part)
