@@ -313,6 +313,13 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     from .weights import build_params
     path = Path(path)
     if not path.exists():
+        from .errors import MissingTensorError
+        from .formats.files import open_regular, present
+        if present(path):   # a symlink loop (DamagedFileError) or a dangling link: say which
+            try:
+                open_regular(path, "the model path")[0].close()
+            except MissingTensorError as e:
+                raise FileNotFoundError(str(e)) from None
         raise FileNotFoundError(f"{path}: no such file or directory")
     source = open_model(path)
     config = source.config

@@ -320,3 +320,18 @@ def test_a_long_architecture_name_is_not_echoed_whole(gguf_base, tmp_path):
     with pytest.raises(UnknownArchitectureError) as info:
         open_model(path)
     assert str(info.value).startswith(str(path)) and len(str(info.value)) < len(str(path)) + 200
+
+
+def test_load_names_a_symlink_loop_or_a_dangling_link(tmp_path):
+    """load() itself (not only the CLI): a looping or dangling model path says so instead of 'no such file'."""
+    import realizar_jax as rj
+    from realizar_jax.errors import DamagedFileError
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(DamagedFileError, match="symlink loop"):
+        rj.load(a)
+    dangling = tmp_path / "gone.gguf"
+    dangling.symlink_to(tmp_path / "nowhere.gguf")
+    with pytest.raises(FileNotFoundError, match="symlink to .*nowhere.gguf.*not found"):
+        rj.load(dangling)
