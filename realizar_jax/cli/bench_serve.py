@@ -355,7 +355,7 @@ def bench_serve_main(argv=None) -> int:
                          "--no-ignore-eos for servers that reject the field)")
     ap.add_argument("--warmup", type=int, default=1, metavar="N", help="requests sent at once before measuring, which also "
                     "calibrate the prompt length from the server's usage.prompt_tokens (1; 0: none)")
-    ap.add_argument("--prompt-words", type=int, metavar="N", help="words per prompt before the warm-up's calibration "
+    ap.add_argument("--prompt-words", type=positive_int, metavar="N", help="words per prompt before the warm-up's calibration "
                     "(default: --prompt-tokens)")
     ap.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds one request may take in all (300)")
     ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompt words (0)")
