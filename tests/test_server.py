@@ -279,6 +279,18 @@ def test_full_queue_is_429_with_retry_after(model):
         engine.close(drain=False)
 
 
+def test_request_timeout_ends_a_request_with_timeout(model):
+    engine = model.engine(max_slots=1, decode_chunk=2)
+    s = Served(create_app(engine, NAME, model=model, request_timeout=0.3))
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True,
+                                                         "temperature": 0}, timeout=120).json()
+        assert r["choices"][0]["finish_reason"] == "timeout" and r["usage"]["completion_tokens"] < 400
+    finally:
+        s.close()
+        engine.close(drain=False)
+
+
 # ---- hostile input -------------------------------------------------------------------------------------
 P = {"prompt": "x", "max_tokens": 2}
 M = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
@@ -491,9 +503,10 @@ def test_serve_cli_bad_flags():
     with pytest.raises(SystemExit) as e:
         main(["serve", "--port", "70000"])
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(["serve", "--warmup", "some"])
-    assert e.value.code == 2
+    for flags in (["--warmup", "some"], ["--request-timeout", "-1"], ["--request-timeout", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", *flags])
+        assert e.value.code == 2
 
 
 # ---- schema, without a server ---------------------------------------------------------------------------

@@ -40,9 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_warmup, default="all", metavar="all|none|N,N,...",
                    help="compile before listening: every prompt bucket (all, the default), none, or the buckets "
                         "of these prompt lengths")
-    p.add_argument("--request-timeout", type=float, metavar="S",
+    p.add_argument("--request-timeout", type=_seconds, metavar="S",
                    help="end a request after S seconds (finish_reason 'timeout'); default: no limit")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of seconds, got {text}")
+    return value
 
 
 def _warmup(text: str):
@@ -101,8 +111,6 @@ def cmd_serve(args) -> int:
     path = _resolve_model(args.model)
     model = rj.load(path, dtype=args.dtype, max_seq_len=args.max_seq_len)
     name = args.model_name or ("realizar-jax-default" if args.model is None else (path.stem or path.name))
-    if args.request_timeout is not None and not args.request_timeout > 0:
-        raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue, decode_chunk=args.decode_chunk)
     if args.warmup != "none":
         print(f"realizar-jax serve: compiling ({args.max_slots} slots) ...", file=sys.stderr, flush=True)
