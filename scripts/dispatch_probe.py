@@ -19,6 +19,7 @@ rel_dev = jnp.asarray(rel_np)
 pre = steps.prefill(m.params, jnp.ones((1, 128), jnp.int32), jnp.full((1,), 128, jnp.int32))
 st, _ = steps.insert(None, st, pre, jnp.int32(0), jnp.int32(0), S.settings(max_tokens=10**6, seed=1))
 N = 40
+V = dict(steps=K, logprobs=False, sample=False, penalize=False, rows=1)   # the greedy single-slot chunk
 
 
 def timed(name, fn):
@@ -40,10 +41,10 @@ def timed(name, fn):
     print(f"{name:45s} {dt * 1e3:7.2f} ms/chunk  {K / dt:7.1f} tok/s  host dispatch {host / N * 1e3:6.2f} ms", flush=True)
 
 
-aot = lambda s: (lambda r: (r[0], r[1].tokens))(steps.decode(m.params, s, rel_dev, steps=K, logprobs=False))  # noqa
-aot_h2d = lambda s: (lambda r: (r[0], r[1].tokens))(steps.decode(m.params, s, jnp.asarray(rel_np), steps=K,  # noqa
-                                                                   logprobs=False))
-jitted = jax.jit(lambda p, s, r: S.decode(p, s, r, steps=K, logprobs=False, config=m.config, dtype=m.dtype,
+aot = lambda s: (lambda r: (r[0], r[1].tokens))(steps.decode(m.params, s, rel_dev, **V))  # noqa
+aot_h2d = lambda s: (lambda r: (r[0], r[1].tokens))(steps.decode(m.params, s, jnp.asarray(rel_np),  # noqa
+                                                                   **V))
+jitted = jax.jit(lambda p, s, r: S.decode(p, s, r, **V, config=m.config, dtype=m.dtype,
                                           kernels=m.kernels), donate_argnums=1)
 jit_fn = lambda s: (lambda r: (r[0], r[1].tokens))(jitted(m.params, s, rel_dev))  # noqa
 timed("AOT back-to-back", aot)

@@ -105,6 +105,7 @@ def test_n_choices_share_a_prefill_and_differ(model, engine):
     assert c.completion_tokens == 48 and c.prompt_tokens == len(prompt)
     greedy = engine.submit(prompt, max_tokens=8, n=2, ignore_eos=True).result()
     assert greedy.choices[0].token_ids == greedy.choices[1].token_ids
+    assert engine.generate(prompt, max_tokens=8, ignore_eos=True).choices[0].token_ids == greedy.choices[0].token_ids
 
 
 def test_stop_ids_and_budget_end_on_device(model, engine):
