@@ -65,6 +65,31 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
     assert "decode tok/s" in capsys.readouterr().out
 
 
+def test_bench_several_batches_in_one_process(tmp_path, capsys):
+    """--batch 1,3 measures both on one load: one JSON result per batch (the first also at the top
+    level), the matmul FLOPs per step proportional to the batch, one table row each."""
+    out = tmp_path / "r.json"
+    rc = bench_main(["--shape", "tiny", "--quant", "q8_0", "--prompt-len", "8", "--gen", "3", "--batch", "1,3",
+                     "--dir", str(tmp_path), "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    one, three = res["batches"]
+    assert (one["batch"], three["batch"], res["batch"]) == (1, 3, 1)
+    assert res["decode_tok_s"] == one["decode_tok_s"]
+    assert three["decode_matmul_flops"] == 3 * one["decode_matmul_flops"] > 0
+    for r in (one, three):
+        assert r["decode_TFLOPs"] > 0 and r["tokens_in_range"] and r["prefill_finite"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny-q8_0.gguf |")]
+    assert [line.split(" | ")[1] for line in table] == ["1", "3"]
+
+
+@pytest.mark.parametrize("batch", ["0", "1,x", "", "-2"])
+def test_bench_rejects_bad_batch(batch, capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--shape", "tiny", "--batch", batch])
+    assert "--batch" in capsys.readouterr().err
+
+
 def test_bench_rejects_missing_model(tmp_path, capsys):
     assert bench_main(["--model", str(tmp_path / "nope.gguf")]) == 1
     assert "no such file" in capsys.readouterr().err

@@ -50,6 +50,7 @@ class FakeServer:
     refuse_every: int = 0  # answer 429 to every k-th request
     tokens_per_word: int = 2
     models: bool = True  # serve /v1/models
+    context: int = 0  # refuse (400, context_length_exceeded) prompts of more tokens than this
     bodies: list = field(default_factory=list)
     headers: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)  # prompt -> (arrival, [time each content chunk was handed over])
@@ -69,6 +70,10 @@ class FakeServer:
             if self.refuse_every and self.seen % self.refuse_every == 0:
                 return JSONResponse({"error": {"message": "queue full", "type": "rate_limit"}}, status_code=429)
             chat = request.url.path.endswith("chat/completions")
+            prompt = body["messages"][0]["content"] if chat else body["prompt"]
+            if self.context and self.tokens_per_word * len(prompt.split()) > self.context:
+                return JSONResponse({"error": {"message": "prompt exceeds the context", "type": "invalid_request_error",
+                                               "code": "context_length_exceeded"}}, status_code=400)
             return StreamingResponse(self.stream(body, chat), media_type="text/event-stream")
 
         return Starlette(routes=[Route("/v1/models", models), Route("/v1/completions", complete, methods=["POST"]),
@@ -202,6 +207,19 @@ def test_tokens_per_chunk_and_no_usage(serve, tmp_path, tokens_per_chunk, usage)
         assert r["chunks"] == 16 // tokens_per_chunk and r["completion_tokens"] == 16
         assert r["prompt_tokens"] == (10 if usage else None)  # calibrated to --prompt-tokens
     assert res["settings"]["prompt_words"] == (5 if usage else 10)  # no usage, nothing to calibrate from
+
+
+def test_warmup_shrinks_a_prompt_that_overflows_the_context(serve, tmp_path, capsys):
+    """A first guess of one token a word (100 words) is 300 tokens on a server that counts 3 a word and
+    holds 160: the warm-up halves the words until one fits (50), then calibrates down to at most
+    --prompt-tokens (33 words = 99 tokens, never 102)."""
+    fake = serve(tokens_per_word=3, context=160)
+    rc, res = bench(tmp_path, fake.url, "--clients", "1", "--max-tokens", "4", "--requests-per-client", "1",
+                    "--prompt-tokens", "100")
+    assert rc == 0
+    assert res["settings"]["prompt_words"] == 33
+    assert [r["prompt_tokens"] for r in res["requests"]] == [99] and res["levels"][0]["ok"] == 1
+    assert "overflows the server's context; trying 50 words" in capsys.readouterr().err
 
 
 def test_429s_are_counted_and_the_run_goes_on(serve, tmp_path):

@@ -22,6 +22,7 @@ from realizar_jax.kernels.attention import _plan, attention_tile, decode_attenti
 from realizar_jax.kernels.gemv import TILES, gemv, gemv_multi, gemv_swiglu, tiles_for
 from realizar_jax.kernels.layout import GPU_QTYPES, dequantize_gpu_part_order
 from realizar_jax.kernels.qdot import prepare_x_q8
+from realizar_jax.kernels.qmatmul import TILES as QMM_TILES, matmul_packed
 from realizar_jax.kernels.tuning import TILES_ENV, parse_tiles
 from realizar_jax.kernels.unpack import unpack
 from realizar_jax.kernels.xquant import quantize_x
@@ -228,8 +229,8 @@ def test_gemv_multi_dense(rows, nsb, batch, dtype, seed):
        seed=st.integers(0, 2**31))
 def test_linear_routes_and_matches(qtype, tokens, seed):
     """ops.linear on a GPU-layout weight, traced under the KernelConfig as inside the model: leading
-    dims kept, x.dtype returned; 2 rows -> the int8 GEMV, 6 rows -> the GEMV's tensor-core kernel,
-    17 rows -> the unpack kernel + XLA's bf16 dot. Each runs a Pallas kernel; pallas=False none."""
+    dims kept, x.dtype returned; 2 rows -> the int8 GEMV, 6 and 17 rows -> the packed tensor-core
+    matmul. Each runs a Pallas kernel; pallas=False none."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, 32, 512, rng)
     x = jnp.asarray(rng.standard_normal((1, tokens, 512)), jnp.bfloat16)
@@ -241,12 +242,55 @@ def test_linear_routes_and_matches(qtype, tokens, seed):
     assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(_linear, cfg=KernelConfig()))(x, w))
 
 
+def test_rows_pick_the_route():
+    """Activation rows -> bucket -> kernel on a packed weight: the int8 GEMV up to 4, the packed
+    tensor-core matmul up to routes.MM_ROWS, beyond that the prefill's unpack + XLA dot."""
+    w, _ = _packed("Q4_K", 32, 256, np.random.default_rng(0))
+    for rows, bucket, kernel in ((1, "gemv", "gemv_q4_k"), (6, "gemv8", "qmatmul_q4_k"), (9, "mm", "qmatmul_q4_k"),
+                                 (routes.MM_ROWS, "mm", "qmatmul_q4_k"), (routes.MM_ROWS + 1, "gemm", "unpack_q4_k")):
+        assert routes.rows_bucket(rows) == bucket
+        x = jnp.ones((rows, 256), jnp.bfloat16)
+        jaxpr = str(jax.make_jaxpr(functools.partial(_linear, cfg=CFG))(x, w))
+        assert kernel in jaxpr, (rows, kernel)
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([32, 64]), nsb=st.integers(1, 4),
+       m=st.integers(1, 40), summed=st.booleans(), seed=st.integers(0, 2**31))
+def test_qmatmul_matches_reference(qtype, rows, nsb, m, summed, seed):
+    """The packed tensor-core matmul on small tiles (several feature and row tiles, K splits): the
+    product of x and the weight rounded to bf16 (as the kernel feeds it to the tensor cores), summed
+    in float32; against gguf-py's float weights only bf16 rounding apart."""
+    rng = np.random.default_rng(seed)
+    w, ref = _packed(qtype, rows, nsb * 256, rng)
+    x = jnp.asarray(rng.standard_normal((m, nsb * 256)), jnp.bfloat16)
+    cfg = CFG.replace(tiles=tuple((f"QMM_{qtype}_{cap}", (16, 16, 1, 4, 1)) for cap in QMM_TILES))
+    y = matmul_packed(x, w, cfg=cfg, summed=summed, target_programs=8)
+    if not summed:
+        assert y.ndim == 3 and y.shape[1:] == (m, rows)
+        y = y.sum(axis=0)
+    assert y.shape == (m, rows) and y.dtype == jnp.float32
+    xf = np.asarray(x.astype(jnp.float32), np.float64)
+    wb = np.asarray(dequantize_gpu(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+    assert _rel(y, xf @ wb.T) < 1e-5
+    assert _rel(y, xf @ ref.T) < 5e-3
+
+
+def test_qmatmul_rejects_what_it_cannot_take():
+    w, _ = _packed("Q4_K", 32, 256, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="float32"):
+        matmul_packed(jnp.ones((16, 256), jnp.float32), w, cfg=CFG)
+    with pytest.raises(ValueError, match="512 columns"):
+        matmul_packed(jnp.ones((16, 512), jnp.bfloat16), w, cfg=CFG)
+
+
 @settings(max_examples=4, **SETTINGS)
-@given(qtype=st.sampled_from(GPU_QTYPES), batch=st.integers(1, 2), tokens=st.sampled_from([9, 20, 33]),
+@given(qtype=st.sampled_from(GPU_QTYPES), batch=st.integers(1, 2), tokens=st.sampled_from([257, 300]),
        nsb=st.integers(1, 2), seed=st.integers(0, 2**31))
 def test_prefill_linear_matches_gguf_reference(qtype, batch, tokens, nsb, seed):
-    """The prefill route on packed weights (the Pallas unpack to bf16 in part order, x permuted to
-    match, XLA's dot accumulated in float32): ragged row counts, several row tiles, vs gguf-py + numpy."""
+    """The prefill route on packed weights (more than routes.MM_ROWS rows: the Pallas unpack to bf16
+    in part order, x permuted to match, XLA's dot accumulated in float32): ragged row counts, several
+    row tiles, vs gguf-py + numpy."""
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, 48, nsb * 256, rng)
     x = jnp.asarray(rng.standard_normal((batch, tokens, nsb * 256)), jnp.bfloat16)
@@ -454,6 +498,12 @@ def test_gpu_kernels_large_shapes():
                 got = gemv(xb, w, cfg=CFG, pre="norm", other=jnp.asarray(norm), eps=1e-5)
                 want_pre = _int8_grid(_numpy_norm(xf, norm, 1e-5).astype(np.float64), group) @ ref.T
                 assert _rel(got, want_pre) < 1e-2, (qtype, batch)
+        wb = np.asarray(dequantize_gpu(w, jnp.bfloat16).astype(jnp.float32), np.float64)
+        for m in (16, 64, 200):   # the packed tensor-core matmul of a batched decode step, compiled
+            xb = jnp.asarray(rng.standard_normal((m, 4096)), jnp.bfloat16)
+            xf = np.asarray(xb.astype(jnp.float32), np.float64)
+            assert _rel(matmul_packed(xb, w, cfg=CFG), xf @ wb.T) < 1e-5, (qtype, m)
+            assert _rel(_linear(xb, w, cfg=CFG).astype(jnp.float32), xf @ ref.T) < 1e-2, (qtype, m)
         if qtype in ("Q4_K", "Q6_K"):   # the int8s of the Pallas prep vs XLA's: ties may round apart
             group = 16 if qtype == "Q6_K" else 32
             xq = jnp.asarray(rng.standard_normal((4, 14336)) * 5, jnp.bfloat16)

@@ -1,13 +1,14 @@
 """`realizar-jax bench`: load / compile / prefill / decode speed on one device, in one process.
 
-    realizar-jax bench --shape llama3-8b --quant q4_k_m [--batch 1] [--prompt-len 512] [--gen 128]
+    realizar-jax bench --shape llama3-8b --quant q4_k_m [--batch 1[,4,16,...]] [--prompt-len 512] [--gen 128]
     realizar-jax bench --model PATH [...] [--json OUT]
 
 With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.synth;
 cached under --dir), so the same file can be given to llama.cpp's llama-bench. Decode speed is
 also expressed as effective bandwidth: the weight bytes one decode step must read (every matrix,
 only B rows of an untied embedding table) times steps per second, against the device's measured
-copy bandwidth.
+copy bandwidth, and as the matmul rate it implies (2 x rows x matrix weights per step). Several
+batch sizes (--batch 1,8,64) are measured on one loaded model, one row each.
 """
 from __future__ import annotations
 
@@ -48,9 +49,25 @@ def decode_read_bytes(params, config, batch: int) -> int:
     return total
 
 
+def decode_matmul_flops(params, batch: int) -> int:
+    """FLOPs of one decode step's matrix products (2 per weight per row; the embedding is a gather,
+    the LM head a product even when tied); attention is not counted."""
+    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer)] + [params.lm_head]
+    return 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
+
+
+def jax_leaves_2d(tree) -> list:
+    """The matrices of a pytree of weights: 2-D arrays and (GPU-)packed tensors, each once."""
+    import jax
+    is_matrix = lambda x: hasattr(x, "qtype") or getattr(x, "ndim", 0) == 2
+    return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_matrix) if is_matrix(x)]
+
+
 def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, variants=None,
               log=print) -> dict:
-    """Load once; time prefill and decode; then again under each variant's KernelConfig."""
+    """Load once; time prefill and decode at each batch size (an int or a sequence of them); then
+    again under each variant's KernelConfig. The first batch's numbers are the result's top level;
+    with several, res["batches"] holds one result per batch (the first included)."""
     import jax
     import jax.numpy as jnp
 
@@ -58,6 +75,8 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     from ..cache import init_cache
     from ..generate import DECODE_CHUNK
 
+    batches = [batch] if isinstance(batch, int) else [int(b) for b in batch]
+    batch = batches[0]
     res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "jax": jax.__version__}
@@ -67,20 +86,21 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     calls = max(1, (gen - 1) // chunk)   # timed decode calls of `chunk` steps, after one warm-up call
     max_seq = 1 << (prompt_len + (calls + 1) * chunk).bit_length()
     t = time.perf_counter()
-    m = engine.load(path, dtype=dtype, max_seq_len=max_seq, batch=batch)
+    m = engine.load(path, dtype=dtype, max_seq_len=max_seq, batch=max(batches))
     jax.block_until_ready(m.params)
     res["load_s"] = time.perf_counter() - t
     params, config = m.params, m.config
     res["weight_device_bytes"] = param_bytes(params)
     res["file_bytes"] = os.path.getsize(path)
-    read = decode_read_bytes(params, config, batch)
-    res["decode_read_bytes"] = read
     log(f"loaded in {res['load_s']:.1f}s; weights on device {res['weight_device_bytes']/1e9:.3f} GB "
         f"(file {res['file_bytes']/1e9:.3f} GB)")
 
-    def measure(out: dict, kernels: KernelConfig):
-        """Compile and time prefill + decode under this KernelConfig (a static argument of the steps)."""
+    def measure(out: dict, kernels: KernelConfig, batch: int):
+        """Compile and time prefill + decode of `batch` sequences under this KernelConfig (a static
+        argument of the steps)."""
         kv = jnp.dtype(dtype)
+        read = out["decode_read_bytes"] = decode_read_bytes(params, config, batch)
+        flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch)
         rng = np.random.default_rng(0)
         tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
         lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -136,19 +156,20 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
         out["decode_steps_per_s"] = n / dt
         out["decode_GBps"] = read * n / dt / 1e9
         out["decode_pct_copy"] = 100 * out["decode_GBps"] / out["copy_GBps"]
+        out["decode_TFLOPs"] = flops * n / dt / 1e12
         out["decode_floor_tok_s"] = batch * out["copy_GBps"] * 1e9 / read
         out["compile_s"] = out["compile_prefill_s"] + out["compile_decode_s"]
         out["tokens_in_range"] = bool(all(0 <= int(x.min()) and int(x.max()) < config.vocab_size for x in chunks[-2:]))
         log(f"decode {n} steps x {batch}: {out['decode_s_per_step']*1e3:.2f} ms/step = "
             f"{out['decode_tok_s']:.0f} tok/s, {out['decode_GBps']:.0f} GB/s "
-            f"({out['decode_pct_copy']:.0f}% of copy bw)")
+            f"({out['decode_pct_copy']:.0f}% of copy bw), {out['decode_TFLOPs']:.1f} TFLOP/s")
         def prefill_once():
             fresh = init_cache(config, batch, max_seq, kv)
             return prefill_c(params, fresh, tokens, lengths)[0]
         return decode_c, cache, tok, logits, prefill_once
 
     res["kernels"] = repr(m.kernels)
-    decode_c, cache, tok, base_logits, prefill_once = measure(res, m.kernels)
+    decode_c, cache, tok, base_logits, prefill_once = measure(res, m.kernels, batch)
     if profile:   # one decode call and one prefill under the profiler: where the time goes, per kernel
         jax.profiler.start_trace(str(Path(profile) / "decode"), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
@@ -167,19 +188,37 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             log("  {us_per_step:9.1f} us/prefill {calls_per_step:6.1f} calls  {name}".format(**row))
         log(f"  GPU busy {res['profile_prefill']['busy_us_per_step']:.0f} us in "
             f"{res['profile_prefill']['kernels_per_step']:.0f} kernels (prefill {res['prefill_s']*1e6:.0f} us)")
-    for spec in variants or ():   # A/B: the same loaded weights under other KernelConfigs
-        kernels = parse_kernel_variant(spec, m.kernels)
-        v: dict = {"variant": spec, "kernels": repr(kernels), "copy_GBps": res["copy_GBps"]}
+    res["variants"] = ab_variants(measure, m.kernels, base_logits, batch, variants, res["copy_GBps"], log)
+    if len(batches) > 1:
+        res["batches"] = [{k: v for k, v in res.items() if k not in ("profile", "profile_prefill")}]
+        for b in batches[1:]:
+            row: dict = {"batch": b, "copy_GBps": res["copy_GBps"], "kernels": res["kernels"]}
+            log(f"batch {b}:")
+            logits = measure(row, m.kernels, b)[3]
+            row["variants"] = ab_variants(measure, m.kernels, logits, b, variants, res["copy_GBps"], log)
+            res["batches"].append(row)
+            del logits
+    return res
+
+
+def ab_variants(measure, base_kernels, base_logits, batch, variants, copy_gbps, log) -> list:
+    """The same measurement under each variant's KernelConfig, with its prefill logits' distance
+    from the default's."""
+    import jax.numpy as jnp
+    out = []
+    for spec in variants or ():
+        kernels = parse_kernel_variant(spec, base_kernels)
+        v: dict = {"variant": spec, "kernels": repr(kernels), "copy_GBps": copy_gbps, "batch": batch}
         try:
             log(f"variant {spec}:")
-            logits = measure(v, kernels)[3]
+            logits = measure(v, kernels, batch)[3]
             v["prefill_logits_rel_diff"] = float(jnp.linalg.norm(logits - base_logits)
                                                  / jnp.linalg.norm(base_logits))
         except Exception as e:  # noqa: BLE001 -- a variant that fails to build is a result too
             v["error"] = f"{type(e).__name__}: {str(e)[:500]}"
             log(f"  failed: {v['error']}")
-        res.setdefault("variants", []).append(v)
-    return res
+        out.append(v)
+    return out
 
 
 def summarize_trace(trace_dir, steps: int, top: int = 30) -> dict:
@@ -227,7 +266,8 @@ def format_table(rows: list[dict]) -> str:
     cols = [("model", "model", "{}"), ("B", "batch", "{}"), ("load s", "load_s", "{:.1f}"),
             ("compile s", "compile_s", "{:.1f}"), ("weights GB", "weight_device_bytes", "{:.2f}"),
             ("prefill tok/s", "prefill_tok_s", "{:.0f}"), ("decode tok/s", "decode_tok_s", "{:.1f}"),
-            ("GB/s", "decode_GBps", "{:.0f}"), ("% copy", "decode_pct_copy", "{:.0f}")]
+            ("ms/step", "decode_s_per_step", "{:.2f}"), ("GB/s", "decode_GBps", "{:.0f}"),
+            ("% copy", "decode_pct_copy", "{:.0f}"), ("TFLOP/s", "decode_TFLOPs", "{:.1f}")]
     lines = [" | ".join(c[0] for c in cols)]
     for r in rows:
         vals = []
@@ -235,11 +275,25 @@ def format_table(rows: list[dict]) -> str:
             v = r.get(k, "")
             if k == "weight_device_bytes" and v != "":
                 v = v / 1e9
+            if k == "decode_s_per_step" and v != "":
+                v = v * 1e3
             if k == "model":
                 v = Path(str(v)).name
             vals.append(f.format(v) if v != "" else "-")
         lines.append(" | ".join(vals))
     return "\n".join(lines)
+
+
+def batch_list(text: str) -> tuple:
+    """'1,8,64' -> (1, 8, 64): positive batch sizes, each once, in the order given."""
+    import argparse
+    try:
+        sizes = tuple(dict.fromkeys(int(t) for t in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 def bench_main(argv=None) -> int:
@@ -250,7 +304,8 @@ def bench_main(argv=None) -> int:
     src.add_argument("--model", help="a .gguf file or HF folder to benchmark")
     src.add_argument("--shape", choices=sorted(SHAPES), help="synthesize a random-weight GGUF of this shape")
     ap.add_argument("--quant", choices=QUANTS, default="q4_k_m")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=batch_list, default=(1,), metavar="B[,B...]",
+                    help="sequences decoded together; several (1,8,64) are measured on one loaded model")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -268,8 +323,8 @@ def bench_main(argv=None) -> int:
             parse_kernel_variant(spec, KernelConfig())
     except ValueError as e:
         return fail(ap.prog, e, 2)
-    if args.batch < 1 or args.prompt_len < 1 or args.gen < 2:
-        return fail(ap.prog, "--batch and --prompt-len must be >= 1, --gen >= 2", 2)
+    if args.prompt_len < 1 or args.gen < 2:
+        return fail(ap.prog, "--prompt-len must be >= 1, --gen >= 2", 2)
     if args.model:
         path = Path(args.model)
         if not path.exists():
@@ -289,8 +344,11 @@ def bench_main(argv=None) -> int:
     res["synth_s"] = synth_s
     if args.shape:
         res["shape"], res["quant"] = args.shape, args.quant
-    rows = [res] + [{**v, "model": f"{Path(res['model']).name} [{v['variant']}]",
-                     "batch": res["batch"]} for v in res.get("variants", [])]
+    rows = []
+    for r in res.get("batches", [res]):
+        rows += [{**r, "model": res["model"], "load_s": res["load_s"],
+                  "weight_device_bytes": res["weight_device_bytes"]}]
+        rows += [{**v, "model": f"{Path(res['model']).name} [{v['variant']}]"} for v in r.get("variants", [])]
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -302,10 +302,18 @@ async def bench(args, levels: list[int]) -> dict:
     epoch = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.warmup:
-        warm = await run_level(target, args.warmup, epoch, ("warmup",), 1, None, "warm-up")
+        for _ in range(12):
+            warm = await run_level(target, args.warmup, epoch, ("warmup",), 1, None, "warm-up")
+            # a first guess of one token a word can overflow the server's context: halve it and try again
+            if target.n_words == 1 or not all(r["error"] == "400" and "context" in (r["error_message"] or "")
+                                              for r in warm):
+                break
+            target.n_words //= 2
+            log(f"warm-up: the prompt overflows the server's context; trying {target.n_words} words")
         reported = [r["prompt_tokens"] for r in warm if r["error"] is None and r["prompt_tokens"]]
-        if reported:  # words per token differ between tokenizers: scale the prompt to the server's count
-            target.n_words = max(1, round(target.n_words * args.prompt_tokens / (sum(reported) / len(reported))))
+        if reported:  # words per token differ between tokenizers: scale the prompt to the server's count,
+            # rounding down: one token over a server's prompt bucket can double the padded prefill
+            target.n_words = max(1, int(target.n_words * args.prompt_tokens / (sum(reported) / len(reported))))
         failed = [r for r in warm if r["error"] is not None]
         log(f"warm-up: {len(warm) - len(failed)}/{len(warm)} ok"
             + (f"; server counts {sum(reported) / len(reported):.0f} prompt tokens -> prompts of {target.n_words} "

@@ -5,8 +5,11 @@ kernels or returns None where its kernels do not take these shapes; then, as whe
 the op runs its jnp reference. Kernels never fall back themselves.
 
 Rows buckets (activation rows of the call, thresholds from the kernels' shapes and BENCHMARKS.md):
-"gemv" 1..4 rows (the int8 GEMV, the multi-matrix and SwiGLU launches), "gemv8" 5..8 (the GEMV's
-tensor-core kernel), "gemm" more (prefill: unpack the packed weight to bf16, then XLA's dot).
+"gemv" 1..4 rows (the int8 GEMV, the multi-matrix and SwiGLU launches), "gemv8" 5..8 (packed
+weights: kernels/qmatmul.py, as "mm"; dense: the GEMV's tensor-core kernel), "mm" 9..MM_ROWS (a
+batched decode step: kernels/qmatmul.py dequantizes weight tiles in registers for the tensor
+cores), "gemm" more (prefill: unpack the packed weight to bf16
+once, then XLA's dot, which is compute-bound there).
 Weight kinds: "gpu" (GpuQTensor), "dense" (a bf16/f16 array; float32 keeps XLA's exact dot),
 "packed" (a QTensor whose type has no GPU layout: always the reference).
 
@@ -25,6 +28,7 @@ from ..kernels import attention as attention_kernels
 from ..kernels.gemv import (fusable, gemv, gemv_multi, gemv_prepared, gemv_swiglu, swiglu_fusable,
                             takes_prepared)
 from ..kernels.layout import GpuQTensor, x_part_order
+from ..kernels.qmatmul import matmul_packed, supports as qmatmul_supports
 from ..kernels.qdot import x_q8_group
 from ..kernels.splitsum import SplitSum, as_parts
 from ..kernels.tuning import KernelConfig
@@ -52,8 +56,13 @@ def rows_of(x) -> int:
     return x.size // x.shape[-1] if x.ndim else 0
 
 
+MM_ROWS = 64   # the most activation rows the packed tensor-core matmul takes (BENCHMARKS.md)
+
+
 def rows_bucket(rows: int) -> str:
-    return "gemv" if 0 < rows <= 4 else "gemv8" if 0 < rows <= 8 else "gemm"
+    if rows <= 0:
+        return "gemm"
+    return "gemv" if rows <= 4 else "gemv8" if rows <= 8 else "mm" if rows <= MM_ROWS else "gemm"
 
 
 def weight_kind(w) -> str:
@@ -87,6 +96,12 @@ def linear_gemv(x, w, *, unsummed=False):
     if weight_kind(w) == "dense" and not _dense_ok(x, w, cfg):
         return None
     return _out(gemv(_rows(x), w, cfg=cfg, summed=not unsummed), x, unsummed)
+
+
+def linear_qmatmul(x, w, *, unsummed=False):
+    if not qmatmul_supports(w, x.dtype):
+        return None
+    return _out(matmul_packed(_rows(x), w, cfg=current(), summed=not unsummed), x, unsummed)
 
 
 def linear_unpack_dot(x, w, *, unsummed=False):
@@ -203,28 +218,21 @@ def decode_attention_kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
 
 ROUTES = {
     ("linear", "gemv", "gpu"): linear_gemv,
-    ("linear", "gemv8", "gpu"): linear_gemv,
+    ("linear", "gemv8", "gpu"): linear_qmatmul,
+    ("linear", "mm", "gpu"): linear_qmatmul,
     ("linear", "gemm", "gpu"): linear_unpack_dot,
     ("linear", "gemv", "dense"): linear_gemv,
     ("linear", "gemv8", "dense"): linear_gemv,
     ("linear_many", "gemv", "gpu"): linear_many_gemv,
     ("linear_many", "gemv", "dense"): linear_many_gemv,
     ("norm_linear", "gemv", "gpu"): norm_linear_gemv,
-    ("norm_linear", "gemv8", "gpu"): norm_linear_gemv,
     ("norm_linear", "gemv", "dense"): norm_linear_dense,
     ("norm_linear", "gemv8", "dense"): norm_linear_dense,
     ("mlp", "gemv", "gpu"): mlp_swiglu_gemv,
     ("mlp", "gemv", "dense"): mlp_swiglu_dense,
     # weight kind: the o projection's (the attention runs the kernel for either)
-    ("decode_attention", "gemv", "gpu"): decode_attention_kernel,
-    ("decode_attention", "gemv8", "gpu"): decode_attention_kernel,
-    ("decode_attention", "gemv", "dense"): decode_attention_kernel,
-    ("decode_attention", "gemv8", "dense"): decode_attention_kernel,
-    ("decode_attention", "gemm", "gpu"): decode_attention_kernel,
-    ("decode_attention", "gemm", "dense"): decode_attention_kernel,
-    ("decode_attention", "gemv", "packed"): decode_attention_kernel,
-    ("decode_attention", "gemv8", "packed"): decode_attention_kernel,
-    ("decode_attention", "gemm", "packed"): decode_attention_kernel,
+    **{("decode_attention", rows, kind): decode_attention_kernel
+       for rows in ("gemv", "gemv8", "mm", "gemm") for kind in ("gpu", "dense", "packed")},
 }
 
 
