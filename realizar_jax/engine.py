@@ -294,7 +294,7 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = None, *, kv_dtype: str | None = None,
          batch: int = 1, check_memory: bool = True, progress: bool | None = None, int8_activations: bool = True,
-         kernels: KernelConfig | None = None) -> Model:
+         kernels: KernelConfig | None = None, quantize: str | None = None) -> Model:
     """Load a .gguf file or an HF model folder: validate it, check memory, build the role-keyed pytree.
 
     dtype: compute dtype, "float32", "bfloat16" or "float16" (default: bfloat16 on a GPU/TPU, float32
@@ -304,7 +304,9 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     progress: a progress bar on stderr (None: for files of 256 MiB or more). int8_activations: on a GPU,
     decode matmuls on Q4_K/Q6_K/Q8_0 weights round bf16/f16 activations to int8 per block (dp4a, as
     llama.cpp's CUDA path; ~0.5-1% relative error per matmul); False keeps them float32. kernels: a
-    KernelConfig to use instead (tests, benchmarks); it overrides int8_activations.
+    KernelConfig to use instead (tests, benchmarks); it overrides int8_activations. quantize: for an
+    HF folder, quantize the weights as they load, exactly as `realizar-jax convert --quant QUANT` would
+    store them ("q8_0", "q4_k_m", "q6_k", ...; formats.gguf_writer.QUANT_CHOICES), without a file.
     """
     from .formats import open_model
     from .memory import check_fits, estimate_memory, free_device_memory, weight_bytes_of
@@ -322,6 +324,9 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
                 raise FileNotFoundError(str(e)) from None
         raise FileNotFoundError(f"{path}: no such file or directory")
     source = open_model(path)
+    if quantize is not None:
+        from .formats.quantized import quantized_source
+        source = quantized_source(source, quantize)
     config = source.config
     dtype = jnp.dtype(dtype or default_dtype())
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):

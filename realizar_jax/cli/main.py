@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__, default_model_path
-from .parser import DTYPES, Parser, positive_int, run
+from .parser import DTYPES, QUANT_CHOICES, Parser, positive_int, run
 
 DEFAULT_MODEL = default_model_path()
 DELEGATED = ("inspect", "convert", "bench", "bench-serve", "serve")  # own parser in cli/NAME.py (a dash there: _)
@@ -28,7 +28,8 @@ def _resolve_model(path: str | None) -> Path:
 
 def cmd_generate(args) -> int:
     import realizar_jax as rj
-    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len)
+    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len,
+                    quantize=args.quantize)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or None)
     pieces = iter(model.chat([{"role": "user", "content": args.prompt}], stream=True, **kw) if args.chat
@@ -46,7 +47,8 @@ def cmd_generate(args) -> int:
 def cmd_perplexity(args) -> int:
     import realizar_jax as rj
     text = Path(args.file).read_text(encoding="utf-8")
-    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len)
+    model = rj.load(_resolve_model(args.model), dtype=args.dtype, max_seq_len=args.max_seq_len,
+                    quantize=args.quantize)
     ppl = model.perplexity(text, stride=args.stride)
     print(f"{ppl:.4f}")
     return 0
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--dtype", choices=DTYPES)
     g.add_argument("--max-seq-len", type=positive_int)
+    g.add_argument("--quantize", choices=QUANT_CHOICES, help="quantize an HF folder's weights as they load "
+                   "(the types `convert --quant` writes)")
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("perplexity", help="perplexity of a text file")
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--stride", type=positive_int)
     x.add_argument("--dtype", choices=DTYPES)
     x.add_argument("--max-seq-len", type=positive_int)
+    x.add_argument("--quantize", choices=QUANT_CHOICES, help="quantize an HF folder's weights as they load")
     x.set_defaults(func=cmd_perplexity)
 
     for name, helptext in [("inspect", "show a model's config, memory estimate and tensors by role"),

@@ -14,7 +14,7 @@ import threading
 
 import uvicorn
 
-from .parser import DTYPES, Parser, positive_int, run
+from .parser import DTYPES, QUANT_CHOICES, Parser, positive_int, run
 
 
 def _port(text: str) -> int:
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot before 429 (default: 256)")
     p.add_argument("--max-seq-len", type=positive_int, help="KV-cache length per slot (default: the model's, <= 4096)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--quantize", choices=QUANT_CHOICES, help="quantize an HF folder's weights as they load "
+                   "(the types `convert --quant` writes)")
     p.add_argument("--model-name", help="the id clients pass as `model` (default: the file name without suffix)")
     p.add_argument("--decode-chunk", type=positive_int, default=4,
                    help="decode steps per device call; tokens stream paced over each chunk (default: 4)")
@@ -109,7 +111,7 @@ def cmd_serve(args) -> int:
     from ..server import create_app
     from .main import _resolve_model
     path = _resolve_model(args.model)
-    model = rj.load(path, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    model = rj.load(path, dtype=args.dtype, max_seq_len=args.max_seq_len, quantize=args.quantize)
     name = args.model_name or ("realizar-jax-default" if args.model is None else (path.stem or path.name))
     engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue, decode_chunk=args.decode_chunk)
     if args.warmup != "none":
