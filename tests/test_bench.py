@@ -59,7 +59,8 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["prefill_finite"] and res["tokens_in_range"]
-    for k in ("copy_GBps", "load_s", "compile_s", "prefill_tok_s", "decode_tok_s", "decode_GBps"):
+    for k in ("copy_GBps", "read_GBps", "load_s", "compile_s", "prefill_tok_s", "decode_tok_s", "decode_GBps",
+              "decode_pct_read", "decode_floor_tok_s"):
         assert res[k] > 0, k
     assert 0.9 * res["file_bytes"] < res["weight_device_bytes"] < 1.1 * res["file_bytes"] + 3e6
     assert "decode tok/s" in capsys.readouterr().out
