@@ -4,6 +4,7 @@ and the prompt padding of the jitted prefill. Decoding itself runs on the servin
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,24 +39,43 @@ def decode_step(params: Params, cache, tokens, key, sampling: SamplingParams, se
 class Compiled:
     """A jitted function compiled ahead of time per argument shapes, so compile time is measured apart
     from run time and a new shape (a new prompt bucket, a new batch size) is the only thing that compiles.
-    The params (fixed for a Model) are left out of the key."""
+    The params (fixed for a Model) are left out of the key. Arguments may be arrays or
+    jax.ShapeDtypeStructs: `lower` + `add` compile a shape without running it (a warm-up can lower
+    serially and compile on several threads: XLA's compile releases the GIL)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.executables = {}
         self.compile_seconds = 0.0
         self.compiles = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(args, static) -> tuple:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        return treedef, tuple((x.shape, jnp.result_type(x)) for x in leaves), tuple(sorted(static.items()))
+
+    def lower(self, params, *args, **static):
+        """(key, jax's Lowered) for these arguments, or None when that shape is compiled already."""
+        key = self.key(args, static)
+        return None if key in self.executables else (key, self.fn.lower(params, *args, **static))
+
+    def add(self, key, lowered) -> None:
+        """Compile a `lower` result and keep it (thread-safe; the first of two racing compiles wins)."""
+        t0 = time.perf_counter()
+        exe = lowered.compile()
+        with self._lock:
+            if key not in self.executables:
+                self.executables[key] = exe
+                self.compile_seconds += time.perf_counter() - t0
+                self.compiles += 1
 
     def __call__(self, params, *args, **static):
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        key = (treedef, tuple((x.shape, jnp.result_type(x)) for x in leaves), tuple(sorted(static.items())))
+        key = self.key(args, static)
         exe = self.executables.get(key)
         if exe is None:
-            t0 = time.perf_counter()
-            exe = self.fn.lower(params, *args, **static).compile()
-            self.compile_seconds += time.perf_counter() - t0
-            self.compiles += 1
-            self.executables[key] = exe
+            self.add(key, self.fn.lower(params, *args, **static))
+            exe = self.executables[key]
         return exe(params, *args)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import os
 import threading
 import time
@@ -322,35 +323,51 @@ class Engine:
                                  used / (self.max_slots * self.model.max_seq_len), self.max_slots, self.max_queue,
                                  self.steps.compiles, self.steps.compile_seconds)
 
-    def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = False) -> float:
+    def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = False,
+               workers: int | None = None) -> float:
         """Compile what serving will run, so the first requests don't: prefill (every batch size) and
         insert for every prompt bucket up to prefill_chunk (or those of `prompt_lengths`), extend,
         start, and the greedy and sampling decode variants (also with logprobs if asked; penalties
-        compile when first used). Runs on a scratch state; returns the compile seconds spent."""
-        before = self.steps.compile_seconds
+        compile when first used). Nothing runs: each step is lowered from abstract shapes (a step's
+        output shapes feed the next one's lowering) and compiled on `workers` threads (default: up to
+        8, one per core), since XLA compiles release the GIL. Returns the wall seconds it took."""
+        t0 = time.perf_counter()
         lengths = prompt_lengths or [1 << k for k in range(4, self.prefill_chunk.bit_length())]
-        scratch = S.new_state(self.model.config, self.max_slots, self.model.max_seq_len, self.model.kv_dtype)
+        cfg, slots = self.model.config, self.max_slots
+        state = jax.eval_shape(lambda: S.new_state(cfg, slots, self.model.max_seq_len, self.model.kv_dtype))
         setting = S.settings(max_tokens=2)
         p = self.model.params
-        batches = sorted({_prefill_rows(g) for g in range(1, min(self.max_slots, MAX_PREFILL_BATCH) + 1)})
-        for n in sorted({bucket_length(n, self.prefill_chunk) for n in lengths}):
-            for b in batches:
-                pre = self.steps.prefill(p, jnp.zeros((b, n), jnp.int32), jnp.ones((b,), jnp.int32))
-                scratch, _ = self.steps.insert(None, scratch, pre, jnp.int32(0), jnp.int32(0), setting)
-        c = self.prefill_chunk
-        scratch, logits = self.steps.extend(p, scratch, jnp.int32(0), jnp.zeros((1, c), jnp.int32), jnp.int32(0),
-                                            jnp.ones((1,), jnp.int32))
-        scratch, _ = self.steps.start(None, scratch, jnp.int32(0), logits, setting)
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        batches = sorted({_prefill_rows(g) for g in range(1, min(slots, MAX_PREFILL_BATCH) + 1)})
         variants = [dict(logprobs=False, sample=False, penalize=False), dict(logprobs=False, sample=True, penalize=False)]
         if logprobs:
             variants += [dict(v, logprobs=True) for v in variants]
-        for rows in sorted({self._rows(n) for n in range(1, self.max_slots + 1)}):
-            for v in variants:
-                scratch, out = self.steps.decode(p, scratch, jnp.zeros((self.max_slots,), bool),
-                                                 steps=self.decode_chunk, rows=rows, **v)
-        jax.block_until_ready(out.tokens)
-        del scratch
-        return self.steps.compile_seconds - before
+        workers = workers or min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmup") as pool:
+            jobs = []
+
+            def compile_later(step, params, *args, **static):
+                """Lower now (Python, under the GIL), compile on the pool; -> the step's output shapes."""
+                lowered = step.lower(params, *args, **static)
+                if lowered is None:   # compiled already: its output shapes from a trace
+                    return jax.eval_shape(step.fn, params, *args, **static)
+                jobs.append(pool.submit(step.add, *lowered))
+                return lowered[1].out_info
+
+            for n in sorted({bucket_length(n, self.prefill_chunk) for n in lengths}):
+                for b in batches:
+                    pre = compile_later(self.steps.prefill, p, ints(b, n), ints(b))
+                    compile_later(self.steps.insert, None, state, pre, i32, i32, setting)
+            _, logits = compile_later(self.steps.extend, p, state, i32, ints(1, self.prefill_chunk), i32, ints(1))
+            compile_later(self.steps.start, None, state, i32, logits, setting)
+            release = jax.ShapeDtypeStruct((slots,), jnp.bool_)
+            for rows in sorted({self._rows(n) for n in range(1, slots + 1)}):
+                for v in variants:
+                    compile_later(self.steps.decode, p, state, release, steps=self.decode_chunk, rows=rows, **v)
+            for job in jobs:
+                job.result()   # a failed compile raises here
+        return time.perf_counter() - t0
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new requests; drain=True lets queued and running ones finish, False cancels them."""
