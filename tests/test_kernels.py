@@ -74,6 +74,22 @@ def test_repack_dequantize_is_exact(qtype, rows, nsb, seed):
     assert file_bytes <= w.nbytes <= 1.05 * file_bytes   # the 5% device-bytes budget
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(qtype=st.sampled_from(GPU_QTYPES), rows=st.sampled_from([1, 16, 48]), nsb=st.integers(1, 3),
+       seed=st.integers(0, 2**31))
+def test_repack_on_device_is_the_host_repack(qtype, rows, nsb, seed):
+    """load() repacks on the device (jax.numpy over the uploaded bytes); the numpy repack on the host
+    is the same code over numpy: every part bit for bit, same shapes and dtypes."""
+    from realizar_jax.kernels.layout import repack_on_device
+    data = random_blocks(qtype, rows, nsb * 256, np.random.default_rng(seed))
+    host = repack_blocks(data, qtype, (rows, nsb * 256))
+    device = repack_on_device(jnp.asarray(data), qtype, (rows, nsb * 256))
+    assert len(host) == len(device)
+    for h, d in zip(host, device):
+        assert h.shape == d.shape and h.dtype == d.dtype
+        np.testing.assert_array_equal(np.asarray(d).view(np.uint8), np.asarray(h).view(np.uint8))
+
+
 def test_gpu_layouts_agree_with_the_qtype_registry():
     """Each GPU layout: a registry type with synth scales; split_x's parts and the dequantized parts
     pair up (count, size), unpack's part_shape is their words' shape, and .factored / .int8_group agree

@@ -15,6 +15,7 @@ part shape) plus, where it has them, its factored and int8 tile dots in qdot.py.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,18 +52,27 @@ class GpuQTensor:
 # ---- per type: repack (numpy: file blocks [rows, nsb, 256 // block_size, type_size] -> parts), dequant
 # (loaded parts -> float32 [N, S, P] matching split_x; `done(w, P)` flattens a part unless flat=False)
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+# The repacks are written once over an array module `xp` (numpy on the host; jax.numpy on the device,
+# where repack_for_gpu runs them jitted on the uploaded blocks): byte slicing, shifts and reinterpreting
+# little-endian bytes as wider words (`_as`), nothing that rounds.
+
+def _as(xp, b, dtype):
+    """uint8 [..., n * k] -> [..., n] of the k-byte little-endian `dtype` (a numpy view, a jax bitcast)."""
+    size = np.dtype(dtype).itemsize
+    b = b.reshape(*b.shape[:-1], b.shape[-1] // size, size)
+    if xp is np:
+        return np.ascontiguousarray(b).view(dtype)[..., 0]
+    return jax.lax.bitcast_convert_type(b, dtype)
 
 
-def _k_scales(s: np.ndarray):
+def _f16(xp, b):
+    return _as(xp, b, np.float16)[..., 0]
+
+
+def _k_scales(xp, s):
     """Q4_K/Q5_K 12-byte packed scales [..., 12] -> (sc, m) uint8 [..., 8] (6-bit values)."""
-    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
-    m = np.empty_like(sc)
-    sc[..., :4] = s[..., 0:4] & 63
-    m[..., :4] = s[..., 4:8] & 63
-    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
-    m[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    sc = xp.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    m = xp.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
     return sc, m
 
 
@@ -80,18 +90,17 @@ def _dequant_q4_0(p, done):
     return [done(_small_int_to_f32(v, 8) * d, 128) for v in (q & 15, q >> 4)]
 
 
-def _repack_q4_k(b):
+def _repack_q4_k(xp, b):
     b = b[:, :, 0]
     rows, nsb = b.shape[:2]
-    sc, m = _k_scales(b[..., 4:16])
+    sc, m = _k_scales(xp, b[..., 4:16])
     # qs chunk j (32 bytes): lo nibble -> sub-block 2j, hi nibble -> 2j+1; int32 words
     # [r, nsb, 4, 8], byte k of word w is byte l = 4w+k
-    qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32)).view(np.int32)
+    qs = _as(xp, b[..., -128:].reshape(rows, nsb, 4, 32), np.int32)
     # chunk j's four 6-bit scales/mins as the bytes of one word, and d/dmin as the halves of one
     # word: three arrays for the GEMV to load per tile instead of seven
-    meta = np.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
-    return (qs, np.ascontiguousarray(meta).view(np.int32)[..., 0],
-            np.ascontiguousarray(b[..., 0:4]).view(np.int32)[..., 0])
+    meta = xp.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
+    return qs, _as(xp, meta, np.int32)[..., 0], _as(xp, b[..., 0:4], np.int32)[..., 0]
 
 
 def _dequant_q4_k(p, done):
@@ -102,15 +111,14 @@ def _dequant_q4_k(p, done):
             for k in range(4) for h in range(2)]
 
 
-def _repack_q5_k(b):
+def _repack_q5_k(xp, b):
     b = b[:, :, 0]
     rows, nsb = b.shape[:2]
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    sc, m = _k_scales(b[..., 4:16])
-    qs = np.ascontiguousarray(b[..., -128:].reshape(rows, nsb, 4, 32))
-    qh = np.ascontiguousarray(b[..., 16:48])   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
-    return (qs, qh, np.ascontiguousarray(sc[..., 0::2]), np.ascontiguousarray(sc[..., 1::2]),
-            np.ascontiguousarray(m[..., 0::2]), np.ascontiguousarray(m[..., 1::2]), d, dmin)
+    sc, m = _k_scales(xp, b[..., 4:16])
+    qs = b[..., -128:].reshape(rows, nsb, 4, 32)
+    qh = b[..., 16:48]   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
+    return (qs, qh, sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2], _f16(xp, b[..., 0:2]),
+            _f16(xp, b[..., 2:4]))
 
 
 def _dequant_q5_k(p, done):
@@ -133,34 +141,30 @@ def _dequant_q5_k(p, done):
     return out
 
 
-def _repack_q6_k(b):
+def _repack_q6_k(xp, b):
     b = b[:, :, 0]
     rows, nsb = b.shape[:2]
-    q = _q6_values(b)                                   # [r, nsb, 256] in 0..63
+    q = _q6_values(xp, b)                               # [r, nsb, 256] in 0..63
     g = q.reshape(rows, nsb, 4, 4, 16)                  # group 4t+c of 16 values
     lo, hi = g & 15, g >> 4
     ql_e = lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)       # [r, nsb, 4, 16]
     ql_o = lo[:, :, :, 2] | (lo[:, :, :, 3] << 4)
     qh = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
     # the signed 8-bit scales of groups (t, 0..3) as the bytes of word t: [r, nsb, 4] int32
-    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int32)
-    words = [np.ascontiguousarray(a.astype(np.uint8)).view(np.int32) for a in (ql_e, ql_o, qh)]
-    return (*words, sc, _f16(b[..., 208:210]))          # words int32 [r, nsb, 4, 4] each
+    sc = _as(xp, b[..., 192:208], np.int32)
+    words = [_as(xp, a, np.int32) for a in (ql_e, ql_o, qh)]
+    return (*words, sc, _f16(xp, b[..., 208:210]))      # words int32 [r, nsb, 4, 4] each
 
 
-def _q6_values(b: np.ndarray) -> np.ndarray:
+def _q6_values(xp, b):
     """Q6_K blocks [..., 210] -> unsigned 6-bit quants [..., 256] in natural value order."""
-    ql = b[..., :128].astype(np.uint8)
-    qh = b[..., 128:192].astype(np.uint8)
-    out = np.empty(b.shape[:-1] + (256,), np.uint8)
+    ql, qh = b[..., :128], b[..., 128:192]
+    out = []
     for n in range(2):
         a, c, h = ql[..., n * 64:n * 64 + 32], ql[..., n * 64 + 32:n * 64 + 64], qh[..., n * 32:n * 32 + 32]
-        o = n * 128
-        out[..., o:o + 32] = (a & 15) | ((h & 3) << 4)
-        out[..., o + 32:o + 64] = (c & 15) | (((h >> 2) & 3) << 4)
-        out[..., o + 64:o + 96] = (a >> 4) | (((h >> 4) & 3) << 4)
-        out[..., o + 96:o + 128] = (c >> 4) | (((h >> 6) & 3) << 4)
-    return out
+        out += [(a & 15) | ((h & 3) << 4), (c & 15) | (((h >> 2) & 3) << 4),
+                (a >> 4) | (((h >> 4) & 3) << 4), (c >> 4) | (((h >> 6) & 3) << 4)]
+    return xp.concatenate(out, axis=-1)
 
 
 def _dequant_q6_k(p, done):
@@ -206,10 +210,10 @@ class GpuLayout:
 GPU_LAYOUTS: dict[str, GpuLayout] = {lay.qtype: lay for lay in (
     # qs int32 words [r, nsb, 8, 8] (byte k of word w: value 4w+k), d [r, nsb, 8]; part k: byte k of each word
     GpuLayout("Q8_0", (8, 8, 4), tuple((_, _, k) for k in range(4)), _dequant_q8_0,
-              lambda b: (np.ascontiguousarray(b[..., 2:]).view(np.int32), _f16(b[..., :2])), (4, 8, 8)),
+              lambda xp, b: (_as(xp, b[..., 2:], np.int32), _f16(xp, b[..., :2])), (4, 8, 8)),
     # qs uint8 [r, nsb, 8, 16] (lo nibble: value i, hi: i+16), d [r, nsb, 8]; part h: the lo/hi nibbles
     GpuLayout("Q4_0", (8, 2, 16), tuple((_, h) for h in range(2)), _dequant_q4_0,
-              lambda b: (np.ascontiguousarray(b[..., 2:]), _f16(b[..., :2])), (2, 8, 16)),
+              lambda xp, b: (b[..., 2:], _f16(xp, b[..., :2])), (2, 8, 16)),
     # part (k, h): byte k of each word, low (h=0) or high nibble
     GpuLayout("Q4_K", (4, 2, 8, 4), tuple((_, h, _, k) for k in range(4) for h in range(2)), _dequant_q4_k,
               _repack_q4_k, (8, 4, 8)),
@@ -229,23 +233,33 @@ def supports_gpu_layout(qtype: str, shape) -> bool:
     return lay is not None and lay.repack is not None and shape[1] % SB == 0
 
 
-def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]:
-    """File bytes uint8 [rows, row_bytes] -> the numpy parts of the GPU layout (see GpuQTensor)."""
+def _blocks(data, qtype: str, shape):
     rows, cols = shape
     if not supports_gpu_layout(qtype, shape):
         raise ValueError(f"no GPU layout for {qtype} {shape}")
     q = qtype_info(qtype)
-    b = np.asarray(data, np.uint8).reshape(rows, cols // SB, SB // q.block_size, q.type_size)
-    return GPU_LAYOUTS[qtype].repack(b)
+    return data.reshape(rows, cols // SB, SB // q.block_size, q.type_size)
+
+
+def repack_blocks(data: np.ndarray, qtype: str, shape) -> tuple[np.ndarray, ...]:
+    """File bytes uint8 [rows, row_bytes] -> the numpy parts of the GPU layout (see GpuQTensor)."""
+    return GPU_LAYOUTS[qtype].repack(np, _blocks(np.asarray(data, np.uint8), qtype, shape))
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "shape"))
+def repack_on_device(data: jax.Array, qtype: str, shape) -> tuple[jax.Array, ...]:
+    """repack_blocks on the device: the uploaded file bytes -> the layout's parts, jitted per
+    (type, shape). Loading then uploads each tensor once and never copies it back to the host."""
+    return GPU_LAYOUTS[qtype].repack(jnp, _blocks(data, qtype, shape))
 
 
 def repack_for_gpu(q):
-    """QTensor (file blocks) -> GpuQTensor on the default device. A QTensor whose type (or row
-    length) has no GPU layout is returned unchanged: ops/ dequantize it for an XLA dot."""
+    """QTensor (file blocks) -> GpuQTensor on the default device, repacked there. A QTensor whose type
+    (or row length) has no GPU layout is returned unchanged: ops/ dequantize it for an XLA dot."""
     if not supports_gpu_layout(q.qtype, q.shape):
         return q
-    parts = repack_blocks(np.asarray(q.data), q.qtype, q.shape)
-    return GpuQTensor(tuple(jnp.asarray(p) for p in parts), q.qtype, tuple(q.shape))
+    shape = tuple(int(n) for n in q.shape)
+    return GpuQTensor(tuple(repack_on_device(jnp.asarray(q.data), q.qtype, shape)), q.qtype, shape)
 
 
 def split_x(x: jax.Array, qtype: str) -> list:
