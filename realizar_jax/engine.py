@@ -22,18 +22,21 @@ from .weights import Params
 Prompt = Union[str, Sequence[int]]
 MAX_SEQ_LEN_DEFAULT = 4096
 GENERATE_SLOTS = 32   # generate() with a longer list of prompts queues the rest
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
 
 def default_dtype() -> str:
-    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
+    return "bfloat16" if jax.default_backend() in ACCELERATORS else "float32"
 
 
 class Model:
     """A loaded model: `config` (ModelConfig), `params` (the role-keyed weights pytree), `tokenizer`,
-    `kernels` (KernelConfig) and the generation methods. Build one with `realizar_jax.load`."""
+    `kernels` (KernelConfig), `dense_weights` (whether load() dequantized the packed matrices) and
+    the generation methods. Build one with `realizar_jax.load`."""
 
     def __init__(self, config: ModelConfig, params: Params, tokenizer, *, dtype, max_seq_len: int,
-                 kv_dtype=None, path=None, source_format=None, kernels: KernelConfig | None = None):
+                 kv_dtype=None, path=None, source_format=None, kernels: KernelConfig | None = None,
+                 dense_weights: bool = False):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -43,6 +46,7 @@ class Model:
         self.path = path
         self.source_format = source_format
         self.kernels = kernels or KernelConfig.from_env()
+        self.dense_weights = bool(dense_weights)   # load() dequantized the file's packed matrices
         self.steps = Steps(config, self.dtype, self.kernels)
         self.last_stats: GenerationStats | None = None
         self._slot_steps = None
@@ -294,7 +298,8 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = None, *, kv_dtype: str | None = None,
          batch: int = 1, check_memory: bool = True, progress: bool | None = None, int8_activations: bool = True,
-         kernels: KernelConfig | None = None, quantize: str | None = None) -> Model:
+         kernels: KernelConfig | None = None, quantize: str | None = None, dense_weights: bool | None = None,
+         compile_cache: bool = True) -> Model:
     """Load a .gguf file or an HF model folder: validate it, check memory, build the role-keyed pytree.
 
     dtype: compute dtype, "float32", "bfloat16" or "float16" (default: bfloat16 on a GPU/TPU, float32
@@ -307,12 +312,21 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     KernelConfig to use instead (tests, benchmarks); it overrides int8_activations. quantize: for an
     HF folder, quantize the weights as they load, exactly as `realizar-jax convert --quant QUANT` would
     store them ("q8_0", "q4_k_m", "q6_k", ...; formats.gguf_writer.QUANT_CHOICES), without a file.
+    dense_weights: hold the quantized matrices dequantized to dtype (the file's values, expanded
+    once) instead of packed. None (default): on a CPU when the dense weights fit (under 2 GiB and a
+    quarter of the free memory: memory.dense_weights_fit), where XLA reads a dense matrix faster
+    than it dequantizes a packed one every step; packed on a GPU/TPU, where the kernels read the
+    blocks. True/False forces either. The memory check counts the form chosen.
+    compile_cache: keep compiled programs in the persistent cache under the user's cache directory
+    (see realizar_jax.compile_cache; REALIZAR_NO_COMPILE_CACHE=1 also turns it off); the setting is
+    JAX's and so holds for the whole process.
     """
     from .formats import open_model
     from .memory import check_fits, estimate_memory, free_device_memory, weight_bytes_of
     from .kernels.layout import repack_for_gpu
     from .text.tokenizer import load_tokenizer
-    from .weights import build_params
+    from .compile_cache import configure as configure_compile_cache
+    from .weights import build_params, dequantizer
     path = Path(path)
     if not path.exists():
         from .errors import MissingTensorError
@@ -342,14 +356,33 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
     kv = jnp.dtype(kv_dtype or dtype)
     if kv not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"kv_dtype must be float32, bfloat16 or float16, got {kv_dtype!r}")
+    kernels = kernels or KernelConfig.from_env(int8_activations=int8_activations)
+    free = free_device_memory() if check_memory or dense_weights is None else None
+    dense = _choose_dense_weights(dense_weights, source, dtype, kernels, free)
     if check_memory:
-        est = estimate_memory(config, max_seq_len, batch, kv.name, weight_bytes=weight_bytes_of(source, dtype.name))
-        free = free_device_memory()
+        est = estimate_memory(config, max_seq_len, batch, kv.name,
+                              weight_bytes=weight_bytes_of(source, dtype.name, dequantized=dense))
         if free is not None:
             check_fits(est, free, path)
-    kernels = kernels or KernelConfig.from_env(int8_activations=int8_activations)
-    params = build_params(source, dtype, transform_matrix=repack_for_gpu if kernels.pallas else None,
-                          progress=progress)
+    configure_compile_cache(bool(compile_cache))
+    transform = dequantizer(dtype) if dense else repack_for_gpu if kernels.pallas else None
+    params = build_params(source, dtype, transform_matrix=transform, progress=progress)
     return Model(config, params, load_tokenizer(source), dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv,
-                 path=path, source_format=source.format, kernels=kernels)
+                 path=path, source_format=source.format, kernels=kernels, dense_weights=dense)
+
+
+def _choose_dense_weights(requested, source, dtype, kernels: KernelConfig, free: int | None) -> bool:
+    """load()'s dense_weights: as requested, else dense on a CPU backend (no Pallas kernels) when the
+    file has packed matrices and their dense form fits (memory.dense_weights_fit)."""
+    from .memory import dense_weights_fit, weight_bytes_of
+    from .quant.types import qtype_info
+    if requested is not None:
+        if not isinstance(requested, (bool, np.bool_)):
+            raise TypeError(f"dense_weights must be True, False or None, got {requested!r}")
+        return bool(requested)
+    if kernels.pallas or jax.default_backend() in ACCELERATORS:   # the kernels read the packed blocks
+        return False
+    if all(qtype_info(t.qtype).is_dense for t in source.tensors.values()):
+        return False
+    return dense_weights_fit(weight_bytes_of(source, dtype.name, dequantized=True), free)
 

@@ -17,6 +17,10 @@ from .quant.types import qtype_info
 
 DEFAULT_PREFILL_CHUNK = 512
 GIB = 1024 ** 3
+# load(dense_weights=None) on a CPU dequantizes the packed matrices once when the dense form stays
+# under both limits (XLA's CPU dot reads a dense matrix faster than it expands a packed one each step)
+DENSE_WEIGHTS_MAX_BYTES = 2 * GIB
+DENSE_WEIGHTS_MAX_FRACTION = 0.25   # of the memory free at load
 # Average bits per weight of common GGUF files (llama.cpp's tables), for the "try a quantized file" hint.
 BITS_PER_WEIGHT = {"Q8_0": 8.5, "Q6_K": 6.56, "Q4_K_M": 4.89}
 
@@ -86,16 +90,26 @@ def estimate_memory(config: ModelConfig, max_seq_len: int, batch: int = 1, kv_dt
                           max_seq_len=max_seq_len, batch=batch, kv_dtype=kv_name, parameters=params)
 
 
-def weight_bytes_of(source, dense_dtype=None) -> int:
-    """Bytes the source's tensors take on the device: quantized tensors as their packed blocks, dense
-    ones in `dense_dtype` (default: as stored in the file)."""
+def weight_bytes_of(source, dense_dtype=None, dequantized: bool = False) -> int:
+    """Bytes the source's tensors take on the device: quantized tensors as their packed blocks (or,
+    dequantized=True, as load(dense_weights=True) holds them: dense in `dense_dtype`), dense ones in
+    `dense_dtype` (default: as stored in the file)."""
+    if dequantized and dense_dtype is None:
+        raise ValueError("dequantized=True needs the dense_dtype the weights are expanded to")
     total = 0
     for t in source.tensors.values():
-        if dense_dtype is not None and qtype_info(t.qtype).is_dense:
+        if dense_dtype is not None and (dequantized or qtype_info(t.qtype).is_dense):
             total += int(np.prod(t.shape, dtype=np.int64)) * dtype_itemsize(dense_dtype)
         else:
             total += t.nbytes
     return total
+
+
+def dense_weights_fit(dense_bytes: int, free_bytes: int | None) -> bool:
+    """Whether weights of dense_bytes are small enough to hold dequantized (see DENSE_WEIGHTS_MAX_*);
+    free_bytes None (unknown) checks the absolute limit only."""
+    return dense_bytes <= DENSE_WEIGHTS_MAX_BYTES and (
+        free_bytes is None or dense_bytes <= DENSE_WEIGHTS_MAX_FRACTION * free_bytes)
 
 
 def _gib(n: int) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import MissingTensorError, ShapeMismatchError, UnsupportedQuantError
 from .formats import ModelSource, TensorSource
+from .quant.dequant import dequantize
 from .quant.qtensor import QTensor
 from .formats.roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape,
                     required_layer_roles, tensor_name)
@@ -203,6 +204,16 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
         inv = rope_inv_freq(config.replace(rope_scaling=None)) / factors
     return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head,
                   rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32))
+
+
+_dequantize = jax.jit(dequantize, static_argnames="dtype")   # one compile per (qtype, shape, dtype) per process
+
+
+def dequantizer(dtype):
+    """A transform_matrix for build_params that dequantizes each packed matrix once, to a dense array
+    of `dtype` (load(dense_weights=True)): the ops take either form and compute the same values."""
+    dtype = jnp.dtype(dtype)
+    return lambda q: _dequantize(q, dtype=dtype)
 
 
 def param_bytes(params: Params) -> int:

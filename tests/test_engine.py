@@ -219,3 +219,32 @@ def test_a_batch_whose_cache_cannot_fit_is_refused_before_allocating(pair, monke
     monkeypatch.setattr(memory, "free_device_memory", lambda: 2**20)   # 1 MiB free
     with pytest.raises(InsufficientMemoryError, match="slots need .* GiB"):
         model.generate([[1, 2]] * 3000, max_new_tokens=2)
+
+
+def test_dense_weights_choice(model_files, monkeypatch):
+    """dense_weights=None: dense on a CPU when the dequantized matrices fit (memory.dense_weights_fit),
+    packed for the kernels; True/False force it; the memory check counts the form chosen."""
+    import realizar_jax as rj
+    from realizar_jax import engine, memory
+    from realizar_jax.errors import InsufficientMemoryError
+    from realizar_jax.formats import open_model
+    from realizar_jax.kernels.tuning import KernelConfig
+    path = model_files.gguf("llama", "q8_0")
+    src, f32 = open_model(path), jnp.dtype("float32")
+    dense = memory.weight_bytes_of(src, "float32", dequantized=True)
+    choose = engine._choose_dense_weights
+    assert choose(None, src, f32, KernelConfig(), None) and choose(None, src, f32, KernelConfig(), 4 * dense)
+    assert not choose(None, src, f32, KernelConfig(), 4 * dense - 1)          # over a quarter of free memory
+    assert not choose(None, src, f32, KernelConfig(pallas=True, interpret=True), None)   # the kernels' layout
+    assert not choose(None, open_model(model_files.gguf("llama", "f16")), f32, KernelConfig(), None)  # nothing packed
+    monkeypatch.setattr(memory, "DENSE_WEIGHTS_MAX_BYTES", dense - 1)
+    assert not choose(None, src, f32, KernelConfig(), None)                   # over the absolute limit
+    assert choose(True, src, f32, KernelConfig(), 1) and not choose(False, src, f32, KernelConfig(), None)
+    with pytest.raises(TypeError, match="dense_weights must be True, False or None"):
+        choose("yes", src, f32, KernelConfig(), None)
+    packed = memory.weight_bytes_of(src, "float32")
+    kv_and_work = memory.estimate_memory(src.config, 16, kv_dtype="float32", weight_bytes=0).total
+    monkeypatch.setattr(memory, "free_device_memory", lambda: packed + kv_and_work + 1)
+    assert not rj.load(path, dtype="float32", max_seq_len=16).dense_weights   # does not fit a quarter: packed
+    with pytest.raises(InsufficientMemoryError):
+        rj.load(path, dtype="float32", max_seq_len=16, dense_weights=True)

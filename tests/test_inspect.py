@@ -27,6 +27,12 @@ def test_json_report(model_files, capsys, variant, quant):
     assert report["config"]["tie_embeddings"] == c.tie_embeddings
     est = estimate_memory(c, 256, 1, "bfloat16", weight_bytes=weight_bytes_of(src, "bfloat16"))
     assert report["memory"]["total"] == est.total and report["memory"]["kv_cache"] == 2 * 2 * 256 * 2 * c.head_dim * 2
+    if quant:   # what load() holds on a CPU: the matrices dequantized
+        dense = weight_bytes_of(src, "bfloat16", dequantized=True)
+        assert report["memory"]["dequantized"] == {"weights": dense, "total": est.total - est.weights + dense,
+                                                   "within_limit": True}
+    else:
+        assert "dequantized" not in report["memory"]
     tensors = {t["name"]: t for t in report["tensors"]}
     if quant:  # compare with gguf-py's own reading of the file
         for rt in gguf.GGUFReader(path).tensors:
@@ -47,7 +53,7 @@ def test_table_output(model_files, capsys):
     assert inspect_main([str(model_files.gguf("llama", "q4_k_m"))]) == 0
     out = capsys.readouterr().out
     assert "tensors by role" in out and "blk.{i}.attn_v.weight" in out and "Q4_K,Q6_K" in out
-    assert "memory for max_seq_len=512" in out
+    assert "memory for max_seq_len=512" in out and "load() dequantizes the quantized matrices" in out
 
 
 def test_damaged_input_one_line_error(model_files, tmp_path, capsys):

@@ -3,7 +3,9 @@
 - HF folders (f32, bf16, sharded): equal to transformers on the same checkpoint.
 - Our converted GGUF f32/f16: equal to transformers on the same (f16-rounded) weights.
 - Quantized GGUF: equal to the dequantize-then-float32 reference: gguf-py's dequantization of every
-  tensor of the file, loaded back into the HF model (llama Q/K permutation undone independently here).
+  tensor of the file, loaded back into the HF model (llama Q/K permutation undone independently here),
+  with the matrices packed (dequantized in each step); and dense_weights (dequantized once at load,
+  the CPU default) equal to packed.
 """
 from __future__ import annotations
 
@@ -98,7 +100,24 @@ def test_converted_gguf_logits_equal_transformers(model_files, arch, quant):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_quantized_gguf_equals_dequantized_reference(model_files, arch, quant):
     path = model_files.gguf(arch, quant)
-    m = rj.load(path, dtype="float32")
+    m = rj.load(path, dtype="float32", dense_weights=False)   # the packed path (a CPU would expand them)
     ids = _ids(19, m.config.vocab_size, 4)
     ref = _reference_from_gguf(path, model_files.hf(arch), arch)
     assert _rel(m.logits(ids), _hf_logits(ref, ids)) <= 2e-3
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q5_k"])
+def test_dense_weights_equal_packed(model_files, quant):
+    import jax
+    from realizar_jax.quant.qtensor import QTensor
+    path = model_files.gguf("qwen2_tied", quant)
+    packed = rj.load(path, dtype="float32", dense_weights=False)
+    dense = rj.load(path, dtype="float32")   # the CPU default: dequantized once, as the model is small
+    assert dense.dense_weights and not packed.dense_weights
+    is_q = lambda x: isinstance(x, QTensor)
+    assert not any(map(is_q, jax.tree_util.tree_leaves(dense.params, is_leaf=is_q)))
+    assert any(map(is_q, jax.tree_util.tree_leaves(packed.params, is_leaf=is_q)))
+    assert dense.params.lm_head is dense.params.embed   # tied: one array
+    ids = _ids(19, packed.config.vocab_size, 5)
+    # the same weights either way; XLA may order the dot's sums differently for a fused dequantization
+    assert _rel(dense.logits(ids), packed.logits(ids)) <= 1e-6

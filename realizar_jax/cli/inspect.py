@@ -1,5 +1,8 @@
 """`realizar-jax inspect PATH [--json]`: architecture, config, memory estimate and tensors by role.
 
+The memory estimate holds the quantized tensors packed (as on a GPU) and, for a file that has them,
+also dequantized (`memory.dequantized`: what load() holds on a CPU when that fits).
+
 Opening validates the file, so a damaged one ends here with exit code 1 and a one-line error.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(source, max_seq_len=None, batch=1, dtype="bfloat16", kv_dtype="bfloat16") -> dict:
     """The inspect report of an opened ModelSource as a JSON-able dict."""
     from ..formats.validate import validate_roles
-    from ..memory import estimate_memory, weight_bytes_of
+    from ..memory import dense_weights_fit, estimate_memory, weight_bytes_of
+    from ..quant.types import qtype_info
 
     c = source.config
     roles = {name: key for key, name in validate_roles(source).items()}
@@ -40,6 +44,12 @@ def describe(source, max_seq_len=None, batch=1, dtype="bfloat16", kv_dtype="bflo
                         "shape": list(t.shape), "nbytes": t.nbytes})
     est = estimate_memory(c, max_seq_len or c.context_length, batch, kv_dtype,
                           weight_bytes=weight_bytes_of(source, dtype))
+    memory = {**est.to_dict(), "dense_dtype": dtype}
+    if not all(qtype_info(t.qtype).is_dense for t in source.tensors.values()):
+        # what load() holds on a CPU when the dense form fits (load's dense_weights=None)
+        dense = weight_bytes_of(source, dtype, dequantized=True)
+        memory["dequantized"] = {"weights": dense, "total": est.total - est.weights + dense,
+                                 "within_limit": dense_weights_fit(dense, None)}
     config = c.to_dict()
     return {
         "path": str(source.path), "format": source.format, "architecture": c.architecture,
@@ -47,7 +57,7 @@ def describe(source, max_seq_len=None, batch=1, dtype="bfloat16", kv_dtype="bflo
         "head_dim": c.head_dim, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "vocab_size": c.vocab_size, "context_length": c.context_length, "config": config,
         "file_bytes": sum(t["nbytes"] for t in tensors), "tensors": tensors,
-        "memory": {**est.to_dict(), "dense_dtype": dtype},
+        "memory": memory,
     }
 
 
@@ -86,6 +96,14 @@ def _print_tables(report: dict) -> None:
     console.print(f"memory for max_seq_len={m['max_seq_len']} batch={m['batch']}: weights {_gib(m['weights'])} "
                   f"({m['dense_dtype']} dense) + KV cache {_gib(m['kv_cache'])} ({m['kv_dtype']}) + workspace "
                   f"{_gib(m['workspace'])} = [bold]{_gib(m['total'])}[/bold]")
+    d = m.get("dequantized")
+    if d is not None:
+        from ..memory import DENSE_WEIGHTS_MAX_BYTES, DENSE_WEIGHTS_MAX_FRACTION
+        limit = f"under {_gib(DENSE_WEIGHTS_MAX_BYTES)} and {DENSE_WEIGHTS_MAX_FRACTION:.0%} of the free memory"
+        verdict = (f"total [bold]{_gib(d['total'])}[/bold]" if d["within_limit"]
+                   else "over the limit: they stay packed")
+        console.print(f"on a CPU, load() dequantizes the quantized matrices to {m['dense_dtype']} when that takes "
+                      f"{limit}: weights {_gib(d['weights'])}, {verdict}")
 
 
 def inspect_main(argv=None) -> int:
