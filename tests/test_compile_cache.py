@@ -37,8 +37,8 @@ def test_a_second_process_reads_the_first_ones_programs(tmp_path):
     print(f"compile seconds: first process {first['compile_s']:.2f}, second {second['compile_s']:.2f}")
     assert first["writes"] >= 2 and first["entries"] == first["writes"] and first["hits"] == 0
     assert second["hits"] == first["entries"] and second["writes"] == 0 and second["entries"] == first["entries"]
-    # what is left is tracing and lowering the steps in Python, which JAX does before it can look up a key
-    assert second["compile_s"] < 0.6 * first["compile_s"]
+    # the seconds left (printed above: ~1 s against ~5 s on a 2-core CPU) are tracing and lowering the steps
+    # in Python, which JAX does before it can look up a key; not asserted: on a loaded CI machine both move 2x
 
 
 def test_another_kernel_config_model_shape_or_jaxlib_compiles_its_own(tmp_path):
