@@ -368,10 +368,22 @@ def test_no_template_is_a_clear_error(template):
     ([{"role": "user", "content": "hi"}, {"role": 3, "content": "x"}], "message 1 needs"),
     ([{"role": "user"}], "message 0 \\(user\\) needs a string 'content'"),
     ([{"role": "user", "content": 42}], "needs a string 'content'"),
+    # a lone surrogate (JSON's \\ud800) is no text the tokenizer takes: found by the server fuzz (a 500)
+    ([{"role": "user", "content": "a\ud800"}], "message 0 \\(user\\) content is not valid Unicode text: "
+                                                 "surrogates not allowed at index 1"),
 ])
 def test_malformed_messages(messages, needle):
     with pytest.raises(ChatTemplateError, match=needle):
         render_chat(CHATML, messages)
+
+
+@pytest.mark.parametrize("message", [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]},
+                                     {"role": "user", "content": "x", "name": "\ud800"}])
+def test_a_lone_surrogate_anywhere_in_the_prompt_is_refused(message):
+    template = "{% for m in messages %}{{ m.name }}{{ m.content if m.content is string else m.content[0].text }}" \
+               "{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="the rendered prompt is not valid Unicode text"):
+        render_chat(template, [message])
 
 
 def test_template_errors_carry_the_templates_own_error():

@@ -616,6 +616,14 @@ def _compile(template: str) -> jinja2.Template:
         raise ChatTemplateError(f"the chat template failed to compile: {type(e).__name__}: {e}") from e
 
 
+def _check_unicode(text: str, what: str):
+    """Text the tokenizer can take: JSON's \\ud800 escapes make lone surrogates, which are no UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ChatTemplateError(f"{what} is not valid Unicode text: {e.reason} at index {e.start}") from None
+
+
 def _check_messages(messages) -> list[dict]:
     if not isinstance(messages, (list, tuple)):
         raise ChatTemplateError(f"messages must be a list of dicts with 'role' and 'content', "
@@ -632,7 +640,9 @@ def _check_messages(messages) -> list[dict]:
               or (isinstance(content, list) and all(isinstance(p, dict) for p in content))
               or (content is None and m.get("tool_calls")))
         if not ok:
-            raise ChatTemplateError(f"message {i} ({m['role']}) needs a string 'content', got {content!r}")
+            raise ChatTemplateError(f"message {i} ({m['role']:.40}) needs a string 'content', got {content!r:.100}")
+        if isinstance(content, str):
+            _check_unicode(content, f"message {i} ({m['role']:.40}) content")
         m = _plain(m)  # a copy: templates never see (or touch) the caller's objects
         # As HF does: reasoning given under any common name reaches templates under the names they read.
         reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
@@ -668,7 +678,9 @@ def render_chat(template: str | None, messages: list[dict], *, add_generation_pr
             _budget.built += len(piece)
             _check_time()
             pieces.append(piece)
-        return "".join(pieces)
+        text = "".join(pieces)
+        _check_unicode(text, "the rendered prompt")  # a surrogate from another field, or from the template
+        return text
     except _Overrun as e:
         raise ChatTemplateError(str(e)) from e
     except _TemplateRaised as e:
