@@ -91,6 +91,8 @@ class FakeEngine:
         if self.running >= self.max_queue:
             raise QueueFullError("the queue is full", retry_after=2.5)
         ids = self.model.encode(prompt)
+        if not ids:  # as the scheduler refuses it
+            raise ContextLengthError("the prompt is empty: give at least one token", param="prompt")
         if len(ids) + options.max_tokens > self.max_seq_len:
             raise ContextLengthError(f"{len(ids)} + {options.max_tokens} > {self.max_seq_len}", "max_tokens")
         self.submitted, self.last = self.submitted + 1, options

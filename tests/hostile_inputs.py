@@ -76,22 +76,33 @@ def set_kv(kvs, key, vtype, value):
     return out
 
 
+def varint(n: int) -> bytes:
+    """A protobuf varint (n >= 0; any size: past 10 bytes it is malformed on purpose)."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def proto_field(num: int, wire: int, payload) -> bytes:
+    """One protobuf field: payload is an int for wire 0, bytes otherwise (length-prefixed for wire 2)."""
+    key = varint(num << 3 | wire)
+    if wire == 0:
+        return key + varint(payload)
+    return key + (varint(len(payload)) + payload if wire == 2 else payload)
+
+
+def spm_piece(piece, score: float = 0.0, kind: int = 1) -> bytes:
+    """A SentencePiece ModelProto.pieces entry (field 1): piece text (str, or bytes as they are), score, type."""
+    raw = piece if isinstance(piece, bytes) else piece.encode("utf-8", "surrogatepass")
+    return proto_field(1, 2, proto_field(1, 2, raw) + proto_field(2, 5, struct.pack("<f", score))
+                       + proto_field(3, 0, kind))
+
+
 def spm_model_bytes(pieces) -> bytes:
     """A SentencePiece ModelProto holding `pieces` [(piece, score, type)], as tokenizer.model stores it."""
-    def varint(n):
-        out = bytearray()
-        while True:
-            b, n = n & 0x7F, n >> 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def field(num, wire, payload):
-        key = varint(num << 3 | wire)
-        if wire == 2:
-            return key + varint(len(payload)) + payload
-        return key + payload
-
     body = []
     for piece, score, kind in pieces:
         raw = piece.encode()
@@ -99,6 +110,5 @@ def spm_model_bytes(pieces) -> bytes:
             msg = b"\x0a" + bytes([len(raw)]) + raw + b"\x15" + struct.pack("<f", score) + b"\x18" + bytes([kind])
             body.append(b"\x0a" + bytes([len(msg)]) + msg)
             continue
-        msg = field(1, 2, raw) + field(2, 5, struct.pack("<f", score)) + field(3, 0, varint(kind))
-        body.append(field(1, 2, msg))
+        body.append(spm_piece(raw, score, kind))
     return b"".join(body)

@@ -4,11 +4,17 @@
 the worker answers with what happened. The parent watches the worker while a case runs: past `timeout`
 seconds or `max_rss` bytes of resident memory it kills it (the case is then a 'timeout' or 'memory' result)
 and starts a fresh one for the next case. The peak RSS of each case is the worker's VmHWM, reset before it.
+Between two looks (20 ms) an allocation could outrun the watch, so the worker also runs under an address-space
+limit (`max_vm`, RLIMIT_AS): past it an allocation fails at once, a MemoryError the parent reports as a
+non-project error, instead of taking the machine's memory. Chat templates render with a 2 s budget
+(RENDER_SECONDS, 10 s in use), so a template that runs into it ends well inside the case's time.
 
-ops: 'open' (formats.open_model, then text.tokenizer.load_tokenizer: no JAX), 'load' (realizar_jax.load),
-'inspect' (`realizar-jax inspect PATH --json`, in-process; an exception escaping it is a traceback).
+ops: 'open' (formats.open_model, then text.tokenizer.load_tokenizer: no JAX), 'load' (realizar_jax.load, then
+encode a text and, when the model has a chat template, render a conversation with it), 'inspect'
+(`realizar-jax inspect PATH --json`, in-process; an exception escaping it is a traceback).
 Results: {"status": "ok" | "error" | "timeout" | "memory" | "died", "type", "project" (the error is a
-RealizarError), "message", "traceback" (for non-project errors), "seconds", "peak_rss"}.
+RealizarError), "message", "traceback" (for non-project errors), "chat" ('ok', 'refused': a ChatTemplateError,
+or absent: no template), "seconds", "peak_rss"}.
 """
 from __future__ import annotations
 
@@ -35,13 +41,13 @@ def _rss(pid: int, key: str = "VmRSS") -> int:
 
 
 class Worker:
-    def __init__(self, timeout: float = 10.0, max_rss: int = 2 * 1024**3):
-        self.timeout, self.max_rss, self.proc = timeout, max_rss, None
+    def __init__(self, timeout: float = 10.0, max_rss: int = 2 * 1024**3, max_vm: int = 6 * 1024**3):
+        self.timeout, self.max_rss, self.max_vm, self.proc = timeout, max_rss, max_vm, None
         self.restarts = 0
 
     def _start(self):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "HOSTILE_WORKER_MAX_VM": str(self.max_vm)}
         self.proc = subprocess.Popen([sys.executable, "-u", __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, env=env, cwd=str(ROOT), text=True, bufsize=1)
 
@@ -133,9 +139,16 @@ def _handle(req: dict) -> dict:
             load_tokenizer(open_model(path))
         elif op == "load":
             import realizar_jax as rj
+            from realizar_jax.errors import ChatTemplateError
             model = rj.load(path, max_seq_len=64)
             if model.tokenizer is not None:
                 model.tokenizer.encode("hello")
+                if model.tokenizer.chat_template:
+                    try:
+                        model.encode_chat(CONVERSATION)
+                        return {"status": "ok", "chat": "ok"}
+                    except ChatTemplateError:  # a template that fails or overruns: refused cleanly, the model loads
+                        return {"status": "ok", "chat": "refused"}
         elif op == "inspect":
             from realizar_jax.cli.inspect import inspect_main
             err = io.StringIO()
@@ -160,8 +173,16 @@ def _handle(req: dict) -> dict:
     return {"status": "ok"}
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello <s> {{ x }}"},
+                {"role": "assistant", "content": "Hi! \u00e9\U0001f600"}, {"role": "user", "content": "again"}]
+
+
 def _main():
+    import resource
     import warnings
+    max_vm = int(os.environ.get("HOSTILE_WORKER_MAX_VM", 0))
+    if max_vm:
+        resource.setrlimit(resource.RLIMIT_AS, (max_vm, max_vm))
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)  # anything printed by libraries goes nowhere, not into the protocol
@@ -169,6 +190,8 @@ def _main():
     warnings.simplefilter("ignore")
     import logging
     logging.disable(logging.CRITICAL)
+    from realizar_jax.text import chat
+    chat.RENDER_SECONDS = 2.0
     for line in sys.stdin:
         proto.write(json.dumps(_handle(json.loads(line))) + "\n")
 

@@ -1,10 +1,13 @@
 """Hypothesis fuzzing of the metadata around the tensors, through `realizar_jax.load()` and `realizar-jax inspect`
 (not only open_model): config.json, tokenizer.json, tokenizer_config.json, generation_config.json, the shard
 index and GGUF metadata values get hostile types, ranges, NaN/inf, huge and tiny numbers, unicode, deleted and
-added keys. Every case runs in tests/hostile_worker.py's worker process, killed past 10 s or 2 GB. The promise:
-a model, or a RealizarError naming the file -- 0 other exceptions, 0 CLI tracebacks, 0 hangs, 0 memory blow-ups.
+added keys; a SentencePiece folder's tokenizer.model (damaged bytes, hostile pieces), added_tokens.json and
+chat_template.jinja (hostile Jinja, bad UTF-8, sizes) are mutated too, and every chat template a model loads with
+renders a conversation. Every case runs in tests/hostile_worker.py's worker process, killed past 10 s or 2 GB
+resident (and under a 6 GB address-space limit). The promise: a model, or a RealizarError naming the file (for
+rendering a template: a ChatTemplateError) -- 0 other exceptions, 0 CLI tracebacks, 0 hangs, 0 memory blow-ups.
 
-The default suite runs a few hundred cases; `pytest -m slow` runs >= 10,000 (FUZZ_SLOW_CASES per test, 4 tests).
+The default suite runs a few hundred cases; `pytest -m slow` runs >= 10,000 (FUZZ_SLOW_CASES per test, 5 tests).
 Set FUZZ_COUNTS_DIR to get each test's outcome counts as JSON there.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostile_inputs import ARRAY, SCALAR_FMT, STRING, gguf_parts, write_gguf
+from hostile_inputs import ARRAY, SCALAR_FMT, STRING, gguf_parts, proto_field, spm_piece, varint, write_gguf
 from hostile_worker import Worker, problem
 
 FAST_CASES = int(os.environ.get("FUZZ_FAST_CASES", 75))  # per test; 4 tests
@@ -133,6 +136,8 @@ def _check(worker, path, counts: Counter, problems: list, label):
     for op in ("load", "inspect"):
         result = worker.run(op, path)
         counts[f"{op}:{result['status']}"] += 1
+        if "chat" in result:
+            counts[f"chat:{result['chat']}"] += 1
         counts["max_seconds"] = max(counts["max_seconds"], round(result["seconds"], 2))
         counts["max_rss_mb"] = max(counts["max_rss_mb"], result["peak_rss"] >> 20)
         why = problem(result, path)
@@ -186,6 +191,167 @@ def test_fuzz_hf_config_through_load_and_cli_slow(worker, hf_base, tmp_path):
 @pytest.mark.slow
 def test_fuzz_hf_tokenizer_through_load_and_cli_slow(worker, hf_base, tmp_path):
     _hf_fuzz(worker, hf_base, tmp_path, TOKENIZER_FILES, SLOW_CASES, "hf_tokenizer_slow")
+
+
+# ---------------------------------------------------------------- SentencePiece folder: the binary and text files
+@pytest.fixture(scope="module")
+def spm_base(model_files, tmp_path_factory):
+    """The llama fixture with a trained SentencePiece tokenizer.model in place of tokenizer.json, an
+    added_tokens.json, and its chat template in chat_template.jinja (read when tokenizer_config.json has none)."""
+    from tokenizer_fixtures import make_spm_dir
+    root = tmp_path_factory.mktemp("fuzz-load-spm")
+    base, tok = root / "base", make_spm_dir(root / "tok", vocab_size=600)
+    shutil.copytree(model_files.hf("llama"), base)
+    (base / "tokenizer.json").unlink()
+    shutil.copy(tok / "tokenizer.model", base / "tokenizer.model")
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    (base / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (base / "added_tokens.json").write_text(json.dumps({"<tool>": 600}))
+    return base
+
+
+# tokenizer.model: edits of the protobuf itself (bytes) and of its structure (hostile pieces, special names)
+_piece_texts = (st.binary(max_size=12) | st.text(max_size=8).map(lambda t: t.encode("utf-8", "surrogatepass"))
+                | st.sampled_from([b"", b"\xff\xfe", b"\xc3", b"\x00", b"<unk>", b"<s>", b"</s>", b"<0x41>", b"<0xZZ>",
+                                   "\u2581".encode(), b"a" * 100_000, b"<|im_end|>"]))
+_piece_types = st.integers(0, 8) | st.sampled_from([99, 2**31, 2**63, 2**64 - 1, 2**70])
+_piece_scores = st.floats(width=32, allow_nan=True, allow_infinity=True)
+_hostile_piece = st.builds(spm_piece, _piece_texts, _piece_scores, _piece_types) | st.sampled_from([
+    proto_field(1, 0, 5),                                     # a piece as a varint
+    proto_field(1, 2, proto_field(1, 0, 7)),                  # piece text as a varint
+    proto_field(1, 2, b"\x0a\xff\xff\xff\xff\x0f"),            # piece text longer than the file
+    proto_field(1, 2, proto_field(2, 5, b"\x00\x00")),         # a truncated float
+    proto_field(1, 2, proto_field(3, 0, 2**80)),               # a varint past 10 bytes
+    proto_field(1, 2, b"\x0f"),                                # wire type 7
+    proto_field(2, 2, proto_field(46, 2, b"\xff") + proto_field(47, 2, b"a" * 5000)),  # trainer_spec names
+    proto_field(2, 2, proto_field(45, 2, b"<s>") + proto_field(46, 2, b"<unk>")),
+    proto_field(99, 2, b"x" * 1000), b"\x0a" + varint(2**40), b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"])
+
+
+@st.composite
+def spm_edit(draw):
+    """('spm', [(what, where in 0..1, payload)]): bytes flipped, inserted, cut, or pieces inserted and dropped."""
+    edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        what = draw(st.sampled_from(["flip", "insert", "cut", "piece", "piece", "drop", "whole"]))
+        where = draw(st.floats(0, 1))
+        payload = (draw(st.integers(1, 255)) if what == "flip" else draw(st.binary(min_size=1, max_size=16))
+                   if what == "insert" else draw(st.lists(_hostile_piece, min_size=1, max_size=4)) if what == "piece"
+                   else draw(st.binary(max_size=64)) if what == "whole" else None)
+        edits.append((what, where, payload))
+    return "tokenizer.model", [("spm", edits)]
+
+
+def _apply_spm(data: bytes, edits) -> bytes:
+    from realizar_jax.formats.gguf_tokenizer import _proto_fields
+    for what, where, payload in edits:
+        at = int(where * len(data))
+        if what == "flip" and data:
+            at = min(at, len(data) - 1)
+            data = data[:at] + bytes([data[at] ^ payload]) + data[at + 1:]
+        elif what == "insert":
+            data = data[:at] + payload + data[at:]
+        elif what == "cut":
+            data = data[:at]
+        elif what == "whole":
+            data = payload
+        elif what in ("piece", "drop"):  # at a field boundary, so that the rest of the file stays readable
+            try:
+                fields = [proto_field(f, w, v) for f, w, v in _proto_fields(data)]
+            except (ValueError, IndexError):  # an earlier edit broke it: work on the bytes
+                fields = [data]
+            i = int(where * len(fields))
+            fields = fields[:i] + ([b"".join(payload)] if what == "piece" else []) + fields[i + (what == "drop"):]
+            data = b"".join(fields)
+    return data
+
+
+# chat_template.jinja: hostile Jinja put together from pieces, text, bad UTF-8, sizes
+_JINJA_PIECES = [
+    "{% for m in messages %}", "{% endfor %}", "{% if m.role == 'user' %}", "{% else %}", "{% endif %}",
+    "{{ m['content'] }}", "{{ messages }}", "{{ bos_token }}", "{{ eos_token }}", "{% if add_generation_prompt %}",
+    "{{ messages | tojson(indent=4) }}", "{{ messages | tojson(indent=10**9) }}", "{{ raise_exception('no') }}",
+    "{% set ns = namespace(n=0) %}", "{% set ns.n = ns.n + 1 %}", "{{ ns.n }}", "{% set ns.s = 'ab' %}",
+    "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "{{ 10 ** 10 ** 9 }}", "{{ 'x' * 10**10 }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "{{ lipsum(10**7) }}",
+    "{{ range(10**9) | list }}", "{% macro r(n) %}{{ r(n) }}{% endmacro %}{{ r(1) }}", "{{ ''.__class__ }}",
+    "{{ messages.append(1) }}", "{{ cycler(1, 2).next() }}", "{{ joiner(',')() }}", "{% include 'x' %}",
+    "{% extends 'x' %}", "{% import 'x' as y %}", "{{ self }}", "{{ ('{0}' * 100000).format('x' * 1000) }}",
+    "{{ (messages[0].content * 100) | wordwrap(1) }}", "{{ '%s' % (messages,) }}", "{% set a = [messages] * 10 %}",
+    "{{ x.y.z }}", "{{ none | list }}", "{{ 1 / 0 }}", "{{ messages[10**20] }}", "{{ messages[::-1] }}",
+    "{% filter upper %}", "{% endfilter %}", "{% raw %}", "{% endraw %}", "{#", "#}", "{%", "%}", "{{", "}}",
+    "{%- ", " -%}", "\n", "text ", "é😀", "\x00", "{% break %}", "{% continue %}", "{{ loop.index }}"]
+_templates = (st.lists(st.sampled_from(_JINJA_PIECES) | st.text(max_size=6), max_size=12).map("".join)
+              .map(lambda t: t.encode("utf-8", "surrogatepass"))
+              | st.binary(max_size=40)
+              | st.sampled_from([b"\xff\xfe{{ messages }}", b"{{ 'a' }}" * 40000, b"x" * (5 * 2**20), b"",
+                                 b"{% for %}" * 1000, b"{{ (((((((((((((((((((1))))))))))))))))))) }}",
+                                 b"{% if 1 %}" * 2000 + b"{% endif %}" * 2000]))
+
+
+@st.composite
+def template_edit(draw):
+    return "chat_template.jinja", [("raw", draw(_templates))]
+
+
+@st.composite
+def added_tokens_edit(draw):
+    """added_tokens.json: token text -> id, ids and texts hostile, or the whole file replaced."""
+    kind = draw(st.sampled_from(["keys"] * 4 + ["whole", "raw"]))
+    if kind == "whole":
+        return "added_tokens.json", [("whole", draw(json_values))]
+    if kind == "raw":
+        return "added_tokens.json", [("raw", draw(st.binary(max_size=32) | st.just(b'{"a": ' * 5000)))]
+    ids = st.integers(-3, 800) | _ints | json_values
+    return "added_tokens.json", [("set", draw(st.sampled_from(["<tool>", "<s>", "</s>", "<unk>", "a"]) | _texts),
+                                  draw(ids)) for _ in range(draw(st.integers(1, 3)))]
+
+
+SPM_STRATEGIES = {"tokenizer.model": spm_edit(), "added_tokens.json": added_tokens_edit(),
+                  "chat_template.jinja": template_edit(), "tokenizer_config.json": hf_edit(["tokenizer_config.json"])}
+
+
+def _spm_fuzz(worker, spm_base, tmp_path, cases, name):
+    folder = tmp_path / "m"
+    shutil.copytree(spm_base, folder)
+    originals = {f.name: f.read_bytes() for f in spm_base.iterdir() if f.is_file()}
+    counts, problems = Counter(cases=0, max_seconds=0, max_rss_mb=0), []
+
+    @settings(max_examples=cases, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(*SPM_STRATEGIES.values()), min_size=1, max_size=2))
+    def case(changes):
+        for f, data in originals.items():
+            (folder / f).write_bytes(data)
+        for f, edits in changes:
+            data = (folder / f).read_bytes()
+            if edits[0][0] == "spm":
+                data = _apply_spm(data, edits[0][1])
+            elif edits[0][0] == "raw":
+                data = edits[0][1]
+            else:
+                data = _apply_json(data, edits)
+            (folder / f).write_bytes(data)
+        counts["cases"] += 1
+        found = []
+        _check(worker, folder, counts, found, repr(changes)[:300])
+        problems.extend(found)
+        assert not found, found[0]
+
+    try:
+        case()
+    finally:
+        _tally(name, counts)
+    assert counts["cases"] >= min(cases, 1)
+
+
+def test_fuzz_sentencepiece_files_and_chat_template_through_load_and_cli(worker, spm_base, tmp_path):
+    _spm_fuzz(worker, spm_base, tmp_path, FAST_CASES, "spm_fast")
+
+
+@pytest.mark.slow
+def test_fuzz_sentencepiece_files_and_chat_template_through_load_and_cli_slow(worker, spm_base, tmp_path):
+    _spm_fuzz(worker, spm_base, tmp_path, SLOW_CASES, "spm_slow")
 
 
 # ---------------------------------------------------------------- GGUF metadata values

@@ -187,6 +187,46 @@ def test_chat_template_not_utf8(model_files, tmp_path):
     assert info.value.path == str(folder / "tokenizer_config.json")
 
 
+@pytest.fixture
+def spm_folder(model_files, tmp_path):
+    """The llama fixture with a SentencePiece tokenizer.model instead of tokenizer.json."""
+    from hostile_inputs import spm_model_bytes
+    folder = _copy(model_files.hf("llama"), tmp_path)
+    (folder / "tokenizer.json").unlink()
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(c, -1.0, 1) for c in "abcdefgh"]
+    (folder / "tokenizer.model").write_bytes(spm_model_bytes(pieces))
+    return folder
+
+
+def test_sentencepiece_folder_chat_template_not_utf8(spm_folder):
+    """Found by the slow fuzz: gguf's SpecialVocab read chat_template.jinja itself and let UnicodeDecodeError out."""
+    _edit_json(spm_folder / "tokenizer_config.json", lambda t: t.pop("chat_template", None))
+    (spm_folder / "chat_template.jinja").write_bytes(b"\x80{{ messages }}")
+    with pytest.raises(TokenizerError, match="chat_template.jinja: cannot read the chat template"):
+        load_tokenizer(open_model(spm_folder))
+
+
+@pytest.mark.parametrize("named", [[None], [{"name": 1, "template": "x"}], [{"name": "default"}],
+                                   [{"name": "default", "template": "T {{ messages }}"}, 5, "x"]])
+def test_sentencepiece_folder_malformed_named_chat_templates(spm_folder, named):
+    """Found by the slow fuzz: gguf-py's writer took every entry of a named-template list as a dict of strings
+    (AttributeError on [None]). Malformed entries are skipped, as the tokenizer.json path does."""
+    _edit_json(spm_folder / "tokenizer_config.json", lambda t: t.update(chat_template=named))
+    tok = load_tokenizer(open_model(spm_folder))
+    assert tok.chat_template == ("T {{ messages }}" if len(named) == 3 else None)
+
+
+@pytest.mark.parametrize("where", ["added_tokens.json", "tokenizer_config.json"])
+def test_added_token_with_a_lone_surrogate(spm_folder, where):
+    """Found by the fuzz: JSON's "\\ud800" is a lone surrogate, which the tokenizers library cannot encode."""
+    if where == "added_tokens.json":
+        (spm_folder / where).write_text('{"\\ud800x": 11}')
+    else:
+        _edit_json(spm_folder / where, lambda t: t.update(added_tokens_decoder={"11": {"content": "\ud800"}}))
+    with pytest.raises(TokenizerError, match=f"{where}: .*lone surrogate"):
+        load_tokenizer(open_model(spm_folder))
+
+
 def test_gguf_linear_factor_zero_or_nan(llama3_gguf):
     src = llama3_gguf
     tensors = {k: v for k, v in src.tensors.items() if k != "rope_freqs.weight"}

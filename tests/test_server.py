@@ -6,20 +6,19 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import realizar_jax as rj
 from fake_engine import FakeEngine
+from served import Served
 from realizar_jax.server import create_app
 from realizar_jax.serving import SamplingOptions
 from realizar_jax.server.schema import (ChatCompletionRequest, CompletionRequest, RequestError, parse_json,
@@ -29,25 +28,6 @@ NAME = "tiny"
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, x):", "for i in range(10):",
            "# Copyright", "def main():\n    args = parse_args()\n    if args.verbose:\n        print(",
            "x = [", "return self._"]
-
-
-class Served:
-    """uvicorn serving `app` on 127.0.0.1 with an ephemeral port, in a background thread."""
-
-    def __init__(self, app, server_cls=uvicorn.Server, server_kw=None):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = server_cls(config, **(server_kw or {}))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() - t0 < 30, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ from pathlib import Path
 import gguf
 
 from ..errors import TokenizerError
-from .files import MAX_JSON_BYTES, MAX_SPM_MODEL_BYTES, MAX_TOKENIZER_JSON_BYTES, present, read_bounded
+from .files import (MAX_JSON_BYTES, MAX_SPM_MODEL_BYTES, MAX_TEMPLATE_BYTES, MAX_TOKENIZER_JSON_BYTES, present,
+                    read_bounded)
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,15 @@ def _read_spm_model(path: Path, limit: int | None = None):
     return pieces, scores, types, own, len(pieces) + skipped
 
 
+def _check_text(text: str, what: str, path: Path):
+    """A token from JSON is text the tokenizer can hold: JSON's \\ud800 escapes give lone surrogates, which
+    are no UTF-8 (the tokenizers library fails on them with a UnicodeEncodeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenizerError(f"{what} holds a lone surrogate ({text!r:.60}), not text", path=path) from None
+
+
 def _spm_vocab(hf_dir: Path, n_vocab: int | None):
     path = hf_dir / "tokenizer.model"
     pieces, piece_scores, piece_types, own_ids, total = _read_spm_model(path, n_vocab)
@@ -251,6 +261,7 @@ def _spm_vocab(hf_dir: Path, n_vocab: int | None):
             if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                 raise TokenizerError(f"added token {t!r:.60} has id {i!r:.40}, not an integer >= 0",
                                      path=hf_dir / "added_tokens.json")
+            _check_text(t, f"added token {t!r:.60}", hf_dir / "added_tokens.json")
             extra[i] = {"content": t}
     if present(hf_dir / "tokenizer_config.json"):
         decoder = _read_json(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
@@ -260,6 +271,7 @@ def _spm_vocab(hf_dir: Path, n_vocab: int | None):
             if not (i.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)):
                 raise TokenizerError(f"added_tokens_decoder[{i!r:.40}] = {d!r:.60} is not id -> "
                                      f"{{\"content\": text, ...}}", path=hf_dir / "tokenizer_config.json")
+            _check_text(d["content"], f"added_tokens_decoder[{i!r:.40}]", hf_dir / "tokenizer_config.json")
             extra[int(i)] = d
     for i, d in sorted(extra.items()):
         if i >= size:
@@ -294,6 +306,13 @@ def gguf_tokenizer_fields(hf_dir) -> list[Field]:
     for name in ("config.json", "tokenizer_config.json", "chat_template.json", "tokenizer.json"):  # SpecialVocab
         if present(hf_dir / name):  # reads these itself, unbounded: check first that they are safe to read
             read_bounded(hf_dir / name, MAX_TOKENIZER_JSON_BYTES if name == "tokenizer.json" else MAX_JSON_BYTES)
+    extra = hf_dir / "additional_chat_templates"
+    for path in [hf_dir / "chat_template.jinja", *(sorted(extra.glob("*.jinja")) if extra.is_dir() else [])]:
+        if present(path):  # SpecialVocab reads these as UTF-8 text, unbounded, and lets a decoding error out
+            try:
+                read_bounded(path, MAX_TEMPLATE_BYTES).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"cannot read the chat template: {e}", path=path) from None
     n_vocab = _config_vocab_size(hf_dir)
     # A scratch writer (never opened on disk) lets gguf-py's own helpers pick keys and value types.
     w = gguf.GGUFWriter(path=None, arch="llama")
@@ -319,6 +338,13 @@ def gguf_tokenizer_fields(hf_dir) -> list[Field]:
             raise TokenizerError(f"{hf_dir / 'tokenizer.json'}: BPE tokenizer has no merges")
     else:
         raise TokenizerError(f"{hf_dir}: no tokenizer.model or tokenizer.json")
+    if isinstance(special.chat_template, list):  # named templates: gguf-py's writer takes each as name -> text
+        named = [t for t in special.chat_template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)]
+        if len(named) < len(special.chat_template):
+            logger.warning("%s: chat_template entries that are not {\"name\": text, \"template\": text} skipped",
+                           hf_dir)
+        special.chat_template = named or None
     try:
         special.add_to_gguf(w, quiet=True)
     except ValueError as e:

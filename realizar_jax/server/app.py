@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ChatTemplateError
 from ..serving.requests import (ContextLengthError, EngineClosedError, OptionError, QueueFullError,
@@ -81,11 +82,14 @@ def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise RequestError(f"request body over {max_body_bytes} bytes", status=413)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise RequestError(f"request body over {max_body_bytes} bytes", status=413)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise RequestError(f"request body over {max_body_bytes} bytes", status=413)
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone before the body was complete: nobody reads the answer; not our error
+            raise RequestError("the client disconnected before sending the whole body", status=499) from None
         req = parse_request(cls, parse_json(b"".join(chunks)))
         if req.model is not None and req.model != model_name:
             raise RequestError(f"the model {req.model!r:.100} does not exist; this server has {model_name!r}",

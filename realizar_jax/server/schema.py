@@ -319,4 +319,18 @@ class ModelList(_Out):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _quotable(message), "type": type, "param": _quotable(param), "code": code}}
+
+
+MAX_ERROR_CHARS = 1000
+
+
+def _quotable(text: str | None) -> str | None:
+    """Messages quote the request (a key, a path), so: clipped (a 100 kB path is not echoed whole), and encodable
+    as UTF-8 -- JSON's \\ud800 escapes give lone surrogates, which would make the error response itself fail
+    (a 500); they are written as \\ud800."""
+    if not isinstance(text, str):
+        return text
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
