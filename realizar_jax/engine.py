@@ -344,7 +344,7 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
             check_fits(est, free, path)
     kernels = kernels or KernelConfig.from_env(int8_activations=int8_activations)
     params = build_params(source, dtype, transform_matrix=repack_for_gpu if kernels.pallas else None,
-                          progress=progress)
+                          progress=progress, max_seq_len=max_seq_len)
     return Model(config, params, load_tokenizer(source), dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv,
                  path=path, source_format=source.format, kernels=kernels)
 
