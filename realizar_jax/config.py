@@ -8,7 +8,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**24  # bound on every size and on the context length: far above any real model, far below overflow
 
 
@@ -32,6 +35,12 @@ def _finite_positive(obj, field: str, prefix: str = "") -> None:
     object.__setattr__(obj, field, float(value))
 
 
+def _f32(value: float) -> float:
+    """value rounded to float32, as the shortest decimal that round-trips (1.1, not 1.100000023841858): what
+    the GGUF reader makes of a float32 too."""
+    return float(str(np.float32(value)))
+
+
 def _size(obj, field: str, prefix: str = "") -> None:
     value = getattr(obj, field)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
@@ -40,21 +49,49 @@ def _size(obj, field: str, prefix: str = "") -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: 'linear' or 'llama3' (Llama 3.1+ wavelength-dependent scaling)."""
+    """RoPE frequency scaling. kind: 'linear', 'llama3' (Llama 3.1+ wavelength-dependent scaling) or
+    'longrope' (Phi-3: per-frequency divisors, `short_factor` within the original context and `long_factor`
+    beyond it, and cos/sin multiplied by `attention_factor`)."""
 
     kind: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context_length: int = 8192
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
     def __post_init__(self):
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
             _finite_positive(self, name, "rope_scaling.")
+        if self.attention_factor >= 3e38:
+            raise ConfigValueError("rope_scaling.attention_factor", self.attention_factor, "must be finite in float32")
         _size(self, "original_context_length", "rope_scaling.")
         if self.kind == "llama3" and not self.low_freq_factor < self.high_freq_factor:
             raise ConfigValueError("rope_scaling.high_freq_factor", self.high_freq_factor,
                                    f"must be greater than low_freq_factor ({self.low_freq_factor})")
+        if self.kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                values = getattr(self, name)
+                try:
+                    values = tuple(float(v) for v in values)
+                    ok = all(0 < v < 3e38 for v in values) and 0 < len(values) <= MAX_SIZE   # finite in float32
+                except (TypeError, ValueError, OverflowError):
+                    ok = False
+                if not ok or any(isinstance(v, bool) for v in getattr(self, name)):
+                    raise ConfigValueError(f"rope_scaling.{name}", getattr(self, name),
+                                           "must be a list of finite numbers > 0")
+                # float32, as transformers computes with them and GGUF stores them: both readers agree
+                object.__setattr__(self, name, tuple(_f32(v) for v in values))
+            object.__setattr__(self, "attention_factor", _f32(self.attention_factor))
+            if len(self.short_factor) != len(self.long_factor):
+                raise ConfigValueError("rope_scaling.long_factor", self.long_factor,
+                                       f"must have as many entries as short_factor ({len(self.short_factor)})")
+
+    def factors(self, long: bool) -> tuple[float, ...] | None:
+        """longrope's per-frequency divisors: the long set (beyond the original context) or the short one."""
+        return self.long_factor if long else self.short_factor
 
 
 @dataclass(frozen=True)
@@ -73,10 +110,19 @@ class ModelConfig:
     context_length: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # qwen2: biases on q/k/v projections
-    qk_norm: bool = False  # qwen3: per-head RMSNorm on q and k before RoPE
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE: per head (qwen3, gemma3), whole projection (olmo2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     add_bos: bool = True
+    # Attention variants (None: off). sliding_window: a query at position i sees keys i-w+1..i on the
+    # layers whose layer_types entry is "sliding_attention" (layer_types None: every layer, as Mistral).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    attn_softcap: float | None = None  # attention logits -> c * tanh(logits / c) (Gemma 2)
+    final_softcap: float | None = None  # LM-head logits -> c * tanh(logits / c) (Gemma 2 and 3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma); None: head_dim's
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    rope_dim: int | None = None  # dimensions of each head that RoPE rotates (Phi-4-mini 0.75); None: head_dim
 
     def __post_init__(self):
         """Every value a reader hands over is checked here, once for both formats; failures are ConfigValueError."""
@@ -90,12 +136,54 @@ class ModelConfig:
             raise ConfigValueError("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
         _finite_positive(self, "norm_eps")
         _finite_positive(self, "rope_theta")
+        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta"):
+            if getattr(self, name) is not None:
+                _finite_positive(self, name)
+        for name in ("sliding_window", "rope_dim"):
+            if getattr(self, name) is not None:
+                _size(self, name)
+        if self.rope_dim is not None and (self.rope_dim % 2 or self.rope_dim > self.head_dim):
+            raise ConfigValueError("rope_dim", self.rope_dim, f"must be even and at most head_dim ({self.head_dim})")
+        if self.layer_types is not None:
+            types = self.layer_types
+            if (isinstance(types, (str, bytes)) or not isinstance(types, (tuple, list))
+                    or len(types) != self.num_layers or any(t not in LAYER_TYPES for t in types)):
+                raise ConfigValueError("layer_types", types, f"must list {self.num_layers} of {', '.join(LAYER_TYPES)}")
+            object.__setattr__(self, "layer_types", tuple(types))
+        s = self.rope_scaling
+        if s is not None and s.kind == "longrope" and len(s.short_factor) * 2 != self.rotary_dim:
+            raise ConfigValueError("rope_scaling.short_factor", s.short_factor,
+                                   f"must have rotary dimensions / 2 = {self.rotary_dim // 2} entries")
         # token ids index the embedding: one past it would read a clamped row (BOS) or never match (EOS)
         for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
                           ("eos_token_ids", self.eos_token_ids)):
             for i in ids:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
                     raise ConfigValueError(name, i, f"must be a token id in 0..{self.vocab_size - 1}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim if self.rope_dim is None else self.rope_dim
+
+    @property
+    def attn_scale(self) -> float:
+        """The attention logits' scale: query_pre_attn_scalar ** -0.5 where given, else head_dim ** -0.5."""
+        return (self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar) ** -0.5
+
+    def layer_type(self, layer: int) -> str:
+        """"sliding_attention" or "full_attention": layer_types' entry, or for every layer "sliding_attention"
+        when the config has a sliding window and no layer_types."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
+
+    def sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends within the sliding window."""
+        return self.sliding_window is not None and self.layer_type(layer) == "sliding_attention"
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to the whole context."""
+        return self.sliding_window if self.sliding(layer) else None
 
     @property
     def q_size(self) -> int:

@@ -29,15 +29,23 @@ def geglu(gate, up):
     return jax.nn.gelu(g, approximate=True).astype(gate.dtype) * up
 
 
-def rope_tables(inv_freq, positions):
-    """cos/sin [..., head_dim] (halves layout) for integer positions [...]."""
+def rope_tables(inv_freq, positions, attention_factor: float = 1.0):
+    """cos/sin [..., 2 * len(inv_freq)] (halves layout) for integer positions [...], both multiplied by
+    attention_factor (longrope's scaling of the attention, as HF applies it to cos and sin)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """x [..., heads, D]; cos/sin broadcast over heads. HF's rotate_half convention, in float32."""
+    """x [..., heads, D]; cos/sin [..., R] broadcast over heads. HF's rotate_half convention, in float32, on
+    the first R dimensions of each head (partial RoPE when R < D: the rest pass through)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)

@@ -33,13 +33,18 @@ def dtype_itemsize(dtype) -> int:
 
 
 def parameter_count(config: ModelConfig) -> int:
+    """The model's weights: every role its architecture has (Gemma's four norms a layer, OLMo 2's q/k norms
+    over the whole projection), a tied LM head once. The cache of a sliding-window model stays full length
+    (the window is a mask), so the KV estimate is the same for every family."""
+    from .formats.roles import LAYER_NORMS
     c = config
+    norms = len(LAYER_NORMS.get(c.architecture, ("attn_norm", "ffn_norm")))
     per_layer = (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
-                 + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+                 + 3 * c.hidden_size * c.intermediate_size + norms * c.hidden_size)
     if c.qkv_bias:
         per_layer += c.q_size + 2 * c.kv_size
     if c.qk_norm:
-        per_layer += 2 * c.head_dim
+        per_layer += c.q_size + c.kv_size if c.architecture == "olmo2" else 2 * c.head_dim
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
     return embed + c.num_layers * per_layer + c.hidden_size
 

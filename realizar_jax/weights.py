@@ -18,8 +18,8 @@ from .errors import MissingTensorError, ShapeMismatchError, UnsupportedQuantErro
 from .formats import ModelSource, TensorSource
 from .quant.dequant import dequantize
 from .quant.qtensor import QTensor
-from .formats.roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, ROLES, expected_shape,
-                    required_layer_roles, tensor_name)
+from .formats.roles import (FUSED, GGUF_QK_PERMUTED_ARCHS, NORM_ROLES, NORM_SHIFT, ROLES, expected_shape,
+                            required_layer_roles, tensor_name)
 
 DENSE_QTYPES = ("F32", "F16", "BF16")
 PROGRESS_MIN_BYTES = 256 * 2**20  # progress=None shows a bar only for files at least this large
@@ -42,6 +42,12 @@ class LayerParams:
     bv: jax.Array | None = None
     q_norm: jax.Array | None = None
     k_norm: jax.Array | None = None
+    post_attn_norm: jax.Array | None = None  # the norm of the attention's output (gemma, olmo2)
+    post_ffn_norm: jax.Array | None = None  # the norm of the MLP's output
+
+
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv",
+                "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
 
 
 @jax.tree_util.register_dataclass
@@ -51,16 +57,23 @@ class Params:
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array
     lm_head: jax.Array | QTensor  # [vocab, hidden]; the embedding itself when tied
-    rope_inv_freq: jax.Array  # float32 [head_dim // 2], scaling already applied
+    rope_inv_freq: jax.Array  # float32 [rotary_dim // 2], scaling already applied
+    rope_local_inv_freq: jax.Array | None = None  # the sliding layers' (Gemma 3: own base, unscaled)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies with the config's scaling (linear or llama3), as HF computes them."""
-    d = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    s = config.rope_scaling
+def rope_inv_freq(config: ModelConfig, *, long: bool = False, local: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies with the config's scaling (linear, llama3 or longrope), as HF computes them,
+    over the rotated dimensions. long: longrope's long factors (a context beyond the original one).
+    local: the sliding layers' frequencies (rope_local_theta, no scaling)."""
+    d = config.rotary_dim
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    s = None if local else config.rope_scaling
     if s is None:
         return inv.astype(np.float32)
+    if s.kind == "longrope":   # transformers: 1 / (ext_factors * base ** (arange / dim)), all float32
+        base = np.float32(theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d)
+        return (np.float32(1.0) / (np.asarray(s.factors(long), np.float32) * base)).astype(np.float32)
     if s.kind == "linear":
         return (inv / s.factor).astype(np.float32)
     if s.kind == "llama3":
@@ -90,7 +103,8 @@ class _Reader:
         self.fmt = source.format
 
     def get(self, role: str, layer: int | None) -> TensorSource | None:
-        return self.source.tensors.get(tensor_name(role, self.fmt, layer))
+        name = tensor_name(role, self.fmt, layer, self.source.config.architecture)
+        return None if name is None else self.source.tensors.get(name)
 
     def rows_of(self, role: str, layer: int | None) -> tuple[np.ndarray, str] | None:
         """(data, qtype) of a role, splitting a fused tensor when the separate one is absent."""
@@ -118,24 +132,27 @@ def _progress_bar(source: ModelSource, progress: bool | None):
 
 
 def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None,
-                 progress: bool | None = None) -> Params:
+                 progress: bool | None = None, max_seq_len: int | None = None) -> Params:
     """Turn a validated ModelSource into a Params pytree on the default device.
 
     transform_matrix: optional callable (QTensor -> leaf) applied to each packed weight, e.g. a GPU repack.
     progress: show a progress bar on stderr (True/False); None shows it when the tensors total >= 256 MiB.
+    max_seq_len: the context the model is loaded for. longrope (Phi-3) uses its long factors when it exceeds
+    the original context, its short ones otherwise (as llama.cpp picks them by the context size); None: short.
     """
     with _progress_bar(source, progress) as bar:
-        params = _build_params(source, dtype, transform_matrix, bar)
+        params = _build_params(source, dtype, transform_matrix, bar, max_seq_len)
         bar.update(bar.total - bar.n)  # 1-D and unused tensors were not counted one by one
     return params
 
 
-def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
+def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len=None) -> Params:
     config = source.config
     reader = _Reader(source)
     dtype = jnp.dtype(dtype)
     missing: list[str] = []
     permute = source.format == "gguf" and config.architecture in GGUF_QK_PERMUTED_ARCHS
+    shift = NORM_SHIFT.get(config.architecture, 0.0) if source.format == "hf" else 0.0
 
     def leaf(role: str, layer: int | None, optional: bool = False):
         out = _leaf(role, layer, optional)
@@ -146,7 +163,7 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
 
     def _leaf(role: str, layer: int | None, optional: bool = False):
         found = reader.rows_of(role, layer)
-        name = tensor_name(role, source.format, layer)
+        name = tensor_name(role, source.format, layer, config.architecture) or role
         if found is None:
             if not optional:
                 missing.append(name)
@@ -159,6 +176,8 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
             arr = np.asarray(data, dtype=np.float32).reshape(-1)
             if arr.shape != want:
                 raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
+            if shift and role in NORM_ROLES:   # HF stores Gemma's norms as w for (1 + w): GGUF, and we, hold 1 + w
+                arr = arr + np.float32(shift)
             return jnp.asarray(arr)
         if qtype in DENSE_QTYPES:
             arr = np.asarray(data)
@@ -183,9 +202,7 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
     layers = []
     needed = set(required_layer_roles(config))
     for i in range(config.num_layers):
-        fields = {r: leaf(r, i, optional=r not in needed) for r in
-                  ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down",
-                   "bq", "bk", "bv", "q_norm", "k_norm")}
+        fields = {r: leaf(r, i, optional=r not in needed) for r in LAYER_FIELDS}
         if not config.qkv_bias:
             fields.update(bq=None, bk=None, bv=None)
         if not config.qk_norm:
@@ -194,7 +211,9 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
     if missing:
         raise MissingTensorError(f"{len(missing)} required tensor(s) missing, first: {', '.join(missing[:5])}",
                                  path=source.path)
-    inv = rope_inv_freq(config)
+    s = config.rope_scaling
+    inv = rope_inv_freq(config, long=s is not None and s.kind == "longrope" and max_seq_len is not None
+                        and max_seq_len > s.original_context_length)
     freqs = reader.get("rope_freqs", None)
     if freqs is not None:  # llama3 scaling stored as per-frequency divisors (llama.cpp's rope_freqs.weight)
         factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
@@ -202,8 +221,9 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar) -> Params:
             raise ShapeMismatchError(f"expected shape {inv.shape}, found {factors.shape}", path=source.path,
                                      tensor=freqs.name)
         inv = rope_inv_freq(config.replace(rope_scaling=None)) / factors
+    local = None if config.rope_local_theta is None else jnp.asarray(rope_inv_freq(config, local=True))
     return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head,
-                  rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32))
+                  rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32), rope_local_inv_freq=local)
 
 
 _dequantize = jax.jit(dequantize, static_argnames="dtype")   # one compile per (qtype, shape, dtype) per process

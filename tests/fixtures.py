@@ -21,7 +21,9 @@ import shutil
 from pathlib import Path
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}
+                "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}   # transformers' model_type where it is not our architecture name
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 VARIANTS = {
@@ -34,9 +36,38 @@ VARIANTS = {
     "mqa": dict(arch="llama", kv_heads=1),
     "small": dict(arch="llama", hidden=64, intermediate=160, kv_heads=2),  # rows not whole 256-blocks
 }
-ALL_VARIANTS = tuple(VARIANTS)
+# The families beyond llama, tiny (hidden 64) and with their features switched on where they bite: windows
+# shorter than the test prompts, soft-capping caps near the logits' size, partial RoPE, longrope factors.
+_FAMILY = dict(hidden=64, intermediate=128, kv_heads=2, layers=2)
+_LONGROPE = dict(type="longrope", short_factor=[1.0, 1.1, 1.3, 1.7, 2.0, 2.6, 3.1, 4.0],
+                 long_factor=[1.0, 1.5, 2.2, 3.0, 4.5, 6.0, 8.0, 12.0])
+ALL_VARIANTS = tuple(VARIANTS)   # the llama family's (the tests of its files run over these)
+VARIANTS.update({
+    "olmo2": dict(arch="olmo2", **_FAMILY),
+    "phi3": dict(arch="phi3", **_FAMILY),
+    "phi3_swa": dict(arch="phi3", **_FAMILY, extra=dict(sliding_window=5)),
+    # Phi-3.5-mini style: longrope with an original context of 16 (max_position_embeddings 64: factor 4)
+    "phi3_longrope": dict(arch="phi3", **_FAMILY, rope_scaling=_LONGROPE, max_position_embeddings=64,
+                          extra=dict(original_max_position_embeddings=16)),
+    # Phi-4-mini style: partial RoPE (0.75 of head_dim 16 -> 12 dims, 6 factors), tied embeddings, longrope
+    "phi4_mini": dict(arch="phi3", **{**_FAMILY, "tie": True}, max_position_embeddings=64,
+                      rope_scaling={**_LONGROPE, "short_factor": _LONGROPE["short_factor"][:6],
+                                    "long_factor": _LONGROPE["long_factor"][:6]},
+                      extra=dict(original_max_position_embeddings=16, partial_rotary_factor=0.75)),
+    "gemma2": dict(arch="gemma2", **_FAMILY, head_dim=32, tie=True,   # layer 0 slides, layer 1 is global
+                   extra=dict(sliding_window=5, attn_logit_softcapping=3.0, final_logit_softcapping=3.0,
+                              query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")),
+    # Gemma 3: layers 0, 1 slide with their own RoPE base, layer 2 is global with linear scaling (pattern 3)
+    "gemma3": dict(arch="gemma3", **{**_FAMILY, "layers": 3}, head_dim=32, tie=True,
+                   rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=50000.0,
+                   extra=dict(sliding_window=5, final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+                              rope_local_base_freq=1000.0, sliding_window_pattern=3)),
+    "mistral_swa": dict(arch="mistral", **_FAMILY, extra=dict(sliding_window=5)),
+})
+FAMILY_VARIANTS = tuple(v for v in VARIANTS if v not in ALL_VARIANTS)
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
-TOKENIZER_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2"}
+TOKENIZER_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2", "olmo2": "gpt2",
+                   "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3"}
 
 _cache: dict[tuple, Path] = {}
 
@@ -60,7 +91,7 @@ def tokenizer_dir(tmpdir, style: str) -> Path:
 
 DEFAULTS = dict(hidden=256, layers=2, heads=4, kv_heads=None, head_dim=None, intermediate=512, tie=False,
                 rope_scaling=None, rope_theta=10000.0, dtype="float32", shard_size=None, seed=0, std=None,
-                max_position_embeddings=512)
+                max_position_embeddings=512, extra=None)
 
 
 def make_hf_model(tmpdir, arch: str = "llama", **overrides) -> Path:
@@ -68,7 +99,8 @@ def make_hf_model(tmpdir, arch: str = "llama", **overrides) -> Path:
 
     arch: 'llama', 'mistral', 'qwen2', 'qwen3' or a VARIANTS name. overrides (see DEFAULTS): hidden,
     layers, heads, kv_heads, head_dim, intermediate, tie, rope_scaling (HF dict), rope_theta,
-    dtype ('float32', 'bfloat16', 'float16'), shard_size (e.g. '200KB'), seed, std, max_position_embeddings.
+    dtype ('float32', 'bfloat16', 'float16'), shard_size (e.g. '200KB'), seed, std, max_position_embeddings,
+    extra (more transformers config keys, e.g. sliding_window).
     """
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -89,7 +121,7 @@ def make_hf_model(tmpdir, arch: str = "llama", **overrides) -> Path:
 
 
 def _build_hf_model(out: Path, tmpdir: Path, *, arch, hidden, layers, heads, kv_heads, head_dim, intermediate,
-                    tie, rope_scaling, rope_theta, dtype, shard_size, seed, std, max_position_embeddings):
+                    tie, rope_scaling, rope_theta, dtype, shard_size, seed, std, max_position_embeddings, extra):
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -107,16 +139,19 @@ def _build_hf_model(out: Path, tmpdir: Path, *, arch, hidden, layers, heads, kv_
         kw["head_dim"] = head_dim
     if rope_scaling is not None:
         kw["rope_scaling"] = dict(rope_scaling)
-    if arch in ("mistral", "qwen2", "qwen3"):
+    if arch in ("mistral", "qwen2", "qwen3", "phi3"):
         kw["sliding_window"] = None
+    if arch not in ("llama", "mistral", "qwen2", "qwen3"):
+        kw["pad_token_id"] = kw["eos_token_id"]   # their defaults (Phi-3: 32000) are past the tiny vocabulary
+    kw.update(extra or {})
     transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.for_model(arch, **kw)
+    config = transformers.AutoConfig.for_model(MODEL_TYPES.get(arch, arch), **kw)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCH_CLASSES[arch])(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            if "norm" in name:   # Gemma's norms multiply by 1 + w
+                p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
     if dtype != "float32":

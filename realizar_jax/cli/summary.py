@@ -54,6 +54,8 @@ def weight_rows(params) -> list[RoleRow]:
     add("lm_head", params.lm_head, note="tied to embed" if tied else "", count_bytes=not tied)
     add("final_norm", params.final_norm)
     add("rope_inv_freq", params.rope_inv_freq, note="constant")
+    if params.rope_local_inv_freq is not None:
+        add("rope_local_inv_freq", params.rope_local_inv_freq, note="constant (sliding layers)")
     for layer in params.layers:
         for f in fields(layer):
             x = getattr(layer, f.name)

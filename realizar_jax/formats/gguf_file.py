@@ -322,7 +322,39 @@ def _get(meta, key, kind, path, default=None, required=False):
     return float(value) if kind == "float" else value
 
 
+def _factors(tensors, name, path) -> tuple[float, ...]:
+    t = tensors[name]
+    if t.qtype != "F32" or len(t.shape) != 1:
+        raise DamagedFileError(f"{name} should be a 1-D F32 tensor, got {t.qtype} {t.shape}", path=path, tensor=name)
+    values = np.asarray(t.data, np.float64)
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        raise DamagedFileError(f"{name}[{int(np.argmax(bad))}] = {float(values[np.argmax(bad)])} (frequency divisors "
+                               f"must be finite and > 0)", path=path, tensor=name)
+    return tuple(float(v) for v in values.astype(np.float32))
+
+
+def _longrope(meta, arch_key, tensors, path, context) -> RopeScaling:
+    """Phi-3's longrope from llama.cpp's rope_factors_long/short tensors and rope.scaling keys."""
+    names = ("rope_factors_short.weight", "rope_factors_long.weight")
+    absent = [n for n in names if n not in tensors]
+    if absent:
+        raise DamagedFileError(f"{absent[0]} is missing (longrope needs both factor tensors)", path=path,
+                               tensor=absent[0])
+    short, long = (_factors(tensors, n, path) for n in names)
+    original = _get(meta, f"{arch_key}.rope.scaling.original_context_length", "int", path, default=context)
+    factor = context / original if isinstance(original, int) and original > 0 else 1.0
+    attention = _get(meta, f"{arch_key}.rope.scaling.attn_factor", "float", path, default=None)
+    if attention is None:   # what transformers computes from the two context lengths
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling("longrope", factor=factor, original_context_length=original, short_factor=short,
+                       long_factor=long, attention_factor=attention)
+
+
 def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None:
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        context = _get(meta, f"{arch_key}.context_length", "int", path, default=2048)
+        return _longrope(meta, arch_key, tensors, path, context)
     kind = _get(meta, f"{arch_key}.rope.scaling.type", "str", path, default=None)
     factor_key = f"{arch_key}.rope.scaling.factor"
     if kind is None and f"{arch_key}.rope.scale_linear" in meta:  # older llama.cpp files
@@ -389,7 +421,10 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np
 
 
 # ModelConfig field -> the `{arch}.` metadata key it comes from, for error messages
-_GGUF_KEYS = {"hidden_size": "embedding_length", "num_layers": "block_count", "num_heads": "attention.head_count",
+_GGUF_KEYS = {"sliding_window": "attention.sliding_window", "attn_softcap": "attn_logit_softcapping",
+              "final_softcap": "final_logit_softcapping", "rope_local_theta": "rope.freq_base_swa",
+              "rope_dim": "rope.dimension_count", "query_pre_attn_scalar": "attention.key_length",
+              "hidden_size": "embedding_length", "num_layers": "block_count", "num_heads": "attention.head_count",
               "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
               "intermediate_size": "feed_forward_length", "norm_eps": "attention.layer_norm_rms_epsilon",
               "rope_theta": "rope.freq_base", "context_length": "context_length"}
@@ -449,6 +484,7 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
             bos_token_id=bos,
             eos_token_ids=eos_ids,
             add_bos=default_add_bos(arch, bos) if add_bos is None else add_bos,
+            **_family_fields(meta, arch, arch_key, layers, hidden, heads, head_dim, path),
         )
     except ModelFormatError:
         raise
@@ -459,12 +495,61 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
         else:
             where = {"vocab_size": "token_embd.weight rows", "bos_token_id": "tokenizer.ggml.bos_token_id",
                      "eos_token_ids": "tokenizer.ggml.eos_token_id (or eot/eom)"}.get(e.field)
-            where = where or f"{arch_key}.{_GGUF_KEYS[e.field]}"
+            where = where or f"{arch_key}.{_GGUF_KEYS.get(e.field, e.field)}"
         raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
     except ValueError as e:  # ModelConfig's own consistency checks
         raise DamagedFileError(f"inconsistent model metadata: {e}", path=path) from None
 
 
+# Keys we write where llama.cpp derives a value by its own rule (Gemma's attention scale from the model size)
+REALIZAR_QUERY_SCALAR = "realizar.attention.query_pre_attn_scalar"
+# llama.cpp's fixed layer patterns (every n-th layer attends globally) and defaults, by architecture
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def llamacpp_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float:
+    """The query_pre_attn_scalar llama.cpp assumes for a Gemma model (hidden / heads for the 27B sizes)."""
+    return float(hidden // heads if layers == GEMMA_27B_LAYERS.get(arch) else head_dim)
+
+
+def _family_fields(meta, arch, arch_key, layers, hidden, heads, head_dim, path) -> dict:
+    """The ModelConfig fields beyond the llama block, from the keys llama.cpp's converter writes."""
+    def key(name, kind, **kw):
+        return _get(meta, f"{arch_key}.{name}", kind, path, **kw)
+
+    fields = {}
+    window = key("attention.sliding_window", "int", default=4096 if arch == "gemma2" else None)
+    if window is not None and window > 0:
+        fields["sliding_window"] = window
+        pattern = meta.get(f"{arch_key}.attention.sliding_window_pattern")
+        if pattern is None and arch in GEMMA_SWA_PATTERN:
+            pattern = GEMMA_SWA_PATTERN[arch]
+        if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            pattern = [bool((i + 1) % pattern) for i in range(layers)]   # llama.cpp's set_swa_pattern(n)
+        if pattern is not None:
+            if not (isinstance(pattern, list) and len(pattern) == layers and all(isinstance(b, bool) for b in pattern)):
+                raise DamagedFileError(f"metadata {arch_key}.attention.sliding_window_pattern = {pattern!r:.60} must "
+                                       f"be a positive integer or {layers} booleans", path=path)
+            fields["layer_types"] = tuple("sliding_attention" if b else "full_attention" for b in pattern)
+    dim = key("rope.dimension_count", "int", default=None)
+    if dim is not None and dim != head_dim:
+        fields["rope_dim"] = dim
+    if arch in GEMMA_SWA_PATTERN:
+        fields["final_softcap"] = key("final_logit_softcapping", "float", default=30.0 if arch == "gemma2" else None)
+        if arch == "gemma2":   # llama.cpp soft-caps Gemma 2's attention always (50 unless the key says)
+            fields["attn_softcap"] = key("attn_logit_softcapping", "float", default=50.0)
+        fields["query_pre_attn_scalar"] = _get(meta, REALIZAR_QUERY_SCALAR, "float", path, default=None) or \
+            llamacpp_query_scalar(arch, layers, hidden, heads, head_dim)
+        for name in ("final_softcap", "attn_softcap"):
+            if fields.get(name) == 0.0:
+                fields[name] = None
+    if arch == "gemma3":
+        fields["rope_local_theta"] = key("rope.freq_base_swa", "float", default=10000.0)
+    return fields
+
+
 def default_add_bos(arch: str, bos_token_id) -> bool:
-    """When the tokenizer does not say: Llama/Mistral prepend BOS, Qwen does not."""
-    return bos_token_id is not None and arch in ("llama", "mistral")
+    """When the tokenizer does not say: Llama/Mistral/Gemma/Phi-3 prepend BOS (SentencePiece vocabularies, as
+    llama.cpp defaults them), Qwen and OLMo 2 do not."""
+    return bos_token_id is not None and arch in ("llama", "mistral", "gemma2", "gemma3", "phi3")

@@ -27,12 +27,16 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..quant.types import qtype_info, row_bytes
-from .roles import GGUF_QK_PERMUTED_ARCHS, ROLES, tensor_name
-from .gguf_file import REALIZAR_ROPE_PREFIX, llama3_rope_factors
+from .roles import GGUF_QK_PERMUTED_ARCHS, NORM_ROLES, NORM_SHIFT, roles_of, tensor_name
+from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_PREFIX, llama3_rope_factors,
+                        llamacpp_query_scalar)
 
 logger = logging.getLogger(__name__)
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
+# llama.cpp's graphs that apply {arch}.attention.sliding_window (llama/qwen2/qwen3 ignore it)
+_SWA_ARCHS = ("phi3", "gemma2", "gemma3")
 _FT = gguf.LlamaFileType
 # quant -> (the type of 2-D tensors before llama-quantize's mix and fallbacks, general.file_type)
 _QUANTS = {"f32": ("F32", _FT.ALL_F32), "f16": ("F16", _FT.MOSTLY_F16), "bf16": ("BF16", _FT.MOSTLY_BF16),
@@ -73,6 +77,8 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
             qtype = "Q6_K"
         elif role in ("wv", "w_down") and use_more_bits(layer, num_layers):
             qtype = "Q6_K"
+        elif role == "wqkv":   # llama-quantize: attn_qkv gets Q5_K in Q4_K_M files
+            qtype = "Q5_K"
     fitted = fit_qtype(qtype, shape[-1])
     if fitted != qtype and tensor is not None:
         logger.warning("%s: rows of %d values are not a whole number of %s blocks (%d values); writing it as %s",
@@ -102,21 +108,25 @@ class _Planned:
 def _plan(src, role_map, quant: str) -> list[_Planned]:
     c = src.config
     has_output = ("lm_head", None) in role_map and not c.tie_embeddings
+    arch = c.architecture
     order = [("embed", None)]
     if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
         order.append(("rope_freqs", None))
+    if c.rope_scaling is not None and c.rope_scaling.kind == "longrope":
+        order += [("rope_factors_long", None), ("rope_factors_short", None)]
+    roles = roles_of(arch)
     for i in range(c.num_layers):
-        order += [(r, i) for r in ROLES if ROLES[r].per_layer and (r, i) in role_map]
+        order += [(r, i) for r in roles if roles[r].per_layer and (r, i) in role_map]
     order += [("final_norm", None)] + ([("lm_head", None)] if has_output else [])
     plan = []
     for role, layer in order:
-        if role == "rope_freqs":
-            shape = (c.head_dim // 2,)
-            plan.append(_Planned("rope_freqs.weight", role, None, None, shape, "F32"))
+        if role in ("rope_freqs", "rope_factors_long", "rope_factors_short"):   # made from the config
+            shape = (c.head_dim // 2,) if role == "rope_freqs" else (c.rotary_dim // 2,)
+            plan.append(_Planned(tensor_name(role, "gguf", None, arch), role, None, None, shape, "F32"))
             continue
         hf_name = role_map[(role, layer)]
         shape = tuple(src.tensors[hf_name].shape)
-        name = tensor_name(role, "gguf", layer)
+        name = tensor_name(role, "gguf", layer, arch)
         plan.append(_Planned(name, role, layer, hf_name, shape,
                              plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name)))
     return plan
@@ -126,9 +136,13 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
     """The planned tensor's data as the array GGUFWriter writes (dense typed, or uint8 blocks)."""
     from ..quant.quantize import quantize
     c = src.config
+    if p.role in ("rope_factors_long", "rope_factors_short"):
+        return np.asarray(c.rope_scaling.factors(p.role == "rope_factors_long"), np.float32)
     if p.source is None:
         return llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
     x = np.asarray(src.tensors[p.source].data, dtype=np.float32)
+    if p.role in NORM_ROLES and c.architecture in NORM_SHIFT:   # llama.cpp stores Gemma's norms as 1 + w
+        x = x + np.float32(NORM_SHIFT[c.architecture])
     if GGUF_ARCH[c.architecture] in GGUF_QK_PERMUTED_ARCHS:
         if p.role in ("wq", "bq"):
             x = permute_qk(x, c.num_heads)
@@ -157,13 +171,17 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
     w.add_head_count_kv(c.num_kv_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(c.rotary_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
+    _family_metadata(w, src)
     s = c.rope_scaling
     if s is not None and s.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s.factor)
+    elif s is not None and s.kind == "longrope" and arch != "phi3":
+        raise ModelFormatError(f"longrope rope scaling on a {c.architecture} model cannot be written as GGUF",
+                               path=src.path)
     elif s is not None and s.kind == "llama3":
         if arch != "llama":
             raise ModelFormatError(f"llama3 rope scaling on a {c.architecture} model cannot be written as GGUF",
@@ -177,6 +195,56 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
             w.add_array(key, value)
         else:
             w.add_key_value(key, value, vtype)
+
+
+def _family_metadata(w: gguf.GGUFWriter, src) -> None:
+    """The keys llama.cpp's converter writes for the features beyond the llama block (sliding windows,
+    soft-capping, Phi-3's longrope, Gemma 3's local RoPE base), and ours where llama.cpp has none."""
+    c, arch = src.config, src.config.architecture
+    if c.architecture == "phi3":   # llama.cpp tells Phi-4 (no window) from Phi-3 by a zero window
+        w.add_sliding_window(c.sliding_window or 0)
+        s = c.rope_scaling
+        w.add_rope_scaling_orig_ctx_len(s.original_context_length if s is not None and s.kind == "longrope"
+                                        else c.context_length)
+        if s is not None and s.kind == "longrope":
+            w.add_rope_scaling_attn_factors(s.attention_factor)
+    elif c.sliding_window is not None:
+        w.add_sliding_window(c.sliding_window)
+        if arch not in _SWA_ARCHS:
+            logger.warning("%s: llama.cpp's %s graph has no sliding window; it will attend to the whole context",
+                           src.path, GGUF_ARCH[arch])
+    if c.layer_types is not None and c.sliding_window is not None:
+        pattern = [c.sliding(i) for i in range(c.num_layers)]
+        w.add_sliding_window_pattern(pattern)
+        n = GEMMA_SWA_PATTERN.get(arch)
+        if n is not None and pattern != [bool((i + 1) % n) for i in range(c.num_layers)]:
+            logger.warning("%s: llama.cpp fixes %s's sliding layers to every %d-th global; this model's differ",
+                           src.path, arch, n)
+    if arch == "gemma2":
+        if not c.tie_embeddings:
+            raise ModelFormatError("a Gemma 2 model with its own lm_head cannot be written as GGUF: llama.cpp's "
+                                   "gemma2 ties the head to the embedding", path=src.path)
+        if c.attn_softcap is None or c.final_softcap is None:
+            raise ModelFormatError("a Gemma 2 model without soft-capping cannot be written as GGUF: llama.cpp "
+                                   "always soft-caps gemma2", path=src.path)
+        w.add_attn_logit_softcapping(c.attn_softcap)
+        w.add_final_logit_softcapping(c.final_softcap)
+    if arch == "gemma3":
+        if c.attn_softcap is not None:
+            raise ModelFormatError("attention soft-capping on a Gemma 3 model cannot be written as GGUF (llama.cpp's "
+                                   "gemma3 has none)", path=src.path)
+        if c.final_softcap is not None:
+            w.add_final_logit_softcapping(c.final_softcap)
+        w.add_rope_freq_base_swa(c.rope_local_theta)
+        if c.rope_local_theta != 10000.0:
+            logger.warning("%s: llama.cpp fixes gemma3's local RoPE base to 10000; this model's is %s", src.path,
+                           c.rope_local_theta)
+    if arch in GEMMA_SWA_PATTERN:
+        rule = llamacpp_query_scalar(arch, c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
+        if c.query_pre_attn_scalar != rule:
+            w.add_float32(REALIZAR_QUERY_SCALAR, c.query_pre_attn_scalar)
+            logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", src.path,
+                           c.query_pre_attn_scalar, rule)
 
 
 def _tokenizer_fields(hf_dir: Path):

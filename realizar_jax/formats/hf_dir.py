@@ -17,7 +17,7 @@ import ml_dtypes  # registers bfloat16 with numpy, which the safetensors library
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..config import ConfigValueError, ModelConfig, RopeScaling
+from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .files import MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, open_regular, present, read_bounded
 from .roles import canonical_architecture
@@ -174,28 +174,84 @@ def _tensors(folder: Path) -> dict[str, TensorSource]:
 
 # ---- ModelConfig from config.json ----------------------------------------------------------------
 
-def _rope(cfg: dict, path) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from the transformers<5 (`rope_theta`, `rope_scaling`) or >=5 (`rope_parameters`) form."""
+def _rope_dicts(cfg: dict) -> tuple[dict, dict | None]:
+    """(the global RoPE parameters, the sliding layers' or None) from the transformers<5 (`rope_theta`,
+    `rope_scaling`) or >=5 (`rope_parameters`, nested by layer type for Gemma 3) form."""
     params = cfg.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    local = None
+    if any(t in params for t in LAYER_TYPES):
+        local = params.get("sliding_attention")
+        local = local if isinstance(local, dict) else {}
+        params = params.get("full_attention")
+        params = params if isinstance(params, dict) else {}
     scaling = cfg.get("rope_scaling")
-    if isinstance(params, dict) and not isinstance(scaling, dict):
-        scaling = params
-    theta = cfg.get("rope_theta", (params or {}).get("rope_theta", 10000.0) if isinstance(params, dict) else 10000.0)
-    if not isinstance(scaling, dict):
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if isinstance(scaling, dict):
+        params = {**params, **scaling}
+    return params, local
+
+
+def _rope(cfg: dict, path, arch: str = "llama") -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of the global (full-attention) layers."""
+    params, _ = _rope_dicts(cfg)
+    default_theta = 1_000_000.0 if arch == "gemma3" else 10000.0
+    theta = cfg.get("rope_theta", params.get("rope_theta", default_theta))
+    kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind in ("linear", "llama3") and "factor" not in scaling:
-        raise DamagedFileError(f"config.json rope scaling {scaling!r:.120} has no factor", path=path)
+    if kind in ("linear", "llama3") and "factor" not in params:
+        raise DamagedFileError(f"config.json rope scaling {params!r:.120} has no factor", path=path)
     if kind == "linear":
-        return theta, RopeScaling("linear", factor=scaling["factor"])
+        return theta, RopeScaling("linear", factor=params["factor"])
     if kind == "llama3":  # RopeScaling checks each value
-        return theta, RopeScaling("llama3", factor=scaling["factor"],
-                                  low_freq_factor=scaling.get("low_freq_factor", 1.0),
-                                  high_freq_factor=scaling.get("high_freq_factor", 4.0),
-                                  original_context_length=scaling.get("original_max_position_embeddings", 8192))
-    raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3)", path=path)
+        return theta, RopeScaling("llama3", factor=params["factor"],
+                                  low_freq_factor=params.get("low_freq_factor", 1.0),
+                                  high_freq_factor=params.get("high_freq_factor", 4.0),
+                                  original_context_length=params.get("original_max_position_embeddings", 8192))
+    if kind in ("longrope", "su"):   # Phi-3 ('su' is its older name); transformers' _compute_longrope_parameters
+        for key in ("short_factor", "long_factor"):
+            if not isinstance(params.get(key), list):
+                raise DamagedFileError(f"config.json rope scaling {kind} needs a list {key}", path=path)
+        # transformers gives Phi-3's top-level original_max_position_embeddings priority
+        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") \
+            or cfg.get("max_position_embeddings")
+        factor = params.get("factor")
+        if factor is None and _is_int(original) and original > 0 and _is_int(cfg.get("max_position_embeddings")):
+            factor = cfg["max_position_embeddings"] / original
+        factor = 1.0 if factor is None else factor
+        attention = params.get("attention_factor")
+        if attention is None:
+            try:
+                attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+            except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+                attention = math.nan   # RopeScaling names the bad value
+        return theta, RopeScaling("longrope", factor=factor, original_context_length=original,
+                                  short_factor=tuple(params["short_factor"]), long_factor=tuple(params["long_factor"]),
+                                  attention_factor=attention)
+    raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3, longrope)",
+                           path=path)
+
+
+def _rope_local_theta(cfg: dict, path) -> float:
+    """Gemma 3's RoPE base of the sliding layers (unscaled)."""
+    _, local = _rope_dicts(cfg)
+    local = local or {}
+    kind = local.get("rope_type", local.get("type", "default"))
+    if kind != "default":
+        raise ModelFormatError(f"rope scaling {kind!r:.40} on the sliding layers is not supported", path=path)
+    return local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))
+
+
+def _rope_dim(cfg: dict, head_dim, path) -> int | None:
+    """The rotated dimensions per head when partial_rotary_factor < 1 (Phi-4-mini), else None."""
+    params, _ = _rope_dicts(cfg)
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if factor is None or factor == 1.0 or not _is_int(head_dim):
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise DamagedFileError(f"config.json partial_rotary_factor = {factor!r:.40} must be a number in (0, 1]",
+                               path=path)
+    return int(head_dim * factor)
 
 
 def _obj(value) -> dict:
@@ -243,7 +299,9 @@ def _ids(value) -> list[int]:
 
 
 # ModelConfig field -> the config.json key it comes from, for error messages
-_HF_KEYS = {"norm_eps": "rms_norm_eps", "eos_token_ids": "eos_token_id", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
+_HF_KEYS = {"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+            "rope_local_theta": "rope_local_base_freq", "rope_dim": "partial_rotary_factor",
+            "norm_eps": "rms_norm_eps", "eos_token_ids": "eos_token_id", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
             "rope_scaling.original_context_length": "rope_scaling.original_max_position_embeddings"}
 
@@ -272,6 +330,11 @@ _TYPES = {
         "rope_parameters": (lambda v: isinstance(v, dict), "an object"),
         "bos_token_id": (_is_int, "an integer"),
         "eos_token_id": (_is_ids, "an integer or a list of integers"),
+        "layer_types": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
+        "hidden_act": (lambda v: isinstance(v, str), "a string"),
+        "hidden_activation": (lambda v: isinstance(v, str), "a string"),
+        "use_sliding_window": (lambda v: isinstance(v, bool), "true or false"),
+        "use_bidirectional_attention": (lambda v: isinstance(v, bool), "true or false"),
     },
     "generation_config.json": {
         "bos_token_id": (_is_int, "an integer"),
@@ -330,7 +393,8 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
                                            and heads > 0 else 0)
-        theta, scaling = _rope(cfg, path)
+        theta, scaling = _rope(cfg, path, arch)
+        layers = cfg["num_hidden_layers"]
         embed = tensors.get("model.embed_tokens.weight")
         return ModelConfig(
             architecture=arch,
@@ -345,12 +409,14 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
             rope_theta=theta,
             rope_scaling=scaling,
             context_length=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=cfg.get("tie_word_embeddings") is True,
+            # Gemma's transformers configs tie unless told otherwise
+            tie_embeddings=cfg.get("tie_word_embeddings", arch in ("gemma2", "gemma3")) is True,
             qkv_bias=arch == "qwen2" or cfg.get("attention_bias") is True,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "olmo2", "gemma3"),
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
             add_bos=add_bos,
+            **_family_fields(cfg, arch, layers, head_dim, path),
         )
     except ModelFormatError:
         raise
@@ -361,6 +427,65 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
         raise DamagedFileError(f"config.json lacks {e.args[0]!r}", path=path) from None
     except (TypeError, ValueError) as e:
         raise DamagedFileError(f"config.json is inconsistent: {e}", path=path) from None
+
+
+# transformers' defaults of the Gemma configs, for config.json files that leave a key out
+_GEMMA_DEFAULTS = {"gemma2": dict(sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                  query_pre_attn_scalar=256, sliding_window_pattern=2),
+                   "gemma3": dict(sliding_window=4096, attn_logit_softcapping=None, final_logit_softcapping=None,
+                                  query_pre_attn_scalar=256, sliding_window_pattern=6)}
+_ACTIVATIONS = {"gemma2": ("gelu_pytorch_tanh", "gelu_tanh"), "gemma3": ("gelu_pytorch_tanh", "gelu_tanh")}
+
+
+def _layer_types(cfg: dict, arch: str, layers, window, path) -> tuple[str, ...] | None:
+    """Which layers slide, as transformers decides it: config.json's layer_types, else Gemma's pattern (every
+    n-th layer global), Qwen2's max_window_layers (the layers from it on slide) or None (every layer slides)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        return tuple(types) if isinstance(types, list) else types   # ModelConfig checks the entries
+    if not _is_int(layers) or not 0 < layers <= MAX_SIZE:
+        return None   # ModelConfig names num_hidden_layers
+    if arch in _GEMMA_DEFAULTS:
+        n = cfg.get("sliding_window_pattern", _GEMMA_DEFAULTS[arch]["sliding_window_pattern"])
+        if not _is_int(n) or n < 1:
+            raise DamagedFileError(f"config.json sliding_window_pattern = {n!r:.40} must be a positive integer",
+                                   path=path)
+        return tuple("sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers))
+    if arch in ("qwen2", "qwen3") and window is not None:
+        first = cfg.get("max_window_layers", 0)
+        first = first if _is_int(first) else 0
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(layers))
+    return None
+
+
+def _family_fields(cfg: dict, arch: str, layers, head_dim, path) -> dict:
+    """The ModelConfig fields beyond the llama block: sliding windows, soft-capping, the attention scale,
+    Gemma 3's local RoPE base, partial RoPE."""
+    act = cfg.get("hidden_activation", cfg.get("hidden_act"))
+    allowed = _ACTIVATIONS.get(arch, ("silu",))
+    if act is not None and act not in allowed:
+        raise ModelFormatError(f"config.json activation {act!r:.40} is not supported for {arch} "
+                               f"(supported: {', '.join(allowed)})", path=path)
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelFormatError("use_bidirectional_attention (an embedding model) is not supported", path=path)
+    defaults = _GEMMA_DEFAULTS.get(arch, {})
+    get = lambda key: cfg.get(key, defaults.get(key))   # noqa: E731
+    window = get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
+        window = None   # transformers: sliding_window only with use_sliding_window
+    if arch in ("llama", "olmo2"):
+        window = None   # no sliding window in these models' transformers code
+    fields = dict(sliding_window=window, layer_types=None, rope_dim=_rope_dim(cfg, head_dim, path))
+    if window is not None:
+        fields["layer_types"] = _layer_types(cfg, arch, layers, window, path)
+    if arch in _GEMMA_DEFAULTS:
+        fields.update(attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"),
+                      query_pre_attn_scalar=get("query_pre_attn_scalar"))
+        if window is None:
+            fields["layer_types"] = None
+    if arch == "gemma3":
+        fields["rope_local_theta"] = _rope_local_theta(cfg, path)
+    return fields
 
 
 def _check_tied_head(tensors: dict[str, TensorSource], folder: Path) -> None:

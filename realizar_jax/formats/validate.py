@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, UnsupportedQuantError
 from ..quant.types import qtype_info
-from .roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles
+from functools import lru_cache
+
+from .roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, tensor_name
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
 
@@ -16,11 +18,14 @@ IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 _SHOW = 5
 
 
-def _name_tables(fmt: str):
+@lru_cache(maxsize=None)
+def _name_tables(fmt: str, arch: str = "llama"):
     """global name -> role, and (prefix, suffix) -> role for per-layer templates like 'blk.{i}.attn_q.weight'."""
     global_names, layer_names = {}, {}
-    for role in ROLES.values():
+    for role in roles_of(arch).values():
         template = role.gguf if fmt == "gguf" else role.hf
+        if template is None:
+            continue
         if role.per_layer:
             prefix, suffix = template.split("{i}")
             layer_names.setdefault(prefix, {})[suffix] = role.name
@@ -29,9 +34,10 @@ def _name_tables(fmt: str):
     return global_names, layer_names
 
 
-def parse_tensor_name(name: str, fmt: str) -> RoleKey | None:
-    """(role, layer) for a tensor name of format `fmt` ('gguf' or 'hf'), or None if it is no role's."""
-    global_names, layer_names = _name_tables(fmt)
+def parse_tensor_name(name: str, fmt: str, arch: str = "llama") -> RoleKey | None:
+    """(role, layer) for a tensor name of format `fmt` ('gguf' or 'hf') of architecture `arch`, or None
+    if it is no role's."""
+    global_names, layer_names = _name_tables(fmt, arch)
     if name in global_names:
         return global_names[name], None
     for prefix, suffixes in layer_names.items():
@@ -60,7 +66,7 @@ def validate_roles(source) -> dict[RoleKey, str]:
     found: dict[RoleKey, str] = {}
     unknown = []
     for name in source.tensors:
-        key = parse_tensor_name(name, fmt)
+        key = parse_tensor_name(name, fmt, config.architecture)
         if key is None or (key[1] is not None and key[1] >= config.num_layers):
             if not name.endswith(IGNORABLE_SUFFIXES):
                 unknown.append(name)
@@ -77,26 +83,32 @@ def validate_roles(source) -> dict[RoleKey, str]:
         unused_roles |= {"bq", "bk", "bv"}
     if not config.qk_norm:
         unused_roles |= {"q_norm", "k_norm"}
+    if config.rope_scaling is None or config.rope_scaling.kind != "longrope":
+        unused_roles |= {"rope_factors_long", "rope_factors_short"}
     unused = [n for (role, _), n in found.items() if role in unused_roles]
     if unused:
         raise ModelFormatError(f"tensor(s) present that the config does not use (qkv_bias={config.qkv_bias}, "
-                               f"qk_norm={config.qk_norm}): {_listing(unused)}", path=path, tensor=unused[0])
+                               f"qk_norm={config.qk_norm}, rope scaling "
+                               f"{getattr(config.rope_scaling, 'kind', None)}): {_listing(unused)}",
+                               path=path, tensor=unused[0])
 
     missing = []
     wanted: list[RoleKey] = [(r, None) for r in required_global_roles(config)]
     for i in range(config.num_layers):
         roles = list(required_layer_roles(config))
         for fused, parts in FUSED.items():
+            if any(tensor_name(p, fmt, i, config.architecture) is None for p in parts if p in roles):
+                roles = [r for r in roles if r not in parts] + [fused]   # this format has only the fused tensor
             if (fused, i) in found:
                 clash = [p for p in parts if (p, i) in found]
                 if clash:
                     raise ModelFormatError(f"layer {i} has both the fused {fused} and separate {clash} tensors",
                                            path=path, tensor=found[(fused, i)])
-                roles = [r for r in roles if r not in parts] + [fused]
+                roles = [r for r in roles if r not in parts] + ([] if fused in roles else [fused])
         wanted += [(r, i) for r in roles]
     for role, layer in wanted:
         if (role, layer) not in found:
-            missing.append(ROLES[role].gguf.format(i=layer) if fmt == "gguf" else ROLES[role].hf.format(i=layer))
+            missing.append(tensor_name(role, fmt, layer, config.architecture) or role)
     if missing:
         raise MissingTensorError(f"{len(missing)} tensor(s) missing, first few: {_listing(missing)}",
                                  path=path, tensor=missing[0])

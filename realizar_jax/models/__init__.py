@@ -14,13 +14,14 @@ import jax.numpy as jnp
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..ops.attention import DecodeAttention, ExtendAttention, PrefillAttention
+from ..ops.attention import DecodeAttention, ExtendAttention, PrefillAttention, Rope
 from ..ops.fused import Stream
 from ..ops.routes import KernelConfig, using
 from ..weights import Params
-from . import llama
+from . import gemma, llama, olmo2
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
+                                   "olmo2": olmo2, "phi3": llama, "gemma2": gemma, "gemma3": gemma}
 
 
 def family(config: ModelConfig) -> ModuleType:
@@ -29,6 +30,13 @@ def family(config: ModelConfig) -> ModuleType:
     except KeyError:
         raise ValueError(f"no model family for architecture {config.architecture!r} "
                          f"(known: {', '.join(sorted(FAMILIES))})") from None
+
+
+def rope(params: Params, config: ModelConfig) -> Rope:
+    """The RoPE tables' parts: the weights' inverse frequencies, longrope's attention factor, Gemma 3's local ones."""
+    s = config.rope_scaling
+    factor = s.attention_factor if s is not None and s.kind == "longrope" else 1.0
+    return Rope(params.rope_inv_freq, factor, params.rope_local_inv_freq)
 
 
 def layers(params: Params, x, attention, config: ModelConfig):
@@ -58,8 +66,7 @@ def prefill_embeddings(params: Params, cache: KVCache, x, lengths, *, config: Mo
     """prefill() from input embeddings x [B, T, hidden] instead of token ids: what jax.grad differentiates
     for input attribution (weights, packed ones included, stay constants)."""
     with using(kernels):
-        attention = PrefillAttention.start(cache, params.rope_inv_freq, lengths, x.shape[1],
-                                               config.head_dim ** -0.5)
+        attention = PrefillAttention.start(cache, rope(params, config), lengths, x.shape[1], config.attn_scale)
         x, attention = layers(params, x, attention, config)
         if not all_logits:   # the head reads each prompt's last real position only
             last = jnp.take_along_axis(x.value(), jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
@@ -76,8 +83,8 @@ def extend(params: Params, cache: KVCache, tokens, start, lengths, *, config: Mo
     fam = family(config)
     with using(kernels):
         x = fam.embed(params, tokens, config, dtype)
-        attention = ExtendAttention.begin(cache, params.rope_inv_freq, start, lengths, tokens.shape[1],
-                                          config.head_dim ** -0.5)
+        attention = ExtendAttention.begin(cache, rope(params, config), start, lengths, tokens.shape[1],
+                                          config.attn_scale)
         x, attention = layers(params, x, attention, config)
         last = jnp.take_along_axis(x.value(), jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         return fam.head(params, Stream(last), config), attention.cache()
@@ -90,6 +97,6 @@ def decode_logits(params: Params, cache: KVCache, tokens, *, config: ModelConfig
     fam = family(config)
     with using(kernels):
         x = fam.embed(params, tokens, config, dtype)
-        attention = DecodeAttention.start(cache, params.rope_inv_freq, config.head_dim ** -0.5)
+        attention = DecodeAttention.start(cache, rope(params, config), config.attn_scale)
         x, attention = layers(params, x, attention, config)
         return fam.head(params, x, config), attention.cache()

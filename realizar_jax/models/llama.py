@@ -1,4 +1,5 @@
-"""The llama family: llama, mistral, qwen2 (biases on q/k/v) and qwen3 (RMSNorm on q and k per head).
+"""The llama family: llama, mistral (sliding window), qwen2 (biases on q/k/v), qwen3 (RMSNorm on q and k
+per head) and phi3 (whose fused qkv / gate_up tensors the weights builder splits, longrope RoPE).
 
 A family module gives the three parts the layer loop (models/__init__.py) runs: `embed`, `block`
 and `head`, written from ops/ only. The block is the pre-norm transformer block,
@@ -40,8 +41,8 @@ def block(lp: LayerParams, x: Stream, attention, config: ModelConfig, activation
     """-> (the block's output stream, attention with this layer's cache written)."""
     with jax.named_scope("qkv"):
         x, q, k, v = attention_inputs(lp, x, config)
-    with jax.named_scope("attention"):
-        attn_out, attention = attention(q, k, v, lp.wo)
+    with jax.named_scope("attention"):   # Mistral: a sliding window (on every layer)
+        attn_out, attention = attention(q, k, v, lp.wo, window=config.window(attention.layer))
     h = x + attn_out
     with jax.named_scope("mlp"):
         h, mlp_out = norm_mlp(h, lp.ffn_norm, config.norm_eps, lp.w_gate, lp.w_up, lp.w_down, activation)

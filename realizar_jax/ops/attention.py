@@ -5,6 +5,11 @@ positions already cached) and `DecodeAttention` (one token per sequence at its p
 updated)`, with q/k/v the block's projections before RoPE. Decode asks the route table for the fused
 kernel (RoPE, cache write and attention in one launch, the merge in the o projection's prep); the
 jnp functions here are the reference and the CPU path.
+
+Per-call features (static, chosen by the block): `window=w` (a query at position i sees keys i-w+1..i;
+the cache keeps every position, the window is a mask), `softcap=c` (logits -> c * tanh(logits / c), as
+Gemma 2), `rope="local"` (the second RoPE table, Gemma 3's sliding layers). The decode kernel route
+declines them (and partial RoPE); then the reference runs.
 """
 from __future__ import annotations
 
@@ -23,20 +28,28 @@ from .routes import route
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
 
-def decode_attention_ref(q, k_cache, v_cache, lengths, scale):
+def _softcap(scores, softcap):
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, scale, window=None, softcap=None):
     """q [B, Hq, D]; k/v_cache [B, Hkv, S, D]; lengths [B] valid positions (incl. current). -> [B, Hq, D]."""
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) * scale
-    valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
+    scores = _softcap(jnp.einsum("bhgd,bhsd->bhgs", qg, k_cache.astype(jnp.float32)) * scale, softcap)
+    j = jnp.arange(s)[None, :]
+    valid = j < lengths[:, None]  # [B, S]
+    if window is not None:   # the query sits at lengths - 1
+        valid &= j >= lengths[:, None] - window
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhgs,bhsd->bhgd", probs, v_cache.astype(jnp.float32))
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
-def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int):
+def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, window=None,
+                                softcap=None):
     """One decode step's attention with its cache update, in XLA ops.
 
     q [B, Hq, D], k/v [B, Hkv, D]: the new token's projections before RoPE; k/v_cache: the stacks
@@ -48,20 +61,25 @@ def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale,
     rows = jnp.arange(q.shape[0])
     k_cache = k_cache.at[layer, rows, :, pos].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[layer, rows, :, pos].set(v.astype(v_cache.dtype))
-    return decode_attention_ref(q, k_cache[layer], v_cache[layer], pos + 1, scale), k_cache, v_cache
+    return (decode_attention_ref(q, k_cache[layer], v_cache[layer], pos + 1, scale, window, softcap),
+            k_cache, v_cache)
 
 
-def prefill_attention(q, k, v, lengths, scale):
+def prefill_attention(q, k, v, lengths, scale, window=None, softcap=None):
     """Causal attention within a prompt. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B]. -> [B, T, Hq, D].
 
-    Key j is visible to query i when j <= i and j < lengths[b]; padded queries compute junk nobody reads.
+    Key j is visible to query i when j <= i (and i - j < window) and j < lengths[b]; padded queries compute
+    junk nobody reads.
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) * scale
+    scores = _softcap(jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32)) * scale, softcap)
     pos = jnp.arange(t)
-    visible = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < lengths[:, None, None])  # [B, T, S]
+    causal = pos[None, :] <= pos[:, None]
+    if window is not None:
+        causal &= pos[None, :] > pos[:, None] - window
+    visible = causal[None] & (pos[None, None, :] < lengths[:, None, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
@@ -69,18 +87,46 @@ def prefill_attention(q, k, v, lengths, scale):
 
 
 @dataclass(frozen=True)
+class Rope:
+    """What the RoPE tables are made of: inverse frequencies (float32 [R / 2], R the rotated dimensions of a
+    head), the attention factor multiplying cos and sin (longrope), and the sliding layers' own
+    frequencies (None: they share the global ones)."""
+    inv_freq: jax.Array
+    attention_factor: float = 1.0
+    local_inv_freq: jax.Array | None = None
+
+    def tables(self, positions):
+        """((cos, sin), (cos, sin) of the local frequencies or None) at integer positions [...]."""
+        glob = rope_tables(self.inv_freq, positions, self.attention_factor)
+        local = None if self.local_inv_freq is None else rope_tables(self.local_inv_freq, positions)
+        return glob, local
+
+
+def _as_rope(rope) -> Rope:
+    return rope if isinstance(rope, Rope) else Rope(rope)
+
+
+@dataclass(frozen=True)
 class _Attention:
-    """The cache stacks k/v [L, B, Hkv, S, D], the RoPE tables of the positions being computed, and
-    the layer (static) the next call reads and writes."""
+    """The cache stacks k/v [L, B, Hkv, S, D], the RoPE tables of the positions being computed (and a
+    second pair for rope="local" calls, or None), and the layer (static) the next call reads and writes."""
     k: jax.Array
     v: jax.Array
     cos: jax.Array
     sin: jax.Array
     scale: float = field(metadata=dict(static=True))
     layer: int = field(default=0, metadata=dict(static=True))
+    local: tuple | None = None
 
     def at_layer(self, layer: int):
         return dataclasses.replace(self, layer=layer)
+
+    def _tables(self, rope: str):
+        if rope == "global":
+            return self.cos, self.sin
+        if rope == "local" and self.local is not None:
+            return self.local
+        raise ValueError(f"attention: rope must be 'global' or 'local' (with local frequencies), got {rope!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -90,19 +136,22 @@ class PrefillAttention(_Attention):
     lengths: jax.Array = None
 
     @classmethod
-    def start(cls, cache: KVCache, inv_freq, lengths, t: int, scale: float) -> "PrefillAttention":
+    def start(cls, cache: KVCache, rope, lengths, t: int, scale: float) -> "PrefillAttention":
+        """rope: a Rope, or the inverse frequencies alone."""
         b = lengths.shape[0]
-        cos, sin = rope_tables(inv_freq, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-        return cls(cache.k, cache.v, cos, sin, scale, 0, lengths)
+        (cos, sin), local = _as_rope(rope).tables(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        return cls(cache.k, cache.v, cos, sin, scale, 0, local, lengths)
 
-    def __call__(self, q, k, v, wo):
+    def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
+                 rope: str = "global"):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D] before RoPE -> (attention @ wo.T [B, T, hidden], self updated)."""
+        cos, sin = self._tables(rope)
         with jax.named_scope("rope"):
-            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
         ks = self.k.at[self.layer, :, :, :t].set(k.swapaxes(1, 2).astype(self.k.dtype))
         vs = self.v.at[self.layer, :, :, :t].set(v.swapaxes(1, 2).astype(self.v.dtype))
-        out = prefill_attention(q, k, v, self.lengths, self.scale)
+        out = prefill_attention(q, k, v, self.lengths, self.scale, window, softcap)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, t, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
@@ -111,19 +160,21 @@ class PrefillAttention(_Attention):
         return KVCache(self.k, self.v, self.lengths.astype(jnp.int32))
 
 
-def extend_attention(q, k_cache, v_cache, start, lengths, scale):
+def extend_attention(q, k_cache, v_cache, start, lengths, scale, window=None, softcap=None):
     """A prompt chunk's attention over the cache. q [B, C, Hq, D] at positions start + i; k/v_cache
     [B, Hkv, S, D] already holding the chunk; lengths [B] valid tokens of the chunk. -> [B, C, Hq, D].
 
-    Key j is visible to query i when j <= start + i and j < start + lengths[b].
+    Key j is visible to query i when j <= start + i (and start + i - j < window) and j < start + lengths[b].
     """
     b, c, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, c, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("bchgd,bhsd->bhgcs", qg, k_cache.astype(jnp.float32)) * scale
+    scores = _softcap(jnp.einsum("bchgd,bhsd->bhgcs", qg, k_cache.astype(jnp.float32)) * scale, softcap)
     qpos = start[:, None] + jnp.arange(c)[None, :]                       # [B, C]
     j = jnp.arange(s)
     visible = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < (start + lengths)[:, None, None])
+    if window is not None:
+        visible &= j[None, None, :] > qpos[:, :, None] - window
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhgcs,bhsd->bchgd", probs, v_cache.astype(jnp.float32))
@@ -139,20 +190,23 @@ class ExtendAttention(_Attention):
     lengths: jax.Array = None
 
     @classmethod
-    def begin(cls, cache: KVCache, inv_freq, start, lengths, c: int, scale: float) -> "ExtendAttention":
-        cos, sin = rope_tables(inv_freq, start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :])
-        return cls(cache.k, cache.v, cos, sin, scale, 0, start, lengths)
+    def begin(cls, cache: KVCache, rope, start, lengths, c: int, scale: float) -> "ExtendAttention":
+        (cos, sin), local = _as_rope(rope).tables(start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :])
+        return cls(cache.k, cache.v, cos, sin, scale, 0, local, start, lengths)
 
-    def __call__(self, q, k, v, wo):
+    def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
+                 rope: str = "global"):
+        cos, sin = self._tables(rope)
         with jax.named_scope("rope"):
-            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, c = q.shape[:2]
         rows = jnp.arange(b)[:, None]
         pos = self.start[:, None] + jnp.arange(c)[None, :]               # [B, C]
         # k/v [B, C, Hkv, D] land at cache[layer, b, :, pos]; padding past max_seq_len is dropped
         ks = self.k.at[self.layer, rows, :, pos].set(k.astype(self.k.dtype), mode="drop")
         vs = self.v.at[self.layer, rows, :, pos].set(v.astype(self.v.dtype), mode="drop")
-        out = extend_attention(q, ks[self.layer], vs[self.layer], self.start, self.lengths, self.scale)
+        out = extend_attention(q, ks[self.layer], vs[self.layer], self.start, self.lengths, self.scale, window,
+                               softcap)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, c, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
@@ -168,18 +222,21 @@ class DecodeAttention(_Attention):
     pos: jax.Array = None
 
     @classmethod
-    def start(cls, cache: KVCache, inv_freq, scale: float) -> "DecodeAttention":
-        cos, sin = rope_tables(inv_freq, cache.lengths)   # [B, D], shared by the layers
-        return cls(cache.k, cache.v, cos, sin, scale, 0, cache.lengths)
+    def start(cls, cache: KVCache, rope, scale: float) -> "DecodeAttention":
+        (cos, sin), local = _as_rope(rope).tables(cache.lengths)   # [B, R], shared by the layers
+        return cls(cache.k, cache.v, cos, sin, scale, 0, local, cache.lengths)
 
-    def __call__(self, q, k, v, wo):
+    def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
+                 rope: str = "global"):
         """q [B, Hq, D], k/v [B, Hkv, D] before RoPE -> (attention @ wo.T [B, hidden] (maybe a
         SplitSum), self with k/v written at pos)."""
-        args = (q, k, v, self.k, self.v, self.pos, self.cos, self.sin, self.scale, self.layer)
+        cos, sin = self._tables(rope)
+        args = (q, k, v, self.k, self.v, self.pos, cos, sin, self.scale, self.layer)
         kernel = route("decode_attention", q.shape[0], wo)
-        res = kernel(*args, wo, partial(linear, unsummed=True)) if kernel is not None else None
+        res = (kernel(*args, wo, partial(linear, unsummed=True), window=window, softcap=softcap)
+               if kernel is not None else None)
         if res is None:
-            out, ks, vs = decode_attention_update_ref(*args)
+            out, ks, vs = decode_attention_update_ref(*args, window, softcap)
             with jax.named_scope("o"):
                 res = linear(out.reshape(out.shape[0], -1), wo, unsummed=True), ks, vs
         y, ks, vs = res

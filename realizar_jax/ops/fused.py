@@ -1,4 +1,5 @@
-"""The residual stream and the ops around it: `Stream`, `norm_linear`, `norm_mlp`.
+"""The residual stream and the ops around it: `Stream`, `norm_linear`, `norm_mlp`, and the norm-less
+`project` / `mlp` of blocks without pre-norms (OLMo 2).
 
 A block reads as the reference (`h = x + attn(norm(x)); out = h + mlp(norm(h))`): `x + delta` on a
 Stream records the delta, and the next norm op adds it. On the GPU's decode route that add runs
@@ -90,4 +91,23 @@ def norm_mlp(stream, norm_weight, eps: float, w_gate, w_up, w_down, activation: 
     if res is not None:
         return Stream(res[0]), res[1]
     stream, (gate, up) = norm_linear(stream, norm_weight, eps, (w_gate, w_up))
+    return stream, linear(ACTIVATIONS[activation](gate, up), w_down, unsummed=True)
+
+
+def project(stream, ws) -> tuple[Stream, list]:
+    """(the stream with its delta added, [linear(stream, w) for w in ws]): projections without a pre-norm."""
+    stream = as_stream(stream)
+    x = stream.value()
+    return Stream(x), linear_many(x, ws)
+
+
+def mlp(stream, w_gate, w_up, w_down, activation: str = "silu") -> tuple:
+    """(the stream with its delta added, the gated MLP of the stream itself, no pre-norm):
+    linear(act(gate) * up, w_down), maybe a SplitSum."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mlp: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if w_gate.shape != w_up.shape or w_down.shape[1] != w_gate.shape[0]:
+        raise ValueError(f"mlp: gate {tuple(w_gate.shape)}, up {tuple(w_up.shape)} and down "
+                         f"{tuple(w_down.shape)} do not chain")
+    stream, (gate, up) = project(stream, (w_gate, w_up))
     return stream, linear(ACTIVATIONS[activation](gate, up), w_down, unsummed=True)
