@@ -25,12 +25,14 @@ from ..kernels.tuning import KernelConfig, parse_variant as parse_kernel_variant
 from ..weights import param_bytes
 
 
-def copy_bandwidth(gib: float = 1.0) -> float:
-    """Device copy bandwidth in GB/s (bytes read + written) of a large elementwise op."""
+def _bandwidth(gib: float, op, bytes_per_element: int) -> float:
+    """GB/s of the jitted `op` over `gib` GiB of bf16 (median of 10 runs after a warm-up), counting
+    bytes_per_element bytes moved per element."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((int(gib * (1 << 30)) // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
+    n = int(gib * (1 << 30)) // 2
+    a = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(op)
     jax.block_until_ready(f(a))
     ts = []
     for _ in range(10):
@@ -38,26 +40,20 @@ def copy_bandwidth(gib: float = 1.0) -> float:
         jax.block_until_ready(f(a))
         ts.append(time.perf_counter() - t)
     del a
-    return 2 * (int(gib * (1 << 30)) // 2) * 2 / float(np.median(ts)) / 1e9
+    return bytes_per_element * n / float(np.median(ts)) / 1e9
+
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Device copy bandwidth in GB/s (bytes read + written) of a large elementwise op."""
+    return _bandwidth(gib, lambda a: a + 1, 4)
 
 
 def read_bandwidth(gib: float = 4.0) -> float:
     """Device read bandwidth in GB/s: a sum over `gib` GiB of bf16 (reads only, one tiny write) -- the
     ceiling a bandwidth-bound decode step is measured against; `a + 1`'s copy figure (copy_bandwidth)
     counts the writes too and reads well below it."""
-    import jax
     import jax.numpy as jnp
-    n = int(gib * (1 << 30)) // 2
-    a = jnp.ones((n,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    del a
-    return 2 * n / float(np.median(ts)) / 1e9
+    return _bandwidth(gib, lambda a: jnp.sum(a, dtype=jnp.float32), 2)
 
 
 def decode_read_bytes(params, config, batch: int) -> int:
