@@ -193,7 +193,8 @@ def spm_folder(model_files, tmp_path):
     from hostile_inputs import spm_model_bytes
     folder = _copy(model_files.hf("llama"), tmp_path)
     (folder / "tokenizer.json").unlink()
-    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(c, -1.0, 1) for c in "abcdefgh"]
+    pieces = ([("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+              + [(c, -1.0, 1) for c in "abcdefgh"])
     (folder / "tokenizer.model").write_bytes(spm_model_bytes(pieces))
     return folder
 

@@ -68,8 +68,8 @@ _values = st.recursive(_scalars, lambda v: st.lists(v, max_size=4) | st.dictiona
                        max_leaves=10)
 KEYS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
         "n", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "echo", "stream", "stream_options",
-        "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "tools", "best_of",
-        "response_format", "logit_bias", "suffix"]
+        "user", "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "best_of"]
+OTHER_KEYS = ["tools", "response_format", "logit_bias", "suffix", "functions"]  # OpenAI's, refused by name
 _message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "developer"]) | _strings,
      "content": _strings | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | _strings,
@@ -79,16 +79,40 @@ _prompt = (_strings | st.lists(st.integers(-5, 5000) | _numbers, min_size=0, max
            | st.lists(_strings | st.lists(st.integers(-1, 5000), max_size=3), max_size=3) | _values)
 
 
+# values at the edges of what each field accepts (or just past them), so that many requests are served
+_floats = st.floats(allow_nan=False, allow_infinity=False)
+EDGE = {
+    "model": st.just(NAME) | _strings, "max_tokens": st.integers(1, 8) | st.sampled_from([511, 512, 2**31, 2**63]),
+    "max_completion_tokens": st.integers(1, 8) | st.sampled_from([0, 512, 2**63]),
+    "temperature": st.floats(0, 2) | st.sampled_from([5e-324, 2.0000001]), "top_p": st.floats(5e-324, 1),
+    "seed": st.integers(-2**63, 2**64 - 1) | st.sampled_from([2**64, -2**63 - 1]),
+    "stop": _strings | st.lists(_strings, max_size=5), "n": st.integers(1, 3) | st.sampled_from([0, 16, 17]),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2) | _floats,
+    "logprobs": st.integers(0, 20) | st.booleans() | st.just(21), "top_logprobs": st.integers(0, 21),
+    "echo": st.booleans(), "user": _strings, "top_k": st.integers(-1, 2**31 - 1) | st.sampled_from([-2, 2**31]),
+    "min_p": st.floats(0, 1), "repetition_penalty": st.floats(1e-3, 10) | st.sampled_from([5e-324, 1e308, 0.0]),
+    "ignore_eos": st.booleans(), "stop_token_ids": st.lists(st.integers(-1, 5000), max_size=4), "best_of": st.just(1),
+}
+_edge_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer"]),
+                                       "content": _strings | st.lists(st.fixed_dictionaries(
+                                           {"type": st.just("text"), "text": _strings}), min_size=1, max_size=2)},
+                                      optional={"name": _strings})
+
+
 @st.composite
 def request_bodies(draw):
-    """A JSON object shaped like a request: the required field (often well formed), other fields hostile."""
+    """A JSON object shaped like a request: the required field (often well formed), other fields at the edges of
+    their ranges or of any hostile type and shape, and keys that do not exist."""
     chat = draw(st.booleans())
-    body = draw(st.dictionaries(st.sampled_from(KEYS) | _strings, _values, max_size=5))
-    if draw(st.integers(0, 4)):  # mostly: the required field, as a client would send it
-        body["messages" if chat else "prompt"] = (draw(st.lists(_message, min_size=1, max_size=3) | _values) if chat
-                                                  else draw(_prompt))
-    if draw(st.booleans()):  # keep most generations short, but not all
-        body["max_tokens"] = draw(st.integers(1, 4) | _numbers)
+    body = {}
+    if draw(st.integers(0, 9)):  # mostly: the required field, as a client would send it
+        body["messages" if chat else "prompt"] = (
+            draw(st.lists(_edge_message, min_size=1, max_size=3) | st.lists(_message, min_size=1, max_size=3)
+                 | _values) if chat else draw(_strings | _prompt))
+    body["max_tokens"] = draw(EDGE["max_tokens"] if draw(st.integers(0, 4)) else _values)
+    for _ in range(draw(st.integers(0, 4))):
+        key = draw(st.sampled_from(KEYS) if draw(st.integers(0, 5)) else st.sampled_from(OTHER_KEYS) | _strings)
+        body[key] = draw(EDGE[key] if key in EDGE and draw(st.integers(0, 3)) else _values)
     if draw(st.integers(0, 3)) == 0:
         body["stream"] = True
         if draw(st.booleans()):
