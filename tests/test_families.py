@@ -502,3 +502,19 @@ def test_decode_kernel_route_declines_new_features():
         assert routes.decode_attention_kernel(*args(full), wo, None, window=4) is None
         assert routes.decode_attention_kernel(*args(full), wo, None, softcap=50.0) is None
         assert routes.decode_attention_kernel(*args(part), wo, None) is None
+
+
+def test_a_window_the_cache_cannot_exceed_goes_to_the_kernel(monkeypatch):
+    """A window at least the cache's length never masks anything (Phi-3-mini's 2047 under a 2048 cache, Mistral's
+    4096 under 4096): the decode-attention route is then asked without it, so the kernel can take the call;
+    a shorter one is passed on (and declined there)."""
+    import realizar_jax.ops.attention as attention
+    from realizar_jax.ops.attention import DecodeAttention, Rope
+    seen = []
+    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap: seen.append(window))
+    cache = init_cache(rj.ModelConfig("llama", 8, 8, 1, 2, 1, 4, 8), 1, 8, jnp.float32)
+    att = DecodeAttention.start(cache, Rope(jnp.ones((2,))), 0.5)
+    q, kv = jnp.ones((1, 2, 4)), jnp.ones((1, 1, 4))
+    for window in (8, 100, 7, None):
+        att(q, kv, kv, jnp.ones((8, 8)), window=window)   # the fake route returns None: the reference runs
+    assert seen == [None, None, 7, None]
