@@ -502,3 +502,88 @@ def test_decode_kernel_route_declines_new_features():
         assert routes.decode_attention_kernel(*args(full), wo, None, window=4) is None
         assert routes.decode_attention_kernel(*args(full), wo, None, softcap=50.0) is None
         assert routes.decode_attention_kernel(*args(part), wo, None) is None
+
+
+def test_a_window_the_cache_cannot_exceed_goes_to_the_kernel(monkeypatch):
+    """A window at least the cache's length never masks anything (Phi-3-mini's 2047 under a 2048 cache, Mistral's
+    4096 under 4096): the decode-attention route is then asked without it, so the kernel can take the call;
+    a shorter one is passed on (and declined there)."""
+    import realizar_jax.ops.attention as attention
+    from realizar_jax.ops.attention import DecodeAttention, Rope
+    seen = []
+    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap: seen.append(window))
+    cache = init_cache(rj.ModelConfig("llama", 8, 8, 1, 2, 1, 4, 8), 1, 8, jnp.float32)
+    att = DecodeAttention.start(cache, Rope(jnp.ones((2,))), 0.5)
+    q, kv = jnp.ones((1, 2, 4)), jnp.ones((1, 1, 4))
+    for window in (8, 100, 7, None):
+        att(q, kv, kv, jnp.ones((8, 8)), window=window)   # the fake route returns None: the reference runs
+    assert seen == [None, None, 7, None]
+
+
+# config.json files as published (transformers 4 forms: rope_scaling, rope_local_base_freq, sliding_window_pattern;
+# and transformers 5's nested rope_parameters), at real sizes
+PUBLISHED = {
+    "phi3-128k": dict(model_type="phi3", hidden_size=3072, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=32, intermediate_size=8192, vocab_size=32064, max_position_embeddings=131072,
+                      original_max_position_embeddings=4096, rope_theta=10000.0, sliding_window=262144,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 50 for i in range(48)],
+                                    "long_factor": [1.0 + i for i in range(48)]}),
+    "phi4-mini": dict(model_type="phi3", hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+                      num_hidden_layers=32, intermediate_size=8192, vocab_size=200064, max_position_embeddings=131072,
+                      original_max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.75,
+                      tie_word_embeddings=True, sliding_window=262144,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
+                                    "long_factor": [1.0 + i / 3 for i in range(48)]}),
+    "gemma2-2b": dict(model_type="gemma2", hidden_size=2304, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=256, num_hidden_layers=26, intermediate_size=9216, vocab_size=256000,
+                      max_position_embeddings=8192, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh",
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256,
+                      sliding_window=4096),
+    "gemma3-1b": dict(model_type="gemma3_text", hidden_size=1152, num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=256, num_hidden_layers=26, intermediate_size=6912, vocab_size=262144,
+                      max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                      sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256, rope_scaling=None,
+                      final_logit_softcapping=None, attn_logit_softcapping=None),
+    "gemma3-4b-text": dict(model_type="gemma3_text", hidden_size=2560, num_attention_heads=8, num_key_value_heads=4,
+                           head_dim=256, num_hidden_layers=34, intermediate_size=10240, vocab_size=262208,
+                           max_position_embeddings=131072, sliding_window=1024, query_pre_attn_scalar=256,
+                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                               "rope_theta": 1000000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_json_forms_read_as_transformers_reads_them(name, tmp_path):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from realizar_jax.formats.hf_dir import config_from_hf
+    from realizar_jax.weights import rope_inv_freq
+    raw = PUBLISHED[name]
+    c = config_from_hf(json.loads(json.dumps(raw)), tmp_path, {})
+    ref = transformers.AutoConfig.for_model(**json.loads(json.dumps(raw)))
+    layer_types = getattr(ref, "layer_types", None)
+    if c.sliding_window is not None and layer_types is not None:
+        assert [c.layer_type(i) for i in range(c.num_layers)] == list(layer_types)
+    assert c.sliding_window == ref.sliding_window
+    params = ref.rope_parameters.get("full_attention", ref.rope_parameters)
+    kind = params["rope_type"]
+    if kind == "default":
+        assert c.rope_scaling is None
+    else:   # transformers' inverse frequencies and attention factor (longrope: for a long sequence)
+        kw = dict(layer_type="full_attention") if "full_attention" in ref.rope_parameters else {}
+        inv, factor = ROPE_INIT_FUNCTIONS[kind](ref, "cpu", **({"seq_len": 10**6} if kind == "longrope" else {}), **kw)
+        np.testing.assert_allclose(rope_inv_freq(c, long=True), inv.numpy(), rtol=1e-6)
+        s = c.rope_scaling
+        assert (s.attention_factor if s.kind == "longrope" else 1.0) == pytest.approx(factor, rel=1e-7)
+    if c.rope_local_theta is not None:
+        assert c.rope_local_theta == ref.rope_parameters["sliding_attention"]["rope_theta"]
+    assert c.rotary_dim == int(c.head_dim * params.get("partial_rotary_factor", 1.0))
+    assert c.attn_scale == pytest.approx(getattr(ref, "query_pre_attn_scalar", c.head_dim) ** -0.5)
+    assert c.tie_embeddings == ref.tie_word_embeddings
+    assert (c.attn_softcap, c.final_softcap) == (getattr(ref, "attn_logit_softcapping", None),
+                                                 getattr(ref, "final_logit_softcapping", None))
+    if name == "phi3-128k":   # Phi-3's older name of longrope (transformers 5.24 itself no longer reads it)
+        su = json.loads(json.dumps(raw))
+        su["rope_scaling"]["type"] = "su"
+        assert config_from_hf(su, tmp_path, {}) == c

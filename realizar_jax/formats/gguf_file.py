@@ -423,7 +423,7 @@ def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np
 # ModelConfig field -> the `{arch}.` metadata key it comes from, for error messages
 _GGUF_KEYS = {"sliding_window": "attention.sliding_window", "attn_softcap": "attn_logit_softcapping",
               "final_softcap": "final_logit_softcapping", "rope_local_theta": "rope.freq_base_swa",
-              "rope_dim": "rope.dimension_count", "query_pre_attn_scalar": "attention.key_length",
+              "rope_dim": "rope.dimension_count",
               "hidden_size": "embedding_length", "num_layers": "block_count", "num_heads": "attention.head_count",
               "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
               "intermediate_size": "feed_forward_length", "norm_eps": "attention.layer_norm_rms_epsilon",
@@ -494,7 +494,8 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
             where = where if where in meta else "max(rope_freqs.weight)"
         else:
             where = {"vocab_size": "token_embd.weight rows", "bos_token_id": "tokenizer.ggml.bos_token_id",
-                     "eos_token_ids": "tokenizer.ggml.eos_token_id (or eot/eom)"}.get(e.field)
+                     "eos_token_ids": "tokenizer.ggml.eos_token_id (or eot/eom)",
+                     "query_pre_attn_scalar": REALIZAR_QUERY_SCALAR}.get(e.field)
             where = where or f"{arch_key}.{_GGUF_KEYS.get(e.field, e.field)}"
         raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
     except ValueError as e:  # ModelConfig's own consistency checks

@@ -121,6 +121,11 @@ class _Attention:
     def at_layer(self, layer: int):
         return dataclasses.replace(self, layer=layer)
 
+    def _window(self, window: int | None) -> int | None:
+        """window, or None where it cannot bite: every position the cache holds (S) is within it, so the
+        mask is all-causal (the decode kernel, which has no window, then takes the call)."""
+        return None if window is None or window >= self.k.shape[3] else window
+
     def _tables(self, rope: str):
         if rope == "global":
             return self.cos, self.sin
@@ -146,6 +151,7 @@ class PrefillAttention(_Attention):
                  rope: str = "global"):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D] before RoPE -> (attention @ wo.T [B, T, hidden], self updated)."""
         cos, sin = self._tables(rope)
+        window = self._window(window)
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
@@ -197,6 +203,7 @@ class ExtendAttention(_Attention):
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
                  rope: str = "global"):
         cos, sin = self._tables(rope)
+        window = self._window(window)
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, c = q.shape[:2]
@@ -231,6 +238,7 @@ class DecodeAttention(_Attention):
         """q [B, Hq, D], k/v [B, Hkv, D] before RoPE -> (attention @ wo.T [B, hidden] (maybe a
         SplitSum), self with k/v written at pos)."""
         cos, sin = self._tables(rope)
+        window = self._window(window)
         args = (q, k, v, self.k, self.v, self.pos, cos, sin, self.scale, self.layer)
         kernel = route("decode_attention", q.shape[0], wo)
         res = (kernel(*args, wo, partial(linear, unsummed=True), window=window, softcap=softcap)
