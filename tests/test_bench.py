@@ -102,6 +102,7 @@ def test_bench_ab_variants_and_profile(tmp_path, capsys):
     unrepacked weights) gives the same logits, and decode still makes tokens in range."""
     out = tmp_path / "r.json"
     rc = bench_main(["--shape", "tiny", "--quant", "q4_k_m", "--prompt-len", "8", "--gen", "9",
+                     "--batch", "1,2",
                      "--dir", str(tmp_path), "--json", str(out), "--profile", str(tmp_path / "prof"),
                      "--ab", "pallas=true,int8_activations=false"])
     assert rc == 0
@@ -112,6 +113,7 @@ def test_bench_ab_variants_and_profile(tmp_path, capsys):
     assert v["prefill_logits_rel_diff"] == 0.0
     for key in ("profile", "profile_prefill"):   # no GPU lines on CPU: the traces exist, top is empty
         assert res[key]["trace"].endswith(".trace.json.gz") and res[key]["busy_us_per_step"] == 0.0
+    assert "decode_b2" in res["batches"][1]["profile"]["trace"]   # every batch's decode is traced
     assert "pallas=true,int8_activations=false" in capsys.readouterr().out
 
 

@@ -190,16 +190,21 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
 
     res["kernels"] = repr(m.kernels)
     decode_c, cache, tok, base_logits, prefill_once = measure(res, m.kernels, batch)
-    if profile:   # one decode call and one prefill under the profiler: where the time goes, per kernel
-        jax.profiler.start_trace(str(Path(profile) / "decode"), create_perfetto_trace=True)
+    def trace_decode(out: dict, decode_c, cache, tok, batch: int):
+        """One decode call under the profiler: where a step's time goes, per kernel."""
+        where = Path(profile) / f"decode_b{batch}"
+        jax.profiler.start_trace(str(where), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
         jax.block_until_ready(tok)
         jax.profiler.stop_trace()
-        res["profile"] = summarize_trace(Path(profile) / "decode", steps=chunk)
-        for row in res["profile"]["top"]:
+        out["profile"] = summarize_trace(where, steps=chunk)
+        for row in out["profile"]["top"]:
             log("  {us_per_step:9.1f} us/step {calls_per_step:6.1f} calls  {name}".format(**row))
-        log(f"  GPU busy {res['profile']['busy_us_per_step']:.0f} us/step in "
-            f"{res['profile']['kernels_per_step']:.0f} kernels (decode step {res['decode_s_per_step']*1e6:.0f} us)")
+        log(f"  GPU busy {out['profile']['busy_us_per_step']:.0f} us/step in "
+            f"{out['profile']['kernels_per_step']:.0f} kernels (decode step {out['decode_s_per_step']*1e6:.0f} us)")
+
+    if profile:   # and one prefill of the first batch
+        trace_decode(res, decode_c, cache, tok, batch)
         jax.profiler.start_trace(str(Path(profile) / "prefill"), create_perfetto_trace=True)
         jax.block_until_ready(prefill_once())
         jax.profiler.stop_trace()
@@ -210,11 +215,14 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             f"{res['profile_prefill']['kernels_per_step']:.0f} kernels (prefill {res['prefill_s']*1e6:.0f} us)")
     res["variants"] = ab_variants(measure, m.kernels, base_logits, batch, variants, res["copy_GBps"], log)
     if len(batches) > 1:
-        res["batches"] = [{k: v for k, v in res.items() if k not in ("profile", "profile_prefill")}]
+        res["batches"] = [{k: v for k, v in res.items() if k != "profile_prefill"}]
         for b in batches[1:]:
             row: dict = {"batch": b, "copy_GBps": res["copy_GBps"], "kernels": res["kernels"]}
             log(f"batch {b}:")
-            logits = measure(row, m.kernels, b)[3]
+            decode_b, cache_b, tok_b, logits, _ = measure(row, m.kernels, b)
+            if profile:
+                trace_decode(row, decode_b, cache_b, tok_b, b)
+            del decode_b, cache_b, tok_b
             row["variants"] = ab_variants(measure, m.kernels, logits, b, variants, res["copy_GBps"], log)
             res["batches"].append(row)
             del logits
@@ -336,8 +344,8 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--ab", action="append", metavar="FIELD=VAL[,FIELD=VAL]", default=[],
                     help="after the default run, time again under a KernelConfig with these fields changed "
                          "(int8_activations, pallas, tiles=JSON; same loaded weights; repeat for more variants)")
-    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call and one prefill with "
-                    "jax.profiler into DIR/decode and DIR/prefill and print the kernels that take the time")
+    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call per batch and one prefill with "
+                    "jax.profiler into DIR/decode_b<B> and DIR/prefill and print the kernels that take the time")
     args = ap.parse_args(argv)
     try:
         for spec in args.ab:
