@@ -49,11 +49,14 @@ def copy_bandwidth(gib: float = 1.0) -> float:
 
 
 def read_bandwidth(gib: float = 4.0) -> float:
-    """Device read bandwidth in GB/s: a sum over `gib` GiB of bf16 (reads only, one tiny write) -- the
-    ceiling a bandwidth-bound decode step is measured against; `a + 1`'s copy figure (copy_bandwidth)
-    counts the writes too and reads well below it."""
+    """Device read bandwidth in GB/s: row sums over `gib` GiB viewed as uint32 (reads only, a small
+    write) -- the ceiling a bandwidth-bound decode step is measured against. Of the reductions tried
+    on the H200 this one reads fastest (3.9 TB/s; one float sum of everything 2.5-3.2); `a + 1`'s
+    copy figure (copy_bandwidth) counts the writes too and reads well below it."""
+    import jax
     import jax.numpy as jnp
-    return _bandwidth(gib, lambda a: jnp.sum(a, dtype=jnp.float32), 2)
+    return _bandwidth(gib, lambda a: jax.lax.bitcast_convert_type(a.reshape(-1, 2048, 2), jnp.uint32)
+                      .sum(axis=1, dtype=jnp.uint32).sum(), 2)
 
 
 def decode_read_bytes(params, config, batch: int) -> int:
@@ -219,12 +222,17 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
         for b in batches[1:]:
             row: dict = {"batch": b, "copy_GBps": res["copy_GBps"], "kernels": res["kernels"]}
             log(f"batch {b}:")
-            decode_b, cache_b, tok_b, logits, _ = measure(row, m.kernels, b)
+            res["batches"].append(row)
+            try:
+                decode_b, cache_b, tok_b, logits, _ = measure(row, m.kernels, b)
+            except Exception as e:  # noqa: BLE001 -- a batch that fails to build is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                log(f"  failed: {row['error']}")
+                continue
             if profile:
                 trace_decode(row, decode_b, cache_b, tok_b, b)
             del decode_b, cache_b, tok_b
             row["variants"] = ab_variants(measure, m.kernels, logits, b, variants, res["copy_GBps"], log)
-            res["batches"].append(row)
             del logits
     return res
 
