@@ -5,7 +5,6 @@ for 8-16 rows with more warps / fewer stages.
 
     ncu --kernel-name regex:"qmatmul|gemv" --launch-skip 0 --launch-count 3 python scripts/qmm_ncu_probe.py ncu
     python scripts/qmm_ncu_probe.py sweep
-    python scripts/qmm_ncu_probe.py ab      # the integer Q4_K kernel against the bf16 one
 """
 from __future__ import annotations
 
@@ -108,38 +107,5 @@ def sweep():
                     print(f"sweep {qtype} m={m} {tile} FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
 
 
-AB_SHAPES = (("Q4_K", 14336, 4096), ("Q4_K", 4096, 14336), ("Q4_K", 4096, 4096), ("Q4_K", 1024, 4096),
-             ("Q6_K", 4096, 14336))
-AB_ROWS = (8, 16, 32, 64)
-
-
-def ab():
-    """The integer Q4_K kernel (int8 activations) against the bf16 one, per shape and rows, each
-    checked against x (int8-rounded for the integer kernel) times the dequantized weight."""
-    from realizar_jax.kernels.layout import dequantize_gpu
-    from realizar_jax.kernels.qmatmul import quantize_rows
-    rng = np.random.default_rng(3)
-    flt = CFG.replace(int8_activations=False)
-    for qtype, n, k in AB_SHAPES:
-        w = weight(qtype, n, k)
-        wf = dequantize_gpu(w, jnp.float32)
-        for m in AB_ROWS:
-            xs = jnp.asarray(rng.standard_normal((REPEATS, m, k)), jnp.bfloat16)
-            q, dx, _ = quantize_rows(xs[0])
-            x8 = (q.astype(jnp.float32) * dx[..., None]).reshape(m, k)
-            for name, c, xref in (("int8", CFG, x8), ("bf16", flt, xs[0].astype(jnp.float32))):
-                if name == "int8" and qtype != "Q4_K":
-                    continue
-                try:
-                    got = jax.jit(lambda x, c=c: matmul_packed(x, w, cfg=c))(xs[0])
-                    want = jnp.dot(xref, wf.T, precision="highest")
-                    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-                    us = timed(lambda x, c=c: matmul_packed(x, w, cfg=c), xs) * 1e6
-                    print(f"ab {qtype} {n}x{k} m={m:3d} {name} {us:8.1f} us {w.nbytes / us / 1e3:6.0f} GB/s err {err:.1e}",
-                          flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"ab {qtype} {n}x{k} m={m:3d} {name} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-
-
 if __name__ == "__main__":
-    {"ncu": ncu_calls, "bandwidth": bandwidths, "sweep": sweep, "ab": ab}[sys.argv[1]]()
+    {"ncu": ncu_calls, "bandwidth": bandwidths, "sweep": sweep}[sys.argv[1]]()

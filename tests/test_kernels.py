@@ -22,7 +22,7 @@ from realizar_jax.kernels.attention import _plan, attention_tile, decode_attenti
 from realizar_jax.kernels.gemv import TILES, gemv, gemv_multi, gemv_swiglu, tiles_for
 from realizar_jax.kernels.layout import GPU_QTYPES, dequantize_gpu_part_order
 from realizar_jax.kernels.qdot import prepare_x_q8
-from realizar_jax.kernels.qmatmul import TILES as QMM_TILES, matmul_packed, takes_int8
+from realizar_jax.kernels.qmatmul import TILES as QMM_TILES, matmul_packed
 from realizar_jax.kernels.tuning import TILES_ENV, parse_tiles
 from realizar_jax.kernels.unpack import unpack
 from realizar_jax.kernels.xquant import quantize_x
@@ -260,18 +260,14 @@ def test_linear_routes_and_matches(qtype, tokens, seed):
 
 def test_rows_pick_the_route():
     """Activation rows -> bucket -> kernel on a packed weight: the int8 GEMV up to 4, the packed
-    tensor-core matmul up to routes.MM_ROWS (on Q4_K with int8 activations its integer kernel),
-    beyond that the prefill's unpack + XLA dot."""
+    tensor-core matmul up to routes.MM_ROWS, beyond that the prefill's unpack + XLA dot."""
     w, _ = _packed("Q4_K", 32, 256, np.random.default_rng(0))
-    for rows, bucket, kernel in ((1, "gemv", "gemv_q4_k"), (6, "gemv8", "qmatmul8_q4_k"), (9, "mm", "qmatmul8_q4_k"),
-                                 (routes.MM_ROWS, "mm", "qmatmul8_q4_k"), (routes.MM_ROWS + 1, "gemm", "unpack_q4_k")):
+    for rows, bucket, kernel in ((1, "gemv", "gemv_q4_k"), (6, "gemv8", "qmatmul_q4_k"), (9, "mm", "qmatmul_q4_k"),
+                                 (routes.MM_ROWS, "mm", "qmatmul_q4_k"), (routes.MM_ROWS + 1, "gemm", "unpack_q4_k")):
         assert routes.rows_bucket(rows) == bucket
         x = jnp.ones((rows, 256), jnp.bfloat16)
         jaxpr = str(jax.make_jaxpr(functools.partial(_linear, cfg=CFG))(x, w))
         assert kernel in jaxpr, (rows, kernel)
-        if bucket in ("gemv8", "mm"):   # float activations: the dequantize-to-bf16 kernel
-            jaxpr = str(jax.make_jaxpr(functools.partial(_linear, cfg=FLOAT))(x, w))
-            assert "qmatmul_q4_k" in jaxpr and "qmatmul8" not in jaxpr, rows
 
 
 @settings(max_examples=5, **SETTINGS)
@@ -284,7 +280,7 @@ def test_qmatmul_matches_reference(qtype, rows, nsb, m, summed, seed):
     rng = np.random.default_rng(seed)
     w, ref = _packed(qtype, rows, nsb * 256, rng)
     x = jnp.asarray(rng.standard_normal((m, nsb * 256)), jnp.bfloat16)
-    cfg = FLOAT.replace(tiles=tuple((f"QMM_{qtype}_{cap}", (16, 16, 1, 4, 1)) for cap in QMM_TILES))
+    cfg = CFG.replace(tiles=tuple((f"QMM_{qtype}_{cap}", (16, 16, 1, 4, 1)) for cap in QMM_TILES))
     y = matmul_packed(x, w, cfg=cfg, summed=summed, target_programs=8)
     if not summed:
         assert y.ndim == 3 and y.shape[1:] == (m, rows)
@@ -294,27 +290,6 @@ def test_qmatmul_matches_reference(qtype, rows, nsb, m, summed, seed):
     wb = np.asarray(dequantize_gpu(w, jnp.bfloat16).astype(jnp.float32), np.float64)
     assert _rel(y, xf @ wb.T) < 1e-5
     assert _rel(y, xf @ ref.T) < 5e-3
-
-
-@settings(max_examples=5, **SETTINGS)
-@given(rows=st.sampled_from([32, 64]), nsb=st.integers(1, 3), m=st.integers(1, 40), summed=st.booleans(),
-       scale=st.sampled_from([1e-3, 1.0, 50.0]), seed=st.integers(0, 2**31))
-def test_qmatmul_int8_q4k_matches_reference(rows, nsb, m, summed, scale, seed):
-    """Q4_K with int8 activations (the integer kernel): gguf-py's float weights times x rounded to
-    int8 per group of 32 (rounded in numpy), to float32 summation; and near the unrounded product."""
-    rng = np.random.default_rng(seed)
-    w, ref = _packed("Q4_K", rows, nsb * 256, rng)
-    x = jnp.asarray(rng.standard_normal((m, nsb * 256)) * scale, jnp.bfloat16)
-    cfg = CFG.replace(tiles=tuple((f"QMM8_Q4_K_{cap}", (16, 16, 1, 4, 1)) for cap in QMM_TILES))
-    assert takes_int8(w, cfg) and not takes_int8(w, FLOAT)
-    y = matmul_packed(x, w, cfg=cfg, summed=summed, target_programs=8)
-    if not summed:
-        assert y.ndim == 3 and y.shape[1:] == (m, rows)
-        y = y.sum(axis=0)
-    assert y.shape == (m, rows) and y.dtype == jnp.float32
-    xf = np.asarray(x.astype(jnp.float32), np.float64)
-    assert _rel(y, _int8_grid(xf, 32) @ ref.T) < 1e-5
-    assert _rel(y, xf @ ref.T) < 3e-2   # int8 rounding of x
 
 
 def test_qmatmul_rejects_what_it_cannot_take():
@@ -543,9 +518,7 @@ def test_gpu_kernels_large_shapes():
         for m in (16, 64, 200):   # the packed tensor-core matmul of a batched decode step, compiled
             xb = jnp.asarray(rng.standard_normal((m, 4096)), jnp.bfloat16)
             xf = np.asarray(xb.astype(jnp.float32), np.float64)
-            assert _rel(matmul_packed(xb, w, cfg=FLOAT), xf @ wb.T) < 1e-5, (qtype, m)
-            if takes_int8(w, CFG):   # the integer kernel: the weights times x rounded to int8 per 32
-                assert _rel(matmul_packed(xb, w, cfg=CFG), _int8_grid(xf, 32) @ ref.T) < 1e-3, (qtype, m)
+            assert _rel(matmul_packed(xb, w, cfg=CFG), xf @ wb.T) < 1e-5, (qtype, m)
             assert _rel(_linear(xb, w, cfg=CFG).astype(jnp.float32), xf @ ref.T) < 1e-2, (qtype, m)
         if qtype in ("Q4_K", "Q6_K"):   # the int8s of the Pallas prep vs XLA's: ties may round apart
             group = 16 if qtype == "Q6_K" else 32
