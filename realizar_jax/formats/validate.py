@@ -9,7 +9,7 @@ from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, U
 from ..quant.types import qtype_info
 from functools import lru_cache
 
-from .roles import (FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, stacked,
+from .roles import (FUSED, MOE_ROLES, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, stacked,
                     tensor_name)
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
@@ -118,7 +118,7 @@ def validate_roles(source) -> dict[RoleKey, str]:
     for (role, layer), name in found.items():
         t = source.tensors[name]
         want = expected_shape(role, config)
-        if ROLES[role].kind == "experts" and (len(t.shape) != 3 or t.shape[0] != want[0]):
+        if role in MOE_ROLES and (len(t.shape) != len(want) or t.shape[0] != want[0]):
             raise ShapeMismatchError(f"shape {list(t.shape)} holds {t.shape[0] if t.shape else 0} experts but the "
                                      f"config says {want[0]} (expected {list(want)})", path=path, tensor=name)
         if tuple(t.shape) != want:
