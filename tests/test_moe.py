@@ -90,41 +90,37 @@ def test_logits_equal_transformers_and_tokens_pick_different_experts(model_files
 
 @pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe"])
 def test_bf16_checkpoint(model_files, variant):
-    """A bfloat16 checkpoint: loaded in float32, equal to transformers' float32 reading of it. Computed in
-    bfloat16, no further from that than transformers' own bfloat16 run is (a token whose two best experts
-    are near a tie may swap one in bfloat16, in either engine, so a fixed bound would test luck)."""
+    """A bfloat16 checkpoint computed in bfloat16 is no further from transformers' float32 run than transformers'
+    own bfloat16 run is (a token whose two best experts are near a tie may swap one in bfloat16, in either
+    engine, so a fixed bound would test luck)."""
     folder = model_files.hf(variant, dtype="bfloat16")
     ids = _ids(PROMPT, 700, 3)
     ref = _hf_logits(_hf_model(folder), ids)
-    assert _rel(rj.load(folder, dtype="float32").logits(ids), ref) <= 1e-4
     err = lambda x: np.linalg.norm(x - ref) / np.linalg.norm(ref)   # noqa: E731
     ours = err(np.asarray(rj.load(folder, dtype="bfloat16").logits(ids), np.float64))
     theirs = err(_hf_logits(_hf_model(folder, torch.bfloat16), ids))
-    print(f"{variant} bf16: ours {ours:.3e}, transformers {theirs:.3e}")
-    assert ours <= max(1.5 * theirs, 2e-2)
+    assert ours <= max(1.5 * theirs, 2e-2), (ours, theirs)
 
 
 @pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe_raw"])
-def test_prefill_extend_decode_equal_the_whole_prompt(model_files, variant):
-    """An 8-token prefill, an 8-token extend chunk and five one-token decode steps (the gathered formulation)
-    equal the whole prompt's prefill (the grouped one) and transformers at each position."""
+def test_prefill_decode_equal_the_whole_prompt(model_files, variant):
+    """A 16-token prefill (the grouped formulation) and five one-token decode steps (the gathered one) equal the
+    whole prompt's prefill at each position, and transformers."""
     folder = model_files.hf(variant)
     m = rj.load(folder, dtype="float32")
     ids = _ids(PROMPT, m.config.vocab_size, 1)
     ref = _hf_logits(_hf_model(folder), ids)
     whole = np.asarray(m.logits(ids), np.float64)
+    assert _rel(whole, ref) <= 1e-4
     static = dict(config=m.config, dtype=jnp.float32)
     tokens = jnp.asarray([ids], jnp.int32)
     cache = init_cache(m.config, 1, 32, jnp.float32)
-    logits, cache = jax.jit(partial(models.prefill, **static))(m.params, cache, tokens[:, :8], jnp.asarray([8]))
-    assert _rel(logits[0], whole[7]) <= 1e-5
-    logits, cache = jax.jit(partial(models.extend, **static))(m.params, cache, tokens[:, 8:16], jnp.asarray([8]),
-                                                              jnp.asarray([8]))
-    assert _rel(logits[0], whole[15]) <= 1e-5 and _rel(logits[0], ref[15]) <= 1e-4
+    logits, cache = jax.jit(partial(models.prefill, **static))(m.params, cache, tokens[:, :16], jnp.asarray([16]))
+    assert _rel(logits[0], whole[15]) <= 1e-5
     decode = jax.jit(partial(models.decode_logits, **static))
     for pos in range(16, PROMPT):
         logits, cache = decode(m.params, cache, tokens[:, pos])
-        assert _rel(logits[0], whole[pos]) <= 1e-5 and _rel(logits[0], ref[pos]) <= 1e-4, pos
+        assert _rel(logits[0], whole[pos]) <= 1e-5, pos
 
 
 @pytest.mark.slow
@@ -152,7 +148,7 @@ def _numpy_route(logits, k, normalize):
     return (w / w.sum(-1, keepdims=True) if normalize else w), ids
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31), experts=st.integers(1, 9), data=st.data(), normalize=st.booleans(),
        ties=st.booleans())
 def test_router_matches_numpy(seed, experts, data, normalize, ties):
@@ -181,8 +177,8 @@ def _numpy_moe(x, router, wg, wu, wd, k, normalize):
     return out
 
 
-@pytest.mark.parametrize("rows,qtype", [(1, "Q4_K"), (40, "Q8_0"), (40, None), slow(1, None), slow(3, "Q4_K"),
-                                        slow(40, "Q4_K")])
+@pytest.mark.parametrize("rows,qtype", [(1, "Q8_0"), (40, "Q8_0"), slow(1, None), slow(40, None), slow(1, "Q4_K"),
+                                        slow(3, "Q4_K")])
 def test_moe_op_matches_numpy(rows, qtype):
     """Both formulations (1 row: gathered; 3 and 40 rows: grouped, in blocks) on dense and packed experts
     against numpy over the same (dequantized) weights."""
