@@ -39,7 +39,7 @@ from realizar_jax.quant.qtensor import QTensor
 from realizar_jax.quant.quantize import quantize
 from realizar_jax.weights import build_params
 
-from fixtures import MOE_VARIANTS, VARIANTS
+from fixtures import VARIANTS
 
 PROMPT = 21
 slow = partial(pytest.param, marks=pytest.mark.slow)   # -m slow: the rest of the grid
