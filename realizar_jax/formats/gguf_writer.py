@@ -6,7 +6,10 @@ decides which tensor gets which type. We do both in one pass:
 - llama-arch attn_q/attn_k rows are permuted for ggml's adjacent-pair RoPE, qwen2/qwen3 are not;
 - llama3 rope scaling becomes a rope_freqs.weight tensor (plus `realizar.rope.scaling.*` keys, which
   llama.cpp ignores, so that the exact HF parameters survive the round trip);
-- 1-D tensors (norms, biases, rope_freqs) stay F32; 2-D ones get the requested type, or for q4_k_m
+- Mixtral is written as 'llama' with expert_count / expert_used_count, as llama.cpp does; each layer's
+  experts go out stacked ([experts, out, in]: ffn_gate_exps / ffn_up_exps / ffn_down_exps);
+- 1-D tensors (norms, biases, rope_freqs) and the MoE router (ffn_gate_inp, which llama.cpp never
+  quantizes) stay F32; matrices and expert stacks get the requested type, or for q4_k_m
   llama-quantize's mix; a row length that is not a whole number of blocks falls back like
   llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
 The output is streamed tensor by tensor into a temp file next to OUT and renamed into place only
@@ -34,7 +37,7 @@ from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_
 logger = logging.getLogger(__name__)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
-             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama", "qwen3moe": "qwen3moe"}
 # llama.cpp's graphs that apply {arch}.attention.sliding_window (llama/qwen2/qwen3 ignore it)
 _SWA_ARCHS = ("phi3", "gemma2", "gemma3")
 _FT = gguf.LlamaFileType
@@ -64,18 +67,23 @@ def fit_qtype(qtype: str, row_length: int) -> str:
 
 
 def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str, num_layers: int,
-               has_output: bool, tensor: str | None = None) -> str:
+               has_output: bool, tensor: str | None = None, num_experts: int | None = None) -> str:
     """The gguf qtype a tensor is written in for `--quant quant`. When its rows do not fit the type's blocks
-    and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one."""
+    and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one.
+    num_experts: the model's expert count (llama-quantize gives 8-expert models more bits in attention)."""
     if quant not in _QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
-    if len(shape) < 2 or quant == "f32":
+    if len(shape) < 2 or quant == "f32" or role == "router":
         return "F32"
     qtype = _QUANTS[quant][0]
     if quant == "q4_k_m":
         if role == "lm_head" or (role == "embed" and not has_output):
             qtype = "Q6_K"
-        elif role in ("wv", "w_down") and use_more_bits(layer, num_layers):
+        elif num_experts == 8 and role in ("wk", "wv"):   # llama-quantize: "for the 8-expert model" Q8_0
+            qtype = "Q8_0"
+        elif num_experts == 8 and role == "wo":
+            qtype = "Q5_K"
+        elif role in ("wv", "w_down", "experts_down") and use_more_bits(layer, num_layers):
             qtype = "Q6_K"
         elif role == "wqkv":   # llama-quantize: attn_qkv gets Q5_K in Q4_K_M files
             qtype = "Q5_K"
@@ -128,7 +136,8 @@ def _plan(src, role_map, quant: str) -> list[_Planned]:
         shape = tuple(src.tensors[hf_name].shape)
         name = tensor_name(role, "gguf", layer, arch)
         plan.append(_Planned(name, role, layer, hf_name, shape,
-                             plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name)))
+                             plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name,
+                                        num_experts=c.num_experts)))
     return plan
 
 
@@ -175,6 +184,7 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
     _family_metadata(w, src)
+    _moe_metadata(w, src)
     s = c.rope_scaling
     if s is not None and s.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -245,6 +255,22 @@ def _family_metadata(w: gguf.GGUFWriter, src) -> None:
             w.add_float32(REALIZAR_QUERY_SCALAR, c.query_pre_attn_scalar)
             logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", src.path,
                            c.query_pre_attn_scalar, rule)
+
+
+def _moe_metadata(w: gguf.GGUFWriter, src) -> None:
+    """llama.cpp's expert keys; for Qwen3-MoE also the experts' width and whether the chosen weights are
+    renormalized (llama.cpp's qwen3moe graph always renormalizes: it ignores expert_weights_norm)."""
+    c = src.config
+    if not c.moe:
+        return
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.experts_per_token)
+    if c.architecture == "qwen3moe":
+        w.add_expert_feed_forward_length(c.expert_ffn)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        if not c.norm_topk_prob:
+            logger.warning("%s: norm_topk_prob is false; llama.cpp's qwen3moe renormalizes the chosen experts' "
+                           "weights regardless (our reader follows the file's expert_weights_norm)", src.path)
 
 
 def _tokenizer_fields(hf_dir: Path):

@@ -85,6 +85,6 @@ def quantized_source(src: ModelSource, quant: str) -> ModelSource:
     for (role, layer), name in role_map.items():
         t = src.tensors[name]
         qtype = plan_qtype(role, layer, tuple(t.shape), quant, c.num_layers, has_output,
-                           tensor=tensor_name(role, "gguf", layer))
+                           tensor=tensor_name(role, "gguf", layer, c.architecture), num_experts=c.num_experts)
         tensors[name] = dataclasses.replace(t, qtype=qtype, data=QuantizedTensor(t, qtype, src.path))
     return dataclasses.replace(src, tensors=tensors)
