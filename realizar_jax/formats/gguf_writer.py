@@ -164,12 +164,23 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
 
 
 def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan: list[_Planned]):
-    c = src.config
+    write_model_metadata(w, src.config, quant, name, any(not qtype_info(p.qtype).is_dense for p in plan), src.path)
+    for key, value, vtype in _tokenizer_fields(hf_dir):
+        if vtype is None:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+
+
+def write_model_metadata(w: gguf.GGUFWriter, c, quant: str, name: str, quantized: bool, path=None) -> None:
+    """Every key of a model `c` (a ModelConfig) but the tokenizer's, as llama.cpp's converter writes them for
+    its architecture; `quantized`: some tensor is packed (adds the quantization version). Also what
+    `bench --shape` writes into its synthetic files (cli/synth.py), so those carry convert's metadata."""
     arch = GGUF_ARCH[c.architecture]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_file_type(int(_QUANTS[quant][1]))
-    if any(not qtype_info(p.qtype).is_dense for p in plan):
+    if quantized:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.context_length)
@@ -183,34 +194,29 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
     w.add_rope_dimension_count(c.rotary_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
-    _family_metadata(w, src)
-    _moe_metadata(w, src)
+    _family_metadata(w, c, path)
+    _moe_metadata(w, c, path)
     s = c.rope_scaling
     if s is not None and s.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s.factor)
     elif s is not None and s.kind == "longrope" and arch != "phi3":
         raise ModelFormatError(f"longrope rope scaling on a {c.architecture} model cannot be written as GGUF",
-                               path=src.path)
+                               path=path)
     elif s is not None and s.kind == "llama3":
         if arch != "llama":
             raise ModelFormatError(f"llama3 rope scaling on a {c.architecture} model cannot be written as GGUF",
-                                   path=src.path)
+                                   path=path)
         w.add_float32(REALIZAR_ROPE_PREFIX + "factor", s.factor)
         w.add_float32(REALIZAR_ROPE_PREFIX + "low_freq_factor", s.low_freq_factor)
         w.add_float32(REALIZAR_ROPE_PREFIX + "high_freq_factor", s.high_freq_factor)
         w.add_uint32(REALIZAR_ROPE_PREFIX + "original_context_length", s.original_context_length)
-    for key, value, vtype in _tokenizer_fields(hf_dir):
-        if vtype is None:
-            w.add_array(key, value)
-        else:
-            w.add_key_value(key, value, vtype)
 
 
-def _family_metadata(w: gguf.GGUFWriter, src) -> None:
+def _family_metadata(w: gguf.GGUFWriter, c, path) -> None:
     """The keys llama.cpp's converter writes for the features beyond the llama block (sliding windows,
     soft-capping, Phi-3's longrope, Gemma 3's local RoPE base), and ours where llama.cpp has none."""
-    c, arch = src.config, src.config.architecture
+    arch = c.architecture
     if c.architecture == "phi3":   # llama.cpp tells Phi-4 (no window) from Phi-3 by a zero window
         w.add_sliding_window(c.sliding_window or 0)
         s = c.rope_scaling
@@ -222,45 +228,44 @@ def _family_metadata(w: gguf.GGUFWriter, src) -> None:
         w.add_sliding_window(c.sliding_window)
         if arch not in _SWA_ARCHS:
             logger.warning("%s: llama.cpp's %s graph has no sliding window; it will attend to the whole context",
-                           src.path, GGUF_ARCH[arch])
+                           path, GGUF_ARCH[arch])
     if c.layer_types is not None and c.sliding_window is not None:
         pattern = [c.sliding(i) for i in range(c.num_layers)]
         w.add_sliding_window_pattern(pattern)
         n = GEMMA_SWA_PATTERN.get(arch)
         if n is not None and pattern != [bool((i + 1) % n) for i in range(c.num_layers)]:
             logger.warning("%s: llama.cpp fixes %s's sliding layers to every %d-th global; this model's differ",
-                           src.path, arch, n)
+                           path, arch, n)
     if arch == "gemma2":
         if not c.tie_embeddings:
             raise ModelFormatError("a Gemma 2 model with its own lm_head cannot be written as GGUF: llama.cpp's "
-                                   "gemma2 ties the head to the embedding", path=src.path)
+                                   "gemma2 ties the head to the embedding", path=path)
         if c.attn_softcap is None or c.final_softcap is None:
             raise ModelFormatError("a Gemma 2 model without soft-capping cannot be written as GGUF: llama.cpp "
-                                   "always soft-caps gemma2", path=src.path)
+                                   "always soft-caps gemma2", path=path)
         w.add_attn_logit_softcapping(c.attn_softcap)
         w.add_final_logit_softcapping(c.final_softcap)
     if arch == "gemma3":
         if c.attn_softcap is not None:
             raise ModelFormatError("attention soft-capping on a Gemma 3 model cannot be written as GGUF (llama.cpp's "
-                                   "gemma3 has none)", path=src.path)
+                                   "gemma3 has none)", path=path)
         if c.final_softcap is not None:
             w.add_final_logit_softcapping(c.final_softcap)
         w.add_rope_freq_base_swa(c.rope_local_theta)
         if c.rope_local_theta != 10000.0:
-            logger.warning("%s: llama.cpp fixes gemma3's local RoPE base to 10000; this model's is %s", src.path,
+            logger.warning("%s: llama.cpp fixes gemma3's local RoPE base to 10000; this model's is %s", path,
                            c.rope_local_theta)
     if arch in GEMMA_SWA_PATTERN:
         rule = llamacpp_query_scalar(arch, c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
         if c.query_pre_attn_scalar != rule:
             w.add_float32(REALIZAR_QUERY_SCALAR, c.query_pre_attn_scalar)
-            logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", src.path,
+            logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", path,
                            c.query_pre_attn_scalar, rule)
 
 
-def _moe_metadata(w: gguf.GGUFWriter, src) -> None:
+def _moe_metadata(w: gguf.GGUFWriter, c, path) -> None:
     """llama.cpp's expert keys; for Qwen3-MoE also the experts' width and whether the chosen weights are
     renormalized (llama.cpp's qwen3moe graph always renormalizes: it ignores expert_weights_norm)."""
-    c = src.config
     if not c.moe:
         return
     w.add_expert_count(c.num_experts)
@@ -270,7 +275,7 @@ def _moe_metadata(w: gguf.GGUFWriter, src) -> None:
         w.add_expert_weights_norm(c.norm_topk_prob)
         if not c.norm_topk_prob:
             logger.warning("%s: norm_topk_prob is false; llama.cpp's qwen3moe renormalizes the chosen experts' "
-                           "weights regardless (our reader follows the file's expert_weights_norm)", src.path)
+                           "weights regardless (our reader follows the file's expert_weights_norm)", path)
 
 
 def _tokenizer_fields(hf_dir: Path):
