@@ -3,10 +3,11 @@
     realizar-jax bench --shape llama3-8b --quant q4_k_m [--batch 1[,4,16,...]] [--prompt-len 512] [--gen 128]
     realizar-jax bench --model PATH [...] [--json OUT]
 
-With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.synth;
-cached under --dir), so the same file can be given to llama.cpp's llama-bench. Decode speed is
-also expressed as effective bandwidth: the weight bytes one decode step must read (every matrix,
-only B rows of an untied embedding table) times steps per second, against the device's measured
+With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.cli.synth:
+llama3-8b, llama3.2-1b, qwen3-30b-a3b, gemma3-12b; cached under --dir), so the same file can be given to
+llama.cpp's llama-bench. Decode speed is also expressed as effective bandwidth: the weight bytes one
+decode step must read (every matrix, only B rows of an untied embedding table, of a mixture of experts
+only the active experts) times steps per second, against the device's measured
 read bandwidth (a sum over 4 GiB) and copy bandwidth (`a + 1`), and as the matmul rate it implies
 (2 x rows x matrix weights per step). Several batch sizes (--batch 1,8,64) are measured on one
 loaded model, one row each.
@@ -59,20 +60,42 @@ def read_bandwidth(gib: float = 4.0) -> float:
                       .sum(axis=1, dtype=jnp.uint32).sum(), 2)
 
 
+def active_experts(config, batch: int) -> int:
+    """Expert slices of each MoE layer that one decode step of `batch` tokens reads: experts_per_token of
+    num_experts for one token; for several, min(num_experts, batch * experts_per_token) -- an upper bound,
+    reached only when no two tokens share an expert (uniform routing of 32 tokens over 128 experts x 8
+    touches ~112 of them on average, not 128)."""
+    return min(config.num_experts, batch * config.experts_per_token)
+
+
+def _expert_stacks(params) -> list:
+    return [w for lp in params.layers for w in (lp.experts_gate, lp.experts_up, lp.experts_down) if w is not None]
+
+
 def decode_read_bytes(params, config, batch: int) -> int:
-    """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows."""
+    """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows; of a
+    mixture of experts' stacks only the active experts' slices (active_experts; the router whole). The
+    memory estimate (memory.py) counts every expert: all are resident, few are read."""
     total = param_bytes(params)
     if not config.tie_embeddings:
         emb = param_bytes(params.embed)
         total -= emb - emb * batch // config.vocab_size
+    if config.moe:
+        experts = sum(int(w.nbytes) for w in _expert_stacks(params))
+        total -= experts - experts * active_experts(config, batch) // config.num_experts
     return total
 
 
-def decode_matmul_flops(params, batch: int) -> int:
+def decode_matmul_flops(params, batch: int, config=None) -> int:
     """FLOPs of one decode step's matrix products (2 per weight per row; the embedding is a gather,
-    the LM head a product even when tied); attention is not counted."""
-    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer)] + [params.lm_head]
-    return 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
+    the LM head a product even when tied); attention is not counted. An expert stack [experts, out, in]
+    counts experts_per_token experts per row (config needed): exact, whatever the routing."""
+    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer) if len(w.shape) == 2] + [params.lm_head]
+    flops = 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
+    stacks = _expert_stacks(params)
+    if stacks:
+        flops += 2 * batch * config.experts_per_token * sum(int(w.shape[1]) * int(w.shape[2]) for w in stacks)
+    return flops
 
 
 def jax_leaves_2d(tree) -> list:
@@ -121,7 +144,7 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
         argument of the steps)."""
         kv = jnp.dtype(dtype)
         read = out["decode_read_bytes"] = decode_read_bytes(params, config, batch)
-        flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch)
+        flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch, config)
         rng = np.random.default_rng(0)
         tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
         lengths = jnp.full((batch,), prompt_len, jnp.int32)
