@@ -8,7 +8,7 @@ llama3-8b, llama3.2-1b, qwen3-30b-a3b, gemma3-12b; cached under --dir), so the s
 llama.cpp's llama-bench. Decode speed is also expressed as effective bandwidth: the weight bytes one
 decode step must read (every matrix, only B rows of an untied embedding table, of a mixture of experts
 only the active experts) times steps per second, against the device's measured
-read bandwidth (a sum over 4 GiB) and copy bandwidth (`a + 1`), and as the matmul rate it implies
+read bandwidth (row sums over 4 GiB) and copy bandwidth (`a + 1`), and as the matmul rate it implies
 (2 x rows x matrix weights per step). Several batch sizes (--batch 1,8,64) are measured on one
 loaded model, one row each.
 """
