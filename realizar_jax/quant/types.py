@@ -16,10 +16,10 @@ from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from ..errors import UnsupportedQuantError
-from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k,
+from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_mxfp4, dequant_q2_k,
                       dequant_q3_k, dequant_q4_0, dequant_q4_1, dequant_q4_k, dequant_q5_0, dequant_q5_1,
                       dequant_q5_k, dequant_q6_k, dequant_q8_0)
-from .encoders import quantize_dense, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from .encoders import quantize_dense, quantize_mxfp4, quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     QType("Q6_K", dequant_q6_k, quantize_q6_k, (208,), random_scale=(1e-5, 3e-5)),
     QType("IQ4_NL", dequant_iq4_nl, None, (0,)),
     QType("IQ4_XS", dequant_iq4_xs, None, (0,)),
+    QType("MXFP4", dequant_mxfp4, quantize_mxfp4, ()),   # its scale is an E8M0 byte, not an f16
 )}
 
 DENSE_QTYPES: tuple[str, ...] = tuple(n for n, q in QTYPES.items() if q.is_dense)
