@@ -129,14 +129,14 @@ def test_mxfp4_through_the_cli(model_files, tmp_path):
     from realizar_jax.cli.main import main
     from realizar_jax.quant import quantize
     out = tmp_path / "m.gguf"
-    assert main(["convert", "--quant", "MXFP4", "--no-progress", str(model_files.hf("qwen2")), str(out)]) == 0
+    assert main(["convert", "--quant", "MXFP4", "--no-progress", str(model_files.hf("llama")), str(out)]) == 0
     meta, reader = _fields(out)
     assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert {q for n, q in types.items() if len(open_model(out).tensors[n].shape) == 2} == {"MXFP4"}
-    assert {q for n, q in types.items() if len(open_model(out).tensors[n].shape) == 1} == {"F32"}
+    types = {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}
+    assert {q for q, ndim in types.values() if ndim == 2} == {"MXFP4"}
+    assert {q for q, ndim in types.values() if ndim == 1} == {"F32"}
     up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
-    src = open_model(model_files.hf("qwen2"))
+    src = open_model(model_files.hf("llama"))
     w = np.asarray(src.tensors["model.layers.0.mlp.up_proj.weight"].data, np.float32)
     np.testing.assert_array_equal(np.asarray(up.data).reshape(w.shape[0], -1), quantize(w, "MXFP4"))
     np.testing.assert_array_equal(gq_dequantize(up), gguf.quants.dequantize(quantize(w, "MXFP4"), up.tensor_type))
