@@ -1,7 +1,7 @@
 """Random-weight GGUFs of real model shapes, for benchmarks (ours and llama.cpp's on the same file).
 
-Packed blocks are random bytes except the f16 scale fields, which get small positive finite values
-so every dequantized weight is finite and of a sensible size. Tensors are written one at a time
+Packed blocks are random bytes except the scale fields (f16, or MXFP4's E8M0 exponent), which get
+small positive finite values so every dequantized weight is finite and of a sensible size. Tensors are written one at a time
 (header first, then each tensor's bytes streamed in row chunks), so a 16 GB file needs no 16 GB
 of RAM.
 """
@@ -81,7 +81,7 @@ def tensor_plan(shape: Shape, quant: str) -> list[tuple[str, tuple[int, ...], st
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, row_bytes] of random `qtype` rows, fast: raw random bytes, then the f16 scale fields
+    """uint8 [rows, row_bytes] of random `qtype` rows, fast: raw random bytes, then the scale fields
     (or dense exponents) fixed so that |w| ~ 1e-2; F32 (the norm weights) around 1."""
     q, bits = qtype_info(qtype), _DENSE_BITS.get(qtype)
     if q.is_dense and bits is None:   # F32: around 1 so activations stay O(1)
@@ -93,6 +93,11 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
         r[:] = (r & keep) | exponent
         return raw.reshape(rows, -1)
     b = raw.reshape(rows, cols // q.block_size, q.type_size)
+    if q.e8m0_offsets:   # exponent e: scale 2^(e - 128), in random_scale, picked by the random byte there
+        lo, hi = (int(np.log2(s)) + 128 for s in q.random_scale)
+        for o in q.e8m0_offsets:
+            b[..., o] = lo + b[..., o] % (hi - lo + 1)
+        return b.reshape(rows, -1)
     table = np.linspace(*q.random_scale, 256).astype(np.float16).view(np.uint8).reshape(256, 2)
     for o in q.f16_offsets:   # scale = table[one random byte already in the block]
         b[..., o:o + 2] = table[b[..., o + 1]]
