@@ -141,6 +141,10 @@ def test_mxfp4_through_the_cli(model_files, tmp_path):
     np.testing.assert_array_equal(np.asarray(up.data).reshape(w.shape[0], -1), quantize(w, "MXFP4"))
     np.testing.assert_array_equal(gq_dequantize(up), gguf.quants.dequantize(quantize(w, "MXFP4"), up.tensor_type))
     assert fit_qtype("MXFP4", 48) == "F16" and plan_qtype("wq", 0, (64, 64), "mxfp4", 2, True) == "MXFP4"
+    # llama-quantize's MXFP4_MOE: expert stacks MXFP4, other matrices Q8_0, the router F32
+    assert [plan_qtype(r, 0, shape, "mxfp4_moe", 2, True) for r, shape in
+            [("experts_up", (4, 64, 256)), ("wq", (64, 64)), ("lm_head", (97, 64)), ("router", (4, 64))]] == \
+        ["MXFP4", "Q8_0", "Q8_0", "F32"]
 
 
 def gq_dequantize(t):
