@@ -281,7 +281,7 @@ def test_gguf_f32_reads_back(model_files, variant):
 
 
 @pytest.mark.parametrize("variant,quant", [("mixtral", "q8_0"), slow("qwen3moe", "q8_0"), slow("mixtral", "f16"),
-                                           slow("qwen3moe", "f16")])
+                                           slow("qwen3moe", "f16"), ("qwen3moe", "mxfp4_moe")])
 def test_gguf_logits_equal_dequantized_reference(model_files, variant, quant):
     """Our f16 / q8_0 file, its experts kept packed (only the chosen ones dequantized), against gguf-py's
     dequantization of the same file in transformers; the dense (CPU default) load equals the packed one."""
@@ -291,6 +291,11 @@ def test_gguf_logits_equal_dequantized_reference(model_files, variant, quant):
         lp = packed.params.layers[0]
         assert isinstance(lp.experts_gate, QTensor) and lp.experts_gate.data.ndim == 3
         assert isinstance(lp.router, jax.Array)   # the router stays F32, as llama.cpp keeps it
+    if quant == "mxfp4_moe":   # llama-quantize's MXFP4_MOE: experts MXFP4, other matrices Q8_0, router F32
+        types = {t.name: (t.tensor_type.name, len(t.shape)) for t in gguf.GGUFReader(path).tensors}
+        assert {q for n, (q, d) in types.items() if "_exps" in n} == {"MXFP4"}
+        assert {q for n, (q, d) in types.items() if d == 2 and "_exps" not in n and "gate_inp" not in n} == {"Q8_0"}
+        assert {q for n, (q, d) in types.items() if "gate_inp" in n} == {"F32"}
     ids = _ids(PROMPT, packed.config.vocab_size, 4)
     ref = _hf_logits(_reference_from_gguf(path, model_files.hf(variant)), ids)
     ours = packed.logits(ids)

@@ -19,7 +19,7 @@ def _leaves(model):
     return [np.asarray(getattr(x, "data", x)) for x in jax.tree_util.tree_leaves(model.params)]
 
 
-@pytest.mark.parametrize("arch, quant", [("llama", "q4_k_m"), ("qwen2", "q8_0"),
+@pytest.mark.parametrize("arch, quant", [("llama", "q4_k_m"), ("qwen2", "q8_0"), ("qwen2", "mxfp4"),
                                          pytest.param("llama", "q6_k", marks=pytest.mark.slow),
                                          pytest.param("qwen3", "q4_0", marks=pytest.mark.slow),
                                          pytest.param("llama", "f16", marks=pytest.mark.slow)])

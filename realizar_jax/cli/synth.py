@@ -3,9 +3,10 @@
 A shape is the ModelConfig of a published model. The file is laid out as our `convert` would write that
 model: tensor names, shapes and order from formats/roles.py, metadata from gguf_writer.write_model_metadata,
 types from gguf_writer.plan_qtype (llama-quantize's mix for q4_k_m; MoE routers F32, experts stacked
-[experts, out, in]). Packed blocks are random bytes except the f16 scale fields, which get small positive
-finite values so every dequantized weight is finite and of a sensible size. Tensors are written one at a
-time (header first, then each tensor's bytes streamed in row chunks), so a 17 GB file needs no 17 GB of RAM.
+[experts, out, in]). Packed blocks are random bytes except the scale fields (f16, or MXFP4's E8M0
+exponent), which get small positive finite values so every dequantized weight is finite and of a sensible
+size. Tensors are written one at a time (header first, then each tensor's bytes streamed in row chunks),
+so a 17 GB file needs no 17 GB of RAM.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def plan_bytes(plan) -> int:
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [rows, row_bytes] of random `qtype` rows, fast: raw random bytes, then the f16 scale fields
+    """uint8 [rows, row_bytes] of random `qtype` rows, fast: raw random bytes, then the scale fields
     (or dense exponents) fixed so that |w| ~ 1e-2; F32 matrices (MoE routers) normal with sigma 1e-2 (router
     logits of O(0.5): different tokens pick different experts). Norm weights are random_norm's."""
     q, bits = qtype_info(qtype), _DENSE_BITS.get(qtype)
@@ -116,6 +117,11 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator) ->
         r[:] = (r & keep) | exponent
         return raw.reshape(rows, -1)
     b = raw.reshape(rows, cols // q.block_size, q.type_size)
+    if q.e8m0_offsets:   # exponent e: scale 2^(e - 128), in random_scale, picked by the random byte there
+        lo, hi = (int(np.log2(s)) + 128 for s in q.random_scale)
+        for o in q.e8m0_offsets:
+            b[..., o] = lo + b[..., o] % (hi - lo + 1)
+        return b.reshape(rows, -1)
     table = np.linspace(*q.random_scale, 256).astype(np.float16).view(np.uint8).reshape(256, 2)
     for o in q.f16_offsets:   # scale = table[one random byte already in the block]
         b[..., o:o + 2] = table[b[..., o + 1]]

@@ -12,6 +12,9 @@ decides which tensor gets which type. We do both in one pass:
   quantizes) stay F32; matrices and expert stacks get the requested type, or for q4_k_m
   llama-quantize's mix; a row length that is not a whole number of blocks falls back like
   llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
+- mxfp4_moe is llama-quantize's MXFP4_MOE mix: expert stacks MXFP4, every other matrix (embeddings and
+  output included) Q8_0; a dense model comes out all Q8_0, as from llama-quantize. mxfp4 is ours: every
+  matrix and expert stack MXFP4. Both carry file type MOSTLY_MXFP4_MOE, llama.cpp's only MXFP4 one.
 The output is streamed tensor by tensor into a temp file next to OUT and renamed into place only
 when complete, so a failure never leaves a half-written OUT.
 """
@@ -45,7 +48,8 @@ _FT = gguf.LlamaFileType
 _QUANTS = {"f32": ("F32", _FT.ALL_F32), "f16": ("F16", _FT.MOSTLY_F16), "bf16": ("BF16", _FT.MOSTLY_BF16),
            "q8_0": ("Q8_0", _FT.MOSTLY_Q8_0), "q4_0": ("Q4_0", _FT.MOSTLY_Q4_0),
            "q4_k": ("Q4_K", _FT.MOSTLY_Q4_K_S), "q5_k": ("Q5_K", _FT.MOSTLY_Q5_K_S),
-           "q6_k": ("Q6_K", _FT.MOSTLY_Q6_K), "q4_k_m": ("Q4_K", _FT.MOSTLY_Q4_K_M)}
+           "q6_k": ("Q6_K", _FT.MOSTLY_Q6_K), "q4_k_m": ("Q4_K", _FT.MOSTLY_Q4_K_M),
+           "mxfp4_moe": ("MXFP4", _FT.MOSTLY_MXFP4_MOE), "mxfp4": ("MXFP4", _FT.MOSTLY_MXFP4_MOE)}
 QUANT_CHOICES = tuple(_QUANTS)
 # llama-quantize's convert_incompatible_tensor: a type whose blocks fit rows that K-quants do not.
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
@@ -76,6 +80,8 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
     if len(shape) < 2 or quant == "f32" or role == "router":
         return "F32"
     qtype = _QUANTS[quant][0]
+    if quant == "mxfp4_moe" and len(shape) < 3:   # llama-quantize: "MoE tensors -> MXFP4, other tensors -> Q8_0"
+        qtype = "Q8_0"
     if quant == "q4_k_m":
         if role == "lm_head" or (role == "embed" and not has_output):
             qtype = "Q6_K"

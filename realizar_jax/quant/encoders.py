@@ -204,4 +204,32 @@ def _q6_k(x):
     return out
 
 
+def _mxfp4_exponent(amax):
+    """The shared E8M0 exponent of blocks with max |x| = amax (float32 [N]) -> int32 [N] in 0..253."""
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(amax)) - 2 + 127   # float32 log2, so a max just below 2^k may round up to k
+    return np.where(amax > 0, np.maximum(e, 0), 0).astype(np.int32)
+
+
+def quantize_mxfp4(x):
+    """float32 rows [N, cols] -> MXFP4 blocks (see the module doc for the rule)."""
+    blocks = x.reshape(-1, 32)
+    ax = np.abs(blocks)
+    e = _mxfp4_exponent(ax.max(axis=1) if blocks.size else np.zeros(0, np.float32))
+    d = np.ldexp(np.float32(1), e - 128).astype(np.float32)[:, None]   # exact, subnormal for e < 2
+    # Nearest of the doubled magnitudes 0,1,2,3,4,6,8,12 (times d): count the midpoints below |x|, a tie
+    # staying below. This is ggml's exhaustive search exactly: each |x - k*d| it compares is exact
+    # (Sterbenz: x is within a factor 2 of both grid neighbours), so its first-wins ties are these.
+    mag = np.zeros(ax.shape, np.uint8)
+    with np.errstate(over="ignore"):
+        for mid in (0.5, 1.5, 2.5, 3.5, 5, 7, 10):   # one pass each: no [blocks, 32, 7] temporary
+            mag += ax > d * np.float32(mid)
+        # e = 253 (max |x| within 2^-17 of float32's max) puts 8d and 12d at inf; ggml's error to them
+        # is inf, so it never picks them: neither do we
+        top = np.where(np.isfinite(d * np.float32(12)), 7, np.where(np.isfinite(d * np.float32(8)), 6, 5))
+    mag = np.minimum(mag, top).astype(np.uint8)
+    code = np.where((blocks < 0) & (mag > 0), mag | 8, mag).astype(np.uint8)   # -0 is never chosen
+    return np.concatenate([e.astype(np.uint8)[:, None], code[:, :16] | (code[:, 16:] << 4)], axis=1)
+
+
 quantize_q4_k, quantize_q5_k, quantize_q6_k = _superblocks(_q4_k), _superblocks(_q5_k), _superblocks(_q6_k)

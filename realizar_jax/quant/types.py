@@ -16,10 +16,10 @@ from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from ..errors import UnsupportedQuantError
-from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k,
+from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_mxfp4, dequant_q2_k,
                       dequant_q3_k, dequant_q4_0, dequant_q4_1, dequant_q4_k, dequant_q5_0, dequant_q5_1,
                       dequant_q5_k, dequant_q6_k, dequant_q8_0)
-from .encoders import quantize_dense, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from .encoders import quantize_dense, quantize_mxfp4, quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class QType:
     quantize: Callable | None     # numpy: float32 [N, cols] -> uint8 bytes of N rows; None: read-only
     f16_offsets: tuple[int, ...]  # byte offsets of the block's f16 fields (F16: the value itself)
     dtype: type | None = None     # dense types: the numpy dtype of one value
-    random_scale: tuple[float, float] | None = None   # synth.py: f16 scales that give weights ~1e-2
+    random_scale: tuple[float, float] | None = None   # synth.py: scales that give weights ~1e-2
+    e8m0_offsets: tuple[int, ...] = ()   # byte offsets of E8M0 exponent fields (scale 2^(e - 128) in ggml's MXFP4)
     block_size: int = field(init=False)   # values per block
     type_size: int = field(init=False)    # bytes per block
 
@@ -63,6 +64,7 @@ QTYPES: dict[str, QType] = {q.name: q for q in (
     QType("Q6_K", dequant_q6_k, quantize_q6_k, (208,), random_scale=(1e-5, 3e-5)),
     QType("IQ4_NL", dequant_iq4_nl, None, (0,)),
     QType("IQ4_XS", dequant_iq4_xs, None, (0,)),
+    QType("MXFP4", dequant_mxfp4, quantize_mxfp4, (), random_scale=(2.0 ** -9, 2.0 ** -8), e8m0_offsets=(0,)),
 )}
 
 DENSE_QTYPES: tuple[str, ...] = tuple(n for n, q in QTYPES.items() if q.is_dense)
