@@ -189,7 +189,8 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
             nbytes = row_bytes(qtype, want[1])
         except (KeyError, ValueError) as exc:
             raise UnsupportedQuantError(str(exc), path=source.path, tensor=name) from None
-        packed = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+        # quantize on load (formats/quantized.py) may hand over blocks already made on the device
+        packed = data.packed() if hasattr(data, "packed") else np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
         if packed.shape != (want[0], nbytes):
             raise ShapeMismatchError(f"expected {want} in {qtype} ({want[0]} rows of {nbytes} bytes), found "
                                      f"{packed.shape[0]} rows of {packed.shape[1]} bytes", path=source.path, tensor=name)
