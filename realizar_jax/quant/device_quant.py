@@ -3,8 +3,9 @@ host, so the bytes are identical) jitted over fixed-size chunks of blocks.
 
 A tensor is read, uploaded and encoded a chunk of rows at a time, so neither the host nor the device
 ever holds more than a few chunks of float values beside the packed output. Every chunk of a large
-tensor is padded to CHUNK_VALUES, so one compiled program per type serves every large tensor; a
-tensor smaller than that is padded to a power of two of blocks. The packed result stays on the
+tensor is padded to the chunk size (CHUNK_VALUES on a CPU, 4x that on an accelerator, where each
+chunk's scale search costs ~25 kernel launches a trial whatever its size), so one compiled program
+per type serves every large tensor; a tensor smaller than that is padded to a power of two of blocks. The packed result stays on the
 device: the GPU repack reads it there, and the CPU path uses it where it is.
 
 XLA:CPU flushes subnormal floats to zero (GPUs keep them: xla_gpu_ftz is off by default), which numpy
@@ -28,7 +29,7 @@ from .encoders import ENCODERS, _Jax
 from .quantize import check_values
 from .types import qtype_info, row_bytes
 
-CHUNK_VALUES = 1 << 22   # values per encoded chunk (16 MiB of float32): bounds every temporary
+CHUNK_VALUES = 1 << 22   # values per encoded chunk on a CPU (16 MiB of float32): bounds every temporary
 TINY = np.float32(2.0 ** -20)
 # Measured on a 2-core CPU (BENCHMARKS.md, "Quantize on load"): XLA:CPU runs the 32-value types faster
 # than numpy, but the K-quants' scale search (a while loop of small fusions) slower.
@@ -76,8 +77,9 @@ def quantize_rows_on_device(read: Callable[[int, int], np.ndarray], rows: int, c
     nbytes = row_bytes(q.name, cols)
     device = device or jax.devices()[0]
     bs = q.block_size
-    cap = CHUNK_VALUES // bs
-    step = max(1, CHUNK_VALUES // cols)                  # rows per chunk
+    chunk = CHUNK_VALUES if device.platform == "cpu" else 4 * CHUNK_VALUES
+    cap = chunk // bs
+    step = max(1, chunk // cols)                         # rows per chunk
     per_row = cols // bs
     out, stats, masks = [], [], []
     for a in range(0, rows, step):
@@ -102,7 +104,7 @@ def quantize_rows_on_device(read: Callable[[int, int], np.ndarray], rows: int, c
         blocks = np.flatnonzero(np.concatenate([np.asarray(m) for m in masks]))
         redo = np.unique(blocks // per_row)
         values = np.concatenate([np.asarray(read(int(r), int(r) + 1), np.float32) for r in redo])
-        packed = packed.at[jnp.asarray(redo)].set(jnp.asarray(q.quantize(values.reshape(len(redo), cols))))
+        packed = packed.at[jnp.asarray(redo)].set(jax.device_put(q.quantize(values.reshape(len(redo), cols)), device))
     return packed
 
 
