@@ -46,8 +46,11 @@ def test_quantize_on_load_on_the_device_equals_convert_then_load(model_files, tm
     from realizar_jax.quant import device_quant
     monkeypatch.setattr(device_quant, "faster_on_device", lambda qtype, backend=None: True)
     encoded, run = [], device_quant.quantize_rows_on_device
-    monkeypatch.setattr(device_quant, "quantize_rows_on_device",
-                        lambda read, rows, cols, qtype, device=None: encoded.append(qtype) or run(read, rows, cols, qtype, device))
+
+    def counted(read, rows, cols, qtype, device=None):
+        encoded.append(qtype)
+        return run(read, rows, cols, qtype, device)
+    monkeypatch.setattr(device_quant, "quantize_rows_on_device", counted)
     hf = model_files.hf("llama")
     via_file = rj.load(write_gguf(hf, tmp_path / "llama-q4_k_m.gguf", "q4_k_m", progress=False), dtype="float32",
                        dense_weights=False)

@@ -5,8 +5,9 @@ A tensor is read, uploaded and encoded a chunk of rows at a time, so neither the
 ever holds more than a few chunks of float values beside the packed output. Every chunk of a large
 tensor is padded to the chunk size (CHUNK_VALUES on a CPU, 4x that on an accelerator, where each
 chunk's scale search costs ~25 kernel launches a trial whatever its size), so one compiled program
-per type serves every large tensor; a tensor smaller than that is padded to a power of two of blocks. The packed result stays on the
-device: the GPU repack reads it there, and the CPU path uses it where it is.
+per type serves every large tensor; a tensor smaller than that is padded to a power of two of blocks.
+The packed result stays on the device: the GPU repack reads it there, and the CPU path uses it where
+it is.
 
 XLA:CPU flushes subnormal floats to zero (GPUs keep them: xla_gpu_ftz is off by default), which numpy
 does not. A block holding a group of 16 values whose largest magnitude is below TINY (but not zero)
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .encoders import ENCODERS, _Jax
+from .encoders import ENCODERS, JaxOps
 from .quantize import check_values
 from .types import qtype_info, row_bytes
 
@@ -51,7 +52,7 @@ def _encode(x, zero, qtype: str):
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & np.uint32(0x7FFFFFFF)   # |x|; NaN above inf
     group = bits.reshape(x.shape[0], -1, min(16, x.shape[1])).max(axis=-1)
     tiny = ((group > 0) & (group < TINY.view(np.uint32))).any(axis=-1)
-    return ENCODERS[qtype](_Jax(zero, x), x), jnp.stack([jnp.max(bits), tiny.sum(dtype=jnp.uint32)]), tiny
+    return ENCODERS[qtype](JaxOps(zero, x), x), jnp.stack([jnp.max(bits), tiny.sum(dtype=jnp.uint32)]), tiny
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,8 @@ identical; the tests draw tensors and compare them.
 Every encoder takes float32 blocks [N, block_size] laid out as the file's values and returns uint8
 [N, type_size], following llama.cpp's reference quantizers (`quantize_row_*_ref` in ggml-quants.c)
 operation by operation, in float32 as they are:
-- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: byte-identical to llama.cpp and to gguf-py's numpy ports (tests).
+- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: byte-identical to gguf-py's numpy ports (tests) and through them to
+  llama.cpp (`pytest -m llamacpp` compares with its library directly).
 - Q4_K/Q5_K: per 32-value sub-block, `make_qkx2_quants` fits scale and min by weighted least squares
   (weights |x| + rms of the sub-block) over 21 (Q4_K) or 16 (Q5_K) trial step sizes, keeping each fit
   that lowers the weighted squared error (and moving the grid's min with it); the 8 scales and 8 mins
@@ -18,13 +19,14 @@ saturates (llama.cpp's nearest_int wraps past 2^22), the quants of a sub-block w
 are written as the zero point, and llama.cpp's build may contract a*b+c into an FMA (its rounding then
 differs in the last bit, so near-ties between trial scales can resolve differently).
 
-Bit-identity on a device needs two guards, both in `_Jax` (in numpy they are the identity), against
+Bit-identity on a device needs two guards, both in `JaxOps` (in numpy they are the identity), against
 rewrites that change the rounding numpy does (each measured on XLA:CPU; the tests catch a new one):
 - LLVM contracts a*b + c into an FMA. `pin` hides a product behind an XOR with a zero that only exists
   at run time, so no contraction can see through it; every product that feeds an add is pinned.
 - XLA turns x / broadcast(b) into x * broadcast(1 / b), even for b computed at run time. `divisor`
   expands b to the quotient's shape and XORs it with zeros made from the input's bits, which XLA
   cannot prove to be a broadcast.
+XLA:CPU also flushes subnormals to zero; device_quant.py re-encodes the blocks that could meet one.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class _Numpy:
         return h.view(np.uint8).reshape(*v.shape, 2), h.astype(_F32)
 
 
-class _Jax:
+class JaxOps:
     """Device backend, traced under jit: `zero` is a uint32 0 passed in as an argument, `like` the
     encoder's input (at least as many values as any divisor)."""
 
