@@ -242,7 +242,7 @@ def dense_to_device(arr: np.ndarray, dtype) -> jax.Array:
     jnp.asarray(arr.astype(dtype)) held up to three whole copies (ml_dtypes' f16 -> bf16 goes through
     float32, and jnp.asarray copied a bfloat16 array twice: 4.3 GB for a 1 GiB embedding)."""
     dtype = jnp.dtype(dtype)
-    step = max(1, DENSE_CHUNK_BYTES // max(1, arr[:1].nbytes))
+    step = max(1, DENSE_CHUNK_BYTES // max(1, arr[:1].nbytes)) if arr.ndim else 1
     if arr.ndim < 1 or arr.shape[0] <= step:
         return jax.device_put(arr).astype(dtype)
     out = jnp.zeros(arr.shape, dtype)
