@@ -6,6 +6,7 @@ tensors stay packed as QTensor, dense ones become arrays of the requested dtype.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -193,13 +194,14 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
             arr = np.asarray(data)
             if arr.shape != want:
                 raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
-            return jnp.asarray(arr.astype(dtype))
+            return dense_to_device(arr, dtype)
         from .quant.types import row_bytes
         try:
             nbytes = row_bytes(qtype, want[-1])
         except (KeyError, ValueError) as exc:
             raise UnsupportedQuantError(str(exc), path=source.path, tensor=name) from None
-        packed = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+        # quantize on load (formats/quantized.py) may hand over blocks already made on the device
+        packed = data.packed() if hasattr(data, "packed") else np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
         rows = int(np.prod(want[:-1]))
         if packed.shape != (rows, nbytes):
             raise ShapeMismatchError(f"expected {want} in {qtype} ({rows} rows of {nbytes} bytes), found "
@@ -236,6 +238,31 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
     local = None if config.rope_local_theta is None else jnp.asarray(rope_inv_freq(config, local=True))
     return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head,
                   rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32), rope_local_inv_freq=local)
+
+
+DENSE_CHUNK_BYTES = 64 * 2**20   # host bytes uploaded per step when a dense matrix is converted on the device
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(out: jax.Array, rows: jax.Array, start) -> jax.Array:
+    return jax.lax.dynamic_update_slice(out, rows.astype(out.dtype), (start,) + (0,) * (out.ndim - 1))
+
+
+def dense_to_device(arr: np.ndarray, dtype) -> jax.Array:
+    """A host (often memory-mapped) array as a device array of `dtype`, converted on the device a chunk of
+    rows at a time into one donated buffer: host memory holds a chunk beside the output, where
+    jnp.asarray(arr.astype(dtype)) held up to three whole copies (ml_dtypes' f16 -> bf16 goes through
+    float32, and jnp.asarray copied a bfloat16 array twice: 4.3 GB for a 1 GiB embedding)."""
+    dtype = jnp.dtype(dtype)
+    step = max(1, DENSE_CHUNK_BYTES // max(1, arr[:1].nbytes)) if arr.ndim else 1
+    if arr.ndim < 1 or arr.shape[0] <= step:
+        return jax.device_put(arr).astype(dtype)
+    out = jnp.zeros(arr.shape, dtype)
+    for a in range(0, arr.shape[0], step):
+        a = min(a, arr.shape[0] - step)   # the last chunk rewrites a few rows: one chunk shape per tensor
+        out = _write_rows(out, jax.device_put(arr[a:a + step]), a)
+        out.block_until_ready()   # else every chunk's upload is queued at once, each a host copy
+    return out
 
 
 _dequantize = jax.jit(dequantize, static_argnames="dtype")   # one compile per (qtype, shape, dtype) per process

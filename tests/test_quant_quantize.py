@@ -270,9 +270,9 @@ def _ggml_library():
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_matches_llama_cpp_reference_quantizer(qtype):
-    """Legacy types: byte-identical to quantize_row_*_ref. K-quants: same algorithm, but llama.cpp
-    accumulates in float32 (with FMA contraction depending on the build) where we use float64, so
-    near-ties between trial scales may resolve differently: most blocks identical, error no worse."""
+    """Legacy types: byte-identical to quantize_row_*_ref. K-quants: the same float32 operations in the
+    same order, but llama.cpp's build may contract a*b+c into an FMA, so near-ties between trial
+    scales may resolve differently: most blocks identical, error no worse."""
     lib = _ggml_library()
     fn = getattr(lib, f"quantize_row_{qtype.lower()[:-2]}{qtype[-2:]}_ref")
     x = np.concatenate([make_values(s, f, 1.0, rows=8, cols=1024) for s, f in enumerate(FAMILIES)])
@@ -297,3 +297,79 @@ def test_mxfp4_matches_llama_cpp_reference_quantizer():
     lib.quantize_row_mxfp4_ref(x.ctypes.data_as(ctypes.c_void_p), ref.ctypes.data_as(ctypes.c_void_p),
                                ctypes.c_int64(x.size))
     np.testing.assert_array_equal(quantize(x, "MXFP4"), ref)
+
+
+# ---- the jitted encoders (quant.device_quant) write the numpy encoders' bytes --------------------
+
+ALL_QTYPES = ("F32", "F16", "BF16") + QTYPES
+ROW_KINDS = ("gauss", "equal", "negative", "subscales", "zeros", "grid", "outliers")
+
+
+@st.composite
+def hostile_rows(draw, rows=4, cols=512, min_exp=-40):
+    """[rows, cols] float32, each row of a drawn kind and magnitude (1e-5 to 6e4; the last row's from
+    10^min_exp, subnormal at the default): rows of one repeated value, negative-only rows, sub-block
+    scales over 6 decades, rows sprinkled with +0 and -0, values on a quantization grid (rounding
+    ties); never a row of zeros only."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    out = np.empty((rows, cols), np.float64)
+    for r in range(rows):
+        kind = draw(st.sampled_from(ROW_KINDS))
+        # the last row reaches the subnormal range (which device_quant re-encodes on the host); the
+        # others stay above its TINY, where the device's own arithmetic is under test
+        scale = 10.0 ** draw(st.floats(min_exp if r == rows - 1 else -5, 4.8))
+        g = rng.standard_normal(cols)
+        if kind == "equal":
+            g = np.full(cols, rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 1))
+        elif kind == "negative":
+            g = -rng.uniform(0.01, 1, cols)
+        elif kind == "subscales":
+            g = g * np.repeat(10.0 ** rng.uniform(-6, 0, cols // 16), 16)
+        elif kind == "zeros":
+            g[rng.random(cols) < 0.4] = 0.0
+            g[rng.random(cols) < 0.2] = -0.0
+            g[0] = 1.0
+        elif kind == "grid":
+            g = np.round(g * 4) / 4 + rng.choice([0.0, 0.125])
+            g[0] = 1.0
+        elif kind == "outliers":
+            g = g * 1e-3
+            g[::97] *= 1e4
+        out[r] = g / np.abs(g).max() * min(scale, 65504.0)
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", ALL_QTYPES)
+@settings(max_examples=25, deadline=None)
+@given(x=hostile_rows())
+def test_device_encoder_writes_the_numpy_bytes(qtype, x):
+    from realizar_jax.quant.device_quant import quantize_on_device
+    want = quantize(x, qtype)
+    got = np.asarray(quantize_on_device(x, qtype))
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    bad = np.nonzero((got != want).any(axis=1))[0]
+    assert not bad.size, f"rows {bad.tolist()} differ"
+
+
+@pytest.mark.parametrize("qtype", ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"))
+@settings(max_examples=25, deadline=None)
+@given(x=hostile_rows(min_exp=-28))   # below (and 6 decades of sub-scales), 1/d overflows: gguf-py then casts NaN
+def test_legacy_encoders_write_gguf_py_bytes(qtype, x):
+    x = np.where(x == 0, np.float32(0), x)   # gguf-py's np.min/np.max may keep either zero of a +-0 tie
+    np.testing.assert_array_equal(quantize(x, qtype), gq.quantize(x, GT[qtype]))
+
+
+def test_device_quantize_chunks_and_rejects_what_numpy_rejects(monkeypatch):
+    from realizar_jax.quant import device_quant
+    from realizar_jax.quant.device_quant import quantize_on_device
+    monkeypatch.setattr(device_quant, "CHUNK_VALUES", 1024)   # 2 rows a chunk, the last one padded
+    x = make_values(3, "gauss", 2.0, rows=7, cols=256 + 256)
+    np.testing.assert_array_equal(np.asarray(quantize_on_device(x, "Q8_0")), quantize(x, "Q8_0"))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_on_device(np.where(np.arange(512) == 3, np.inf, x), "Q8_0")
+    with pytest.raises(ValueError, match="65504"):
+        quantize_on_device(x * 1e5, "Q4_0")
+    with pytest.raises(ValueError, match="multiple of the Q8_0 block size"):
+        quantize_on_device(x[:, :100], "Q8_0")
+    with pytest.raises(ValueError, match="cannot quantize to Q3_K"):
+        quantize_on_device(x, "Q3_K")

@@ -149,6 +149,7 @@ def _plan(src, role_map, quant: str) -> list[_Planned]:
 
 def _tensor_bytes(src, p: _Planned) -> np.ndarray:
     """The planned tensor's data as the array GGUFWriter writes (dense typed, or uint8 blocks)."""
+    from ..quant.device_quant import faster_on_device, quantize_on_device
     from ..quant.quantize import quantize
     c = src.config
     if p.role in ("rope_factors_long", "rope_factors_short"):
@@ -164,6 +165,8 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
         elif p.role in ("wk", "bk"):
             x = permute_qk(x, c.num_kv_heads)
     try:
+        if x.ndim == 2 and not qtype_info(p.qtype).is_dense and faster_on_device(p.qtype):
+            return np.asarray(quantize_on_device(x, p.qtype))   # the same bytes (quant/device_quant.py)
         return quantize(x, p.qtype)
     except ValueError as e:
         raise ModelFormatError(f"cannot quantize to {p.qtype}: {e}", path=src.path, tensor=p.source) from None
