@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call: scripts/gemv_rows_probe.py (int8 GEMV vs packed tensor-core matmul at 1..16 rows)
-# while the 8B GGUF is synthesized, then `bench --batch $BATCHES --profile` on the whole model
-# (carry .whl: gguf). Logs and JSON land in $OUT.
+# One device call: the 8B GGUF synthesized, then `bench --batch $BATCHES --profile` on the whole model
+# (carry .whl: gguf). Logs and JSON land in $OUT. (Run 48 also ran a probe of the int8 GEMV at 5..16
+# rows, scripts/gemv_rows_probe.py of fb7d82b: it lost to qmatmul and was deleted, BENCHMARKS.md.)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -11,8 +11,6 @@ mkdir -p /tmp/rb
 F=/tmp/rb/llama3-8b-q4_k_m.gguf
 [ -f $F ] || (python3 -c "from realizar_jax.cli.synth import write_synthetic_gguf as w; w('$F.part', 'llama3-8b', 'q4_k_m')" && mv $F.part $F) > "$OUT/synth.log" 2>&1 &
 SYN=$!
-[ -n "${SKIP_PROBE:-}" ] || (cd scripts && timeout -s INT ${PROBE_S:-200} python3 gemv_rows_probe.py 2>&1 | grep -v Warning > "$OUT/probe.log")
-[ -n "${SKIP_PROBE:-}" ] || cat "$OUT/probe.log"
 wait $SYN
 timeout ${BENCH_S:-330} python3 -m realizar_jax.cli.bench --model $F --batch "${BATCHES:-1,2,4,8,16,32,64,128}" --gen 65 \
   --profile /tmp/prof --json "$OUT/bench_batches.json" ${BENCH_ARGS:-} 2>&1 | grep -v -e Warning -e 'loading .*%' > "$OUT/bench.log"

@@ -34,7 +34,6 @@ from .tuning import KernelConfig
 from .xquant import fusable_prep, norm_fusable, norm_quantize_x, quantize_x, rne_int, round_to, swiglu_rounded
 
 N_SM = 132  # H100/H200 SXM; only used to size the grid
-INT8_ROWS = 16   # the most rows of x the int8 kernel takes (its per-row accumulators live in registers)
 # (rows per program, superblocks per K step, warps, pipeline stages) of the factored kernels, per
 # weight type (BENCHMARKS.md: the H100 sweeps and the whole-model benches that chose them).
 TILES = {"Q4_K": (16, 4, 4, 3), "Q8_0": (8, 2, 2, 4), "Q6_K": (16, 4, 4, 2), "DENSE": (4, 8, 4, 2)}
@@ -447,13 +446,12 @@ def gemv_swiglu(x: jax.Array, gate, up, *, cfg: KernelConfig, pre: str | None = 
 @functools.partial(jax.jit, static_argnames=("cfg", "target_programs", "pre", "eps", "summed"))
 def gemv(x: jax.Array, w, *, cfg: KernelConfig, target_programs: int = 2 * N_SM, pre: str | None = None,
          other=None, eps: float | None = None, residual=None, summed: bool = True):
-    """pre(x) [B <= 8 (int8 activations: INT8_ROWS), in] times w.T -> [B, out] float32.
+    """pre(x) [B <= 8, in] times w.T -> [B, out] float32.
 
     w: GpuQTensor, or a dense [out, in] array (bf16/f16/f32) read as is. Tiles: tiles_for(cfg, type);
     target_programs: how many programs the K splits aim for (tests lower it to split small matrices).
     With cfg.int8_activations, bf16/f16 x meets Q4_K/Q8_0/Q6_K weights as int8s in dp4a dot products
-    (qdot.tile_dot_q8); float32 x always stays float. 5..8 bf16 rows of other types take the
-    tensor-core kernel.
+    (qdot.tile_dot_q8); float32 x always stays float. 5..8 bf16 rows take the tensor-core kernel.
     pre/other/eps: the RMSNorm in front of the product; on the int8 route it runs inside the kernel
     that quantizes x. residual: as gemv_multi's (the call returns (y, new x)). summed=False: y is the
     K splits' partial sums [S, B, out], left for the consumer to add (splitsum.SplitSum).
@@ -464,11 +462,7 @@ def gemv(x: jax.Array, w, *, cfg: KernelConfig, target_programs: int = 2 * N_SM,
     bn, bs, num_warps, num_stages = tiles_for(cfg, qtype)
     B = x.shape[0]
     nsb = cols // SB
-    int8_rows = _int8(cfg, qtype in FACTORED_QTYPES and qtype in Q8_ACT_QTYPES, x.dtype)
-    if not 0 < B <= (INT8_ROWS if int8_rows else 8):
-        raise ValueError(f"gemv: {B} rows of x; this route takes 1..{INT8_ROWS if int8_rows else 8}")
-    # bf16 tensor-core dot for 5..8 rows where there is no int8 kernel; float32 stays exact
-    use_dot = B > 4 and not int8_rows and x.dtype != jnp.float32
+    use_dot = B > 4 and x.dtype != jnp.float32   # bf16 tensor-core dot for 5..8 rows; float32 stays exact
     if use_dot:
         bn = max(bn, 16)   # tensor-core tiles are at least 16 x 16
     nb = 16 if use_dot else max(1, 1 << (B - 1).bit_length())
