@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .layout import GPU_LAYOUTS, SB, GpuQTensor, dequant_parts, split_x
+from .qdot import q4k_scales, q6k_scales
 from .tuning import KernelConfig
 
 N_SM = 132
@@ -76,7 +77,99 @@ def _dot_t(a, b):
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(*refs, qtype, n_w, bn, bm, bs, steps):
+def _fma(a, b, c, interpret: bool):
+    """a * b + c, rounded once on the GPU: Pallas's PTX multiplies and adds with .rn, which ptxas never
+    contracts, so the GPU takes one fma.rn by inline asm. Interpret mode rounds a * b first."""
+    if interpret:
+        return a * b + c
+    b, c = jnp.broadcast_to(b, a.shape), jnp.broadcast_to(c, a.shape)
+    [r] = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f",
+                                       pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return r
+
+
+def _nibble_f32(words, at: int, interpret: bool):
+    """float32(2**(23 - at) + the 4 bits of `words` at bit `at`), exactly, for at <= 19: the bits
+    selected in place into the mantissa of 2**(23 - at), whose unit there is 1 (one LOP3 on the GPU:
+    an AND then an OR of two immediates compiles to two)."""
+    mask, magic = 15 << at, (150 - at) << 23
+    if interpret:
+        bits = (words & mask) | magic
+    else:
+        [bits] = plgpu.elementwise_inline_asm(f"lop3.b32 $0, $1, {mask}, {magic}, 0xEA;", args=[words],
+                                              constraints="=r,r", pack=1,
+                                              result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)])
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _q4_k_parts(p, interpret: bool) -> list:
+    """layout.dequant_parts for Q4_K in about half the instructions per value (the kernel is bound by
+    its instruction stream, BENCHMARKS.md run 49): q = _nibble_f32(word, at) - 2**(23 - at), exact,
+    without shifting the word (nibbles above bit 19 come from one shift of it by 16); then q * s - m
+    as one fma, rounded once where the reference rounds q * s, then - m (interpret mode keeps the
+    reference's roundings). Reference per value: shift, mask, OR, two subtractions and a multiply."""
+    qs, meta, dm = p                                    # qs int32 words [N, S, 4, 8]
+    scale, mins = q4k_scales(meta, dm)                  # [N, S, 4] each: sub-blocks 2j (even), 2j + 1
+    high = jax.lax.shift_right_logical(qs, 16)
+    out = []
+    for k in range(4):
+        for h in range(2):
+            pos = 8 * k + 4 * h
+            src, at = (qs, pos) if pos <= 16 else (high, pos - 16)
+            q = _nibble_f32(src, at, interpret) - float(2 ** (23 - at))
+            w = _fma(q, scale[h][..., None], -mins[h][..., None], interpret)
+            out.append(w.reshape(w.shape[0], w.shape[1], 32))
+    return out
+
+
+def _six_bits_f32(low, high, at: int, interpret: bool):
+    """float32(2**(23 - at) + nib + 16 * hi), exactly, for at <= 17: nib the 4 bits of `low` at bit
+    `at`, hi the 2 bits of `high` at bit at + 4, both selected in place into the mantissa of
+    2**(23 - at) (two LOP3s on the GPU)."""
+    m_lo, m_hi, magic = 15 << at, 3 << (at + 4), (150 - at) << 23
+    if interpret:
+        bits = (low & m_lo) | (high & m_hi) | magic
+    else:
+        [bits] = plgpu.elementwise_inline_asm(
+            f"lop3.b32 $0, $1, {m_lo}, {magic}, 0xEA;\n\tlop3.b32 $0, $2, {m_hi}, $0, 0xEA;", args=[low, high],
+            constraints="=&r,r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.int32)])
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _q6_k_parts(p, interpret: bool) -> list:
+    """layout.dequant_parts for Q6_K, bit for bit, in fewer instructions per value: quant c's low
+    nibble (bit 8k + 4(c % 2) of its ql word) and high 2 bits (bit 8k + 2c of the h word, shifted
+    once per c to sit 4 above the nibble) are selected in place into one float (_six_bits_f32);
+    subtracting 2**(23 - at) + 32 is exact, and the product with the scale rounds as the reference's.
+    Bytes 2 and 3 come from the words shifted right by 16 once."""
+    e, o, h, sc_words, d = p                           # words int32 [N, S, 4, 4]
+    srl, sll = jax.lax.shift_right_logical, jax.lax.shift_left
+    e16, o16, h16 = srl(e, 16), srl(o, 16), srl(h, 16)
+    out = []
+    for c, s in enumerate(q6k_scales(sc_words, d)):
+        align = 4 * (c % 2) + 4 - 2 * c                # h's bits 8k + 2c -> 8k + 4(c % 2) + 4
+        hc, hc16 = (h, h16) if align == 0 else (sll(h, align), sll(h16, align))
+        lows, lows16 = (e, e16) if c < 2 else (o, o16)
+        sc = s[..., None]
+        for k in range(4):
+            low, high, at = (lows, hc, 8 * k) if k < 2 else (lows16, hc16, 8 * (k - 2))
+            at += 4 * (c % 2)
+            f = _six_bits_f32(low, high, at, interpret)
+            w = (f - float(2 ** (23 - at) + 32)) * sc
+            out.append(w.reshape(w.shape[0], w.shape[1], 16))
+    return out
+
+
+# the kernel's own dequantizers where they beat layout.dequant_parts (same values, bit for bit)
+FAST_DEQUANT = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts}
+
+
+def _dequant(qtype: str, loaded, interpret: bool) -> list:
+    fast = FAST_DEQUANT.get(qtype)
+    return fast(loaded, interpret) if fast else dequant_parts(qtype, loaded)
+
+
+def _kernel(*refs, qtype, n_w, bn, bm, bs, steps, interpret):
     w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:-1], refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     features, xrows = pl.ds(i * bn, bn), pl.ds(j * bm, bm)
@@ -85,7 +178,7 @@ def _kernel(*refs, qtype, n_w, bn, bm, bs, steps):
         k = s * steps + t
         blocks = pl.ds(k * bs, bs)
         loaded = [r[(features, blocks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
-        for w, x_ref in zip(dequant_parts(qtype, loaded), x_refs):   # [bn, bs, P] float32 each
+        for w, x_ref in zip(_dequant(qtype, loaded, interpret), x_refs):   # [bn, bs, P] float32 each
             width = bs * w.shape[-1]
             xt = x_ref[xrows, pl.ds(k * width, width)]                  # [bm, bs * P]
             acc = acc + _dot_t(w.reshape(bn, width).astype(xt.dtype), xt)
@@ -114,7 +207,8 @@ def matmul_packed(x: jax.Array, w: GpuQTensor, *, cfg: KernelConfig, summed: boo
     xs = [p.reshape(mp, -1) for p in split_x(xp, w.qtype)]
     steps = nsb // bs // splits
     out = pl.pallas_call(
-        functools.partial(_kernel, qtype=w.qtype, n_w=len(w.parts), bn=bn, bm=bm, bs=bs, steps=steps),
+        functools.partial(_kernel, qtype=w.qtype, n_w=len(w.parts), bn=bn, bm=bm, bs=bs, steps=steps,
+                          interpret=cfg.interpret),
         grid=(rows // bn, mp // bm, splits),
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, j, i)),
         out_shape=jax.ShapeDtypeStruct((splits, mp, rows), jnp.float32),
