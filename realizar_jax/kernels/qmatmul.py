@@ -6,8 +6,8 @@ once and multiply it against every row. A program here owns BN output features a
 walks K in steps of BS superblocks: it dequantizes the weight tile in registers (layout.dequant_parts,
 shared with the unpack kernel and the jnp reference), rounds it to x's dtype and makes it the left
 operand of the tensor-core dot, so the weights never pass through HBM unpacked. x is split into the
-layout's parts once per call (split_x, small), each part flattened to [M, nsb * P] so a K step loads
-a plain [BM, BS * P] tile and each part is one dot [BN, BS * P] x [BS * P, BM].
+layout's parts once per call (split_x, small) into one array [M, parts, nsb * P], so a K step loads
+a plain [BM, BS * P] tile per part and each part is one dot [BN, BS * P] x [BS * P, BM].
 
 K splits fill the SMs when there are few (feature, row) tiles, as in the GEMV; their partial sums
 [S, M, N] are added by XLA, or by the consumer (summed=False: the next RMSNorm's prep).
@@ -170,7 +170,7 @@ def _dequant(qtype: str, loaded, interpret: bool) -> list:
 
 
 def _kernel(*refs, qtype, n_w, bn, bm, bs, steps, interpret):
-    w_refs, x_refs, o_ref = refs[:n_w], refs[n_w:-1], refs[-1]
+    w_refs, x_ref, o_ref = refs[:n_w], refs[n_w], refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     features, xrows = pl.ds(i * bn, bn), pl.ds(j * bm, bm)
 
@@ -178,9 +178,9 @@ def _kernel(*refs, qtype, n_w, bn, bm, bs, steps, interpret):
         k = s * steps + t
         blocks = pl.ds(k * bs, bs)
         loaded = [r[(features, blocks) + (slice(None),) * (len(r.shape) - 2)] for r in w_refs]
-        for w, x_ref in zip(_dequant(qtype, loaded, interpret), x_refs):   # [bn, bs, P] float32 each
+        for part, w in enumerate(_dequant(qtype, loaded, interpret)):   # [bn, bs, P] float32 each
             width = bs * w.shape[-1]
-            xt = x_ref[xrows, pl.ds(k * width, width)]                  # [bm, bs * P]
+            xt = x_ref[xrows, part, pl.ds(k * width, width)]            # [bm, bs * P]
             acc = acc + _dot_t(w.reshape(bn, width).astype(xt.dtype), xt)
         return acc
 
@@ -204,7 +204,8 @@ def matmul_packed(x: jax.Array, w: GpuQTensor, *, cfg: KernelConfig, summed: boo
     bn, bm, bs, splits = plan(rows, nsb, mp, tuple(tile), target_programs)
     mp = -(-M // bm) * bm
     xp = jnp.pad(x, ((0, mp - M), (0, 0))) if mp != M else x
-    xs = [p.reshape(mp, -1) for p in split_x(xp, w.qtype)]
+    # one array [mp, parts, nsb * P]: one XLA fusion, where a list cost a slice launch per part (run 48)
+    xs = jnp.stack([p.reshape(mp, -1) for p in split_x(xp, w.qtype)], axis=1)
     steps = nsb // bs // splits
     out = pl.pallas_call(
         functools.partial(_kernel, qtype=w.qtype, n_w=len(w.parts), bn=bn, bm=bm, bs=bs, steps=steps,
@@ -215,6 +216,6 @@ def matmul_packed(x: jax.Array, w: GpuQTensor, *, cfg: KernelConfig, summed: boo
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=cfg.interpret,
         name=f"qmatmul_{w.qtype.lower()}",
-    )(*w.parts, *xs)
+    )(*w.parts, xs)
     out = out[:, :M]
     return out.sum(axis=0) if summed else out
