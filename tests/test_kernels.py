@@ -293,12 +293,12 @@ def test_qmatmul_matches_reference(qtype, rows, nsb, m, summed, seed):
 
 
 @settings(max_examples=10, **SETTINGS)
-@given(qtype=st.sampled_from(["Q4_K", "Q6_K"]), seed=st.integers(0, 2**31), rows=st.sampled_from([1, 3, 16]),
+@given(qtype=st.sampled_from(["Q4_K", "Q6_K", "Q8_0"]), seed=st.integers(0, 2**31), rows=st.sampled_from([1, 3, 16]),
        nsb=st.integers(1, 3))
 def test_qmatmul_fast_dequant_is_the_layout_dequant(qtype, seed, rows, nsb):
     """The kernel's own dequantizers (quant bits selected in place into a float's mantissa) give
     layout.dequant_parts' values bit for bit in interpret mode. On the GPU, Q6_K's are the same
-    operations; Q4_K's q * s - m is one fma there, rounded once: emulated exactly in float64 (where
+    operations (Q8_0's too); Q4_K's q * s - m is one fma there, rounded once: emulated exactly in float64 (where
     q * s - m is exact), at most one float32 ulp from the reference."""
     from realizar_jax.kernels.layout import dequant_parts
     from realizar_jax.kernels.qdot import q4k_scales

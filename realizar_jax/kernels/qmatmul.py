@@ -160,8 +160,37 @@ def _q6_k_parts(p, interpret: bool) -> list:
     return out
 
 
+def _signed_byte_f32(words, at: int, interpret: bool):
+    """float32(2**(23 - at) + 128 + the signed byte of `words` at bit `at`), exactly, for at <= 15:
+    the byte, its sign bit flipped (b + 128, unsigned), selected in place into the mantissa of
+    2**(23 - at): one LOP3, out = mask ? word ^ k : k with k = 0x80 << at | the float's bits."""
+    mask, k = 255 << at, (0x80 << at) | ((150 - at) << 23)
+    if interpret:
+        bits = ((words ^ k) & mask) | (k & ~mask)
+    else:
+        [bits] = plgpu.elementwise_inline_asm(f"lop3.b32 $0, $1, {mask}, {k}, 0x6A;", args=[words],
+                                              constraints="=r,r", pack=1,
+                                              result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)])
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _q8_0_parts(p, interpret: bool) -> list:
+    """layout.dequant_parts for Q8_0, bit for bit: byte k of each word selected in place
+    (_signed_byte_f32; bytes 2 and 3 from the word shifted right by 16 once), minus 2**(23 - at) + 128
+    exactly, times d."""
+    qs, d = p                                           # int32 words [N, S, 8, 8], d [N, S, 8]
+    d = d.astype(jnp.float32)[..., None]
+    high = jax.lax.shift_right_logical(qs, 16)
+    out = []
+    for k in range(4):
+        src, at = (qs, 8 * k) if k < 2 else (high, 8 * (k - 2))
+        w = (_signed_byte_f32(src, at, interpret) - float(2 ** (23 - at) + 128)) * d
+        out.append(w.reshape(w.shape[0], w.shape[1], 64))
+    return out
+
+
 # the kernel's own dequantizers where they beat layout.dequant_parts (same values, bit for bit)
-FAST_DEQUANT = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts}
+FAST_DEQUANT = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts, "Q8_0": _q8_0_parts}
 
 
 def _dequant(qtype: str, loaded, interpret: bool) -> list:
