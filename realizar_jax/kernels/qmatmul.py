@@ -160,6 +160,43 @@ def _q6_k_parts(p, interpret: bool) -> list:
     return out
 
 
+def _five_bits_f32(low, high, at: int, interpret: bool):
+    """float32(2**(23 - at) + nib + 16 * hi), exactly, for at <= 18: nib the 4 bits of `low` at bit
+    `at`, hi the bit of `high` at bit at + 4, both selected in place (two LOP3s on the GPU)."""
+    m_lo, m_hi, magic = 15 << at, 1 << (at + 4), (150 - at) << 23
+    if interpret:
+        bits = (low & m_lo) | (high & m_hi) | magic
+    else:
+        [bits] = plgpu.elementwise_inline_asm(
+            f"lop3.b32 $0, $1, {m_lo}, {magic}, 0xEA;\n\tlop3.b32 $0, $2, {m_hi}, $0, 0xEA;", args=[low, high],
+            constraints="=&r,r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.int32)])
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _q5_k_parts(p, interpret: bool) -> list:
+    """layout.dequant_parts for Q5_K as Q4_K's (_q4_k_parts), each value's fifth bit brought next to its
+    nibble: bit 8k + h + 2j of the qh word (chunk j, sub-block 2j + h) moves to 8k + 4h + 4 by a left
+    shift of 7 and a right shift of 3 - 3h + 2j (one shift per chunk and h, shared by the four bytes)."""
+    qs, qh, meta, dm = p                                # qs int32 words [N, S, 4, 8], qh [N, S, 8]
+    scale, mins = q4k_scales(meta, dm)
+    srl, sll = jax.lax.shift_right_logical, jax.lax.shift_left
+    high = srl(qs, 16)
+    chunk = jnp.arange(4, dtype=jnp.int32).reshape(1, 1, 4, 1)
+    h7 = [sll(qh, 7)[:, :, None, :], sll(srl(qh, 16), 7)[:, :, None, :]]   # bytes 0-1, bytes 2-3
+    fifth = {(half, hh): srl(jnp.broadcast_to(h7[half], qs.shape), 3 - 3 * hh + 2 * chunk)
+             for half in range(2) for hh in range(2)}
+    out = []
+    for k in range(4):
+        for hh in range(2):
+            pos = 8 * k + 4 * hh
+            half = 0 if k < 2 else 1
+            low, at = (qs, pos) if half == 0 else (high, pos - 16)
+            q = _five_bits_f32(low, fifth[half, hh], at, interpret) - float(2 ** (23 - at))
+            w = _fma(q, scale[hh][..., None], -mins[hh][..., None], interpret)
+            out.append(w.reshape(w.shape[0], w.shape[1], 32))
+    return out
+
+
 def _signed_byte_f32(words, at: int, interpret: bool):
     """float32(2**(23 - at) + 128 + the signed byte of `words` at bit `at`), exactly, for at <= 15:
     the byte, its sign bit flipped (b + 128, unsigned), selected in place into the mantissa of
@@ -190,7 +227,7 @@ def _q8_0_parts(p, interpret: bool) -> list:
 
 
 # the kernel's own dequantizers where they beat layout.dequant_parts (same values, bit for bit)
-FAST_DEQUANT = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts, "Q8_0": _q8_0_parts}
+FAST_DEQUANT = {"Q4_K": _q4_k_parts, "Q5_K": _q5_k_parts, "Q6_K": _q6_k_parts, "Q8_0": _q8_0_parts}
 
 
 def _dequant(qtype: str, loaded, interpret: bool) -> list:
