@@ -353,3 +353,57 @@ def test_bench_shapes(tmp_path):
     D, Q, KV, E, F = 256, 8 * 64, 2 * 64, 16, 256
     dense = (2 * Q * D + 2 * KV * D + E * D) * small.num_layers + small.vocab_size * D
     assert decode_matmul_flops(p, 2, small) == 2 * 2 * (dense + 4 * 3 * F * D * small.num_layers)
+
+
+# ---- OpenAI's MXFP4 checkpoints ------------------------------------------------------------------------------
+
+def _openai_mxfp4(w):
+    """w [experts, out, in] float32 -> OpenAI's (blocks uint8 [experts, out, in / 32, 16], scales uint8
+    [experts, out, in / 32]): our MXFP4 quantizer's blocks (gguf-py's bits) in OpenAI's nibble order."""
+    from realizar_jax.quant.quantize import quantize
+    e, rows, cols = w.shape
+    q = quantize(w.reshape(e * rows, cols), "MXFP4").reshape(e, rows, cols // 32, 17)
+    scales, qs = q[..., 0], q[..., 1:]
+    values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)   # ggml: value j low nibble, j + 16 high
+    blocks = (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, scales.copy(), q.reshape(e * rows, -1)
+
+
+def test_openai_mxfp4_checkpoint(model_files, tmp_path):
+    """A checkpoint in the published gpt-oss form (experts as U8 `_blocks` / `_scales`, not transposed, gate and
+    up interleaved by rows): its experts load packed, bit-equal to llama.cpp's repacking (our quantizer's
+    blocks), and the logits equal transformers' own dequantization of the blocks (convert_moe_packed_tensors)
+    in float32; `convert --quant mxfp4_moe` writes the blocks as they are."""
+    import safetensors.numpy
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    src = model_files.hf(VARIANT)
+    raw = safetensors.numpy.load_file(str(src / "model.safetensors"))
+    packed, dequantized, ggml = dict(raw), dict(raw), {}
+    c = open_model(src).config
+    for i in range(c.num_layers):
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{name}"
+            blocks, scales, ggml[(i, name)] = _openai_mxfp4(raw.pop(key).swapaxes(1, 2))   # [E, out, in]
+            del packed[key]
+            packed[key + "_blocks"], packed[key + "_scales"] = blocks, scales
+            dequantized[key] = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                                          dtype=torch.float32).numpy()
+    folders = {}
+    for kind, tensors in (("mxfp4", packed), ("reference", dequantized)):
+        folders[kind] = tmp_path / kind
+        shutil.copytree(src, folders[kind])
+        safetensors.numpy.save_file(tensors, str(folders[kind] / "model.safetensors"), metadata={"format": "pt"})
+    m = rj.load(folders["mxfp4"], dtype="float32", dense_weights=False)
+    lp = m.params.layers[1]
+    assert isinstance(lp.experts_up, QTensor) and lp.experts_up.qtype == "MXFP4"
+    E, F = c.num_experts, c.expert_ffn
+    gate_up = ggml[(1, "gate_up_proj")].reshape(E, 2 * F, -1)
+    np.testing.assert_array_equal(np.asarray(lp.experts_up.data), gate_up[:, 1::2])
+    np.testing.assert_array_equal(np.asarray(lp.experts_down.data),
+                                  ggml[(1, "down_proj")].reshape(E, c.hidden_size, -1))
+    ids = random_ids(PROMPT, c.vocab_size, 2)
+    assert max_rel(m.logits(ids), hf_logits(_hf_model(folders["reference"]), ids)) <= 1e-4
+    from realizar_jax.formats.gguf_writer import write_gguf
+    out = write_gguf(folders["mxfp4"], tmp_path / "m.gguf", "mxfp4_moe", progress=False)
+    t = {t.name: t for t in gguf.GGUFReader(out).tensors}["blk.1.ffn_up_exps.weight"]
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(E, F, -1), gate_up[:, 1::2])

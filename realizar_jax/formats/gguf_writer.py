@@ -163,7 +163,14 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
         return np.asarray(c.rope_scaling.factors(p.role == "rope_factors_long"), np.float32)
     if p.source is None:
         return llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
-    x = np.asarray(src.tensors[p.source].data, dtype=np.float32)
+    t = src.tensors[p.source]
+    if not qtype_info(t.qtype).is_dense:   # packed in the checkpoint (gpt-oss's MXFP4 experts)
+        if t.qtype == p.qtype:
+            return np.ascontiguousarray(np.asarray(t.data, np.uint8))   # as they are: no second rounding
+        x = gguf.quants.dequantize(np.asarray(t.data, np.uint8), gguf.GGMLQuantizationType[t.qtype])
+        x = x.astype(np.float32).reshape(p.shape)
+    else:
+        x = np.asarray(t.data, dtype=np.float32)
     if p.role in NORM_ROLES and c.architecture in NORM_SHIFT:   # llama.cpp stores Gemma's norms as 1 + w
         x = x + np.float32(NORM_SHIFT[c.architecture])
     if GGUF_ARCH[c.architecture] in GGUF_QK_PERMUTED_ARCHS:

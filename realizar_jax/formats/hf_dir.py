@@ -27,7 +27,8 @@ from .gguf_file import default_add_bos
 
 # safetensors dtype -> (gguf qtype spelling, numpy dtype)
 ST_DTYPES = {"F32": ("F32", np.dtype(np.float32)), "F16": ("F16", np.dtype(np.float16)),
-             "BF16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+             "BF16": ("BF16", np.dtype(ml_dtypes.bfloat16)),
+             "U8": ("U8", np.dtype(np.uint8))}   # gpt-oss's MXFP4 blocks and scales only (formats/experts.py)
 ST_KNOWN_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F64", "F8_E4M3", "F8_E5M2",
                    "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -586,6 +587,10 @@ def open_hf_dir(path) -> ModelSource:
     tensors = _tensors(folder)
     config = config_from_hf(cfg, folder, tensors)
     tensors = stack_experts(split_gate_up(tensors, config, folder), config, folder)
+    raw = next((t for t in tensors.values() if t.qtype == "U8"), None)
+    if raw is not None:   # U8 is read for gpt-oss's MXFP4 experts; split_gate_up has turned those into MXFP4
+        raise UnsupportedQuantError("dtype U8 is not supported (supported: F32, F16, BF16; U8 only as gpt-oss's "
+                                    "MXFP4 expert blocks and scales)", path=folder, tensor=raw.name)
     if config.tie_embeddings and "lm_head.weight" in tensors:
         _check_tied_head(tensors, folder)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
