@@ -90,7 +90,7 @@ MOE_VARIANTS = ("mixtral", "qwen3moe", "qwen3moe_raw", "gptoss")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
 TOKENIZER_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2", "olmo2": "gpt2",
                    "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3", "mixtral": "llama3", "qwen3moe": "qwen2",
-                   "gptoss": "qwen2"}
+                   "gptoss": "o200k"}
 
 _cache: dict[tuple, Path] = {}
 

@@ -407,3 +407,21 @@ def test_openai_mxfp4_checkpoint(model_files, tmp_path):
     out = write_gguf(folders["mxfp4"], tmp_path / "m.gguf", "mxfp4_moe", progress=False)
     t = {t.name: t for t in gguf.GGUFReader(out).tensors}["blk.1.ffn_up_exps.weight"]
     np.testing.assert_array_equal(np.asarray(t.data).reshape(E, F, -1), gate_up[:, 1::2])
+
+
+def test_o200k_split_survives_gguf(model_files):
+    """gpt-oss's tokenizer splits text with o200k's regex (case-split words, digits by three): our converter
+    names it tokenizer.ggml.pre 'gpt-4o' (llama.cpp's name), and the GGUF's tokenizer encodes as the HF one."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
+    from realizar_jax.formats.gguf_tokenizer import GPT4O_REGEX, QWEN2_REGEX
+    from realizar_jax.text.tokenizer import Tokenizer
+    path = model_files.gguf(VARIANT, "mxfp4_moe")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-4o"
+    hf = HFTokenizer.from_file(str(model_files.hf(VARIANT) / "tokenizer.json"))
+    ours = Tokenizer.from_gguf_file(path)
+    texts = ["HelloWorld and CamelCaseWords", "I'M sure they'LL say don't 1234567", "a/b//c\n\n  x\r\ny  ",
+             "ÉCOLE élève ΑΒΓ αβγ 東京", "def f(x):\n    return x**2  # ok"]
+    split = lambda regex, t: [w for w, _ in pre_tokenizers.Split(Regex(regex), "isolated").pre_tokenize_str(t)]
+    assert split(GPT4O_REGEX, texts[0]) != split(QWEN2_REGEX, texts[0])   # the regex matters here
+    for text in texts:
+        assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text
