@@ -29,7 +29,6 @@ from realizar_jax.cache import init_cache
 from realizar_jax.config import RopeScaling
 from realizar_jax.formats import open_model
 from realizar_jax.formats.roles import roles_of, tensor_name
-from realizar_jax.formats.validate import validate_roles
 from realizar_jax.memory import parameter_count
 from realizar_jax.ops import moe as moe_ops, routes
 from realizar_jax.quant.qtensor import QTensor

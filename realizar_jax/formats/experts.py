@@ -111,8 +111,8 @@ def split_gate_up(tensors: dict[str, TensorSource], config: ModelConfig, path) -
     out = dict(tensors)
     for layer in range(config.num_layers):
         for suffix, parts in _GPTOSS_SPLIT.items():
-            pair = None if suffix.endswith("_bias") else _mxfp4_pair(tensors, f"model.layers.{layer}.mlp.experts.{suffix}",
-                                                                     path)
+            fused = f"model.layers.{layer}.mlp.experts.{suffix}"
+            pair = None if suffix.endswith("_bias") else _mxfp4_pair(tensors, fused, path)
             if pair is not None:
                 b, s = pair
                 if len(parts) == 2 and b.shape[1] % 2:

@@ -12,10 +12,11 @@ decides which tensor gets which type. We do both in one pass:
   router's ffn_gate_inp.bias, attn_sinks, the MLP's pre-norm post_attention_norm), YaRN as rope.scaling.*
   (plus our `realizar.rope.scaling.yarn_truncate`: llama.cpp always truncates the ramp, gpt-oss does not)
   and our `realizar.swiglu_*` keys for the clamp (llama.cpp fixes them);
-- vectors (norms, biases, sinks, rope_freqs; the experts' biases too) and the MoE router (ffn_gate_inp, which llama.cpp never
-  quantizes) stay F32; matrices and expert stacks get the requested type, or for q4_k_m
-  llama-quantize's mix; a row length that is not a whole number of blocks falls back like
-  llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
+- vectors (norms, biases, sinks, rope_freqs; the experts' biases too) and the MoE router (ffn_gate_inp,
+  which llama.cpp never quantizes) stay F32; matrices and expert stacks get the requested type, or for
+  q4_k_m llama-quantize's mix; experts already packed in the checkpoint (gpt-oss's MXFP4) are written as
+  they are when the plan keeps their type, else dequantized first; a row length that is not a whole
+  number of blocks falls back like llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
 - mxfp4_moe is llama-quantize's MXFP4_MOE mix: expert stacks MXFP4, every other matrix (embeddings and
   output included) Q8_0; a dense model comes out all Q8_0, as from llama-quantize. mxfp4 is ours: every
   matrix and expert stack MXFP4. Both carry file type MOSTLY_MXFP4_MOE, llama.cpp's only MXFP4 one.

@@ -533,15 +533,18 @@ def _moe_fields(cfg: dict, arch: str, path) -> dict:
     """The mixture-of-experts fields: Mixtral's num_local_experts (its experts as wide as intermediate_size,
     always renormalized); Qwen3-MoE's num_experts, moe_intermediate_size and norm_topk_prob (transformers'
     default false). Qwen3-MoE configs with dense layers between the sparse ones are refused: llama.cpp's
-    qwen3moe has none either."""
+    qwen3moe has none either. gpt-oss: num_local_experts, top-k, each expert intermediate_size wide, the
+    clamped SwiGLU's swiglu_limit / swiglu_alpha, biases and sinks always (GptOssConfig's defaults)."""
     if arch not in ("mixtral", "qwen3moe", "gptoss"):
         return {}
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
     fields = dict(num_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 2))
     if arch == "gptoss":   # GptOssConfig's defaults: 128 experts, top-4, limit 7, alpha 1.702; always sinks
-        fields = dict(num_experts=cfg.get("num_local_experts", 128), experts_per_token=cfg.get("num_experts_per_tok", 4),
+        fields = dict(num_experts=cfg.get("num_local_experts", 128),
+                      experts_per_token=cfg.get("num_experts_per_tok", 4),
                       expert_intermediate_size=cfg.get("intermediate_size"), moe_router="topk_softmax",
-                      moe_bias=True, attn_sinks=True, swiglu_limit=cfg.get("swiglu_limit", 7.0), swiglu_alpha=cfg.get("swiglu_alpha", 1.702))
+                      moe_bias=True, attn_sinks=True, swiglu_limit=cfg.get("swiglu_limit", 7.0),
+                      swiglu_alpha=cfg.get("swiglu_alpha", 1.702))
         return fields
     if arch == "qwen3moe":
         step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []

@@ -21,7 +21,8 @@ class Role:
     gguf: str | None  # '{i}' stands for the layer index; None: the role has no tensor in this format
     hf: str | None
     per_layer: bool
-    kind: str  # 'matrix' (rows=out, cols=in), 'vector' (1-D, or one per expert), 'embedding', 'experts' ([experts, out, in])
+    # 'matrix' (rows=out, cols=in), 'vector' (1-D, or one per expert), 'embedding', 'experts' ([experts, out, in])
+    kind: str
 
 
 def _g(tensor: T, suffix: str = "weight") -> str:
