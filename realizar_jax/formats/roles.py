@@ -168,7 +168,7 @@ def canonical_architecture(name: str, *, path=None) -> str:
     arch = ARCH_ALIASES.get(name)
     if arch is None:
         raise UnknownArchitectureError(
-            f"unknown architecture {name!r:.80}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path=path)
+            f"unknown architecture {name!r:.60}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path=path)
     return arch
 
 
