@@ -423,7 +423,11 @@ def _yarn(meta, arch_key, path, factor) -> RopeScaling:
                            beta_slow=key("rope.scaling.yarn_beta_slow", "float", default=1.0), truncate=truncate,
                            attention_factor=yarn_attention_factor(factor) if attention is None else attention)
     except ConfigValueError as e:
-        raise DamagedFileError(f"metadata {arch_key}.{e.field} = {e.value!r:.60} {e.why}", path=path) from None
+        where = {"rope_scaling.attention_factor": REALIZAR_ATTENTION_FACTOR, "rope_scaling.truncate": REALIZAR_YARN_TRUNCATE,
+                 "rope_scaling.beta_fast": f"{arch_key}.rope.scaling.yarn_beta_fast",
+                 "rope_scaling.beta_slow": f"{arch_key}.rope.scaling.yarn_beta_slow"}.get(
+                     e.field, f"{arch_key}.rope.scaling.{e.field.removeprefix('rope_scaling.')}")
+        raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
 
 
 def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
