@@ -186,9 +186,10 @@ class ModelConfig:
                 raise ConfigValueError(name, getattr(self, name), "must be true or false")
         if self.moe_router not in MOE_ROUTERS:
             raise ConfigValueError("moe_router", self.moe_router, f"must be one of {', '.join(MOE_ROUTERS)}")
-        if (self.swiglu_limit is None) != (self.swiglu_alpha is None):
+        if (self.swiglu_limit is None) != (self.swiglu_alpha is None) or (
+                self.architecture == "gptoss" and self.swiglu_limit is None):
             raise ConfigValueError("swiglu_limit", self.swiglu_limit,
-                                   f"and swiglu_alpha ({self.swiglu_alpha}) must be given together")
+                                   f"and swiglu_alpha ({self.swiglu_alpha}) must be given together (gptoss: both)")
         if self.rope_dim is not None and (self.rope_dim % 2 or self.rope_dim > self.head_dim):
             raise ConfigValueError("rope_dim", self.rope_dim, f"must be even and at most head_dim ({self.head_dim})")
         if self.layer_types is not None:
