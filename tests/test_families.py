@@ -499,7 +499,7 @@ def test_a_window_the_cache_cannot_exceed_goes_to_the_kernel(monkeypatch):
     import realizar_jax.ops.attention as attention
     from realizar_jax.ops.attention import DecodeAttention, Rope
     seen = []
-    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap: seen.append(window))
+    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap, sinks: seen.append(window))
     cache = init_cache(rj.ModelConfig("llama", 8, 8, 1, 2, 1, 4, 8), 1, 8, jnp.float32)
     att = DecodeAttention.start(cache, Rope(jnp.ones((2,))), 0.5)
     q, kv = jnp.ones((1, 2, 4)), jnp.ones((1, 1, 4))
