@@ -34,7 +34,7 @@ from realizar_jax.ops import moe as moe_ops, routes
 from realizar_jax.quant.qtensor import QTensor
 from realizar_jax.weights import build_params
 
-from model_helpers import hf_logits, max_rel, random_ids
+from model_helpers import hf_logits, max_rel, random_ids, rewrite_gguf
 
 PROMPT = 21
 VARIANT = "gptoss"
@@ -426,37 +426,15 @@ def test_o200k_split_survives_gguf(model_files):
         assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text
 
 
-def _rewrite_gguf(src, dst, changes: dict):
-    """A copy of the GGUF `src` with some metadata values changed (None: the key left out)."""
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or (name in changes and changes[name] is None):
-            continue
-        value = changes.get(name, f.contents())
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, value, f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(name, value, f.types[0])
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_gguf_yarn_keys_checked_and_defaults(model_files, tmp_path):
     """A bad YaRN value names its GGUF key; without our truncate key a gpt-oss file is read untruncated (as
     transformers' gpt-oss computes it; llama.cpp always truncates)."""
     from realizar_jax.errors import DamagedFileError
     from realizar_jax.formats.gguf_file import REALIZAR_YARN_TRUNCATE
     src = model_files.gguf(VARIANT, "f32")
-    bad = _rewrite_gguf(src, tmp_path / "bad.gguf", {"gpt-oss.rope.scaling.yarn_beta_fast": -1.0})
+    bad = rewrite_gguf(src, tmp_path / "bad.gguf", {"gpt-oss.rope.scaling.yarn_beta_fast": -1.0})
     with pytest.raises(DamagedFileError, match="gpt-oss.rope.scaling.yarn_beta_fast"):
         open_model(bad)
     for truncate in (True, None):
-        path = _rewrite_gguf(src, tmp_path / f"t{truncate}.gguf", {REALIZAR_YARN_TRUNCATE: truncate})
+        path = rewrite_gguf(src, tmp_path / f"t{truncate}.gguf", {REALIZAR_YARN_TRUNCATE: truncate})
         assert open_model(path).config.rope_scaling.truncate is bool(truncate)
