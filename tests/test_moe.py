@@ -90,10 +90,11 @@ def test_bf16_checkpoint(model_files, variant):
     assert ours <= max(1.5 * theirs, 2e-2), (ours, theirs)
 
 
-@pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe_raw"])
+@pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe_raw", "gptoss"])
 def test_prefill_decode_equal_the_whole_prompt(model_files, variant):
     """A 16-token prefill (the grouped formulation) and five one-token decode steps (the gathered one) equal the
-    whole prompt's prefill at each position, and transformers."""
+    whole prompt's prefill at each position, and transformers (gpt-oss: the sliding window and the sinks on
+    the decode path too)."""
     folder = model_files.hf(variant)
     m = rj.load(folder, dtype="float32")
     ids = random_ids(PROMPT, m.config.vocab_size, 1)
