@@ -50,6 +50,20 @@ def _size(obj, field: str, prefix: str = "") -> None:
         raise ConfigValueError(prefix + field, value, f"must be an integer in 1..{MAX_SIZE}")
 
 
+def yarn_attention_factor(factor, mscale=None, mscale_all_dim=None) -> float:
+    """YaRN's default attention factor (transformers' get_mscale): 0.1 * ln(factor) + 1 (1 for factor <= 1),
+    or the ratio of two such with mscale / mscale_all_dim where both are given; NaN for a bad factor (the
+    RopeScaling check then names it)."""
+    def mscale_of(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    try:
+        if mscale and mscale_all_dim:
+            return float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
+        return float(mscale_of(factor))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return math.nan
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. kind: 'linear', 'llama3' (Llama 3.1+ wavelength-dependent scaling),

@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 from contextlib import redirect_stdout
-from functools import partial
 
 import gguf
 import jax
@@ -24,8 +23,6 @@ import pytest
 import torch
 
 import realizar_jax as rj
-from realizar_jax import models
-from realizar_jax.cache import init_cache
 from realizar_jax.config import RopeScaling
 from realizar_jax.formats import open_model
 from realizar_jax.formats.roles import roles_of, tensor_name
@@ -34,7 +31,7 @@ from realizar_jax.ops import moe as moe_ops, routes
 from realizar_jax.quant.qtensor import QTensor
 from realizar_jax.weights import build_params
 
-from model_helpers import hf_logits, max_rel, random_ids
+from model_helpers import hf_logits, max_rel, random_ids, rewrite_gguf
 
 PROMPT = 21
 VARIANT = "gptoss"
@@ -104,23 +101,6 @@ def test_bf16_checkpoint(model_files):
     ours = err(np.asarray(rj.load(folder, dtype="bfloat16").logits(ids), np.float64))
     theirs = err(hf_logits(_hf_model(folder, torch.bfloat16), ids))
     assert ours <= max(1.5 * theirs, 2e-2), (ours, theirs)
-
-
-def test_prefill_decode_equal_the_whole_prompt(model_files):
-    """A 16-token prefill (the grouped experts) and five decode steps (gathered experts, the sliding window
-    and the sinks on the decode path) equal the whole prompt's logits at each position."""
-    m = rj.load(model_files.hf(VARIANT), dtype="float32")
-    ids = random_ids(PROMPT, m.config.vocab_size, 1)
-    whole = np.asarray(m.logits(ids), np.float64)
-    static = dict(config=m.config, dtype=jnp.float32)
-    tokens = jnp.asarray([ids], jnp.int32)
-    cache = init_cache(m.config, 1, 32, jnp.float32)
-    logits, cache = jax.jit(partial(models.prefill, **static))(m.params, cache, tokens[:, :16], jnp.asarray([16]))
-    assert max_rel(logits[0], whole[15]) <= 1e-5
-    decode = jax.jit(partial(models.decode_logits, **static))
-    for pos in range(16, PROMPT):
-        logits, cache = decode(m.params, cache, tokens[:, pos])
-        assert max_rel(logits[0], whole[pos]) <= 1e-5, pos
 
 
 def test_engine_greedy_equals_prefill_argmax_and_transformers(model_files):
@@ -426,37 +406,15 @@ def test_o200k_split_survives_gguf(model_files):
         assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text
 
 
-def _rewrite_gguf(src, dst, changes: dict):
-    """A copy of the GGUF `src` with some metadata values changed (None: the key left out)."""
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or (name in changes and changes[name] is None):
-            continue
-        value = changes.get(name, f.contents())
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, value, f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(name, value, f.types[0])
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_gguf_yarn_keys_checked_and_defaults(model_files, tmp_path):
     """A bad YaRN value names its GGUF key; without our truncate key a gpt-oss file is read untruncated (as
     transformers' gpt-oss computes it; llama.cpp always truncates)."""
     from realizar_jax.errors import DamagedFileError
     from realizar_jax.formats.gguf_file import REALIZAR_YARN_TRUNCATE
     src = model_files.gguf(VARIANT, "f32")
-    bad = _rewrite_gguf(src, tmp_path / "bad.gguf", {"gpt-oss.rope.scaling.yarn_beta_fast": -1.0})
+    bad = rewrite_gguf(src, tmp_path / "bad.gguf", {"gpt-oss.rope.scaling.yarn_beta_fast": -1.0})
     with pytest.raises(DamagedFileError, match="gpt-oss.rope.scaling.yarn_beta_fast"):
         open_model(bad)
     for truncate in (True, None):
-        path = _rewrite_gguf(src, tmp_path / f"t{truncate}.gguf", {REALIZAR_YARN_TRUNCATE: truncate})
+        path = rewrite_gguf(src, tmp_path / f"t{truncate}.gguf", {REALIZAR_YARN_TRUNCATE: truncate})
         assert open_model(path).config.rope_scaling.truncate is bool(truncate)

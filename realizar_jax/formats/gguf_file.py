@@ -411,7 +411,7 @@ REALIZAR_ATTENTION_FACTOR = REALIZAR_ROPE_PREFIX + "attention_factor"
 def _yarn(meta, arch_key, path, factor) -> RopeScaling:
     """YaRN from llama.cpp's rope.scaling keys (factor, original context, yarn_beta_fast / _slow) and ours
     (the attention factor where it is not YaRN's default for the factor, truncate)."""
-    from .hf_dir import yarn_attention_factor
+    from ..config import yarn_attention_factor
     key = lambda name, kind, **kw: _get(meta, f"{arch_key}.{name}", kind, path, **kw)   # noqa: E731
     original = key("rope.scaling.original_context_length", "int", required=True)
     factor = 1.0 if factor is None else factor

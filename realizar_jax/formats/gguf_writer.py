@@ -42,7 +42,7 @@ from .roles import GGUF_QK_PERMUTED_ARCHS, NORM_ROLES, NORM_SHIFT, ROLES, roles_
 from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_ATTENTION_FACTOR, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_PREFIX,
                         REALIZAR_SWIGLU, REALIZAR_YARN_TRUNCATE, SWA_PATTERN, llama3_rope_factors,
                         llamacpp_query_scalar)
-from .hf_dir import yarn_attention_factor
+from ..config import yarn_attention_factor
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import ml_dtypes  # registers bfloat16 with numpy, which the safetensors library
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling
+from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling, yarn_attention_factor
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .files import MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, open_regular, present, read_bounded
 from .experts import split_gate_up, stack_experts
@@ -246,20 +245,6 @@ def _rope(cfg: dict, path, arch: str = "llama") -> tuple[float, RopeScaling | No
                                   truncate=params.get("truncate", True), attention_factor=attention)
     raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3, longrope, "
                            f"yarn)", path=path)
-
-
-def yarn_attention_factor(factor, mscale=None, mscale_all_dim=None) -> float:
-    """YaRN's default attention factor (transformers' get_mscale): 0.1 * ln(factor) + 1 (1 for factor <= 1),
-    or the ratio of two such with mscale / mscale_all_dim where both are given; NaN for a bad factor (the
-    RopeScaling check then names it)."""
-    def mscale_of(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-    try:
-        if mscale and mscale_all_dim:
-            return float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
-        return float(mscale_of(factor))
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-        return math.nan
 
 
 def _rope_local_theta(cfg: dict, path) -> float:
