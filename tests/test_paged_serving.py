@@ -57,6 +57,11 @@ def test_a_cached_prefix_gives_the_same_tokens_prefilling_only_the_rest(model):
         again = e.submit(a, **kw).result(timeout=300)
         assert again.stats.cached_tokens == 32 and again.choices[0].token_ids == first.choices[0].token_ids
         assert 0 < e.metrics().prefix_cache_hit_rate < 1
+        # the next turn of a conversation: the pages of the first reply are cached too
+        turn = a + list(first.choices[0].token_ids) + _ids(model, 6, 5)
+        nxt = e.submit(turn, **kw).result(timeout=300)
+        assert nxt.stats.cached_tokens == (len(a) + 11) // 16 * 16 == 48
+        assert nxt.choices[0].token_ids == cold.submit(turn, **kw).result(timeout=300).choices[0].token_ids
         _idle(e)
         assert e.metrics().pages_cached > 0   # released pages stay cached for the next prompt
 
@@ -93,15 +98,15 @@ def test_out_of_pages_the_newest_is_preempted_and_recomputed_unchanged(model):
 
 
 def test_a_stream_with_prefix_hits_cancellations_and_preemptions_compiles_nothing_new(model):
-    system = _ids(model, 20, 35)
+    system = _ids(model, 20, 16)   # one page
     rng = np.random.default_rng(21)
     with model.engine(**KW) as e:
-        e.warmup([20, 60], workers=2)   # the two prompt buckets the stream uses (fewer compiles)
+        e.warmup([20], workers=2)   # every prompt below is in the bucket of 17..32 tokens (fewer compiles)
         before = e.steps.compiles
         handles = []
         for i in range(16):
-            tail = _ids(model, 100 + i, int(rng.integers(17, 29)))   # bucket 32; with the system prompt, 64
-            prompt = system + tail if i % 2 else tail
+            prompt = system + _ids(model, 100 + i, int(rng.integers(1, 16))) if i % 2 else \
+                _ids(model, 100 + i, int(rng.integers(17, 32)))
             handles.append(e.submit(prompt, max_tokens=int(rng.integers(1, 48)), temperature=float(rng.choice([0, 0.8])),
                                     seed=i, ignore_eos=True))
             if i % 5 == 4:

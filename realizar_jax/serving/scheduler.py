@@ -611,6 +611,19 @@ class Engine:
             self.pool.register(ch.slot, i, ch.keys[i])
         ch.registered = max(ch.registered, full)
 
+    def _register_output(self, ch: _Choice) -> None:
+        """A finished choice's full pages of generated tokens go into the prefix index too (a chat's next
+        turn repeats them). The positions before its last sampled token hold prompt + sampled[:-1]: every
+        call that wrote them is dispatched, and what the device may still write lies past them."""
+        if not self.pool.prefix_cache or ch.slot is None or self._slots[ch.slot] is not ch \
+                or ch.prefilled < len(ch.ids()) or not ch.sampled:
+            return
+        ids = ch.handle.prompt_token_ids + tuple(ch.sampled[:-1])
+        if len(ids) // self.page_size > ch.registered:
+            ch.keys = page_keys(ids, self.page_size, self._identity)
+            ch.prefilled = len(ids)
+            self._register(ch)
+
     def _prefill(self, group: list[RequestHandle]) -> None:
         """One prefill call for the group's prompts (rows padded to 1, 4 or 16, length to the longest
         one's bucket), then each row inserted into its choices' slots (the choices of a row hold the
@@ -836,6 +849,8 @@ class Engine:
         ch.decoding = False
         if ch in self._prefilling:
             self._prefilling.remove(ch)
+        if reason != "error":
+            self._register_output(ch)
         self._free_slot(ch, device_active)
         h = ch.handle
         if error is not None:
