@@ -49,7 +49,10 @@ class Pool(RuleBasedStateMachine):
         hits = self.pool.match(keys)[:(len(ids) - 1) // PS]
         placed = []
         for i, slot in zip(range(n), free):
-            shared = hits if not placed or hits else [int(p) for p in self.pool.tables[placed[0], :self.pool.held[placed[0]]]]
+            if placed and not hits:   # n > 1 without a cached prefix: the first choice's pages, shared
+                shared = [int(p) for p in self.pool.tables[placed[0], :self.pool.held[placed[0]]]]
+            else:
+                shared = hits
             if not self.pool.assign(slot, shared, len(ids)):
                 for s in placed:
                     self.pool.release(s)

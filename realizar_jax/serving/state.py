@@ -153,7 +153,8 @@ def insert(state: SlotState, pre: Prefilled, row, slot, setting: SlotSettings, t
     and start it (its first token sampled from the prompt's logits). -> (state, Sampled [1] with logprobs)."""
     cache = state.cache
     length = pre.length[row]
-    take = lambda x: jax.lax.dynamic_index_in_dim(x, row, 1, keepdims=False).swapaxes(1, 2)  # noqa: E731  [L, T, Hkv, D]
+    # the row's [L, T, Hkv, D]
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, row, 1, keepdims=False).swapaxes(1, 2)  # noqa: E731
     k = write_pages_all_layers(cache.k, table, take(pre.k), length)
     v = write_pages_all_layers(cache.v, table, take(pre.v), length)
     cache = PagedKVCache(k, v, _row_set(cache.tables, slot, table), _row_set(cache.lengths, slot, length))
@@ -189,7 +190,8 @@ def mark(state: SlotState, slot, tokens, length, reset, output):
     ids = jnp.where(jnp.arange(tokens.shape[-1]) < length[0], tokens.reshape(-1), v)
     add = jnp.zeros((v + 1,), jnp.int32).at[ids].add(1)[:v]
     counts = jnp.where(reset, 0, state.counts[slot]) + jnp.where(output, add, 0)
-    return dataclasses.replace(state, seen=_row_set(state.seen, slot, seen), counts=_row_set(state.counts, slot, counts))
+    return dataclasses.replace(state, seen=_row_set(state.seen, slot, seen),
+                               counts=_row_set(state.counts, slot, counts))
 
 
 def copy(state: SlotState, src, dst):
