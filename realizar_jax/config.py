@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", "mixtral",
+                           "qwen3moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen3moe")   # every layer's MLP is a routed mixture of experts
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**24  # bound on every size and on the context length: far above any real model, far below overflow
 
@@ -123,6 +125,13 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power (Gemma); None: head_dim's
     rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
     rope_dim: int | None = None  # dimensions of each head that RoPE rotates (Phi-4-mini 0.75); None: head_dim
+    # Mixture of experts (MOE_ARCHITECTURES; None elsewhere): each token's MLP is the weighted sum of
+    # experts_per_token of num_experts gated MLPs of width expert_intermediate_size (None: intermediate_size),
+    # chosen by a softmax router; norm_topk_prob renormalizes the chosen weights to sum to 1.
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    expert_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
         """Every value a reader hands over is checked here, once for both formats; failures are ConfigValueError."""
@@ -139,9 +148,20 @@ class ModelConfig:
         for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta"):
             if getattr(self, name) is not None:
                 _finite_positive(self, name)
-        for name in ("sliding_window", "rope_dim"):
+        for name in ("sliding_window", "rope_dim", "num_experts", "experts_per_token", "expert_intermediate_size"):
             if getattr(self, name) is not None:
                 _size(self, name)
+        moe = self.architecture in MOE_ARCHITECTURES
+        if moe and (self.num_experts is None or self.experts_per_token is None):
+            raise ConfigValueError("num_experts", self.num_experts,
+                                   f"and experts_per_token ({self.experts_per_token}) must be given for {self.architecture}")
+        if not moe and (self.num_experts is not None or self.experts_per_token is not None):
+            raise ConfigValueError("num_experts", self.num_experts, f"is for {', '.join(MOE_ARCHITECTURES)} only")
+        if moe and self.experts_per_token > self.num_experts:
+            raise ConfigValueError("experts_per_token", self.experts_per_token,
+                                   f"must be at most num_experts ({self.num_experts})")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigValueError("norm_topk_prob", self.norm_topk_prob, "must be true or false")
         if self.rope_dim is not None and (self.rope_dim % 2 or self.rope_dim > self.head_dim):
             raise ConfigValueError("rope_dim", self.rope_dim, f"must be even and at most head_dim ({self.head_dim})")
         if self.layer_types is not None:
@@ -184,6 +204,16 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None where it attends to the whole context."""
         return self.sliding_window if self.sliding(layer) else None
+
+    @property
+    def moe(self) -> bool:
+        """Whether the MLPs are mixtures of experts."""
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn(self) -> int:
+        """The width of each expert's gated MLP."""
+        return self.expert_intermediate_size or self.intermediate_size
 
     @property
     def q_size(self) -> int:

@@ -366,7 +366,8 @@ def load(path: str | Path, dtype: str | None = None, max_seq_len: int | None = N
             check_fits(est, free, path)
     configure_compile_cache(bool(compile_cache))
     transform = dequantizer(dtype) if dense else repack_for_gpu if kernels.pallas else None
-    params = build_params(source, dtype, transform_matrix=transform, progress=progress, max_seq_len=max_seq_len)
+    params = build_params(source, dtype, transform_matrix=transform, transform_experts=dequantizer(dtype) if dense
+                          else None, progress=progress, max_seq_len=max_seq_len)
     return Model(config, params, load_tokenizer(source), dtype=dtype, max_seq_len=max_seq_len, kv_dtype=kv,
                  path=path, source_format=source.format, kernels=kernels, dense_weights=dense)
 

@@ -34,13 +34,14 @@ def dtype_itemsize(dtype) -> int:
 
 def parameter_count(config: ModelConfig) -> int:
     """The model's weights: every role its architecture has (Gemma's four norms a layer, OLMo 2's q/k norms
-    over the whole projection), a tied LM head once. The cache of a sliding-window model stays full length
+    over the whole projection), every expert of a mixture (and its router), a tied LM head once. The cache of a sliding-window model stays full length
     (the window is a mask), so the KV estimate is the same for every family."""
     from .formats.roles import LAYER_NORMS
     c = config
     norms = len(LAYER_NORMS.get(c.architecture, ("attn_norm", "ffn_norm")))
-    per_layer = (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
-                 + 3 * c.hidden_size * c.intermediate_size + norms * c.hidden_size)
+    mlp = (c.num_experts * (3 * c.hidden_size * c.expert_ffn + c.hidden_size) if c.moe
+           else 3 * c.hidden_size * c.intermediate_size)
+    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + mlp + norms * c.hidden_size
     if c.qkv_bias:
         per_layer += c.q_size + 2 * c.kv_size
     if c.qk_norm:
@@ -99,7 +100,12 @@ def estimate_memory(config: ModelConfig, max_seq_len: int, batch: int = 1, kv_dt
         weight_bytes = params * 2
     kv = 2 * c.num_layers * batch * max_seq_len * c.num_kv_heads * c.head_dim * dtype_itemsize(kv_dtype)
     t = min(max_seq_len, prefill_chunk or DEFAULT_PREFILL_CHUNK)
-    activations = batch * t * (2 * c.hidden_size + c.q_size + 2 * c.kv_size + 2 * c.intermediate_size) * 4
+    ffn = c.experts_per_token * c.expert_ffn if c.moe else c.intermediate_size
+    activations = batch * t * (2 * c.hidden_size + c.q_size + 2 * c.kv_size + 2 * ffn) * 4
+    if c.moe:   # ops.moe: the gathered experts of a decode step (at most one layer's stack, float32) and the
+        # grouped form's copy of the rows, sorted by expert and padded to whole blocks
+        activations += 3 * c.num_experts * c.hidden_size * c.expert_ffn * 4
+        activations += (batch * t * c.experts_per_token + c.num_experts * 64) * c.hidden_size * 4 * 2
     scores = batch * c.num_heads * t * max_seq_len * 4
     logits = batch * t * c.vocab_size * 4
     kv_name = kv_dtype if isinstance(kv_dtype, str) else np.dtype(kv_dtype).name

@@ -6,6 +6,7 @@ tensors stay packed as QTensor, dense ones become arrays of the requested dtype.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -34,9 +35,9 @@ class LayerParams:
     wv: jax.Array | QTensor
     wo: jax.Array | QTensor
     ffn_norm: jax.Array
-    w_gate: jax.Array | QTensor
-    w_up: jax.Array | QTensor
-    w_down: jax.Array | QTensor
+    w_gate: jax.Array | QTensor | None = None   # the dense MLP (None in mixture-of-experts layers)
+    w_up: jax.Array | QTensor | None = None
+    w_down: jax.Array | QTensor | None = None
     bq: jax.Array | None = None
     bk: jax.Array | None = None
     bv: jax.Array | None = None
@@ -44,10 +45,17 @@ class LayerParams:
     k_norm: jax.Array | None = None
     post_attn_norm: jax.Array | None = None  # the norm of the attention's output (gemma, olmo2)
     post_ffn_norm: jax.Array | None = None  # the norm of the MLP's output
+    # mixture of experts: the router [experts, hidden] and the stacked experts [experts, out, in] (dense
+    # arrays, or QTensors of the file's packed blocks with the experts as their leading axis)
+    router: jax.Array | QTensor | None = None
+    experts_gate: jax.Array | QTensor | None = None
+    experts_up: jax.Array | QTensor | None = None
+    experts_down: jax.Array | QTensor | None = None
 
 
 LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv",
-                "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+                "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm", "router", "experts_gate", "experts_up",
+                "experts_down")
 
 
 @jax.tree_util.register_dataclass
@@ -131,22 +139,25 @@ def _progress_bar(source: ModelSource, progress: bool | None):
                 file=sys.stderr, disable=not show)
 
 
-def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None,
+def build_params(source: ModelSource, dtype=jnp.bfloat16, *, transform_matrix=None, transform_experts=None,
                  progress: bool | None = None, max_seq_len: int | None = None) -> Params:
     """Turn a validated ModelSource into a Params pytree on the default device.
 
     transform_matrix: optional callable (QTensor -> leaf) applied to each packed weight, e.g. a GPU repack.
+    transform_experts: the same for packed expert stacks (QTensors [experts, out, in]), e.g. `dequantizer`;
+    None keeps them packed (the GPU layout has no expert axis, so a GPU repack does not apply to them).
     progress: show a progress bar on stderr (True/False); None shows it when the tensors total >= 256 MiB.
     max_seq_len: the context the model is loaded for. longrope (Phi-3) uses its long factors when it exceeds
     the original context, its short ones otherwise (as llama.cpp picks them by the context size); None: short.
     """
     with _progress_bar(source, progress) as bar:
-        params = _build_params(source, dtype, transform_matrix, bar, max_seq_len)
+        params = _build_params(source, dtype, transform_matrix, bar, max_seq_len, transform_experts)
         bar.update(bar.total - bar.n)  # 1-D and unused tensors were not counted one by one
     return params
 
 
-def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len=None) -> Params:
+def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len=None,
+                  transform_experts=None) -> Params:
     config = source.config
     reader = _Reader(source)
     dtype = jnp.dtype(dtype)
@@ -183,18 +194,21 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
             arr = np.asarray(data)
             if arr.shape != want:
                 raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
-            return jnp.asarray(arr.astype(dtype))
+            return dense_to_device(arr, dtype)
         from .quant.types import row_bytes
         try:
-            nbytes = row_bytes(qtype, want[1])
+            nbytes = row_bytes(qtype, want[-1])
         except (KeyError, ValueError) as exc:
             raise UnsupportedQuantError(str(exc), path=source.path, tensor=name) from None
-        packed = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
-        if packed.shape != (want[0], nbytes):
-            raise ShapeMismatchError(f"expected {want} in {qtype} ({want[0]} rows of {nbytes} bytes), found "
+        # quantize on load (formats/quantized.py) may hand over blocks already made on the device
+        packed = data.packed() if hasattr(data, "packed") else np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+        rows = int(np.prod(want[:-1]))
+        if packed.shape != (rows, nbytes):
+            raise ShapeMismatchError(f"expected {want} in {qtype} ({rows} rows of {nbytes} bytes), found "
                                      f"{packed.shape[0]} rows of {packed.shape[1]} bytes", path=source.path, tensor=name)
-        q = QTensor(jnp.asarray(packed), qtype, want)
-        return transform_matrix(q) if transform_matrix is not None else q
+        q = QTensor(jnp.asarray(packed.reshape(*want[:-1], nbytes)), qtype, want)
+        transform = transform_experts if ROLES[role].kind == "experts" else transform_matrix
+        return transform(q) if transform is not None else q
 
     embed = leaf("embed", None)
     lm_head = embed if config.tie_embeddings else leaf("lm_head", None)
@@ -224,6 +238,31 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
     local = None if config.rope_local_theta is None else jnp.asarray(rope_inv_freq(config, local=True))
     return Params(embed=embed, layers=tuple(layers), final_norm=final_norm, lm_head=lm_head,
                   rope_inv_freq=jnp.asarray(inv, dtype=jnp.float32), rope_local_inv_freq=local)
+
+
+DENSE_CHUNK_BYTES = 64 * 2**20   # host bytes uploaded per step when a dense matrix is converted on the device
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(out: jax.Array, rows: jax.Array, start) -> jax.Array:
+    return jax.lax.dynamic_update_slice(out, rows.astype(out.dtype), (start,) + (0,) * (out.ndim - 1))
+
+
+def dense_to_device(arr: np.ndarray, dtype) -> jax.Array:
+    """A host (often memory-mapped) array as a device array of `dtype`, converted on the device a chunk of
+    rows at a time into one donated buffer: host memory holds a chunk beside the output, where
+    jnp.asarray(arr.astype(dtype)) held up to three whole copies (ml_dtypes' f16 -> bf16 goes through
+    float32, and jnp.asarray copied a bfloat16 array twice: 4.3 GB for a 1 GiB embedding)."""
+    dtype = jnp.dtype(dtype)
+    step = max(1, DENSE_CHUNK_BYTES // max(1, arr[:1].nbytes)) if arr.ndim else 1
+    if arr.ndim < 1 or arr.shape[0] <= step:
+        return jax.device_put(arr).astype(dtype)
+    out = jnp.zeros(arr.shape, dtype)
+    for a in range(0, arr.shape[0], step):
+        a = min(a, arr.shape[0] - step)   # the last chunk rewrites a few rows: one chunk shape per tensor
+        out = _write_rows(out, jax.device_put(arr[a:a + step]), a)
+        out.block_until_ready()   # else every chunk's upload is queued at once, each a host copy
+    return out
 
 
 _dequantize = jax.jit(dequantize, static_argnames="dtype")   # one compile per (qtype, shape, dtype) per process

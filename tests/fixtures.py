@@ -22,8 +22,9 @@ from pathlib import Path
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text"}   # transformers' model_type where it is not our architecture name
+                "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                "qwen3moe": "Qwen3MoeForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}   # transformers' model_type where it is not our architecture name
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 VARIANTS = {
@@ -65,9 +66,19 @@ VARIANTS.update({
     "mistral_swa": dict(arch="mistral", **_FAMILY, extra=dict(sliding_window=5)),
 })
 FAMILY_VARIANTS = tuple(v for v in VARIANTS if v not in ALL_VARIANTS)
+# Mixtures of experts (tests/test_moe.py): few experts, so a 21-token prompt spreads over all of them
+VARIANTS.update({
+    "mixtral": dict(arch="mixtral", **_FAMILY, extra=dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3moe": dict(arch="qwen3moe", **_FAMILY, extra=dict(num_experts=8, num_experts_per_tok=2,
+                                                            moe_intermediate_size=32, norm_topk_prob=True)),
+    # Qwen3-MoE's transformers default: the chosen experts' weights not renormalized; top-3
+    "qwen3moe_raw": dict(arch="qwen3moe", **_FAMILY, extra=dict(num_experts=6, num_experts_per_tok=3,
+                                                                moe_intermediate_size=32, norm_topk_prob=False)),
+})
+MOE_VARIANTS = ("mixtral", "qwen3moe", "qwen3moe_raw")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
 TOKENIZER_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2", "olmo2": "gpt2",
-                   "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3"}
+                   "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3", "mixtral": "llama3", "qwen3moe": "qwen2"}
 
 _cache: dict[tuple, Path] = {}
 
@@ -139,7 +150,7 @@ def _build_hf_model(out: Path, tmpdir: Path, *, arch, hidden, layers, heads, kv_
         kw["head_dim"] = head_dim
     if rope_scaling is not None:
         kw["rope_scaling"] = dict(rope_scaling)
-    if arch in ("mistral", "qwen2", "qwen3", "phi3"):
+    if arch in ("mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3moe"):
         kw["sliding_window"] = None
     if arch not in ("llama", "mistral", "qwen2", "qwen3"):
         kw["pad_token_id"] = kw["eos_token_id"]   # their defaults (Phi-3: 32000) are past the tiny vocabulary

@@ -123,6 +123,34 @@ def test_k_quant_fallback_is_warned_once_per_tensor(model_files, tmp_path, caplo
     assert [r for r in caplog.records if r.name == "realizar_jax.formats.gguf_writer"] == []
 
 
+def test_mxfp4_through_the_cli(model_files, tmp_path):
+    """--quant mxfp4: every matrix MXFP4 (rows that are not whole 32-value blocks fall back to F16), the
+    file type llama.cpp gives MXFP4 files, and the bytes are our quantizer's (= gguf-py's) of the weights."""
+    from realizar_jax.cli.main import main
+    from realizar_jax.quant import quantize
+    out = tmp_path / "m.gguf"
+    assert main(["convert", "--quant", "MXFP4", "--no-progress", str(model_files.hf("llama")), str(out)]) == 0
+    meta, reader = _fields(out)
+    assert meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
+    types = {t.name: (t.tensor_type.name, len(t.shape)) for t in reader.tensors}
+    assert {q for q, ndim in types.values() if ndim == 2} == {"MXFP4"}
+    assert {q for q, ndim in types.values() if ndim == 1} == {"F32"}
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    src = open_model(model_files.hf("llama"))
+    w = np.asarray(src.tensors["model.layers.0.mlp.up_proj.weight"].data, np.float32)
+    np.testing.assert_array_equal(np.asarray(up.data).reshape(w.shape[0], -1), quantize(w, "MXFP4"))
+    np.testing.assert_array_equal(gq_dequantize(up), gguf.quants.dequantize(quantize(w, "MXFP4"), up.tensor_type))
+    assert fit_qtype("MXFP4", 48) == "F16" and plan_qtype("wq", 0, (64, 64), "mxfp4", 2, True) == "MXFP4"
+    # llama-quantize's MXFP4_MOE: expert stacks MXFP4, other matrices Q8_0, the router F32
+    assert [plan_qtype(r, 0, shape, "mxfp4_moe", 2, True) for r, shape in
+            [("experts_up", (4, 64, 256)), ("wq", (64, 64)), ("lm_head", (97, 64)), ("router", (4, 64))]] == \
+        ["MXFP4", "Q8_0", "Q8_0", "F32"]
+
+
+def gq_dequantize(t):
+    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+
+
 def test_convert_is_atomic(model_files, tmp_path, monkeypatch):
     hf = model_files.hf("llama")
     out = tmp_path / "model.gguf"

@@ -49,6 +49,28 @@ def test_json_report(model_files, capsys, variant, quant):
         assert "lm_head.weight" not in tensors
 
 
+def test_mxfp4_sizes(model_files, capsys):
+    """17 bytes per 32 values, as gguf-py reads the file, in the report and in the memory estimate."""
+    path = model_files.gguf("llama", "mxfp4")
+    assert inspect_main([str(path), "--json", "--max-seq-len", "128"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tensors = {t["name"]: t for t in report["tensors"]}
+    n_mxfp4 = 0
+    for rt in gguf.GGUFReader(path).tensors:
+        t = tensors[rt.name]
+        assert t["qtype"] == rt.tensor_type.name and t["nbytes"] == rt.n_bytes
+        if t["qtype"] == "MXFP4":
+            n_mxfp4 += 1
+            assert t["nbytes"] == t["shape"][0] * t["shape"][1] // 32 * 17
+    assert n_mxfp4 == 2 + 7 * 2   # token_embd, output and the 7 matrices of each of 2 layers
+    src = open_model(path)
+    assert report["memory"]["weights"] == weight_bytes_of(src, "bfloat16") == sum(
+        t["nbytes"] if t["qtype"] == "MXFP4" else t["shape"][0] * (t["shape"][1:] or [1])[0] * 2
+        for t in report["tensors"])
+    assert report["memory"]["dequantized"]["weights"] == 2 * sum(
+        t["shape"][0] * (t["shape"][1:] or [1])[0] for t in report["tensors"])
+
+
 def test_table_output(model_files, capsys):
     assert inspect_main([str(model_files.gguf("llama", "q4_k_m"))]) == 0
     out = capsys.readouterr().out

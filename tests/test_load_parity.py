@@ -96,7 +96,7 @@ def test_converted_gguf_logits_equal_transformers(model_files, arch, quant):
     assert _rel(m.logits(ids), _hf_logits(ref, ids)) <= 1e-4
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "mxfp4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_quantized_gguf_equals_dequantized_reference(model_files, arch, quant):
     path = model_files.gguf(arch, quant)
@@ -106,7 +106,7 @@ def test_quantized_gguf_equals_dequantized_reference(model_files, arch, quant):
     assert _rel(m.logits(ids), _hf_logits(ref, ids)) <= 2e-3
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q5_k"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q5_k", "mxfp4"])
 def test_dense_weights_equal_packed(model_files, quant):
     import jax
     from realizar_jax.quant.qtensor import QTensor

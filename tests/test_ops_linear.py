@@ -16,7 +16,7 @@ from realizar_jax.ops import routes
 from realizar_jax.quant import QTensor, quantize
 
 IN, OUT = 512, 48
-QTYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16")
+QTYPES = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "MXFP4", "F16", "BF16")
 jmatmul = jax.jit(matmul)
 
 
@@ -110,6 +110,22 @@ def test_each_op_asks_the_route_table_once(monkeypatch):
     assert calls == [(2, "Q8_0")]   # pallas=False: no route is asked
 
 
+def test_mxfp4_has_no_gpu_layout_and_takes_the_reference(monkeypatch):
+    """MXFP4 has no GPU layout yet: repack_for_gpu keeps the QTensor, no route takes a packed weight, and
+    with kernels on, linear() is the dequantize-then-dot reference (every route is made to fail loudly)."""
+    w = (np.random.default_rng(2).standard_normal((OUT, IN)) * 0.05).astype(np.float32)
+    q, raw = qtensor(w, "MXFP4")
+    assert repack_for_gpu(q) is q
+    assert all(kind != "packed" or op == "decode_attention" for op, _, kind in routes.ROUTES)
+    for key in list(routes.ROUTES):
+        monkeypatch.setitem(routes.ROUTES, key, lambda *a, _key=key, **k: pytest.fail(f"route {_key} taken"))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, IN)), jnp.float32)
+    with using(KernelConfig(pallas=True, interpret=True)):
+        assert routes.route("linear", 3, q) is None
+        y = jax.jit(matmul)(x, q)   # a fresh jit: traced under this KernelConfig
+    np.testing.assert_allclose(np.asarray(y), reference(x, gq.dequantize(raw, GT.MXFP4)), rtol=1e-5, atol=1e-4)
+
+
 def test_matmul_errors():
     w = jnp.ones((OUT, IN), jnp.float32)
     with pytest.raises(ValueError, match=f"takes {IN} input features"):
@@ -121,7 +137,7 @@ def test_matmul_errors():
         matmul(jnp.ones((2, 256)), q)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", None])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "MXFP4", None])
 @settings(max_examples=5, deadline=None)
 @given(ids=st.lists(st.integers(0, 99), min_size=10, max_size=10))
 def test_embedding_lookup(qtype, ids):

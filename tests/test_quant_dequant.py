@@ -19,7 +19,7 @@ from realizar_jax.quant import (DENSE_QTYPES, QTYPE_SIZES, QTYPES, QUANTIZED_QTY
 # byte offsets of the f16 scale fields in each block (from the ggml block structs)
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-              "IQ4_NL": (0,), "IQ4_XS": (0,)}
+              "IQ4_NL": (0,), "IQ4_XS": (0,), "MXFP4": ()}   # MXFP4's scale is an E8M0 byte
 ROWS, BLOCKS = 3, 2  # one shape per type keeps jit compiles to one per type
 
 deq = jax.jit(dequantize_blocks, static_argnames=("qtype", "dtype"))
@@ -61,10 +61,46 @@ def test_f16_fields_table_matches_block_sizes():
 @given(data=st.data())
 def test_bit_identical_to_gguf(qtype, data):
     blocks = data.draw(packed_blocks(qtype))
-    ref = gq.dequantize(blocks, GT[qtype])
+    with np.errstate(over="ignore"):   # MXFP4's largest exponents overflow to inf, in gguf-py as in ours
+        ref = gq.dequantize(blocks, GT[qtype])
     ours = deq(blocks, qtype=qtype)
     assert ours.dtype == jnp.float32 and ours.shape == (ROWS, BLOCKS * QTYPE_SIZES[qtype][0])
     assert_bits_equal(ours, ref)
+
+
+# MXFP4: every E8M0 exponent, the extremes more often (0 and 1 give subnormal scales, 255 is the OCP NaN
+# code that gguf-py reads as 2^127, so most of its values overflow to inf, as do 253 and 254's largest)
+e8m0 = st.one_of(st.sampled_from([0, 1, 2, 3, 125, 126, 127, 128, 129, 252, 253, 254, 255]), st.integers(0, 255))
+
+
+def test_mxfp4_every_exponent_and_code():
+    """All 256 exponents x all 16 codes, in both nibble positions, against gguf-py."""
+    codes = np.arange(16, dtype=np.uint8)
+    qs = np.concatenate([codes[0::2] | (codes[1::2] << 4), codes[::-1][0::2] | (codes[::-1][1::2] << 4)])
+    blocks = np.concatenate([np.arange(256, dtype=np.uint8)[:, None], np.tile(qs, (256, 1))], axis=1)
+    with np.errstate(over="ignore"):
+        ref = gq.dequantize(blocks, GT.MXFP4)
+    ours = np.asarray(deq(blocks, qtype="MXFP4"))
+    assert_bits_equal(ours, ref)
+    assert np.isinf(ours).any() and ((ours != 0) & (np.abs(ours) < np.finfo(np.float32).tiny)).any()
+    # the grid: code c of exponent e is ggml's doubled E2M1 value times 2^(e - 128)
+    grid = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float64)
+    # qs byte j holds value j (low nibble) and j + 16 (high): here codes 2j and 2j + 1
+    np.testing.assert_array_equal(ours[127, :8], grid[0::2] / 2)            # e = 127: d = 2^-1
+    np.testing.assert_array_equal(ours[127, 16:24], grid[1::2] / 2)
+    np.testing.assert_array_equal(ours[255, [0, 1, 16, 20, 21]], [0, np.inf, 2.0 ** 127, -2.0 ** 127, -np.inf])
+    assert ours[0, 16] == 2.0 ** -128 and ours[0, 17] == 3 * 2.0 ** -128     # subnormal: e = 0, codes 1 and 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(exps=st.lists(e8m0, min_size=ROWS * BLOCKS, max_size=ROWS * BLOCKS), seed=st.integers(0, 2**32 - 1))
+def test_mxfp4_bit_identical_on_drawn_exponents(exps, seed):
+    data = np.random.default_rng(seed).integers(0, 256, (ROWS, BLOCKS, 17), dtype=np.uint8)
+    data[..., 0] = np.asarray(exps, np.uint8).reshape(ROWS, BLOCKS)
+    data = data.reshape(ROWS, BLOCKS * 17)
+    with np.errstate(over="ignore"):
+        ref = gq.dequantize(data, GT.MXFP4)
+    assert_bits_equal(deq(data, qtype="MXFP4"), ref)
 
 
 @pytest.mark.parametrize("qtype", DENSE_QTYPES)
@@ -80,7 +116,7 @@ def test_dense_bit_identical(qtype, seed):
     assert_bits_equal(deq(raw, qtype=qtype), ref)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "IQ4_XS", "BF16"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0", "Q6_K", "IQ4_XS", "MXFP4", "BF16"])
 def test_leading_axes_and_dtype(qtype):
     rng = np.random.default_rng(7)
     nbytes = row_bytes(qtype, 512)
@@ -90,7 +126,8 @@ def test_leading_axes_and_dtype(qtype):
             raw[..., b + off:b + off + 2] = rng.normal(0, 1, (2, 3)).astype("<f2")[..., None].view(np.uint8)
     out = np.asarray(deq(raw, qtype=qtype))
     assert out.shape == (2, 3, 512)
-    assert_bits_equal(out.reshape(6, 512), gq.dequantize(raw.reshape(6, nbytes), GT[qtype]))
+    with np.errstate(over="ignore"):
+        assert_bits_equal(out.reshape(6, 512), gq.dequantize(raw.reshape(6, nbytes), GT[qtype]))
     out_bf16 = deq(raw, qtype=qtype, dtype=jnp.bfloat16)
     assert out_bf16.dtype == jnp.bfloat16
     with np.errstate(invalid="ignore"):  # NaN payloads in the random BF16 bits
@@ -153,6 +190,7 @@ def test_types_table():
     assert bits_per_weight("Q6_K") == 6.5625
     assert bits_per_weight("Q8_0") == 8.5
     assert bits_per_weight("F16") == 16
+    assert row_bytes("MXFP4", 64) == 34 and bits_per_weight("MXFP4") == 4.25   # 17 bytes per 32 values
     with pytest.raises(ValueError, match="multiple of the Q4_K block size 256"):
         row_bytes("Q4_K", 300)
 

@@ -19,7 +19,7 @@ def _leaves(model):
     return [np.asarray(getattr(x, "data", x)) for x in jax.tree_util.tree_leaves(model.params)]
 
 
-@pytest.mark.parametrize("arch, quant", [("llama", "q4_k_m"), ("qwen2", "q8_0"),
+@pytest.mark.parametrize("arch, quant", [("llama", "q4_k_m"), ("qwen2", "q8_0"), ("qwen2", "mxfp4"),
                                          pytest.param("llama", "q6_k", marks=pytest.mark.slow),
                                          pytest.param("qwen3", "q4_0", marks=pytest.mark.slow),
                                          pytest.param("llama", "f16", marks=pytest.mark.slow)])
@@ -39,6 +39,25 @@ def test_quantize_on_load_equals_convert_then_load(model_files, tmp_path, arch, 
         via_file.params, is_leaf=lambda x: hasattr(x, "qtype"))}
     ids = [int(i) for i in np.random.default_rng(0).integers(3, on_load.config.vocab_size, 11)]
     np.testing.assert_array_equal(np.asarray(on_load.logits(ids)), np.asarray(via_file.logits(ids)))
+
+
+def test_quantize_on_load_on_the_device_equals_convert_then_load(model_files, tmp_path, monkeypatch):
+    """Every type through the jitted encoders (on a CPU only the 32-value ones go there by default)."""
+    from realizar_jax.quant import device_quant
+    monkeypatch.setattr(device_quant, "faster_on_device", lambda qtype, backend=None: True)
+    encoded, run = [], device_quant.quantize_rows_on_device
+
+    def counted(read, rows, cols, qtype, device=None):
+        encoded.append(qtype)
+        return run(read, rows, cols, qtype, device)
+    monkeypatch.setattr(device_quant, "quantize_rows_on_device", counted)
+    hf = model_files.hf("llama")
+    via_file = rj.load(write_gguf(hf, tmp_path / "llama-q4_k_m.gguf", "q4_k_m", progress=False), dtype="float32",
+                       dense_weights=False)
+    on_load = rj.load(hf, dtype="float32", quantize="q4_k_m", dense_weights=False)
+    assert {"Q4_K", "Q6_K"} <= set(encoded)
+    for w, g in zip(_leaves(via_file), _leaves(on_load)):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_quantize_on_load_refuses_what_it_cannot_do(model_files):

@@ -3,11 +3,12 @@
     realizar-jax bench --shape llama3-8b --quant q4_k_m [--batch 1[,4,16,...]] [--prompt-len 512] [--gen 128]
     realizar-jax bench --model PATH [...] [--json OUT]
 
-With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.synth;
-cached under --dir), so the same file can be given to llama.cpp's llama-bench. Decode speed is
-also expressed as effective bandwidth: the weight bytes one decode step must read (every matrix,
-only B rows of an untied embedding table) times steps per second, against the device's measured
-read bandwidth (a sum over 4 GiB) and copy bandwidth (`a + 1`), and as the matmul rate it implies
+With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.cli.synth:
+llama3-8b, llama3.2-1b, qwen3-30b-a3b, gemma3-12b; cached under --dir), so the same file can be given to
+llama.cpp's llama-bench. Decode speed is also expressed as effective bandwidth: the weight bytes one
+decode step must read (every matrix, only B rows of an untied embedding table, of a mixture of experts
+only the active experts) times steps per second, against the device's measured
+read bandwidth (row sums over 4 GiB) and copy bandwidth (`a + 1`), and as the matmul rate it implies
 (2 x rows x matrix weights per step). Several batch sizes (--batch 1,8,64) are measured on one
 loaded model, one row each.
 """
@@ -49,27 +50,52 @@ def copy_bandwidth(gib: float = 1.0) -> float:
 
 
 def read_bandwidth(gib: float = 4.0) -> float:
-    """Device read bandwidth in GB/s: a sum over `gib` GiB of bf16 (reads only, one tiny write) -- the
-    ceiling a bandwidth-bound decode step is measured against; `a + 1`'s copy figure (copy_bandwidth)
-    counts the writes too and reads well below it."""
+    """Device read bandwidth in GB/s: row sums over `gib` GiB viewed as uint32 (reads only, a small
+    write) -- the ceiling a bandwidth-bound decode step is measured against. Of the reductions tried
+    on the H200 this one reads fastest (3.9 TB/s; one float sum of everything 2.5-3.2); `a + 1`'s
+    copy figure (copy_bandwidth) counts the writes too and reads well below it."""
+    import jax
     import jax.numpy as jnp
-    return _bandwidth(gib, lambda a: jnp.sum(a, dtype=jnp.float32), 2)
+    return _bandwidth(gib, lambda a: jax.lax.bitcast_convert_type(a.reshape(-1, 2048, 2), jnp.uint32)
+                      .sum(axis=1, dtype=jnp.uint32).sum(), 2)
+
+
+def active_experts(config, batch: int) -> int:
+    """Expert slices of each MoE layer that one decode step of `batch` tokens reads: experts_per_token of
+    num_experts for one token; for several, min(num_experts, batch * experts_per_token) -- an upper bound,
+    reached only when no two tokens share an expert (uniform routing of 32 tokens over 128 experts x 8
+    touches ~112 of them on average, not 128)."""
+    return min(config.num_experts, batch * config.experts_per_token)
+
+
+def _expert_stacks(params) -> list:
+    return [w for lp in params.layers for w in (lp.experts_gate, lp.experts_up, lp.experts_down) if w is not None]
 
 
 def decode_read_bytes(params, config, batch: int) -> int:
-    """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows."""
+    """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows; of a
+    mixture of experts' stacks only the active experts' slices (active_experts; the router whole). The
+    memory estimate (memory.py) counts every expert: all are resident, few are read."""
     total = param_bytes(params)
     if not config.tie_embeddings:
         emb = param_bytes(params.embed)
         total -= emb - emb * batch // config.vocab_size
+    if config.moe:
+        experts = sum(int(w.nbytes) for w in _expert_stacks(params))
+        total -= experts - experts * active_experts(config, batch) // config.num_experts
     return total
 
 
-def decode_matmul_flops(params, batch: int) -> int:
+def decode_matmul_flops(params, batch: int, config=None) -> int:
     """FLOPs of one decode step's matrix products (2 per weight per row; the embedding is a gather,
-    the LM head a product even when tied); attention is not counted."""
-    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer)] + [params.lm_head]
-    return 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
+    the LM head a product even when tied); attention is not counted. An expert stack [experts, out, in]
+    counts experts_per_token experts per row (config needed): exact, whatever the routing."""
+    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer) if len(w.shape) == 2] + [params.lm_head]
+    flops = 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
+    stacks = _expert_stacks(params)
+    if stacks:
+        flops += 2 * batch * config.experts_per_token * sum(int(w.shape[1]) * int(w.shape[2]) for w in stacks)
+    return flops
 
 
 def jax_leaves_2d(tree) -> list:
@@ -128,7 +154,7 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
         """Compile and time prefill + decode of `batch` sequences under this KernelConfig (a static
         argument of the steps)."""
         read = out["decode_read_bytes"] = decode_read_bytes(params, config, batch)
-        flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch)
+        flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch, config)
         rng = np.random.default_rng(0)
         tokens = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
         lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -200,16 +226,21 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
 
     res["kernels"] = repr(m.kernels)
     decode_c, cache, tok, base_logits, prefill_once = measure(res, m.kernels, batch)
-    if profile:   # one decode call and one prefill under the profiler: where the time goes, per kernel
-        jax.profiler.start_trace(str(Path(profile) / "decode"), create_perfetto_trace=True)
+    def trace_decode(out: dict, decode_c, cache, tok, batch: int):
+        """One decode call under the profiler: where a step's time goes, per kernel."""
+        where = Path(profile) / f"decode_b{batch}"
+        jax.profiler.start_trace(str(where), create_perfetto_trace=True)
         tok, cache, _ = decode_c(params, cache, tok)
         jax.block_until_ready(tok)
         jax.profiler.stop_trace()
-        res["profile"] = summarize_trace(Path(profile) / "decode", steps=chunk)
-        for row in res["profile"]["top"]:
+        out["profile"] = summarize_trace(where, steps=chunk)
+        for row in out["profile"]["top"]:
             log("  {us_per_step:9.1f} us/step {calls_per_step:6.1f} calls  {name}".format(**row))
-        log(f"  GPU busy {res['profile']['busy_us_per_step']:.0f} us/step in "
-            f"{res['profile']['kernels_per_step']:.0f} kernels (decode step {res['decode_s_per_step']*1e6:.0f} us)")
+        log(f"  GPU busy {out['profile']['busy_us_per_step']:.0f} us/step in "
+            f"{out['profile']['kernels_per_step']:.0f} kernels (decode step {out['decode_s_per_step']*1e6:.0f} us)")
+
+    if profile:   # and one prefill of the first batch
+        trace_decode(res, decode_c, cache, tok, batch)
         jax.profiler.start_trace(str(Path(profile) / "prefill"), create_perfetto_trace=True)
         jax.block_until_ready(prefill_once())
         jax.profiler.stop_trace()
@@ -220,13 +251,21 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             f"{res['profile_prefill']['kernels_per_step']:.0f} kernels (prefill {res['prefill_s']*1e6:.0f} us)")
     res["variants"] = ab_variants(measure, m.kernels, base_logits, batch, variants, res["copy_GBps"], log)
     if len(batches) > 1:
-        res["batches"] = [{k: v for k, v in res.items() if k not in ("profile", "profile_prefill")}]
+        res["batches"] = [{k: v for k, v in res.items() if k != "profile_prefill"}]
         for b in batches[1:]:
             row: dict = {"batch": b, "copy_GBps": res["copy_GBps"], "kernels": res["kernels"]}
             log(f"batch {b}:")
-            logits = measure(row, m.kernels, b)[3]
-            row["variants"] = ab_variants(measure, m.kernels, logits, b, variants, res["copy_GBps"], log)
             res["batches"].append(row)
+            try:
+                decode_b, cache_b, tok_b, logits, _ = measure(row, m.kernels, b)
+            except Exception as e:  # noqa: BLE001 -- a batch that fails to build is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                log(f"  failed: {row['error']}")
+                continue
+            if profile:
+                trace_decode(row, decode_b, cache_b, tok_b, b)
+            del decode_b, cache_b, tok_b
+            row["variants"] = ab_variants(measure, m.kernels, logits, b, variants, res["copy_GBps"], log)
             del logits
     return res
 
@@ -346,8 +385,8 @@ def bench_main(argv=None) -> int:
     ap.add_argument("--ab", action="append", metavar="FIELD=VAL[,FIELD=VAL]", default=[],
                     help="after the default run, time again under a KernelConfig with these fields changed "
                          "(int8_activations, pallas, tiles=JSON; same loaded weights; repeat for more variants)")
-    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call and one prefill with "
-                    "jax.profiler into DIR/decode and DIR/prefill and print the kernels that take the time")
+    ap.add_argument("--profile", metavar="DIR", help="also trace one decode call per batch and one prefill with "
+                    "jax.profiler into DIR/decode_b<B> and DIR/prefill and print the kernels that take the time")
     ap.add_argument("--page-size", type=int, metavar="N", help="keep the KV cache in pages of N positions (a "
                     "power of two), scattered over a pool as the serving engine's are; default: contiguous rows")
     args = ap.parse_args(argv)

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .gguf path (written atomically)")
     p.add_argument("--quant", default="f16", type=str.lower, choices=QUANT_CHOICES,
                    help="tensor type: f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m (llama-quantize's mix), "
-                        "f32, bf16; 1-D tensors always stay F32")
+                        "mxfp4_moe (llama-quantize's: MXFP4 experts, Q8_0 elsewhere), mxfp4 (every matrix), f32, bf16; "
+                        "1-D tensors always stay F32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

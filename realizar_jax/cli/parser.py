@@ -13,8 +13,8 @@ from ..errors import RealizarError
 
 DTYPES = ("float32", "bfloat16", "float16")
 # formats.gguf_writer.QUANT_CHOICES, spelled out so that parsing a command line does not import jax
-# (tests/test_cli.py keeps the two equal)
-QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m")
+# (tests/test_quantize_on_load.py keeps the two equal)
+QUANT_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "mxfp4_moe", "mxfp4")
 # What a user can cause; any other exception is a bug and keeps its traceback.
 USER_ERRORS = (RealizarError, OSError, ValueError)
 

@@ -427,7 +427,9 @@ _GGUF_KEYS = {"sliding_window": "attention.sliding_window", "attn_softcap": "att
               "hidden_size": "embedding_length", "num_layers": "block_count", "num_heads": "attention.head_count",
               "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
               "intermediate_size": "feed_forward_length", "norm_eps": "attention.layer_norm_rms_epsilon",
-              "rope_theta": "rope.freq_base", "context_length": "context_length"}
+              "rope_theta": "rope.freq_base", "context_length": "context_length",
+              "num_experts": "expert_count", "experts_per_token": "expert_used_count",
+              "expert_intermediate_size": "expert_feed_forward_length"}
 
 
 def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> ModelConfig:
@@ -438,6 +440,8 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
     def key(name, kind, **kw):
         return _get(meta, f"{arch_key}.{name}", kind, path, **kw)
 
+    if arch == "llama" and (key("expert_count", "int", default=0) or "blk.0.ffn_gate_inp.weight" in tensors):
+        arch = "mixtral"   # llama.cpp writes Mixtral as a llama with experts
     layers = key("block_count", "int", required=True)
     if not 0 < layers <= len(tensors):
         raise DamagedFileError(f"block_count {layers} is impossible for a file with {len(tensors)} tensors",
@@ -485,6 +489,7 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
             eos_token_ids=eos_ids,
             add_bos=default_add_bos(arch, bos) if add_bos is None else add_bos,
             **_family_fields(meta, arch, arch_key, layers, hidden, heads, head_dim, path),
+            **_moe_fields(meta, arch, arch_key, path),
         )
     except ModelFormatError:
         raise
@@ -550,7 +555,25 @@ def _family_fields(meta, arch, arch_key, layers, hidden, heads, head_dim, path) 
     return fields
 
 
+def _moe_fields(meta, arch, arch_key, path) -> dict:
+    """The mixture-of-experts fields from llama.cpp's expert keys. Whether the chosen experts' weights are
+    renormalized: our `expert_weights_norm` key where written, else llama.cpp's rule (its llama and qwen3moe
+    graphs always renormalize)."""
+    if arch not in ("mixtral", "qwen3moe"):
+        return {}
+
+    def key(name, kind, **kw):
+        return _get(meta, f"{arch_key}.{name}", kind, path, **kw)
+
+    fields = dict(num_experts=key("expert_count", "int", required=True),
+                  experts_per_token=key("expert_used_count", "int", required=True),
+                  norm_topk_prob=key("expert_weights_norm", "bool", default=True))
+    if arch == "qwen3moe":
+        fields["expert_intermediate_size"] = key("expert_feed_forward_length", "int", required=True)
+    return fields
+
+
 def default_add_bos(arch: str, bos_token_id) -> bool:
     """When the tokenizer does not say: Llama/Mistral/Gemma/Phi-3 prepend BOS (SentencePiece vocabularies, as
-    llama.cpp defaults them), Qwen and OLMo 2 do not."""
-    return bos_token_id is not None and arch in ("llama", "mistral", "gemma2", "gemma3", "phi3")
+    llama.cpp defaults them, Mixtral's too), Qwen and OLMo 2 do not."""
+    return bos_token_id is not None and arch in ("llama", "mistral", "gemma2", "gemma3", "phi3", "mixtral")

@@ -6,9 +6,15 @@ decides which tensor gets which type. We do both in one pass:
 - llama-arch attn_q/attn_k rows are permuted for ggml's adjacent-pair RoPE, qwen2/qwen3 are not;
 - llama3 rope scaling becomes a rope_freqs.weight tensor (plus `realizar.rope.scaling.*` keys, which
   llama.cpp ignores, so that the exact HF parameters survive the round trip);
-- 1-D tensors (norms, biases, rope_freqs) stay F32; 2-D ones get the requested type, or for q4_k_m
+- Mixtral is written as 'llama' with expert_count / expert_used_count, as llama.cpp does; each layer's
+  experts go out stacked ([experts, out, in]: ffn_gate_exps / ffn_up_exps / ffn_down_exps);
+- 1-D tensors (norms, biases, rope_freqs) and the MoE router (ffn_gate_inp, which llama.cpp never
+  quantizes) stay F32; matrices and expert stacks get the requested type, or for q4_k_m
   llama-quantize's mix; a row length that is not a whole number of blocks falls back like
   llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
+- mxfp4_moe is llama-quantize's MXFP4_MOE mix: expert stacks MXFP4, every other matrix (embeddings and
+  output included) Q8_0; a dense model comes out all Q8_0, as from llama-quantize. mxfp4 is ours: every
+  matrix and expert stack MXFP4. Both carry file type MOSTLY_MXFP4_MOE, llama.cpp's only MXFP4 one.
 The output is streamed tensor by tensor into a temp file next to OUT and renamed into place only
 when complete, so a failure never leaves a half-written OUT.
 """
@@ -34,7 +40,7 @@ from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_
 logger = logging.getLogger(__name__)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
-             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama", "qwen3moe": "qwen3moe"}
 # llama.cpp's graphs that apply {arch}.attention.sliding_window (llama/qwen2/qwen3 ignore it)
 _SWA_ARCHS = ("phi3", "gemma2", "gemma3")
 _FT = gguf.LlamaFileType
@@ -42,7 +48,8 @@ _FT = gguf.LlamaFileType
 _QUANTS = {"f32": ("F32", _FT.ALL_F32), "f16": ("F16", _FT.MOSTLY_F16), "bf16": ("BF16", _FT.MOSTLY_BF16),
            "q8_0": ("Q8_0", _FT.MOSTLY_Q8_0), "q4_0": ("Q4_0", _FT.MOSTLY_Q4_0),
            "q4_k": ("Q4_K", _FT.MOSTLY_Q4_K_S), "q5_k": ("Q5_K", _FT.MOSTLY_Q5_K_S),
-           "q6_k": ("Q6_K", _FT.MOSTLY_Q6_K), "q4_k_m": ("Q4_K", _FT.MOSTLY_Q4_K_M)}
+           "q6_k": ("Q6_K", _FT.MOSTLY_Q6_K), "q4_k_m": ("Q4_K", _FT.MOSTLY_Q4_K_M),
+           "mxfp4_moe": ("MXFP4", _FT.MOSTLY_MXFP4_MOE), "mxfp4": ("MXFP4", _FT.MOSTLY_MXFP4_MOE)}
 QUANT_CHOICES = tuple(_QUANTS)
 # llama-quantize's convert_incompatible_tensor: a type whose blocks fit rows that K-quants do not.
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
@@ -64,18 +71,25 @@ def fit_qtype(qtype: str, row_length: int) -> str:
 
 
 def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str, num_layers: int,
-               has_output: bool, tensor: str | None = None) -> str:
+               has_output: bool, tensor: str | None = None, num_experts: int | None = None) -> str:
     """The gguf qtype a tensor is written in for `--quant quant`. When its rows do not fit the type's blocks
-    and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one."""
+    and `tensor` (its name) is given, the fallback is logged as a warning, as llama-quantize prints one.
+    num_experts: the model's expert count (llama-quantize gives 8-expert models more bits in attention)."""
     if quant not in _QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
-    if len(shape) < 2 or quant == "f32":
+    if len(shape) < 2 or quant == "f32" or role == "router":
         return "F32"
     qtype = _QUANTS[quant][0]
+    if quant == "mxfp4_moe" and len(shape) < 3:   # llama-quantize: "MoE tensors -> MXFP4, other tensors -> Q8_0"
+        qtype = "Q8_0"
     if quant == "q4_k_m":
         if role == "lm_head" or (role == "embed" and not has_output):
             qtype = "Q6_K"
-        elif role in ("wv", "w_down") and use_more_bits(layer, num_layers):
+        elif num_experts == 8 and role in ("wk", "wv"):   # llama-quantize: "for the 8-expert model" Q8_0
+            qtype = "Q8_0"
+        elif num_experts == 8 and role == "wo":
+            qtype = "Q5_K"
+        elif role in ("wv", "w_down", "experts_down") and use_more_bits(layer, num_layers):
             qtype = "Q6_K"
         elif role == "wqkv":   # llama-quantize: attn_qkv gets Q5_K in Q4_K_M files
             qtype = "Q5_K"
@@ -128,12 +142,14 @@ def _plan(src, role_map, quant: str) -> list[_Planned]:
         shape = tuple(src.tensors[hf_name].shape)
         name = tensor_name(role, "gguf", layer, arch)
         plan.append(_Planned(name, role, layer, hf_name, shape,
-                             plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name)))
+                             plan_qtype(role, layer, shape, quant, c.num_layers, has_output, tensor=name,
+                                        num_experts=c.num_experts)))
     return plan
 
 
 def _tensor_bytes(src, p: _Planned) -> np.ndarray:
     """The planned tensor's data as the array GGUFWriter writes (dense typed, or uint8 blocks)."""
+    from ..quant.device_quant import faster_on_device, quantize_on_device
     from ..quant.quantize import quantize
     c = src.config
     if p.role in ("rope_factors_long", "rope_factors_short"):
@@ -149,18 +165,31 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
         elif p.role in ("wk", "bk"):
             x = permute_qk(x, c.num_kv_heads)
     try:
+        if x.ndim == 2 and not qtype_info(p.qtype).is_dense and faster_on_device(p.qtype):
+            return np.asarray(quantize_on_device(x, p.qtype))   # the same bytes (quant/device_quant.py)
         return quantize(x, p.qtype)
     except ValueError as e:
         raise ModelFormatError(f"cannot quantize to {p.qtype}: {e}", path=src.path, tensor=p.source) from None
 
 
 def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan: list[_Planned]):
-    c = src.config
+    write_model_metadata(w, src.config, quant, name, any(not qtype_info(p.qtype).is_dense for p in plan), src.path)
+    for key, value, vtype in _tokenizer_fields(hf_dir):
+        if vtype is None:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
+
+
+def write_model_metadata(w: gguf.GGUFWriter, c, quant: str, name: str, quantized: bool, path=None) -> None:
+    """Every key of a model `c` (a ModelConfig) but the tokenizer's, as llama.cpp's converter writes them for
+    its architecture; `quantized`: some tensor is packed (adds the quantization version). Also what
+    `bench --shape` writes into its synthetic files (cli/synth.py), so those carry convert's metadata."""
     arch = GGUF_ARCH[c.architecture]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_file_type(int(_QUANTS[quant][1]))
-    if any(not qtype_info(p.qtype).is_dense for p in plan):
+    if quantized:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(c.vocab_size)
     w.add_context_length(c.context_length)
@@ -174,33 +203,29 @@ def _metadata(w: gguf.GGUFWriter, src, quant: str, name: str, hf_dir: Path, plan
     w.add_rope_dimension_count(c.rotary_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
-    _family_metadata(w, src)
+    _family_metadata(w, c, path)
+    _moe_metadata(w, c, path)
     s = c.rope_scaling
     if s is not None and s.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s.factor)
     elif s is not None and s.kind == "longrope" and arch != "phi3":
         raise ModelFormatError(f"longrope rope scaling on a {c.architecture} model cannot be written as GGUF",
-                               path=src.path)
+                               path=path)
     elif s is not None and s.kind == "llama3":
         if arch != "llama":
             raise ModelFormatError(f"llama3 rope scaling on a {c.architecture} model cannot be written as GGUF",
-                                   path=src.path)
+                                   path=path)
         w.add_float32(REALIZAR_ROPE_PREFIX + "factor", s.factor)
         w.add_float32(REALIZAR_ROPE_PREFIX + "low_freq_factor", s.low_freq_factor)
         w.add_float32(REALIZAR_ROPE_PREFIX + "high_freq_factor", s.high_freq_factor)
         w.add_uint32(REALIZAR_ROPE_PREFIX + "original_context_length", s.original_context_length)
-    for key, value, vtype in _tokenizer_fields(hf_dir):
-        if vtype is None:
-            w.add_array(key, value)
-        else:
-            w.add_key_value(key, value, vtype)
 
 
-def _family_metadata(w: gguf.GGUFWriter, src) -> None:
+def _family_metadata(w: gguf.GGUFWriter, c, path) -> None:
     """The keys llama.cpp's converter writes for the features beyond the llama block (sliding windows,
     soft-capping, Phi-3's longrope, Gemma 3's local RoPE base), and ours where llama.cpp has none."""
-    c, arch = src.config, src.config.architecture
+    arch = c.architecture
     if c.architecture == "phi3":   # llama.cpp tells Phi-4 (no window) from Phi-3 by a zero window
         w.add_sliding_window(c.sliding_window or 0)
         s = c.rope_scaling
@@ -212,39 +237,54 @@ def _family_metadata(w: gguf.GGUFWriter, src) -> None:
         w.add_sliding_window(c.sliding_window)
         if arch not in _SWA_ARCHS:
             logger.warning("%s: llama.cpp's %s graph has no sliding window; it will attend to the whole context",
-                           src.path, GGUF_ARCH[arch])
+                           path, GGUF_ARCH[arch])
     if c.layer_types is not None and c.sliding_window is not None:
         pattern = [c.sliding(i) for i in range(c.num_layers)]
         w.add_sliding_window_pattern(pattern)
         n = GEMMA_SWA_PATTERN.get(arch)
         if n is not None and pattern != [bool((i + 1) % n) for i in range(c.num_layers)]:
             logger.warning("%s: llama.cpp fixes %s's sliding layers to every %d-th global; this model's differ",
-                           src.path, arch, n)
+                           path, arch, n)
     if arch == "gemma2":
         if not c.tie_embeddings:
             raise ModelFormatError("a Gemma 2 model with its own lm_head cannot be written as GGUF: llama.cpp's "
-                                   "gemma2 ties the head to the embedding", path=src.path)
+                                   "gemma2 ties the head to the embedding", path=path)
         if c.attn_softcap is None or c.final_softcap is None:
             raise ModelFormatError("a Gemma 2 model without soft-capping cannot be written as GGUF: llama.cpp "
-                                   "always soft-caps gemma2", path=src.path)
+                                   "always soft-caps gemma2", path=path)
         w.add_attn_logit_softcapping(c.attn_softcap)
         w.add_final_logit_softcapping(c.final_softcap)
     if arch == "gemma3":
         if c.attn_softcap is not None:
             raise ModelFormatError("attention soft-capping on a Gemma 3 model cannot be written as GGUF (llama.cpp's "
-                                   "gemma3 has none)", path=src.path)
+                                   "gemma3 has none)", path=path)
         if c.final_softcap is not None:
             w.add_final_logit_softcapping(c.final_softcap)
         w.add_rope_freq_base_swa(c.rope_local_theta)
         if c.rope_local_theta != 10000.0:
-            logger.warning("%s: llama.cpp fixes gemma3's local RoPE base to 10000; this model's is %s", src.path,
+            logger.warning("%s: llama.cpp fixes gemma3's local RoPE base to 10000; this model's is %s", path,
                            c.rope_local_theta)
     if arch in GEMMA_SWA_PATTERN:
         rule = llamacpp_query_scalar(arch, c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
         if c.query_pre_attn_scalar != rule:
             w.add_float32(REALIZAR_QUERY_SCALAR, c.query_pre_attn_scalar)
-            logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", src.path,
+            logger.warning("%s: query_pre_attn_scalar %s is not the %s llama.cpp assumes for this model", path,
                            c.query_pre_attn_scalar, rule)
+
+
+def _moe_metadata(w: gguf.GGUFWriter, c, path) -> None:
+    """llama.cpp's expert keys; for Qwen3-MoE also the experts' width and whether the chosen weights are
+    renormalized (llama.cpp's qwen3moe graph always renormalizes: it ignores expert_weights_norm)."""
+    if not c.moe:
+        return
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.experts_per_token)
+    if c.architecture == "qwen3moe":
+        w.add_expert_feed_forward_length(c.expert_ffn)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        if not c.norm_topk_prob:
+            logger.warning("%s: norm_topk_prob is false; llama.cpp's qwen3moe renormalizes the chosen experts' "
+                           "weights regardless (our reader follows the file's expert_weights_norm)", path)
 
 
 def _tokenizer_fields(hf_dir: Path):

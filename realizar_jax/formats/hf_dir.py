@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .files import MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, open_regular, present, read_bounded
+from .experts import stack_experts
 from .roles import canonical_architecture
 from .source import ModelSource, TensorSource
 from .gguf_file import default_add_bos
@@ -303,7 +304,9 @@ _HF_KEYS = {"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_lo
             "rope_local_theta": "rope_local_base_freq", "rope_dim": "partial_rotary_factor",
             "norm_eps": "rms_norm_eps", "eos_token_ids": "eos_token_id", "context_length": "max_position_embeddings", "num_layers": "num_hidden_layers",
             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-            "rope_scaling.original_context_length": "rope_scaling.original_max_position_embeddings"}
+            "rope_scaling.original_context_length": "rope_scaling.original_max_position_embeddings",
+            "num_experts": "num_local_experts (or num_experts)", "experts_per_token": "num_experts_per_tok",
+            "expert_intermediate_size": "moe_intermediate_size"}
 
 
 def _is_int(v) -> bool:
@@ -335,6 +338,8 @@ _TYPES = {
         "hidden_activation": (lambda v: isinstance(v, str), "a string"),
         "use_sliding_window": (lambda v: isinstance(v, bool), "true or false"),
         "use_bidirectional_attention": (lambda v: isinstance(v, bool), "true or false"),
+        "norm_topk_prob": (lambda v: isinstance(v, bool), "true or false"),
+        "mlp_only_layers": (lambda v: isinstance(v, list), "a list of layer indices"),
     },
     "generation_config.json": {
         "bos_token_id": (_is_int, "an integer"),
@@ -412,11 +417,12 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
             # Gemma's transformers configs tie unless told otherwise
             tie_embeddings=cfg.get("tie_word_embeddings", arch in ("gemma2", "gemma3")) is True,
             qkv_bias=arch == "qwen2" or cfg.get("attention_bias") is True,
-            qk_norm=arch in ("qwen3", "olmo2", "gemma3"),
+            qk_norm=arch in ("qwen3", "olmo2", "gemma3", "qwen3moe"),
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
             add_bos=add_bos,
             **_family_fields(cfg, arch, layers, head_dim, path),
+            **_moe_fields(cfg, arch, path),
         )
     except ModelFormatError:
         raise
@@ -471,7 +477,7 @@ def _family_fields(cfg: dict, arch: str, layers, head_dim, path) -> dict:
     defaults = _GEMMA_DEFAULTS.get(arch, {})
     get = lambda key: cfg.get(key, defaults.get(key))   # noqa: E731
     window = get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen3", "qwen3moe") and not cfg.get("use_sliding_window"):
         window = None   # transformers: sliding_window only with use_sliding_window
     if arch in ("llama", "olmo2"):
         window = None   # no sliding window in these models' transformers code
@@ -485,6 +491,29 @@ def _family_fields(cfg: dict, arch: str, layers, head_dim, path) -> dict:
             fields["layer_types"] = None
     if arch == "gemma3":
         fields["rope_local_theta"] = _rope_local_theta(cfg, path)
+    return fields
+
+
+def _moe_fields(cfg: dict, arch: str, path) -> dict:
+    """The mixture-of-experts fields: Mixtral's num_local_experts (its experts as wide as intermediate_size,
+    always renormalized); Qwen3-MoE's num_experts, moe_intermediate_size and norm_topk_prob (transformers'
+    default false). Qwen3-MoE configs with dense layers between the sparse ones are refused: llama.cpp's
+    qwen3moe has none either."""
+    if arch not in ("mixtral", "qwen3moe"):
+        return {}
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    fields = dict(num_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 2))
+    if arch == "qwen3moe":
+        step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+        if step != 1 or dense:
+            raise ModelFormatError(f"dense MLP layers in a Qwen3-MoE model (decoder_sparse_step = {step!r:.20}, "
+                                   f"mlp_only_layers = {dense!r:.60}) are not supported", path=path)
+        fields.update(expert_intermediate_size=cfg.get("moe_intermediate_size"),
+                      norm_topk_prob=cfg.get("norm_topk_prob", False) is True)
+        if fields["expert_intermediate_size"] is None:
+            raise DamagedFileError("config.json lacks 'moe_intermediate_size'", path=path)
+    if experts is None:
+        raise DamagedFileError("config.json lacks 'num_local_experts' (or 'num_experts')", path=path)
     return fields
 
 
@@ -517,6 +546,7 @@ def open_hf_dir(path) -> ModelSource:
     cfg = _read_json(folder / "config.json", "config.json")
     tensors = _tensors(folder)
     config = config_from_hf(cfg, folder, tensors)
+    tensors = stack_experts(tensors, config, folder)
     if config.tie_embeddings and "lm_head.weight" in tensors:
         _check_tied_head(tensors, folder)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}

@@ -3,9 +3,12 @@
 `quantized_source(src, "q4_k_m")` plans every tensor's type as the GGUF writer does (gguf_writer.
 plan_qtype: the same llama-quantize mix and fallbacks) and hands each one to build_params as that
 file's tensor would be: uint8 blocks for a quantized type, the type's values for a dense one. Each
-tensor is quantized when build_params reads it, so host memory holds one tensor's float copy at a
-time, not the model's. The GGUF writer permutes wq/wk rows for llama.cpp's RoPE and the loader
-permutes them back; blocks never span rows, so quantizing the unpermuted rows gives the same bytes.
+tensor is quantized when build_params reads it (`packed()`): on JAX's device, a chunk of rows at a
+time, where that is faster (quant.device_quant.faster_on_device: any accelerator; on a CPU the
+32-value types), else by the numpy encoders on the host, holding one tensor's float copy. Both run
+the same encoder code and write the same bytes. The GGUF writer permutes wq/wk rows for llama.cpp's
+RoPE and the loader permutes them back; blocks never span rows, so quantizing the unpermuted rows
+gives the same bytes.
 """
 from __future__ import annotations
 
@@ -22,21 +25,32 @@ _DENSE_VIEWS = {"F32": np.float32, "F16": np.float16}
 
 class QuantizedTensor:
     """One tensor quantized when it is read: np.asarray gives the blocks (or dense values) that the
-    GGUF writer would store; slicing rows quantizes only those rows (a fused tensor's parts)."""
+    GGUF writer would store, packed() the same blocks where they are fastest made; a slice of rows
+    (a fused tensor's part) is a QuantizedTensor of those rows alone."""
 
-    __slots__ = ("_source", "_qtype", "_path", "shape", "dtype")
+    __slots__ = ("_source", "_qtype", "_path", "_rows", "shape", "dtype")
 
-    def __init__(self, source: TensorSource, qtype: str, path):
+    def __init__(self, source: TensorSource, qtype: str, path, rows: tuple[int, int] | None = None):
         self._source, self._qtype, self._path = source, qtype, path
-        rows, cols = (int(np.prod(source.shape[:-1])), source.shape[-1]) if len(source.shape) > 1 else (1, source.shape[0])
+        n, cols = (int(np.prod(source.shape[:-1])), source.shape[-1]) if len(source.shape) > 1 else (1, source.shape[0])
+        self._rows = rows
+        if rows is not None:
+            n = rows[1] - rows[0]
         if qtype_info(qtype).is_dense:
-            self.shape, self.dtype = tuple(source.shape), _dense_dtype(qtype)
+            self.shape, self.dtype = (n, *source.shape[1:]) if rows else tuple(source.shape), _dense_dtype(qtype)
         else:
-            self.shape, self.dtype = (rows, row_bytes(qtype, cols)), np.dtype(np.uint8)
+            self.shape, self.dtype = (n, row_bytes(qtype, cols)), np.dtype(np.uint8)
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def _error(self, e: ValueError) -> ModelFormatError:
+        return ModelFormatError(f"cannot quantize to {self._qtype}: {e}", path=self._path, tensor=self._source.name)
+
+    def _values(self):
+        data = self._source.data
+        return data if self._rows is None else data[self._rows[0]:self._rows[1]]
 
     def _encode(self, values) -> np.ndarray:
         from ..quant.quantize import quantize
@@ -44,18 +58,34 @@ class QuantizedTensor:
         try:
             out = quantize(x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x, self._qtype)
         except ValueError as e:
-            raise ModelFormatError(f"cannot quantize to {self._qtype}: {e}", path=self._path,
-                                   tensor=self._source.name) from None
+            raise self._error(e) from None
         if qtype_info(self._qtype).is_dense:
             return out.view(_dense_dtype(self._qtype)).reshape(x.shape)
         return out
 
     def __array__(self, dtype=None, copy=None):
-        out = self._encode(self._source.data)
+        out = self._encode(self._values())
         return out if dtype is None else out.astype(dtype, copy=False)
 
-    def __getitem__(self, key) -> np.ndarray:
-        return self._encode(self._source.data[key])
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1) and len(self._source.shape) == 2:
+            start, stop, _ = key.indices(self.shape[0])
+            base = 0 if self._rows is None else self._rows[0]
+            return QuantizedTensor(self._source, self._qtype, self._path, (base + start, base + max(start, stop)))
+        return self._encode(self._values()[key])
+
+    def packed(self):
+        """The blocks as build_params takes them: a jax.Array made on the device where that is faster
+        (a quantized type, a matrix), else np.asarray(self)."""
+        from ..quant.device_quant import faster_on_device, quantize_rows_on_device
+        if qtype_info(self._qtype).is_dense or len(self._source.shape) != 2 or not faster_on_device(self._qtype):
+            return np.asarray(self)
+        data, base = self._source.data, 0 if self._rows is None else self._rows[0]
+        try:
+            return quantize_rows_on_device(lambda a, b: data[base + a:base + b], self.shape[0],
+                                           self._source.shape[1], self._qtype)
+        except ValueError as e:
+            raise self._error(e) from None
 
 
 def _dense_dtype(qtype: str) -> np.dtype:
@@ -85,6 +115,6 @@ def quantized_source(src: ModelSource, quant: str) -> ModelSource:
     for (role, layer), name in role_map.items():
         t = src.tensors[name]
         qtype = plan_qtype(role, layer, tuple(t.shape), quant, c.num_layers, has_output,
-                           tensor=tensor_name(role, "gguf", layer))
+                           tensor=tensor_name(role, "gguf", layer, c.architecture), num_experts=c.num_experts)
         tensors[name] = dataclasses.replace(t, qtype=qtype, data=QuantizedTensor(t, qtype, src.path))
     return dataclasses.replace(src, tensors=tensors)

@@ -21,12 +21,19 @@ class Role:
     gguf: str | None  # '{i}' stands for the layer index; None: the role has no tensor in this format
     hf: str | None
     per_layer: bool
-    kind: str  # 'matrix' (rows=out, cols=in), 'vector', 'embedding'
+    kind: str  # 'matrix' (rows=out, cols=in), 'vector', 'embedding', 'experts' ([experts, out, in])
 
 
 def _g(tensor: T, suffix: str = "weight") -> str:
     """llama.cpp's name of a gguf MODEL_TENSOR (gguf.TENSOR_NAMES), '{bid}' as our '{i}'."""
     return TENSOR_NAMES[tensor].replace("{bid}", "{i}") + "." + suffix
+
+
+def stacked(template: str) -> str:
+    """The name of an experts role's stacked tensor: its per-expert HF template without the expert index
+    (llama.cpp's converter merges the experts under this name before mapping it, so gguf-py's TensorNameMap
+    knows it)."""
+    return template.replace(".{e}", "")
 
 
 def _r(name, gguf, hf, kind="matrix"):
@@ -60,7 +67,15 @@ ROLES: dict[str, Role] = {r.name: r for r in [
     _r("w_up", _g(T.FFN_UP), _L + "mlp.up_proj.weight"),
     _r("w_gate_up", "blk.{i}.ffn_gate_up.weight", _L + "mlp.gate_up_proj.weight"),  # fused gate|up rows
     _r("w_down", _g(T.FFN_DOWN), _L + "mlp.down_proj.weight"),
+    # Mixture of experts. GGUF stacks each layer's experts in one tensor; HF checkpoints hold one tensor per
+    # expert ('{e}'), which formats/experts.py stacks at open under the name `stacked` gives.
+    _r("router", _g(T.FFN_GATE_INP), _L + "block_sparse_moe.gate.weight"),
+    _r("experts_gate", _g(T.FFN_GATE_EXP), _L + "block_sparse_moe.experts.{e}.w1.weight", "experts"),
+    _r("experts_up", _g(T.FFN_UP_EXP), _L + "block_sparse_moe.experts.{e}.w3.weight", "experts"),
+    _r("experts_down", _g(T.FFN_DOWN_EXP), _L + "block_sparse_moe.experts.{e}.w2.weight", "experts"),
 ]}
+EXPERT_ROLES = ("experts_gate", "experts_up", "experts_down")
+MOE_ROLES = ("router",) + EXPERT_ROLES
 
 GLOBAL_ROLES = tuple(n for n, r in ROLES.items() if not r.per_layer)
 LAYER_ROLES = tuple(n for n, r in ROLES.items() if r.per_layer)
@@ -82,6 +97,9 @@ ARCH_ROLES: dict[str, tuple[str, ...]] = {
              "wv", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down"),
     "gemma2": _GEMMA2,
     "gemma3": _GEMMA2 + ("q_norm", "k_norm"),
+    "mixtral": ("embed", "final_norm", "lm_head", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm") + MOE_ROLES,
+    "qwen3moe": ("embed", "final_norm", "lm_head", "attn_norm", "wq", "wk", "wv", "wo", "q_norm", "k_norm",
+                 "ffn_norm") + MOE_ROLES,
 }
 _GEMMA_HF = {"ffn_norm": dict(hf=_L + "pre_feedforward_layernorm.weight")}
 _OVERRIDES: dict[str, dict[str, dict]] = {
@@ -89,6 +107,9 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
     "gemma2": {**_GEMMA_HF, "lm_head": dict(gguf=None)}, "gemma3": _GEMMA_HF,
     # llama.cpp keeps Phi-3's fused gate|up as ffn_up (2 * n_ff rows) and has no ffn_gate
     "phi3": {"w_gate_up": dict(gguf=_g(T.FFN_UP))},
+    "qwen3moe": {"router": dict(hf=_L + "mlp.gate.weight"),
+                 **{r: dict(hf=_L + f"mlp.experts.{{e}}.{p}_proj.weight")
+                    for r, p in (("experts_gate", "gate"), ("experts_up", "up"), ("experts_down", "down"))}},
 }
 # The norms of a block, by architecture: pre-norms (llama), post-norms only (olmo2), both (gemma).
 LAYER_NORMS = {"olmo2": ("post_attn_norm", "post_ffn_norm"),
@@ -108,7 +129,7 @@ def roles_of(arch: str) -> dict[str, Role]:
 
 # GGUF's llama converter permutes wq/wk rows so that ggml's "normal" RoPE (adjacent pairs) is right.
 # Our model uses the HF "halves" (NEOX) RoPE everywhere, so the weights builder undoes it for these.
-GGUF_QK_PERMUTED_ARCHS = frozenset({"llama", "mistral"})
+GGUF_QK_PERMUTED_ARCHS = frozenset({"llama", "mistral", "mixtral"})
 
 # HF `model_type` / GGUF `general.architecture` -> our architecture name.
 ARCH_ALIASES = {
@@ -120,6 +141,8 @@ ARCH_ALIASES = {
     "phi3": "phi3", "Phi3ForCausalLM": "phi3",
     "gemma2": "gemma2", "Gemma2ForCausalLM": "gemma2",
     "gemma3": "gemma3", "gemma3_text": "gemma3", "Gemma3ForCausalLM": "gemma3",
+    "mixtral": "mixtral", "MixtralForCausalLM": "mixtral",   # GGUF: 'llama' with expert_count (gguf_file.py)
+    "qwen3moe": "qwen3moe", "qwen3_moe": "qwen3moe", "Qwen3MoeForCausalLM": "qwen3moe",
 }
 
 
@@ -135,7 +158,8 @@ def required_layer_roles(config: ModelConfig) -> tuple[str, ...]:
     """Per-layer roles the model needs (after fused roles are split)."""
     norms = LAYER_NORMS.get(config.architecture, ("attn_norm", "ffn_norm"))
     roles = [n for n in norms if n in ("attn_norm", "post_attn_norm")] + ["wq", "wk", "wv", "wo"]
-    roles += [n for n in norms if n in ("ffn_norm", "post_ffn_norm")] + ["w_gate", "w_up", "w_down"]
+    roles += [n for n in norms if n in ("ffn_norm", "post_ffn_norm")]
+    roles += list(MOE_ROLES) if config.moe else ["w_gate", "w_up", "w_down"]
     if config.qkv_bias:
         roles += ["bq", "bk", "bv"]
     if config.qk_norm:
@@ -173,6 +197,10 @@ def expected_shape(role: str, config: ModelConfig) -> tuple[int, ...]:
         "w_gate_up": (2 * c.intermediate_size, c.hidden_size),
         "w_down": (c.hidden_size, c.intermediate_size),
     }
+    if c.moe:
+        e, f = c.num_experts, c.expert_ffn
+        shapes.update(router=(e, c.hidden_size), experts_gate=(e, f, c.hidden_size), experts_up=(e, f, c.hidden_size),
+                      experts_down=(e, c.hidden_size, f))
     return shapes[role]
 
 
@@ -183,7 +211,14 @@ def tensor_name(role: str, fmt: str, layer: int | None = None, arch: str = "llam
     template = None if r is None else r.gguf if fmt == "gguf" else r.hf
     if template is None:
         return None
+    template = stacked(template)
     return template.format(i=layer) if r.per_layer else template
+
+
+def expert_tensor_name(role: str, layer: int, expert: int, arch: str) -> str | None:
+    """The HF name of one expert's tensor of an experts role (None where the architecture has no such role)."""
+    r = roles_of(arch).get(role)
+    return None if r is None or r.hf is None else r.hf.format(i=layer, e=expert)
 
 
 def name_to_role(fmt: str, num_layers: int, arch: str = "llama") -> dict[str, tuple[str, int | None]]:

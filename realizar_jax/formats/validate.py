@@ -9,7 +9,8 @@ from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, U
 from ..quant.types import qtype_info
 from functools import lru_cache
 
-from .roles import FUSED, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, tensor_name
+from .roles import (FUSED, MOE_ROLES, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, stacked,
+                    tensor_name)
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
 
@@ -26,6 +27,7 @@ def _name_tables(fmt: str, arch: str = "llama"):
         template = role.gguf if fmt == "gguf" else role.hf
         if template is None:
             continue
+        template = stacked(template)   # HF experts: the stacked tensor formats/experts.py made
         if role.per_layer:
             prefix, suffix = template.split("{i}")
             layer_names.setdefault(prefix, {})[suffix] = role.name
@@ -116,6 +118,9 @@ def validate_roles(source) -> dict[RoleKey, str]:
     for (role, layer), name in found.items():
         t = source.tensors[name]
         want = expected_shape(role, config)
+        if role in MOE_ROLES and (len(t.shape) != len(want) or t.shape[0] != want[0]):
+            raise ShapeMismatchError(f"shape {list(t.shape)} holds {t.shape[0] if t.shape else 0} experts but the "
+                                     f"config says {want[0]} (expected {list(want)})", path=path, tensor=name)
         if tuple(t.shape) != want:
             raise ShapeMismatchError(f"shape {list(t.shape)} but the config needs {list(want)} for role {role}",
                                      path=path, tensor=name)

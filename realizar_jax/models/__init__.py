@@ -18,10 +18,11 @@ from ..ops.attention import DecodeAttention, ExtendAttention, PrefillAttention, 
 from ..ops.fused import Stream
 from ..ops.routes import KernelConfig, using
 from ..weights import Params
-from . import gemma, llama, olmo2
+from . import gemma, llama, moe, olmo2
 
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
-                                   "olmo2": olmo2, "phi3": llama, "gemma2": gemma, "gemma3": gemma}
+                                   "olmo2": olmo2, "phi3": llama, "gemma2": gemma, "gemma3": gemma,
+                                   "mixtral": moe, "qwen3moe": moe}
 
 
 def family(config: ModelConfig) -> ModuleType:

@@ -8,6 +8,9 @@ the products are exact in float32. An f16 scale has 11 significant bits, a sub-b
 most 7, a quant at most 5 (IQ4 grid values 7), so d*sc*q has at most 24 bits (IQ4_XS: 11+6+7)
 and is computed without rounding in any order. The only rounding is the final add/subtract of a
 min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), which an FMA performs identically when its product is exact.
+MXFP4 does no float arithmetic at all: its values are powers of two times 1 or 1.5, so their
+float32 bits are assembled from integers (XLA's CPU flushes subnormal operands and results to
+zero, and the smallest E8M0 scales are subnormal; gguf-py's numpy keeps them).
 """
 from __future__ import annotations
 
@@ -183,6 +186,27 @@ def dequant_iq4_xs(b):
     dl = (d * scale.astype(jnp.float32))[..., None]                 # [..., 8, 1]
     q = _shifts(_split_groups(b[..., 8:136], 16), (0, 4), -2) & 0xF  # [..., 8, 2, 16]
     return (dl * _lut(q.reshape(*lead, 8, 32), _IQ4_GRID)).reshape(*lead, 256)
+
+
+def dequant_mxfp4(b):
+    """MXFP4 (OCP microscaling, as ggml stores it): byte 0 an E8M0 exponent e, bytes 1..16 the 32 E2M1
+    codes, low nibbles values 0..15 and high nibbles 16..31. ggml's grid doubles E2M1 (0, 1, 2, 3, 4,
+    6, 8, 12) and halves the scale, so a value is +-(1 or 1.5) * 2^(e - 128 + p): its float32 exponent
+    field is e - 1 + p. Every e is decoded (255 included, which the OCP spec calls NaN and gguf-py
+    reads as 2^127); results beyond float32 are +-inf, below its normal range subnormal, as gguf-py's
+    float32 product gives them exactly."""
+    u32 = jnp.uint32
+    e = b[..., 0:1].astype(jnp.int32)                                # [..., nb, 1]
+    code = _nibbles_lohi(b[..., 1:17]).astype(u32)                   # [..., nb, 32]
+    mag, sign = code & 7, (code >> 3) << 31                         # E2M1: sign | 2 exponent bits | 1 mantissa bit
+    p = (mag >> 1).astype(jnp.int32)                                # doubled values 1,2|3,4|6,8|12: p 0,1,1,2,2,3,3
+    half = (mag & 1) & (mag > 1).astype(u32)                        # x1.5 (code 1 is E2M1's subnormal 0.5, doubled)
+    ex = e - 1 + p                                                  # float32 biased exponent, -1 .. 257
+    normal = (jnp.clip(ex, 1, 254).astype(u32) << 23) | (half << 22)
+    subnormal = (2 + half) << jnp.clip(ex + 21, 0, 21).astype(u32)  # ex 0 / -1: (1 or 1.5) * 2^(ex + 22) * 2^-149
+    bits = jnp.where(ex >= 255, u32(0x7F800000), jnp.where(ex >= 1, normal, subnormal)) | sign
+    bits = jnp.where(mag == 0, u32(0), bits)                        # both zero codes decode to +0, as in gguf-py
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _dense_u16(b):

@@ -30,14 +30,14 @@ def dequantize_blocks(data, qtype: str, dtype=jnp.float32) -> jax.Array:
 
 
 def _check_qtensor(q: QTensor) -> None:
-    rows, cols = q.shape
-    want = (rows, row_bytes(q.qtype, cols))
+    *lead, cols = q.shape
+    want = (*lead, row_bytes(q.qtype, cols))
     if tuple(q.data.shape) != want:
         raise ValueError(f"{q!r}: data has shape {tuple(q.data.shape)}, expected {want} for {q.qtype}")
 
 
 def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
-    """The whole QTensor as a dense [rows, cols] array of `dtype`."""
+    """The whole QTensor as a dense [rows, cols] (or [experts, rows, cols]) array of `dtype`."""
     _check_qtensor(q)
     return dequantize_blocks(q.data, q.qtype, dtype)
 

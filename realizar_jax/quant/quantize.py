@@ -24,13 +24,20 @@ def quantize(array, qtype: str) -> np.ndarray:
     if x.ndim < 1:
         raise ValueError("quantize needs at least one axis")
     nbytes = row_bytes(q.name, x.shape[-1])
-    if not np.isfinite(x).all():
-        raise ValueError(f"cannot quantize non-finite values to {q.name}")
-    if q.f16_offsets and x.size and np.abs(x).max() > _F16_MAX:
-        raise ValueError(f"values beyond +-{_F16_MAX} do not fit the f16 fields of {q.name}")
+    if x.size:
+        check_values(float(np.abs(x).max()), q.name)
     lead = x.shape[:-1]
     out = q.quantize(x.reshape(math.prod(lead), x.shape[-1]))
     return np.ascontiguousarray(out).reshape(*lead, nbytes)
+
+
+def check_values(amax: float, qtype: str) -> None:
+    """ValueError unless the largest magnitude `amax` of the values (NaN or inf when any is) fits `qtype`."""
+    q = qtype_info(qtype)
+    if not math.isfinite(amax):
+        raise ValueError(f"cannot quantize non-finite values to {q.name}")
+    if q.f16_offsets and amax > _F16_MAX:
+        raise ValueError(f"values beyond +-{_F16_MAX} do not fit the f16 fields of {q.name}")
 
 
 def quantize_qtensor(array, qtype: str):

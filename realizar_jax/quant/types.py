@@ -1,8 +1,8 @@
 """The quantization types realizar-jax reads, spelled as gguf spells them ('Q4_K', 'F16', ...): one
 QType per type in one table, QTYPES. Block geometry comes from gguf-py's GGML_QUANT_SIZES, so it
 cannot drift from the file format: a row of `cols` values is `cols // block_size` blocks of
-`type_size` bytes each. A new type is one entry below (its jnp decoder in dequant.py, its numpy
-encoder in quantize.py if we write it); a type the GPU kernels read also gets a GpuLayout in
+`type_size` bytes each. A new type is one entry below (its jnp decoder in decoders.py, its
+encoder in encoders.py if we write it); a type the GPU kernels read also gets a GpuLayout in
 kernels/layout.py.
 """
 from __future__ import annotations
@@ -12,31 +12,35 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
-from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
 from ..errors import UnsupportedQuantError
-from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k,
+from .decoders import (dequant_bf16, dequant_f16, dequant_f32, dequant_iq4_nl, dequant_iq4_xs, dequant_mxfp4, dequant_q2_k,
                       dequant_q3_k, dequant_q4_0, dequant_q4_1, dequant_q4_k, dequant_q5_0, dequant_q5_1,
                       dequant_q5_k, dequant_q6_k, dequant_q8_0)
-from .encoders import quantize_dense, quantize_q4_k, quantize_q5_k, quantize_q6_k
+from .encoders import ENCODERS, HOST_ONLY, host_encoder
 
 
 @dataclass(frozen=True)
 class QType:
     name: str                     # gguf spelling
     dequant: Callable             # jnp: uint8 [..., nb, type_size] -> float32 [..., nb, block_size] (or [..., nb])
-    quantize: Callable | None     # numpy: float32 [N, cols] -> uint8 bytes of N rows; None: read-only
     f16_offsets: tuple[int, ...]  # byte offsets of the block's f16 fields (F16: the value itself)
     dtype: type | None = None     # dense types: the numpy dtype of one value
-    random_scale: tuple[float, float] | None = None   # synth.py: f16 scales that give weights ~1e-2
+    random_scale: tuple[float, float] | None = None   # synth.py: scales that give weights ~1e-2
+    e8m0_offsets: tuple[int, ...] = ()   # byte offsets of E8M0 exponent fields (scale 2^(e - 128) in ggml's MXFP4)
     block_size: int = field(init=False)   # values per block
     type_size: int = field(init=False)    # bytes per block
+    # numpy: float32 [N, cols] -> uint8 [N, row_bytes] (encoders.ENCODERS; the device runs the same
+    # code, device_quant.py); None: read-only
+    quantize: Callable | None = field(init=False)
 
     def __post_init__(self):
         bs, ts = GGML_QUANT_SIZES[GT[self.name]]
         object.__setattr__(self, "block_size", bs)
         object.__setattr__(self, "type_size", ts)
+        quantize = host_encoder(self.name, bs, ts) if self.name in ENCODERS else HOST_ONLY.get(self.name)
+        object.__setattr__(self, "quantize", quantize)
 
     @property
     def is_dense(self) -> bool:
@@ -48,21 +52,22 @@ class QType:
 
 
 QTYPES: dict[str, QType] = {q.name: q for q in (
-    QType("F32", dequant_f32, quantize_dense(np.float32), (), np.float32),
-    QType("F16", dequant_f16, quantize_dense(np.float16), (0,), np.float16),
-    QType("BF16", dequant_bf16, quantize_dense(ml_dtypes.bfloat16), (), ml_dtypes.bfloat16),
-    QType("Q4_0", dequant_q4_0, lambda x: gq.quantize(x, GT.Q4_0), (0,), random_scale=(2e-3, 4e-3)),
-    QType("Q4_1", dequant_q4_1, lambda x: gq.quantize(x, GT.Q4_1), (0, 2)),
-    QType("Q5_0", dequant_q5_0, lambda x: gq.quantize(x, GT.Q5_0), (0,)),
-    QType("Q5_1", dequant_q5_1, lambda x: gq.quantize(x, GT.Q5_1), (0, 2)),
-    QType("Q8_0", dequant_q8_0, lambda x: gq.quantize(x, GT.Q8_0), (0,), random_scale=(2e-4, 4e-4)),
-    QType("Q2_K", dequant_q2_k, None, (80, 82)),
-    QType("Q3_K", dequant_q3_k, None, (108,)),
-    QType("Q4_K", dequant_q4_k, quantize_q4_k, (0, 2), random_scale=(5e-5, 1.5e-4)),
-    QType("Q5_K", dequant_q5_k, quantize_q5_k, (0, 2), random_scale=(3e-5, 8e-5)),
-    QType("Q6_K", dequant_q6_k, quantize_q6_k, (208,), random_scale=(1e-5, 3e-5)),
-    QType("IQ4_NL", dequant_iq4_nl, None, (0,)),
-    QType("IQ4_XS", dequant_iq4_xs, None, (0,)),
+    QType("F32", dequant_f32, (), np.float32),
+    QType("F16", dequant_f16, (0,), np.float16),
+    QType("BF16", dequant_bf16, (), ml_dtypes.bfloat16),
+    QType("Q4_0", dequant_q4_0, (0,), random_scale=(2e-3, 4e-3)),
+    QType("Q4_1", dequant_q4_1, (0, 2)),
+    QType("Q5_0", dequant_q5_0, (0,)),
+    QType("Q5_1", dequant_q5_1, (0, 2)),
+    QType("Q8_0", dequant_q8_0, (0,), random_scale=(2e-4, 4e-4)),
+    QType("Q2_K", dequant_q2_k, (80, 82)),
+    QType("Q3_K", dequant_q3_k, (108,)),
+    QType("Q4_K", dequant_q4_k, (0, 2), random_scale=(5e-5, 1.5e-4)),
+    QType("Q5_K", dequant_q5_k, (0, 2), random_scale=(3e-5, 8e-5)),
+    QType("Q6_K", dequant_q6_k, (208,), random_scale=(1e-5, 3e-5)),
+    QType("IQ4_NL", dequant_iq4_nl, (0,)),
+    QType("IQ4_XS", dequant_iq4_xs, (0,)),
+    QType("MXFP4", dequant_mxfp4, (), random_scale=(2.0 ** -9, 2.0 ** -8), e8m0_offsets=(0,)),
 )}
 
 DENSE_QTYPES: tuple[str, ...] = tuple(n for n, q in QTYPES.items() if q.is_dense)
