@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qmatmul_probe import CFG, REPEATS, timed
+from realizar_jax.cli.bench import _bandwidth
 from realizar_jax.cli.synth import random_blocks
 from realizar_jax.kernels import GpuQTensor, repack_blocks
 from realizar_jax.kernels.gemv import gemv
@@ -58,34 +58,19 @@ def pallas_sum(a, programs=1056, cols=2048):
 
 
 def bandwidths():
-    n = (4 << 30) // 2
-    a = jnp.ones((n,), jnp.bfloat16)
+    """Read-bandwidth candidates over 4 GiB of bf16, timed as bench times its ceilings."""
     cands = {
-        "sum_all": lambda a: jnp.sum(a, dtype=jnp.float32),
-        "sum_rows4096": lambda a: a.reshape(-1, 4096).astype(jnp.float32).sum(axis=1).sum(),
-        "max_rows8192": lambda a: a.reshape(-1, 8192).max(axis=1).astype(jnp.float32).sum(),
-        "sum_u32_rows": lambda a: jax.lax.bitcast_convert_type(a.reshape(-1, 2048, 2), jnp.uint32).sum(axis=1, dtype=jnp.uint32).sum(),
-        "copy_a+1(rw)": lambda a: a + 1,
+        "sum_all": (lambda a: jnp.sum(a, dtype=jnp.float32), 2),
+        "sum_rows4096": (lambda a: a.reshape(-1, 4096).astype(jnp.float32).sum(axis=1).sum(), 2),
+        "max_rows8192": (lambda a: a.reshape(-1, 8192).max(axis=1).astype(jnp.float32).sum(), 2),
+        "sum_u32_rows": (lambda a: jax.lax.bitcast_convert_type(a.reshape(-1, 2048, 2), jnp.uint32)
+                         .sum(axis=1, dtype=jnp.uint32).sum(), 2),
+        "copy_a+1(rw)": (lambda a: a + 1, 4),
+        **{f"pallas_sum({p},{c})": (functools.partial(pallas_sum, programs=p, cols=c), 2)
+           for p, c in ((1056, 2048), (528, 4096), (2112, 1024))},
     }
-    for name, op in cands.items():
-        f = jax.jit(op)
-        jax.block_until_ready(f(a))
-        ts = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(f(a))
-            ts.append(time.perf_counter() - t)
-        moved = 2 * n * (2 if "rw" in name else 1)
-        print(f"bandwidth {name:16s} {moved / np.median(ts) / 1e9:7.0f} GB/s", flush=True)
-    for programs, cols in ((1056, 2048), (528, 4096), (2112, 1024)):
-        f = jax.jit(functools.partial(pallas_sum, programs=programs, cols=cols))
-        jax.block_until_ready(f(a))
-        ts = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(f(a))
-            ts.append(time.perf_counter() - t)
-        print(f"bandwidth pallas_sum({programs},{cols}) {2 * n / np.median(ts) / 1e9:7.0f} GB/s", flush=True)
+    for name, (op, bytes_per_element) in cands.items():
+        print(f"bandwidth {name:22s} {_bandwidth(4.0, op, bytes_per_element):7.0f} GB/s", flush=True)
 
 
 def sweep():

@@ -83,3 +83,13 @@ def params_from_hf(model, config: ModelConfig, dtype=jnp.float32) -> Params:
 def hf_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def max_rel(ours, ref) -> float:
+    """max |ours - ref| over max |ref|: logits parity against a reference."""
+    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """n token ids in [3, vocab) (clear of the usual special ids), fresh per seed."""
+    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]

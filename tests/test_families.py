@@ -38,6 +38,7 @@ from realizar_jax.quant.quantize import quantize
 from realizar_jax.weights import build_params
 
 from fixtures import FAMILY_VARIANTS, VARIANTS
+from model_helpers import hf_logits, max_rel, random_ids
 
 LONG = {"phi3_longrope", "phi4_mini"}   # loaded for a context of 64 > their original 16: long factors
 PROMPT = 21
@@ -58,19 +59,6 @@ def _hf_model(folder, **config_changes):
                                                              attn_implementation="eager").eval()
 
 
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
-
-
-def _rel(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
-
-
-def _ids(n, vocab, seed):
-    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
-
-
 def _load(folder, variant, **kw):
     return rj.load(folder, dtype="float32", max_seq_len=64 if variant in LONG else None, **kw)
 
@@ -82,8 +70,8 @@ def test_logits_equal_transformers(model_files, variant):
     """Every position of a 21-token prompt (Model.logits, the jitted prefill) against transformers."""
     folder = model_files.hf(variant)
     m = _load(folder, variant)
-    ids = _ids(PROMPT, m.config.vocab_size, 1)
-    assert _rel(m.logits(ids), _hf_logits(_hf_model(folder), ids)) <= 1e-4
+    ids = random_ids(PROMPT, m.config.vocab_size, 1)
+    assert max_rel(m.logits(ids), hf_logits(_hf_model(folder), ids)) <= 1e-4
 
 
 # gemma3: windows, the local RoPE table and q/k norms in extend and decode (the others: -m slow)
@@ -97,19 +85,19 @@ def test_prefill_extend_decode_equal_transformers(model_files, variant):
     each step's logits against transformers' at that position."""
     folder = model_files.hf(variant)
     m = _load(folder, variant)
-    ids = _ids(PROMPT, m.config.vocab_size, 1)
-    ref = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(PROMPT, m.config.vocab_size, 1)
+    ref = hf_logits(_hf_model(folder), ids)
     static = dict(config=m.config, dtype=jnp.float32)
     tokens = jnp.asarray([ids], jnp.int32)
     cache = init_cache(m.config, 1, 32, jnp.float32)
     _, cache = jax.jit(partial(models.prefill, **static))(m.params, cache, tokens[:, :8], jnp.asarray([8]))
     logits, cache = jax.jit(partial(models.extend, **static))(m.params, cache, tokens[:, 8:16], jnp.asarray([8]),
                                                               jnp.asarray([8]))
-    assert _rel(logits[0], ref[15]) <= 1e-4
+    assert max_rel(logits[0], ref[15]) <= 1e-4
     decode = jax.jit(partial(models.decode_logits, **static))
     for pos in range(16, PROMPT):
         logits, cache = decode(m.params, cache, tokens[:, pos])
-        assert _rel(logits[0], ref[pos]) <= 1e-4, pos
+        assert max_rel(logits[0], ref[pos]) <= 1e-4, pos
     assert int(cache.lengths[0]) == PROMPT
 
 
@@ -118,16 +106,16 @@ def test_longrope_short_factors_within_the_original_context(model_files):
     does for sequences that fit; loaded for 64 it uses the long ones, as test_logits_equal_transformers checks
     on a 21-token prompt, and as llama.cpp picks them by the context size)."""
     folder = model_files.hf("phi3_longrope")
-    ids = _ids(11, 700, 2)
-    assert _rel(rj.load(folder, dtype="float32", max_seq_len=16).logits(ids), _hf_logits(_hf_model(folder), ids)) <= 1e-4
+    ids = random_ids(11, 700, 2)
+    assert max_rel(rj.load(folder, dtype="float32", max_seq_len=16).logits(ids), hf_logits(_hf_model(folder), ids)) <= 1e-4
 
 
 def test_bf16_checkpoint_equals_transformers(model_files):
     """A bfloat16 Gemma 2 checkpoint (norms stored as w of 1 + w) loaded in float32, against transformers'
     float32 reading of the same file."""
     folder = model_files.hf("gemma2", dtype="bfloat16")
-    ids = _ids(PROMPT, 700, 3)
-    assert _rel(rj.load(folder, dtype="float32").logits(ids), _hf_logits(_hf_model(folder), ids)) <= 1e-4
+    ids = random_ids(PROMPT, 700, 3)
+    assert max_rel(rj.load(folder, dtype="float32").logits(ids), hf_logits(_hf_model(folder), ids)) <= 1e-4
 
 
 ENGINE_SLOW = [pytest.param(v, True, marks=pytest.mark.slow) for v in FAMILY_VARIANTS]
@@ -143,9 +131,9 @@ def test_engine_greedy_tokens_equal_transformers_generate(model_files, variant, 
     m = _load(folder, variant)
     hf = _hf_model(folder)
     hf.generation_config.eos_token_id = None   # ours ignore EOS: both run the full length
-    prompts = [_ids(PROMPT, m.config.vocab_size, 5)]
+    prompts = [random_ids(PROMPT, m.config.vocab_size, 5)]
     if batched:
-        prompts.append(_ids(17 if variant in LONG else 12, m.config.vocab_size, 4))
+        prompts.append(random_ids(17 if variant in LONG else 12, m.config.vocab_size, 4))
     with m.engine(max_slots=len(prompts), prefill_chunk=16 if variant not in LONG else 32, decode_chunk=2) as e:
         handles = [e.submit(p, max_tokens=6, ignore_eos=True) for p in prompts]
         got = [list(h.result(timeout=600).choices[0].token_ids) for h in handles]
@@ -171,10 +159,10 @@ FEATURES_OFF = {
 @pytest.mark.parametrize("variant", sorted(FEATURES_OFF))
 def test_fixture_features_bite(model_files, variant):
     folder = model_files.hf(variant)
-    ids = _ids(PROMPT, 700, 1)
-    on = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(PROMPT, 700, 1)
+    on = hf_logits(_hf_model(folder), ids)
     for what, change in FEATURES_OFF[variant].items():
-        assert _rel(_hf_logits(_hf_model(folder, **change), ids), on) > 1e-3, what
+        assert max_rel(hf_logits(_hf_model(folder, **change), ids), on) > 1e-3, what
 
 
 def test_configs_from_config_json(model_files):

@@ -40,6 +40,7 @@ from realizar_jax.quant.quantize import quantize
 from realizar_jax.weights import build_params
 
 from fixtures import VARIANTS
+from model_helpers import hf_logits, max_rel, random_ids
 
 PROMPT = 21
 slow = partial(pytest.param, marks=pytest.mark.slow)   # -m slow: the rest of the grid
@@ -55,19 +56,6 @@ def _hf_model(folder, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
 
 
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].double().numpy()
-
-
-def _rel(ours, ref):
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
-
-
-def _ids(n, vocab, seed):
-    return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
-
-
 # ---- against transformers -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3moe", slow("qwen3moe_raw")])
@@ -76,11 +64,11 @@ def test_logits_equal_transformers_and_tokens_pick_different_experts(model_files
     expert sets, and at least half the experts are chosen by some token."""
     folder = model_files.hf(variant)
     m = rj.load(folder, dtype="float32")
-    ids = _ids(PROMPT, m.config.vocab_size, 1)
+    ids = random_ids(PROMPT, m.config.vocab_size, 1)
     hf = _hf_model(folder)
     with torch.no_grad():
         out = hf(torch.tensor([ids]), output_router_logits=True)
-    assert _rel(m.logits(ids), out.logits[0].double().numpy()) <= 1e-4
+    assert max_rel(m.logits(ids), out.logits[0].double().numpy()) <= 1e-4
     k = m.config.experts_per_token
     for layer in out.router_logits:
         chosen = torch.topk(layer.float().softmax(-1), k, dim=-1).indices
@@ -94,11 +82,11 @@ def test_bf16_checkpoint(model_files, variant):
     own bfloat16 run is (a token whose two best experts are near a tie may swap one in bfloat16, in either
     engine, so a fixed bound would test luck)."""
     folder = model_files.hf(variant, dtype="bfloat16")
-    ids = _ids(PROMPT, 700, 3)
-    ref = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(PROMPT, 700, 3)
+    ref = hf_logits(_hf_model(folder), ids)
     err = lambda x: np.linalg.norm(x - ref) / np.linalg.norm(ref)   # noqa: E731
     ours = err(np.asarray(rj.load(folder, dtype="bfloat16").logits(ids), np.float64))
-    theirs = err(_hf_logits(_hf_model(folder, torch.bfloat16), ids))
+    theirs = err(hf_logits(_hf_model(folder, torch.bfloat16), ids))
     assert ours <= max(1.5 * theirs, 2e-2), (ours, theirs)
 
 
@@ -108,19 +96,19 @@ def test_prefill_decode_equal_the_whole_prompt(model_files, variant):
     whole prompt's prefill at each position, and transformers."""
     folder = model_files.hf(variant)
     m = rj.load(folder, dtype="float32")
-    ids = _ids(PROMPT, m.config.vocab_size, 1)
-    ref = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(PROMPT, m.config.vocab_size, 1)
+    ref = hf_logits(_hf_model(folder), ids)
     whole = np.asarray(m.logits(ids), np.float64)
-    assert _rel(whole, ref) <= 1e-4
+    assert max_rel(whole, ref) <= 1e-4
     static = dict(config=m.config, dtype=jnp.float32)
     tokens = jnp.asarray([ids], jnp.int32)
     cache = init_cache(m.config, 1, 32, jnp.float32)
     logits, cache = jax.jit(partial(models.prefill, **static))(m.params, cache, tokens[:, :16], jnp.asarray([16]))
-    assert _rel(logits[0], whole[15]) <= 1e-5
+    assert max_rel(logits[0], whole[15]) <= 1e-5
     decode = jax.jit(partial(models.decode_logits, **static))
     for pos in range(16, PROMPT):
         logits, cache = decode(m.params, cache, tokens[:, pos])
-        assert _rel(logits[0], whole[pos]) <= 1e-5, pos
+        assert max_rel(logits[0], whole[pos]) <= 1e-5, pos
 
 
 @pytest.mark.slow
@@ -128,7 +116,7 @@ def test_generate_greedy_equals_transformers(model_files):
     """generate() (prefill, then decode steps) gives transformers' greedy tokens (up to an EOS of ours)."""
     folder = model_files.hf("mixtral")
     m = rj.load(folder, dtype="float32")
-    ids = _ids(12, m.config.vocab_size, 5)
+    ids = random_ids(12, m.config.vocab_size, 5)
     hf = _hf_model(folder)
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
@@ -296,11 +284,11 @@ def test_gguf_logits_equal_dequantized_reference(model_files, variant, quant):
         assert {q for n, (q, d) in types.items() if "_exps" in n} == {"MXFP4"}
         assert {q for n, (q, d) in types.items() if d == 2 and "_exps" not in n and "gate_inp" not in n} == {"Q8_0"}
         assert {q for n, (q, d) in types.items() if "gate_inp" in n} == {"F32"}
-    ids = _ids(PROMPT, packed.config.vocab_size, 4)
-    ref = _hf_logits(_reference_from_gguf(path, model_files.hf(variant)), ids)
+    ids = random_ids(PROMPT, packed.config.vocab_size, 4)
+    ref = hf_logits(_reference_from_gguf(path, model_files.hf(variant)), ids)
     ours = packed.logits(ids)
-    assert _rel(ours, ref) <= 1e-4
-    assert _rel(rj.load(path, dtype="float32").logits(ids), np.asarray(ours, np.float64)) <= 1e-5
+    assert max_rel(ours, ref) <= 1e-4
+    assert max_rel(rj.load(path, dtype="float32").logits(ids), np.asarray(ours, np.float64)) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3moe"])
@@ -403,7 +391,7 @@ def test_gpu_logits_match_cpu_float32(model_files, tmp_path, variant, quant):
     path = model_files.gguf(variant, quant)
     m = rj.load(path, dtype="bfloat16", max_seq_len=128)
     assert m.kernels.pallas
-    ids = _ids(40, m.config.vocab_size, 11)
+    ids = random_ids(40, m.config.vocab_size, 11)
     ref = _cpu_logits(path, ids, tmp_path / "ref.npy")
     got = np.asarray(m.logits(ids), np.float64)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 4e-2

@@ -1,4 +1,5 @@
-"""Command line: realizar-jax generate | perplexity | inspect | convert | bench | bench-serve | serve | cache.
+"""Command line: realizar-jax generate | perplexity | inspect | convert | bench | bench-serve | serve | cache |
+gpu-compile.
 
 Every failure the user can cause (missing file, damaged model, bad argument) ends in one line on
 stderr, `realizar-jax CMD: error: ...`, and exit code 2 (command line) or 1 (while running).
@@ -13,7 +14,7 @@ from .. import __version__, default_model_path
 from .parser import DTYPES, QUANT_CHOICES, Parser, positive_int, run
 
 DEFAULT_MODEL = default_model_path()
-DELEGATED = ("inspect", "convert", "bench", "bench-serve", "serve", "cache")  # own parser in cli/NAME.py (a dash there: _)
+DELEGATED = ("inspect", "convert", "bench", "bench-serve", "serve", "cache", "gpu-compile")  # own parser in cli/NAME.py (a dash there: _)
 
 
 def _resolve_model(path: str | None) -> Path:
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("bench", "benchmark load/compile/prefill/decode on random-weight GGUFs"),
                            ("bench-serve", "load an OpenAI-compatible server with concurrent streaming clients"),
                            ("serve", "serve a model over an OpenAI-compatible HTTP API (completions, chat)"),
-                           ("cache", "the persistent compilation cache: info (directory, entries, size) | clear")]:
+                           ("cache", "the persistent compilation cache: info (directory, entries, size) | clear"),
+                           ("gpu-compile", "compile the GPU kernels for an NVIDIA GPU on this machine (no GPU): "
+                            "registers, spills, machine code")]:
         s = sub.add_parser(name, help=helptext, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(func=_delegate(name))
