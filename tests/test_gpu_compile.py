@@ -69,14 +69,15 @@ def test_abstract_params_are_the_gpu_layouts_without_weights():
 
 
 @pytest.mark.parametrize("rows, kernels", [(1, ("gemv_", "decode_attention")), (8, ("qmatmul_", "decode_attention"))])
+# (names contain these: the attention kernel over a page pool is paged_decode_attention_update)
 def test_decode_lowers_for_the_gpu_on_a_cpu(rows, kernels):
     config = SHAPES["tiny"]
     lowered = og.lower_decode(og.abstract_params(config, "q4_k_m"), config, slots=rows, max_seq_len=64,
                               kernels=GPU)
     calls = og.triton_calls(lowered)
     names = {c.name for c in calls}
-    for prefix in kernels:
-        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    for part in kernels:
+        assert any(part in n for n in names), (part, names)
     assert all(c.ir and c.num_warps in (1, 2, 4, 8, 16) and min(c.grid) >= 1 for c in calls)
     # the layers' identical kernels are one entry each: fewer entries than launches per step
     launches = str(lowered.as_text()).count(og.TRITON_TARGET)
