@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", "mixtral",
-                           "qwen3moe")
-MOE_ARCHITECTURES = ("mixtral", "qwen3moe")   # every layer's MLP is a routed mixture of experts
+                           "qwen3moe", "gptoss")
+MOE_ARCHITECTURES = ("mixtral", "qwen3moe", "gptoss")   # every layer's MLP is a routed mixture of experts
+MOE_ROUTERS = ("softmax_topk", "topk_softmax")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**24  # bound on every size and on the context length: far above any real model, far below overflow
 
@@ -49,11 +50,28 @@ def _size(obj, field: str, prefix: str = "") -> None:
         raise ConfigValueError(prefix + field, value, f"must be an integer in 1..{MAX_SIZE}")
 
 
+def yarn_attention_factor(factor, mscale=None, mscale_all_dim=None) -> float:
+    """YaRN's default attention factor (transformers' get_mscale): 0.1 * ln(factor) + 1 (1 for factor <= 1),
+    or the ratio of two such with mscale / mscale_all_dim where both are given; NaN for a bad factor (the
+    RopeScaling check then names it)."""
+    def mscale_of(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    try:
+        if mscale and mscale_all_dim:
+            return float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
+        return float(mscale_of(factor))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return math.nan
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: 'linear', 'llama3' (Llama 3.1+ wavelength-dependent scaling) or
+    """RoPE frequency scaling. kind: 'linear', 'llama3' (Llama 3.1+ wavelength-dependent scaling),
     'longrope' (Phi-3: per-frequency divisors, `short_factor` within the original context and `long_factor`
-    beyond it, and cos/sin multiplied by `attention_factor`)."""
+    beyond it, and cos/sin multiplied by `attention_factor`) or 'yarn' (gpt-oss: the frequencies between
+    the `beta_fast` and `beta_slow` rotation counts of the original context ramp from extrapolated to
+    interpolated by `factor`, the ramp's ends rounded outwards when `truncate`; cos/sin multiplied by
+    `attention_factor`)."""
 
     kind: str
     factor: float = 1.0
@@ -63,10 +81,15 @@ class RopeScaling:
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def __post_init__(self):
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow"):
             _finite_positive(self, name, "rope_scaling.")
+        if not isinstance(self.truncate, bool):
+            raise ConfigValueError("rope_scaling.truncate", self.truncate, "must be true or false")
         if self.attention_factor >= 3e38:
             raise ConfigValueError("rope_scaling.attention_factor", self.attention_factor, "must be finite in float32")
         _size(self, "original_context_length", "rope_scaling.")
@@ -132,6 +155,17 @@ class ModelConfig:
     experts_per_token: int | None = None
     expert_intermediate_size: int | None = None
     norm_topk_prob: bool = True
+    # gpt-oss: moe_router "topk_softmax" (the top_k logits first, then their softmax; "softmax_topk": the
+    # softmax over every expert, then its top_k), biases on the router and the experts (moe_bias), the
+    # experts' clamped SwiGLU (swiglu_limit / swiglu_alpha: see layers.clamped_swiglu), a bias on the
+    # attention's output projection (attn_out_bias) and a learned logit per head in the softmax's
+    # denominator (attn_sinks).
+    moe_router: str = "softmax_topk"
+    moe_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
+    attn_out_bias: bool = False
+    attn_sinks: bool = False
 
     def __post_init__(self):
         """Every value a reader hands over is checked here, once for both formats; failures are ConfigValueError."""
@@ -145,7 +179,8 @@ class ModelConfig:
             raise ConfigValueError("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
         _finite_positive(self, "norm_eps")
         _finite_positive(self, "rope_theta")
-        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta"):
+        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta", "swiglu_limit",
+                     "swiglu_alpha"):
             if getattr(self, name) is not None:
                 _finite_positive(self, name)
         for name in ("sliding_window", "rope_dim", "num_experts", "experts_per_token", "expert_intermediate_size"):
@@ -160,8 +195,15 @@ class ModelConfig:
         if moe and self.experts_per_token > self.num_experts:
             raise ConfigValueError("experts_per_token", self.experts_per_token,
                                    f"must be at most num_experts ({self.num_experts})")
-        if not isinstance(self.norm_topk_prob, bool):
-            raise ConfigValueError("norm_topk_prob", self.norm_topk_prob, "must be true or false")
+        for name in ("norm_topk_prob", "moe_bias", "attn_out_bias", "attn_sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigValueError(name, getattr(self, name), "must be true or false")
+        if self.moe_router not in MOE_ROUTERS:
+            raise ConfigValueError("moe_router", self.moe_router, f"must be one of {', '.join(MOE_ROUTERS)}")
+        if (self.swiglu_limit is None) != (self.swiglu_alpha is None) or (
+                self.architecture == "gptoss" and self.swiglu_limit is None):
+            raise ConfigValueError("swiglu_limit", self.swiglu_limit,
+                                   f"and swiglu_alpha ({self.swiglu_alpha}) must be given together (gptoss: both)")
         if self.rope_dim is not None and (self.rope_dim % 2 or self.rope_dim > self.head_dim):
             raise ConfigValueError("rope_dim", self.rope_dim, f"must be even and at most head_dim ({self.head_dim})")
         if self.layer_types is not None:

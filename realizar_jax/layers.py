@@ -29,6 +29,14 @@ def geglu(gate, up):
     return jax.nn.gelu(g, approximate=True).astype(gate.dtype) * up
 
 
+def clamped_swiglu(gate, up, alpha: float, limit: float):
+    """gpt-oss's experts' activation: gate clamped to at most `limit`, up to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate); in float32, rounded once to the inputs' dtype."""
+    g = jnp.minimum(gate.astype(jnp.float32), limit)
+    u = jnp.clip(up.astype(jnp.float32), -limit, limit)
+    return ((u + 1.0) * (g / (1.0 + jnp.exp(-alpha * g)))).astype(gate.dtype)
+
+
 def rope_tables(inv_freq, positions, attention_factor: float = 1.0):
     """cos/sin [..., 2 * len(inv_freq)] (halves layout) for integer positions [...], both multiplied by
     attention_factor (longrope's scaling of the attention, as HF applies it to cos and sin)."""

@@ -44,6 +44,12 @@ def parameter_count(config: ModelConfig) -> int:
     per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + mlp + norms * c.hidden_size
     if c.qkv_bias:
         per_layer += c.q_size + 2 * c.kv_size
+    if c.attn_out_bias:
+        per_layer += c.hidden_size
+    if c.attn_sinks:
+        per_layer += c.num_heads
+    if c.moe_bias:   # the router's bias and each expert's gate, up and down biases
+        per_layer += c.num_experts * (1 + 2 * c.expert_ffn + c.hidden_size)
     if c.qk_norm:
         per_layer += c.q_size + c.kv_size if c.architecture == "olmo2" else 2 * c.head_dim
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)

@@ -7,6 +7,7 @@ tensors stay packed as QTensor, dense ones become arrays of the requested dtype.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from dataclasses import dataclass
 
@@ -51,11 +52,20 @@ class LayerParams:
     experts_gate: jax.Array | QTensor | None = None
     experts_up: jax.Array | QTensor | None = None
     experts_down: jax.Array | QTensor | None = None
+    # gpt-oss: the o projection's bias, a sink logit per head (float32 [heads]), the router's bias [experts]
+    # and the experts' biases [experts, out] (all float32)
+    bo: jax.Array | None = None
+    attn_sinks: jax.Array | None = None
+    router_bias: jax.Array | None = None
+    experts_gate_bias: jax.Array | None = None
+    experts_up_bias: jax.Array | None = None
+    experts_down_bias: jax.Array | None = None
 
 
 LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down", "bq", "bk", "bv",
                 "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm", "router", "experts_gate", "experts_up",
-                "experts_down")
+                "experts_down", "bo", "attn_sinks", "router_bias", "experts_gate_bias", "experts_up_bias",
+                "experts_down_bias")
 
 
 @jax.tree_util.register_dataclass
@@ -84,6 +94,8 @@ def rope_inv_freq(config: ModelConfig, *, long: bool = False, local: bool = Fals
         return (np.float32(1.0) / (np.asarray(s.factors(long), np.float32) * base)).astype(np.float32)
     if s.kind == "linear":
         return (inv / s.factor).astype(np.float32)
+    if s.kind == "yarn":
+        return yarn_inv_freq(theta, d, s)
     if s.kind == "llama3":
         low_wavelen = s.original_context_length / s.low_freq_factor
         high_wavelen = s.original_context_length / s.high_freq_factor
@@ -94,6 +106,28 @@ def rope_inv_freq(config: ModelConfig, *, long: bool = False, local: bool = Fals
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
     raise ValueError(f"unsupported rope scaling {s.kind!r}")
+
+
+def yarn_inv_freq(theta: float, d: int, s) -> np.ndarray:
+    """YaRN's inverse frequencies as transformers' _compute_yarn_parameters computes them in float32: the
+    frequencies that turn fewer than beta_slow times over the original context are interpolated (divided by
+    the factor), those turning more than beta_fast times kept, a linear ramp over the dimensions between."""
+    f32 = np.float32
+    pos = f32(theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(f32) / f32(d))
+    extrapolation, interpolation = f32(1.0) / pos, f32(1.0) / (f32(s.factor) * pos)
+
+    def dim_of(rotations):   # the dimension that turns `rotations` times over the original context
+        return d * math.log(s.original_context_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001   # transformers: "prevent singularity"
+    ramp = np.clip((np.arange(d // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    keep = f32(1.0) - ramp   # the extrapolated share
+    return (interpolation * (f32(1.0) - keep) + extrapolation * keep).astype(f32)
 
 
 def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
@@ -183,8 +217,9 @@ def _build_params(source: ModelSource, dtype, transform_matrix, bar, max_seq_len
         want = expected_shape(role, config)
         if permute and role in ("wq", "wk", "bq", "bk"):
             data = _unpermute_rows(np.asarray(data), config.num_heads if role in ("wq", "bq") else config.num_kv_heads)
-        if ROLES[role].kind == "vector":
-            arr = np.asarray(data, dtype=np.float32).reshape(-1)
+        if ROLES[role].kind == "vector":   # 1-D, or one vector per expert [experts, n]
+            arr = np.asarray(data, dtype=np.float32)
+            arr = arr.reshape(-1) if len(want) == 1 else arr
             if arr.shape != want:
                 raise ShapeMismatchError(f"expected shape {want}, found {arr.shape}", path=source.path, tensor=name)
             if shift and role in NORM_ROLES:   # HF stores Gemma's norms as w for (1 + w): GGUF, and we, hold 1 + w

@@ -23,8 +23,8 @@ from pathlib import Path
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                "qwen3moe": "Qwen3MoeForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}   # transformers' model_type where it is not our architecture name
+                "qwen3moe": "Qwen3MoeForCausalLM", "gptoss": "GptOssForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe", "gptoss": "gpt_oss"}   # transformers' model_type where it is not our architecture name
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 VARIANTS = {
@@ -75,10 +75,22 @@ VARIANTS.update({
     "qwen3moe_raw": dict(arch="qwen3moe", **_FAMILY, extra=dict(num_experts=6, num_experts_per_tok=3,
                                                                 moe_intermediate_size=32, norm_topk_prob=False)),
 })
-MOE_VARIANTS = ("mixtral", "qwen3moe", "qwen3moe_raw")
+# gpt-oss (tests/test_gpt_oss.py): 3 layers alternating sliding (window 5) / full / sliding; YaRN with the
+# original context 64 of 256 (factor 4, not truncated, as gpt-oss's); 6 experts, top-3; a SwiGLU limit of
+# 1.5 (gpt-oss's is 7) so that the clamps bite at these activations' size; sinks N(0, 1) (conftest-free:
+# _build_hf_model widens them)
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+             "original_max_position_embeddings": 64}
+VARIANTS.update({
+    "gptoss": dict(arch="gptoss", **{**_FAMILY, "layers": 3, "intermediate": 32}, head_dim=16,
+                   rope_scaling=YARN_ROPE, max_position_embeddings=256,
+                   extra=dict(num_local_experts=6, num_experts_per_tok=3, sliding_window=5, swiglu_limit=1.5)),
+})
+MOE_VARIANTS = ("mixtral", "qwen3moe", "qwen3moe_raw", "gptoss")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m")
 TOKENIZER_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "qwen2", "qwen3": "qwen2", "olmo2": "gpt2",
-                   "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3", "mixtral": "llama3", "qwen3moe": "qwen2"}
+                   "phi3": "llama3", "gemma2": "llama3", "gemma3": "llama3", "mixtral": "llama3", "qwen3moe": "qwen2",
+                   "gptoss": "o200k"}
 
 _cache: dict[tuple, Path] = {}
 
@@ -165,6 +177,8 @@ def _build_hf_model(out: Path, tmpdir: Path, *, arch, hidden, layers, heads, kv_
                 p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
+            elif name.endswith("sinks"):   # gpt-oss's attention sinks: large enough to take a share
+                p.copy_(torch.randn_like(p))
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".tmp")

@@ -93,3 +93,28 @@ def max_rel(ours, ref) -> float:
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     """n token ids in [3, vocab) (clear of the usual special ids), fresh per seed."""
     return [int(i) for i in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+def rewrite_gguf(src, dst, changes: dict | None = None, drop=()):
+    """A copy of the GGUF file `src` at `dst` with metadata values changed (`changes`: key -> value, None
+    leaves the key out) and the keys `drop` left out; tensors copied as they are. -> dst."""
+    import gguf
+    changes = dict(changes or {}, **{k: None for k in drop})
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or (name in changes and changes[name] is None):
+            continue
+        value = changes.get(name, f.contents())
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, value, f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, value, f.types[0])
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -38,7 +38,7 @@ from realizar_jax.quant.quantize import quantize
 from realizar_jax.weights import build_params
 
 from fixtures import FAMILY_VARIANTS, VARIANTS
-from model_helpers import hf_logits, max_rel, random_ids
+from model_helpers import hf_logits, max_rel, random_ids, rewrite_gguf
 
 LONG = {"phi3_longrope", "phi4_mini"}   # loaded for a context of 64 > their original 16: long factors
 PROMPT = 21
@@ -291,30 +291,6 @@ def test_role_names_match_gguf_tensor_map(arch):
             assert tmap.get_name(h, try_suffixes=(".weight", ".bias")) == g, role
 
 
-def _rewrite_gguf(src, dst, drop=()):
-    """A copy of the GGUF file src without the metadata keys `drop` (what llama.cpp's own converter writes
-    for a model whose values match its defaults)."""
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    for name, f in reader.fields.items():
-        if name in drop or name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            w.add_key_value(name, f.contents(), vtype)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_gguf_without_our_keys_gets_llamacpp_defaults(model_files, tmp_path):
     """A Gemma file as llama.cpp's converter writes it (no sliding_window_pattern, no freq_base_swa, no
     realizar key) reads as llama.cpp runs it: every 2nd (Gemma 2) / 6th (Gemma 3) layer global, the local base
@@ -323,11 +299,11 @@ def test_gguf_without_our_keys_gets_llamacpp_defaults(model_files, tmp_path):
     drop = {f"{a}.{k}" for a in ("gemma2", "gemma3", "phi3") for k in
             ("attention.sliding_window_pattern", "rope.freq_base_swa", "rope.scaling.attn_factor")}
     drop.add("realizar.attention.query_pre_attn_scalar")
-    g2 = open_model(_rewrite_gguf(model_files.gguf("gemma2", "f32"), tmp_path / "g2.gguf", drop)).config
+    g2 = open_model(rewrite_gguf(model_files.gguf("gemma2", "f32"), tmp_path / "g2.gguf", drop=drop)).config
     assert [g2.window(i) for i in range(2)] == [5, None] and g2.query_pre_attn_scalar == 32.0
-    g3 = open_model(_rewrite_gguf(model_files.gguf("gemma3", "f32"), tmp_path / "g3.gguf", drop)).config
+    g3 = open_model(rewrite_gguf(model_files.gguf("gemma3", "f32"), tmp_path / "g3.gguf", drop=drop)).config
     assert [g3.window(i) for i in range(3)] == [5] * 3 and g3.rope_local_theta == 10000.0
-    p = open_model(_rewrite_gguf(model_files.gguf("phi3_longrope", "f32"), tmp_path / "p.gguf", drop)).config
+    p = open_model(rewrite_gguf(model_files.gguf("phi3_longrope", "f32"), tmp_path / "p.gguf", drop=drop)).config
     assert p.rope_scaling == open_model(model_files.hf("phi3_longrope")).config.rope_scaling
 
 
@@ -499,7 +475,7 @@ def test_a_window_the_cache_cannot_exceed_goes_to_the_kernel(monkeypatch):
     import realizar_jax.ops.attention as attention
     from realizar_jax.ops.attention import DecodeAttention, Rope
     seen = []
-    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap: seen.append(window))
+    monkeypatch.setattr(attention, "route", lambda *a: lambda *args, window, softcap, sinks: seen.append(window))
     cache = init_cache(rj.ModelConfig("llama", 8, 8, 1, 2, 1, 4, 8), 1, 8, jnp.float32)
     att = DecodeAttention.start(cache, Rope(jnp.ones((2,))), 0.5)
     q, kv = jnp.ones((1, 2, 4)), jnp.ones((1, 1, 4))

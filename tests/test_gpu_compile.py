@@ -9,6 +9,7 @@ fails when a kernel does not compile.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -88,6 +89,23 @@ def test_prefill_lowers_for_the_gpu_on_a_cpu():
     config = SHAPES["tiny-gemma3"]   # sliding windows, q/k norms, softcap-free GeGLU
     lowered = og.lower_prefill(og.abstract_params(config, "q8_0"), config, batch=2, tokens=32, kernels=GPU)
     assert og.triton_calls(lowered)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "sm90"], "--arch must look like sm_90a"),
+    (["--tiles", "{bad"], "REALIZAR_GEMV_TILES must be JSON"),
+    (["--kernel", "qmatmul("], "--kernel is not a regular expression"),
+    (["--prefill", "-1"], "--prefill must be >= 0"),
+    (["--rows", "0"], "batch sizes must be >= 1"),
+    (["--shape", "llama9"], "invalid choice"),
+])
+def test_bad_arguments_fail_before_anything_is_fetched(args, message, tmp_path):
+    """Each bad argument: one error line naming it, a nonzero exit, no toolchain download started."""
+    env = dict(os.environ, REALIZAR_CUDA_TOOLCHAIN_DIR=str(tmp_path / "tc"))
+    r = subprocess.run([sys.executable, "-m", "realizar_jax.cli.main", "gpu-compile", *args], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode in (1, 2) and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "tc").exists()
 
 
 def _toolchain():

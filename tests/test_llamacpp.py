@@ -61,16 +61,18 @@ def test_llama_cpp_quantized_file_loads_and_beats_llama_cpp(model_files, tmp_pat
     assert ours_err < theirs_err
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3moe"])
-def test_our_moe_conversion_loads_in_llama_cpp(model_files, variant):
+@pytest.mark.parametrize("variant, quant", [("mixtral", "f32"), ("qwen3moe", "f32"), ("gptoss", "f32"),
+                                            ("gptoss", "mxfp4_moe")])
+def test_our_moe_conversion_loads_in_llama_cpp(model_files, variant, quant):
     """Our convert of a mixture of experts (Mixtral as 'llama' with expert_count and stacked ffn_*_exps,
-    Qwen3-MoE as 'qwen3moe') loads in llama.cpp, whose logits are close to ours (a near-tie between two
-    experts may resolve differently, so the bound is loose and the greedy tokens must mostly agree)."""
-    path = model_files.gguf(variant, "f32")
+    Qwen3-MoE as 'qwen3moe', gpt-oss as 'gpt-oss', its experts MXFP4 as llama-quantize writes them)
+    loads in llama.cpp, whose logits are close to ours (a near-tie between two experts may resolve
+    differently, so the bound is loose and the greedy tokens must mostly agree)."""
+    path = model_files.gguf(variant, quant)
     m = rj.load(path, dtype="float32")
     ids = [int(i) for i in np.random.default_rng(9).integers(3, m.config.vocab_size, 21)]
     ours = np.asarray(m.logits(ids), np.float64)
     theirs = _llama_cpp_logits(path, ids)
     rel = np.abs(ours - theirs).max() / np.abs(ours).max()
-    print(f"{variant}: llama.cpp vs ours {rel:.2e}")
+    print(f"{variant} {quant}: llama.cpp vs ours {rel:.2e}")
     assert rel <= 5e-2 and np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= 0.9

@@ -40,7 +40,7 @@ from realizar_jax.quant.quantize import quantize
 from realizar_jax.weights import build_params
 
 from fixtures import VARIANTS
-from model_helpers import hf_logits, max_rel, random_ids
+from model_helpers import hf_logits, max_rel, random_ids, rewrite_gguf
 
 PROMPT = 21
 slow = partial(pytest.param, marks=pytest.mark.slow)   # -m slow: the rest of the grid
@@ -90,10 +90,11 @@ def test_bf16_checkpoint(model_files, variant):
     assert ours <= max(1.5 * theirs, 2e-2), (ours, theirs)
 
 
-@pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe_raw"])
+@pytest.mark.parametrize("variant", [slow("mixtral"), "qwen3moe_raw", "gptoss"])
 def test_prefill_decode_equal_the_whole_prompt(model_files, variant):
     """A 16-token prefill (the grouped formulation) and five one-token decode steps (the gathered one) equal the
-    whole prompt's prefill at each position, and transformers."""
+    whole prompt's prefill at each position, and transformers (gpt-oss: the sliding window and the sinks on
+    the decode path too)."""
     folder = model_files.hf(variant)
     m = rj.load(folder, dtype="float32")
     ids = random_ids(PROMPT, m.config.vocab_size, 1)
@@ -328,23 +329,7 @@ def test_bad_moe_files_name_the_tensor(model_files, tmp_path):
     assert e.value.tensor == extra
     # a GGUF whose expert_count disagrees with its stacked tensors
     src = model_files.gguf("mixtral", "f32")
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(tmp_path / "count.gguf", "llama")
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        value = 3 if name == "llama.expert_count" else f.contents()
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, value, f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(name, value, f.types[0])
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(d) for d in reversed(t.shape.tolist())],
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_gguf(src, tmp_path / "count.gguf", {"llama.expert_count": 3})
     with pytest.raises(ShapeMismatchError, match="holds 4 experts but the config says 3") as e:
         open_model(tmp_path / "count.gguf")
     assert e.value.tensor == "blk.0.ffn_gate_inp.weight"

@@ -1,8 +1,8 @@
 """Tiny real tokenizers trained offline, saved as HF model folders (tokenizer files only).
 
 * `make_bpe_dir(path, style)`: a byte-level BPE trained with `tokenizers`, pre-tokenized like
-  Llama 3 ('llama3'), Qwen2 ('qwen2', with its NFC normaliser) or GPT-2 ('gpt2'); special tokens
-  '<|begin_of_text|>', '<|end_of_text|>', '<|eot_id|>' and a non-special added token; Llama 3's
+  Llama 3 ('llama3'), Qwen2 ('qwen2', with its NFC normaliser), GPT-2 ('gpt2') or o200k ('o200k', gpt-oss's
+  split, adding nothing); special tokens '<|begin_of_text|>', '<|end_of_text|>', '<|eot_id|>' and a non-special added token; Llama 3's
   post-processor adds BOS, the others add nothing (as Qwen2 does).
 * `make_spm_dir(path)`: a SentencePiece BPE model with byte fallback trained with the `sentencepiece`
   trainer using Llama 2's settings (identity normalisation, dummy prefix, digits split, whitespace kept),
@@ -60,7 +60,7 @@ def make_bpe_dir(path, style: str = "llama3", vocab_size: int = 700) -> Path:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
-    from realizar_jax.formats.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX
+    from realizar_jax.formats.gguf_tokenizer import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def make_bpe_dir(path, style: str = "llama3", vocab_size: int = 700) -> Path:
     if style == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        regex = {"llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[style]
+        regex = {"llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "o200k": GPT4O_REGEX}[style]
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -91,7 +91,7 @@ def make_bpe_dir(path, style: str = "llama3", vocab_size: int = 700) -> Path:
     cfg = {"bos_token": bos, "eos_token": BPE_SPECIALS[2] if style == "llama3" else eos,
            "chat_template": CHAT_TEMPLATE, "model_max_length": 4096,
            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    if style == "qwen2":
+    if style in ("qwen2", "o200k"):
         cfg["add_bos_token"] = False
     (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     return path

@@ -4,7 +4,7 @@
     realizar-jax bench --model PATH [...] [--json OUT]
 
 With --shape, a random-weight GGUF of that real shape is synthesized first (realizar_jax.cli.synth:
-llama3-8b, llama3.2-1b, qwen3-30b-a3b, gemma3-12b; cached under --dir), so the same file can be given to
+llama3-8b, llama3.2-1b, qwen3-30b-a3b, gemma3-12b, gpt-oss-20b; cached under --dir), so the same file can be given to
 llama.cpp's llama-bench. Decode speed is also expressed as effective bandwidth: the weight bytes one
 decode step must read (every matrix, only B rows of an untied embedding table, of a mixture of experts
 only the active experts) times steps per second, against the device's measured
@@ -72,6 +72,13 @@ def _expert_stacks(params) -> list:
     return [w for lp in params.layers for w in (lp.experts_gate, lp.experts_up, lp.experts_down) if w is not None]
 
 
+_EXPERT_BIASES = ("experts_gate_bias", "experts_up_bias", "experts_down_bias")   # gpt-oss's [experts, out]
+
+
+def _expert_biases(params) -> list:
+    return [getattr(lp, r) for lp in params.layers for r in _EXPERT_BIASES if getattr(lp, r) is not None]
+
+
 def decode_read_bytes(params, config, batch: int) -> int:
     """Weight bytes one decode step reads: all matrices and norms; an untied embedding only B rows; of a
     mixture of experts' stacks only the active experts' slices (active_experts; the router whole). The
@@ -80,8 +87,8 @@ def decode_read_bytes(params, config, batch: int) -> int:
     if not config.tie_embeddings:
         emb = param_bytes(params.embed)
         total -= emb - emb * batch // config.vocab_size
-    if config.moe:
-        experts = sum(int(w.nbytes) for w in _expert_stacks(params))
+    if config.moe:   # the experts' biases (gpt-oss) are read per chosen expert too
+        experts = sum(int(w.nbytes) for w in _expert_stacks(params) + _expert_biases(params))
         total -= experts - experts * active_experts(config, batch) // config.num_experts
     return total
 
@@ -90,7 +97,9 @@ def decode_matmul_flops(params, batch: int, config=None) -> int:
     """FLOPs of one decode step's matrix products (2 per weight per row; the embedding is a gather,
     the LM head a product even when tied); attention is not counted. An expert stack [experts, out, in]
     counts experts_per_token experts per row (config needed): exact, whatever the routing."""
-    matrices = [w for layer in params.layers for w in jax_leaves_2d(layer) if len(w.shape) == 2] + [params.lm_head]
+    import dataclasses
+    layers = [dataclasses.replace(lp, **dict.fromkeys(_EXPERT_BIASES)) for lp in params.layers]   # 2-D, not matrices
+    matrices = [w for layer in layers for w in jax_leaves_2d(layer) if len(w.shape) == 2] + [params.lm_head]
     flops = 2 * batch * sum(int(w.shape[0]) * int(w.shape[1]) for w in matrices)
     stacks = _expert_stacks(params)
     if stacks:

@@ -15,18 +15,21 @@ import re
 import sys
 import time
 
-from .parser import Parser, positive_int, run
+from .parser import QUANT_CHOICES, Parser, positive_int, run
 
 PROG = "realizar-jax gpu-compile"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .synth import QUANTS, SHAPES
+    from .bench import batch_list
+    from .synth import SHAPES
     p = Parser(prog=PROG, description="Compile the Pallas GPU kernels of a model's decode and prefill steps "
                "for an NVIDIA GPU on this machine (no GPU needed): registers, spills, shared memory, SASS.")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="bench shape (default llama3-8b)")
-    p.add_argument("--quant", choices=QUANTS, default="q4_k_m", help="the file's type mix (default q4_k_m)")
-    p.add_argument("--rows", default="1,8,64", help="decode batch sizes, comma-separated (default 1,8,64)")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="q4_k_m",
+                   help="the type mix `convert --quant` writes (default q4_k_m)")
+    p.add_argument("--rows", type=batch_list, default=(1, 8, 64), metavar="B[,B...]",
+                   help="decode batch sizes, comma-separated (default 1,8,64)")
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens at batch 1; 0 skips (default 512)")
     p.add_argument("--max-seq-len", type=positive_int, default=1024, help="KV cache length (default 1024)")
     p.add_argument("--arch", default="sm_90a", help="ptxas target (default sm_90a: H100/H200)")
@@ -38,17 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _steps(args):
+def _checked(args):
+    """The KernelConfig of the arguments, or a ValueError naming the bad one: before anything is fetched."""
+    from ..kernels.tuning import KernelConfig, parse_tiles
+    if not re.fullmatch(r"sm_\d\da?", args.arch):
+        raise ValueError(f"--arch must look like sm_90a, got {args.arch!r}")
+    if args.prefill < 0:
+        raise ValueError(f"--prefill must be >= 0, got {args.prefill}")
+    if args.kernel:
+        try:
+            re.compile(args.kernel)
+        except re.error as e:
+            raise ValueError(f"--kernel is not a regular expression: {e}") from None
+    return KernelConfig(pallas=True, interpret=False, int8_activations=not args.float_activations,
+                        tiles=parse_tiles(args.tiles) if args.tiles else ())
+
+
+def _steps(args, batches, kernels):
     """(label, lowered) for every step asked for."""
     from .. import offline_gpu as og
-    from ..kernels.tuning import KernelConfig, parse_tiles
-    from .bench import batch_list
     from .synth import SHAPES
     config = SHAPES[args.shape]
-    kernels = KernelConfig(pallas=True, interpret=False, int8_activations=not args.float_activations,
-                           tiles=parse_tiles(args.tiles) if args.tiles else ())
     params = og.abstract_params(config, args.quant)
-    for rows in batch_list(args.rows):
+    for rows in batches:
         yield f"decode b{rows}", og.lower_decode(params, config, slots=rows, max_seq_len=args.max_seq_len,
                                                  kernels=kernels)
     if args.prefill:
@@ -84,11 +99,10 @@ def format_rows(label: str, rows: list[dict]) -> str:
 
 def _gpu_compile(args) -> int:
     from .. import offline_gpu as og
-    if not re.fullmatch(r"sm_\d\da?", args.arch):
-        raise ValueError(f"--arch must look like sm_90a, got {args.arch!r}")
+    kernels = _checked(args)
     toolchain = og.Toolchain.fetch()
     report = dict(shape=args.shape, quant=args.quant, arch=args.arch, steps={})
-    for label, lowered in _steps(args):
+    for label, lowered in _steps(args, args.rows, kernels):
         t = time.perf_counter()
         calls = [c for c in og.triton_calls(lowered) if not args.kernel or re.search(args.kernel, c.name)]
         compiled = [og.compile_call(c, toolchain, args.arch) for c in calls]

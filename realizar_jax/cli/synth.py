@@ -50,6 +50,19 @@ def _gemma3(layers, hidden, heads, kv, head_dim, ffn, vocab, window, ctx) -> Mod
                        layer_types=types, query_pre_attn_scalar=float(head_dim), rope_local_theta=10000.0)
 
 
+def _gptoss(layers, hidden, heads, kv, head_dim, experts, used, ffn, vocab, window, ctx) -> ModelConfig:
+    # the even layers slide (llama.cpp's gpt-oss: swa pattern 2); YaRN 32x over 4096, not truncated
+    types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers))
+    yarn = RopeScaling("yarn", factor=32.0, original_context_length=4096, beta_fast=32.0, beta_slow=1.0,
+                       truncate=False, attention_factor=0.1 * math.log(32.0) + 1.0)
+    return ModelConfig("gptoss", vocab, hidden, layers, heads, kv, head_dim, ffn, norm_eps=1e-5, rope_theta=150000.0,
+                       rope_scaling=yarn, context_length=ctx, tie_embeddings=False, qkv_bias=True, bos_token_id=_BOS,
+                       eos_token_ids=(_EOS,), add_bos=False, sliding_window=window, layer_types=types,
+                       num_experts=experts, experts_per_token=used, expert_intermediate_size=ffn,
+                       moe_router="topk_softmax", moe_bias=True, swiglu_limit=7.0, swiglu_alpha=1.702,
+                       attn_out_bias=True, attn_sinks=True)
+
+
 SHAPES: dict[str, ModelConfig] = {
     "llama3-8b": _llama(32, 4096, 32, 8, 14336, 128256, False),
     "llama3.2-1b": _llama(16, 2048, 32, 8, 8192, 128256, True),
@@ -67,15 +80,23 @@ SHAPES: dict[str, ModelConfig] = {
     # null, tied embeddings, max_position_embeddings 131072. vocab_size there is 262208 (image tokens
     # included); llama.cpp's converter cuts token_embd to the tokenizer's 262144 rows, as its GGUFs hold.
     "gemma3-12b": _gemma3(48, 3840, 16, 8, 256, 15360, 262144, 1024, 131072),
+    # openai/gpt-oss-20b config.json: num_hidden_layers 24, hidden_size 2880, num_attention_heads 64,
+    # num_key_value_heads 8, head_dim 64, intermediate_size 2880 (each expert's), num_local_experts 32,
+    # num_experts_per_tok 4, sliding_window 128 on alternating layers, rope_theta 150000 with YaRN (factor 32,
+    # original_max_position_embeddings 4096, beta_fast 32, beta_slow 1, truncate false), attention biases,
+    # swiglu_limit 7.0, rms_norm_eps 1e-5, vocab_size 201088, max_position_embeddings 131072, untied. Its
+    # GGUF (ggml-org/gpt-oss-20b-GGUF, ~12 GB) holds MXFP4 experts and Q8_0 elsewhere: --quant mxfp4_moe.
+    "gpt-oss-20b": _gptoss(24, 2880, 64, 8, 64, 32, 4, 2880, 201088, 128, 131072),
     # for tests: the same structures, small (q_size != hidden as in both real models; 16 experts, not 8,
     # since llama-quantize gives 8-expert models a different mix; a window shorter than test prompts)
     "tiny": _llama(2, 256, 4, 2, 512, 512, False, ctx=512),
     "tiny-moe": _qwen3moe(2, 256, 4, 2, 128, 768, 16, 4, 256, 512, 512),
     "tiny-gemma3": _gemma3(6, 256, 2, 1, 256, 512, 512, 4, 512),
+    "tiny-gpt-oss": _gptoss(2, 256, 8, 2, 64, 16, 4, 256, 512, 4, 512),
 }
 
 # the --quant choices (gguf_writer's names: the base type and llama-quantize's mix for each)
-QUANTS = ("q4_k_m", "q8_0", "q6_k", "q4_k", "q4_0", "bf16", "f16")
+QUANTS = ("q4_k_m", "q8_0", "q6_k", "q4_k", "q4_0", "mxfp4_moe", "bf16", "f16")
 _CHUNK_BYTES = 64 << 20
 
 

@@ -360,8 +360,10 @@ def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None
     if kind is None and f"{arch_key}.rope.scale_linear" in meta:  # older llama.cpp files
         kind, factor_key = "linear", f"{arch_key}.rope.scale_linear"
     factor = _get(meta, factor_key, "float", path, default=None)
+    if kind == "yarn":
+        return _yarn(meta, arch_key, path, factor)
     if kind not in (None, "none", "linear"):
-        raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3)",
+        raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3, yarn)",
                                path=path)
     freqs = tensors.get("rope_freqs.weight")
     if freqs is not None:  # the weights builder divides by these: check them whatever the scaling type
@@ -398,6 +400,34 @@ def _rope_scaling(meta, arch_key, tensors, path, head_dim) -> RopeScaling | None
             logger.warning("%s: rope_freqs.weight differs from llama3 scaling with %s; the model will use the "
                            "config's scaling", path, scaling)
     return scaling
+
+
+# Our key for YaRN's `truncate` (transformers rounds the ramp's ends outwards unless a config says false, as
+# gpt-oss's does; llama.cpp always rounds): absent, gpt-oss files follow transformers' gpt-oss, others round.
+REALIZAR_YARN_TRUNCATE = REALIZAR_ROPE_PREFIX + "yarn_truncate"
+REALIZAR_ATTENTION_FACTOR = REALIZAR_ROPE_PREFIX + "attention_factor"
+
+
+def _yarn(meta, arch_key, path, factor) -> RopeScaling:
+    """YaRN from llama.cpp's rope.scaling keys (factor, original context, yarn_beta_fast / _slow) and ours
+    (the attention factor where it is not YaRN's default for the factor, truncate)."""
+    from ..config import yarn_attention_factor
+    key = lambda name, kind, **kw: _get(meta, f"{arch_key}.{name}", kind, path, **kw)   # noqa: E731
+    original = key("rope.scaling.original_context_length", "int", required=True)
+    factor = 1.0 if factor is None else factor
+    attention = _get(meta, REALIZAR_ATTENTION_FACTOR, "float", path, default=None)
+    truncate = _get(meta, REALIZAR_YARN_TRUNCATE, "bool", path, default=arch_key != "gpt-oss")
+    try:
+        return RopeScaling("yarn", factor=factor, original_context_length=original,
+                           beta_fast=key("rope.scaling.yarn_beta_fast", "float", default=32.0),
+                           beta_slow=key("rope.scaling.yarn_beta_slow", "float", default=1.0), truncate=truncate,
+                           attention_factor=yarn_attention_factor(factor) if attention is None else attention)
+    except ConfigValueError as e:
+        where = {"rope_scaling.attention_factor": REALIZAR_ATTENTION_FACTOR, "rope_scaling.truncate": REALIZAR_YARN_TRUNCATE,
+                 "rope_scaling.beta_fast": f"{arch_key}.rope.scaling.yarn_beta_fast",
+                 "rope_scaling.beta_slow": f"{arch_key}.rope.scaling.yarn_beta_slow"}.get(
+                     e.field, f"{arch_key}.rope.scaling.{e.field.removeprefix('rope_scaling.')}")
+        raise DamagedFileError(f"metadata {where} = {e.value!r:.60} {e.why}", path=path) from None
 
 
 def llama3_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -484,6 +514,7 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
             context_length=key("context_length", "int", default=2048),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors,
+            attn_out_bias="blk.0.attn_output.bias" in tensors,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
             bos_token_id=bos,
             eos_token_ids=eos_ids,
@@ -509,8 +540,10 @@ def config_from_gguf(meta: dict, tensors: dict[str, TensorSource], path) -> Mode
 
 # Keys we write where llama.cpp derives a value by its own rule (Gemma's attention scale from the model size)
 REALIZAR_QUERY_SCALAR = "realizar.attention.query_pre_attn_scalar"
+REALIZAR_SWIGLU = "realizar.swiglu_"   # + limit / alpha: gpt-oss's clamped SwiGLU (llama.cpp fixes 7.0 / 1.702)
 # llama.cpp's fixed layer patterns (every n-th layer attends globally) and defaults, by architecture
 GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+SWA_PATTERN = {**GEMMA_SWA_PATTERN, "gptoss": 2}
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
@@ -529,8 +562,8 @@ def _family_fields(meta, arch, arch_key, layers, hidden, heads, head_dim, path) 
     if window is not None and window > 0:
         fields["sliding_window"] = window
         pattern = meta.get(f"{arch_key}.attention.sliding_window_pattern")
-        if pattern is None and arch in GEMMA_SWA_PATTERN:
-            pattern = GEMMA_SWA_PATTERN[arch]
+        if pattern is None and arch in SWA_PATTERN:
+            pattern = SWA_PATTERN[arch]
         if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
             pattern = [bool((i + 1) % pattern) for i in range(layers)]   # llama.cpp's set_swa_pattern(n)
         if pattern is not None:
@@ -559,11 +592,19 @@ def _moe_fields(meta, arch, arch_key, path) -> dict:
     """The mixture-of-experts fields from llama.cpp's expert keys. Whether the chosen experts' weights are
     renormalized: our `expert_weights_norm` key where written, else llama.cpp's rule (its llama and qwen3moe
     graphs always renormalize)."""
-    if arch not in ("mixtral", "qwen3moe"):
+    if arch not in ("mixtral", "qwen3moe", "gptoss"):
         return {}
 
     def key(name, kind, **kw):
         return _get(meta, f"{arch_key}.{name}", kind, path, **kw)
+
+    if arch == "gptoss":   # llama.cpp's gpt-oss graph: biases, sinks, top-k then softmax, SwiGLU limit 7, alpha 1.702
+        return dict(num_experts=key("expert_count", "int", required=True),
+                    experts_per_token=key("expert_used_count", "int", required=True),
+                    expert_intermediate_size=key("expert_feed_forward_length", "int", default=None),
+                    moe_router="topk_softmax", moe_bias=True, attn_sinks=True,
+                    swiglu_limit=_get(meta, REALIZAR_SWIGLU + "limit", "float", path, default=7.0),
+                    swiglu_alpha=_get(meta, REALIZAR_SWIGLU + "alpha", "float", path, default=1.702))
 
     fields = dict(num_experts=key("expert_count", "int", required=True),
                   experts_per_token=key("expert_used_count", "int", required=True),

@@ -20,6 +20,7 @@ token ids of a probe text, which only works for published vocabularies; we match
 tokenizer.json's pre_tokenizer instead (see `PRE_TOKENIZER_REGEXES`):
     llama3 regex ('\\p{N}{1,3}', used by Llama 3.x)       -> 'llama-bpe'
     qwen2 regex  (single digits '\\p{N}', Qwen2/2.5/3)     -> 'qwen2'
+    o200k regex  (case-split words, '\\p{N}{1,3}', gpt-oss) -> 'gpt-4o'
     ByteLevel(use_regex=True) or the GPT-2 regex           -> 'gpt-2'
     anything else                                         -> 'default' with a warning (llama.cpp would then
                                                              split text differently from HF)
@@ -48,15 +49,20 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# tiktoken's o200k_base (GPT-4o, gpt-oss: its tokenizer.json's Split), llama.cpp's LLAMA_VOCAB_PRE_TYPE_GPT4O
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_PRE_NAMES = frozenset(["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"])  # also ignore_merges, BOS
 NFC_PRE_NAMES = frozenset(["qwen2", "deepseek-r1-qwen"])
 PRE_REGEXES = {  # tokenizer.ggml.pre -> split regex
     **dict.fromkeys(LLAMA3_PRE_NAMES, LLAMA3_REGEX),
     **dict.fromkeys(NFC_PRE_NAMES, QWEN2_REGEX),
     **dict.fromkeys(["default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "jais"], GPT2_REGEX),
+    "gpt-4o": GPT4O_REGEX,
 }
 # regex in tokenizer.json -> the name we write as tokenizer.ggml.pre
-PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2"}
+PRE_TOKENIZER_REGEXES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-2", GPT4O_REGEX: "gpt-4o"}
 
 
 def _looks_special(text: str) -> bool:

@@ -8,10 +8,15 @@ decides which tensor gets which type. We do both in one pass:
   llama.cpp ignores, so that the exact HF parameters survive the round trip);
 - Mixtral is written as 'llama' with expert_count / expert_used_count, as llama.cpp does; each layer's
   experts go out stacked ([experts, out, in]: ffn_gate_exps / ffn_up_exps / ffn_down_exps);
-- 1-D tensors (norms, biases, rope_freqs) and the MoE router (ffn_gate_inp, which llama.cpp never
-  quantizes) stay F32; matrices and expert stacks get the requested type, or for q4_k_m
-  llama-quantize's mix; a row length that is not a whole number of blocks falls back like
-  llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
+- gpt-oss is 'gpt-oss' with llama.cpp's names (the experts' biases ffn_*_exps.bias [experts, out], the
+  router's ffn_gate_inp.bias, attn_sinks, the MLP's pre-norm post_attention_norm), YaRN as rope.scaling.*
+  (plus our `realizar.rope.scaling.yarn_truncate`: llama.cpp always truncates the ramp, gpt-oss does not)
+  and our `realizar.swiglu_*` keys for the clamp (llama.cpp fixes them);
+- vectors (norms, biases, sinks, rope_freqs; the experts' biases too) and the MoE router (ffn_gate_inp,
+  which llama.cpp never quantizes) stay F32; matrices and expert stacks get the requested type, or for
+  q4_k_m llama-quantize's mix; experts already packed in the checkpoint (gpt-oss's MXFP4) are written as
+  they are when the plan keeps their type, else dequantized first; a row length that is not a whole
+  number of blocks falls back like llama-quantize (Q4_K -> Q5_0, Q6_K -> Q8_0, then F16).
 - mxfp4_moe is llama-quantize's MXFP4_MOE mix: expert stacks MXFP4, every other matrix (embeddings and
   output included) Q8_0; a dense model comes out all Q8_0, as from llama-quantize. mxfp4 is ours: every
   matrix and expert stack MXFP4. Both carry file type MOSTLY_MXFP4_MOE, llama.cpp's only MXFP4 one.
@@ -33,16 +38,19 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..quant.types import qtype_info, row_bytes
-from .roles import GGUF_QK_PERMUTED_ARCHS, NORM_ROLES, NORM_SHIFT, roles_of, tensor_name
-from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_PREFIX, llama3_rope_factors,
+from .roles import GGUF_QK_PERMUTED_ARCHS, NORM_ROLES, NORM_SHIFT, ROLES, roles_of, tensor_name
+from .gguf_file import (GEMMA_SWA_PATTERN, REALIZAR_ATTENTION_FACTOR, REALIZAR_QUERY_SCALAR, REALIZAR_ROPE_PREFIX,
+                        REALIZAR_SWIGLU, REALIZAR_YARN_TRUNCATE, SWA_PATTERN, llama3_rope_factors,
                         llamacpp_query_scalar)
+from ..config import yarn_attention_factor
 
 logger = logging.getLogger(__name__)
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2",
-             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama", "qwen3moe": "qwen3moe"}
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama", "qwen3moe": "qwen3moe",
+             "gptoss": "gpt-oss"}
 # llama.cpp's graphs that apply {arch}.attention.sliding_window (llama/qwen2/qwen3 ignore it)
-_SWA_ARCHS = ("phi3", "gemma2", "gemma3")
+_SWA_ARCHS = ("phi3", "gemma2", "gemma3", "gptoss")
 _FT = gguf.LlamaFileType
 # quant -> (the type of 2-D tensors before llama-quantize's mix and fallbacks, general.file_type)
 _QUANTS = {"f32": ("F32", _FT.ALL_F32), "f16": ("F16", _FT.MOSTLY_F16), "bf16": ("BF16", _FT.MOSTLY_BF16),
@@ -77,7 +85,7 @@ def plan_qtype(role: str, layer: int | None, shape: tuple[int, ...], quant: str,
     num_experts: the model's expert count (llama-quantize gives 8-expert models more bits in attention)."""
     if quant not in _QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
-    if len(shape) < 2 or quant == "f32" or role == "router":
+    if len(shape) < 2 or quant == "f32" or role == "router" or ROLES[role].kind == "vector":
         return "F32"
     qtype = _QUANTS[quant][0]
     if quant == "mxfp4_moe" and len(shape) < 3:   # llama-quantize: "MoE tensors -> MXFP4, other tensors -> Q8_0"
@@ -156,7 +164,14 @@ def _tensor_bytes(src, p: _Planned) -> np.ndarray:
         return np.asarray(c.rope_scaling.factors(p.role == "rope_factors_long"), np.float32)
     if p.source is None:
         return llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
-    x = np.asarray(src.tensors[p.source].data, dtype=np.float32)
+    t = src.tensors[p.source]
+    if not qtype_info(t.qtype).is_dense:   # packed in the checkpoint (gpt-oss's MXFP4 experts)
+        if t.qtype == p.qtype:
+            return np.ascontiguousarray(np.asarray(t.data, np.uint8))   # as they are: no second rounding
+        x = gguf.quants.dequantize(np.asarray(t.data, np.uint8), gguf.GGMLQuantizationType[t.qtype])
+        x = x.astype(np.float32).reshape(p.shape)
+    else:
+        x = np.asarray(t.data, dtype=np.float32)
     if p.role in NORM_ROLES and c.architecture in NORM_SHIFT:   # llama.cpp stores Gemma's norms as 1 + w
         x = x + np.float32(NORM_SHIFT[c.architecture])
     if GGUF_ARCH[c.architecture] in GGUF_QK_PERMUTED_ARCHS:
@@ -220,6 +235,17 @@ def write_model_metadata(w: gguf.GGUFWriter, c, quant: str, name: str, quantized
         w.add_float32(REALIZAR_ROPE_PREFIX + "low_freq_factor", s.low_freq_factor)
         w.add_float32(REALIZAR_ROPE_PREFIX + "high_freq_factor", s.high_freq_factor)
         w.add_uint32(REALIZAR_ROPE_PREFIX + "original_context_length", s.original_context_length)
+    elif s is not None and s.kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s.factor)
+        w.add_rope_scaling_orig_ctx_len(s.original_context_length)
+        w.add_rope_scaling_yarn_beta_fast(s.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+        w.add_bool(REALIZAR_YARN_TRUNCATE, s.truncate)
+        if s.attention_factor != yarn_attention_factor(s.factor):
+            w.add_float32(REALIZAR_ATTENTION_FACTOR, s.attention_factor)
+            logger.warning("%s: YaRN attention factor %s is not the default for factor %s, which llama.cpp uses",
+                           path, s.attention_factor, s.factor)
 
 
 def _family_metadata(w: gguf.GGUFWriter, c, path) -> None:
@@ -241,7 +267,7 @@ def _family_metadata(w: gguf.GGUFWriter, c, path) -> None:
     if c.layer_types is not None and c.sliding_window is not None:
         pattern = [c.sliding(i) for i in range(c.num_layers)]
         w.add_sliding_window_pattern(pattern)
-        n = GEMMA_SWA_PATTERN.get(arch)
+        n = SWA_PATTERN.get(arch)
         if n is not None and pattern != [bool((i + 1) % n) for i in range(c.num_layers)]:
             logger.warning("%s: llama.cpp fixes %s's sliding layers to every %d-th global; this model's differ",
                            path, arch, n)
@@ -279,6 +305,13 @@ def _moe_metadata(w: gguf.GGUFWriter, c, path) -> None:
         return
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.experts_per_token)
+    if c.architecture == "gptoss":
+        w.add_expert_feed_forward_length(c.expert_ffn)
+        w.add_float32(REALIZAR_SWIGLU + "limit", c.swiglu_limit)
+        w.add_float32(REALIZAR_SWIGLU + "alpha", c.swiglu_alpha)
+        if (c.swiglu_limit, c.swiglu_alpha) != (7.0, 1.702):
+            logger.warning("%s: llama.cpp fixes gpt-oss's SwiGLU limit and alpha to 7 and 1.702; this model's are "
+                           "%s and %s", path, c.swiglu_limit, c.swiglu_alpha)
     if c.architecture == "qwen3moe":
         w.add_expert_feed_forward_length(c.expert_ffn)
         w.add_expert_weights_norm(c.norm_topk_prob)

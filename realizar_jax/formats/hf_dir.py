@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -17,17 +16,18 @@ import ml_dtypes  # registers bfloat16 with numpy, which the safetensors library
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling
+from ..config import LAYER_TYPES, MAX_SIZE, ConfigValueError, ModelConfig, RopeScaling, yarn_attention_factor
 from ..errors import DamagedFileError, MissingTensorError, ModelFormatError, UnsupportedQuantError
 from .files import MAX_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, open_regular, present, read_bounded
-from .experts import stack_experts
+from .experts import split_gate_up, stack_experts
 from .roles import canonical_architecture
 from .source import ModelSource, TensorSource
 from .gguf_file import default_add_bos
 
 # safetensors dtype -> (gguf qtype spelling, numpy dtype)
 ST_DTYPES = {"F32": ("F32", np.dtype(np.float32)), "F16": ("F16", np.dtype(np.float16)),
-             "BF16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+             "BF16": ("BF16", np.dtype(ml_dtypes.bfloat16)),
+             "U8": ("U8", np.dtype(np.uint8))}   # gpt-oss's MXFP4 blocks and scales only (formats/experts.py)
 ST_KNOWN_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F64", "F8_E4M3", "F8_E5M2",
                    "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -195,7 +195,7 @@ def _rope_dicts(cfg: dict) -> tuple[dict, dict | None]:
 def _rope(cfg: dict, path, arch: str = "llama") -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) of the global (full-attention) layers."""
     params, _ = _rope_dicts(cfg)
-    default_theta = 1_000_000.0 if arch == "gemma3" else 10000.0
+    default_theta = {"gemma3": 1_000_000.0, "gptoss": 150000.0}.get(arch, 10000.0)
     theta = cfg.get("rope_theta", params.get("rope_theta", default_theta))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
@@ -229,8 +229,22 @@ def _rope(cfg: dict, path, arch: str = "llama") -> tuple[float, RopeScaling | No
         return theta, RopeScaling("longrope", factor=factor, original_context_length=original,
                                   short_factor=tuple(params["short_factor"]), long_factor=tuple(params["long_factor"]),
                                   attention_factor=attention)
-    raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3, longrope)",
-                           path=path)
+    if kind == "yarn":   # transformers' _compute_yarn_parameters
+        original = params.get("original_max_position_embeddings")
+        if original is None:
+            raise DamagedFileError(f"config.json rope scaling yarn {params!r:.120} has no "
+                                   f"original_max_position_embeddings", path=path)
+        factor = params.get("factor")
+        if factor is None and _is_int(original) and original > 0 and _is_int(cfg.get("max_position_embeddings")):
+            factor = cfg["max_position_embeddings"] / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = yarn_attention_factor(factor, params.get("mscale"), params.get("mscale_all_dim"))
+        return theta, RopeScaling("yarn", factor=factor, original_context_length=original,
+                                  beta_fast=params.get("beta_fast") or 32.0, beta_slow=params.get("beta_slow") or 1.0,
+                                  truncate=params.get("truncate", True), attention_factor=attention)
+    raise ModelFormatError(f"rope scaling type {kind!r:.40} is not supported (supported: linear, llama3, longrope, "
+                           f"yarn)", path=path)
 
 
 def _rope_local_theta(cfg: dict, path) -> float:
@@ -416,7 +430,9 @@ def config_from_hf(cfg: dict, folder: Path, tensors: dict[str, TensorSource]) ->
             context_length=cfg.get("max_position_embeddings", 2048),
             # Gemma's transformers configs tie unless told otherwise
             tie_embeddings=cfg.get("tie_word_embeddings", arch in ("gemma2", "gemma3")) is True,
-            qkv_bias=arch == "qwen2" or cfg.get("attention_bias") is True,
+            # gpt-oss: attention_bias defaults to true (transformers' GptOssConfig), on q/k/v and o
+            qkv_bias=arch == "qwen2" or cfg.get("attention_bias", arch == "gptoss") is True,
+            attn_out_bias=arch == "gptoss" and cfg.get("attention_bias", True) is True,
             qk_norm=arch in ("qwen3", "olmo2", "gemma3", "qwen3moe"),
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
@@ -457,6 +473,8 @@ def _layer_types(cfg: dict, arch: str, layers, window, path) -> tuple[str, ...] 
             raise DamagedFileError(f"config.json sliding_window_pattern = {n!r:.40} must be a positive integer",
                                    path=path)
         return tuple("sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers))
+    if arch == "gptoss":   # GptOssConfig: the even layers slide, the odd ones attend to everything
+        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers))
     if arch in ("qwen2", "qwen3") and window is not None:
         first = cfg.get("max_window_layers", 0)
         first = first if _is_int(first) else 0
@@ -477,6 +495,8 @@ def _family_fields(cfg: dict, arch: str, layers, head_dim, path) -> dict:
     defaults = _GEMMA_DEFAULTS.get(arch, {})
     get = lambda key: cfg.get(key, defaults.get(key))   # noqa: E731
     window = get("sliding_window")
+    if arch == "gptoss" and "sliding_window" not in cfg:
+        window = 128   # GptOssConfig's default
     if arch in ("qwen2", "qwen3", "qwen3moe") and not cfg.get("use_sliding_window"):
         window = None   # transformers: sliding_window only with use_sliding_window
     if arch in ("llama", "olmo2"):
@@ -498,11 +518,19 @@ def _moe_fields(cfg: dict, arch: str, path) -> dict:
     """The mixture-of-experts fields: Mixtral's num_local_experts (its experts as wide as intermediate_size,
     always renormalized); Qwen3-MoE's num_experts, moe_intermediate_size and norm_topk_prob (transformers'
     default false). Qwen3-MoE configs with dense layers between the sparse ones are refused: llama.cpp's
-    qwen3moe has none either."""
-    if arch not in ("mixtral", "qwen3moe"):
+    qwen3moe has none either. gpt-oss: num_local_experts, top-k, each expert intermediate_size wide, the
+    clamped SwiGLU's swiglu_limit / swiglu_alpha, biases and sinks always (GptOssConfig's defaults)."""
+    if arch not in ("mixtral", "qwen3moe", "gptoss"):
         return {}
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
     fields = dict(num_experts=experts, experts_per_token=cfg.get("num_experts_per_tok", 2))
+    if arch == "gptoss":   # GptOssConfig's defaults: 128 experts, top-4, limit 7, alpha 1.702; always sinks
+        fields = dict(num_experts=cfg.get("num_local_experts", 128),
+                      experts_per_token=cfg.get("num_experts_per_tok", 4),
+                      expert_intermediate_size=cfg.get("intermediate_size"), moe_router="topk_softmax",
+                      moe_bias=True, attn_sinks=True, swiglu_limit=cfg.get("swiglu_limit", 7.0),
+                      swiglu_alpha=cfg.get("swiglu_alpha", 1.702))
+        return fields
     if arch == "qwen3moe":
         step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
         if step != 1 or dense:
@@ -546,7 +574,11 @@ def open_hf_dir(path) -> ModelSource:
     cfg = _read_json(folder / "config.json", "config.json")
     tensors = _tensors(folder)
     config = config_from_hf(cfg, folder, tensors)
-    tensors = stack_experts(tensors, config, folder)
+    tensors = stack_experts(split_gate_up(tensors, config, folder), config, folder)
+    raw = next((t for t in tensors.values() if t.qtype == "U8"), None)
+    if raw is not None:   # U8 is read for gpt-oss's MXFP4 experts; split_gate_up has turned those into MXFP4
+        raise UnsupportedQuantError("dtype U8 is not supported (supported: F32, F16, BF16; U8 only as gpt-oss's "
+                                    "MXFP4 expert blocks and scales)", path=folder, tensor=raw.name)
     if config.tie_embeddings and "lm_head.weight" in tensors:
         _check_tied_head(tensors, folder)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}

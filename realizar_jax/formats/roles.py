@@ -21,7 +21,8 @@ class Role:
     gguf: str | None  # '{i}' stands for the layer index; None: the role has no tensor in this format
     hf: str | None
     per_layer: bool
-    kind: str  # 'matrix' (rows=out, cols=in), 'vector', 'embedding', 'experts' ([experts, out, in])
+    # 'matrix' (rows=out, cols=in), 'vector' (1-D, or one per expert), 'embedding', 'experts' ([experts, out, in])
+    kind: str
 
 
 def _g(tensor: T, suffix: str = "weight") -> str:
@@ -58,6 +59,8 @@ ROLES: dict[str, Role] = {r.name: r for r in [
     _r("bq", _g(T.ATTN_Q, "bias"), _L + "self_attn.q_proj.bias", "vector"),
     _r("bk", _g(T.ATTN_K, "bias"), _L + "self_attn.k_proj.bias", "vector"),
     _r("bv", _g(T.ATTN_V, "bias"), _L + "self_attn.v_proj.bias", "vector"),
+    _r("bo", _g(T.ATTN_OUT, "bias"), _L + "self_attn.o_proj.bias", "vector"),
+    _r("attn_sinks", _g(T.ATTN_SINKS), _L + "self_attn.sinks", "vector"),   # gpt-oss: a logit per head
     _r("q_norm", _g(T.ATTN_Q_NORM), _L + "self_attn.q_norm.weight", "vector"),
     _r("k_norm", _g(T.ATTN_K_NORM), _L + "self_attn.k_norm.weight", "vector"),
     _r("post_attn_norm", _g(T.ATTN_POST_NORM), _L + "post_attention_layernorm.weight", "vector"),  # gemma, olmo2
@@ -73,9 +76,15 @@ ROLES: dict[str, Role] = {r.name: r for r in [
     _r("experts_gate", _g(T.FFN_GATE_EXP), _L + "block_sparse_moe.experts.{e}.w1.weight", "experts"),
     _r("experts_up", _g(T.FFN_UP_EXP), _L + "block_sparse_moe.experts.{e}.w3.weight", "experts"),
     _r("experts_down", _g(T.FFN_DOWN_EXP), _L + "block_sparse_moe.experts.{e}.w2.weight", "experts"),
+    # gpt-oss's biases: the router's [experts], the experts' [experts, out] (no Mixtral-style HF name: _OVERRIDES)
+    _r("router_bias", _g(T.FFN_GATE_INP, "bias"), _L + "mlp.router.bias", "vector"),
+    _r("experts_gate_bias", _g(T.FFN_GATE_EXP, "bias"), _L + "mlp.experts.gate_proj.bias", "vector"),
+    _r("experts_up_bias", _g(T.FFN_UP_EXP, "bias"), _L + "mlp.experts.up_proj.bias", "vector"),
+    _r("experts_down_bias", _g(T.FFN_DOWN_EXP, "bias"), _L + "mlp.experts.down_proj.bias", "vector"),
 ]}
 EXPERT_ROLES = ("experts_gate", "experts_up", "experts_down")
 MOE_ROLES = ("router",) + EXPERT_ROLES
+MOE_BIAS_ROLES = ("router_bias", "experts_gate_bias", "experts_up_bias", "experts_down_bias")
 
 GLOBAL_ROLES = tuple(n for n, r in ROLES.items() if not r.per_layer)
 LAYER_ROLES = tuple(n for n, r in ROLES.items() if r.per_layer)
@@ -100,6 +109,8 @@ ARCH_ROLES: dict[str, tuple[str, ...]] = {
     "mixtral": ("embed", "final_norm", "lm_head", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm") + MOE_ROLES,
     "qwen3moe": ("embed", "final_norm", "lm_head", "attn_norm", "wq", "wk", "wv", "wo", "q_norm", "k_norm",
                  "ffn_norm") + MOE_ROLES,
+    "gptoss": ("embed", "final_norm", "lm_head", "attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
+               "attn_sinks", "ffn_norm") + MOE_ROLES + MOE_BIAS_ROLES,
 }
 _GEMMA_HF = {"ffn_norm": dict(hf=_L + "pre_feedforward_layernorm.weight")}
 _OVERRIDES: dict[str, dict[str, dict]] = {
@@ -110,6 +121,12 @@ _OVERRIDES: dict[str, dict[str, dict]] = {
     "qwen3moe": {"router": dict(hf=_L + "mlp.gate.weight"),
                  **{r: dict(hf=_L + f"mlp.experts.{{e}}.{p}_proj.weight")
                     for r, p in (("experts_gate", "gate"), ("experts_up", "up"), ("experts_down", "down"))}},
+    # gpt-oss: llama.cpp names the MLP's pre-norm post_attention_norm. Its HF checkpoints hold each layer's
+    # experts stacked and transposed, gate and up interleaved in one gate_up_proj: formats/experts.py splits
+    # them at open into the per-role stacks named here (the names llama.cpp's converter maps them through).
+    "gptoss": {"ffn_norm": dict(gguf=_g(T.ATTN_POST_NORM)), "router": dict(hf=_L + "mlp.router.weight"),
+               **{r: dict(hf=_L + f"mlp.experts.{p}_proj.weight")
+                  for r, p in (("experts_gate", "gate"), ("experts_up", "up"), ("experts_down", "down"))}},
 }
 # The norms of a block, by architecture: pre-norms (llama), post-norms only (olmo2), both (gemma).
 LAYER_NORMS = {"olmo2": ("post_attn_norm", "post_ffn_norm"),
@@ -143,6 +160,7 @@ ARCH_ALIASES = {
     "gemma3": "gemma3", "gemma3_text": "gemma3", "Gemma3ForCausalLM": "gemma3",
     "mixtral": "mixtral", "MixtralForCausalLM": "mixtral",   # GGUF: 'llama' with expert_count (gguf_file.py)
     "qwen3moe": "qwen3moe", "qwen3_moe": "qwen3moe", "Qwen3MoeForCausalLM": "qwen3moe",
+    "gptoss": "gptoss", "gpt_oss": "gptoss", "gpt-oss": "gptoss", "GptOssForCausalLM": "gptoss",
 }
 
 
@@ -150,7 +168,7 @@ def canonical_architecture(name: str, *, path=None) -> str:
     arch = ARCH_ALIASES.get(name)
     if arch is None:
         raise UnknownArchitectureError(
-            f"unknown architecture {name!r:.80}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path=path)
+            f"unknown architecture {name!r:.60}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}", path=path)
     return arch
 
 
@@ -162,6 +180,12 @@ def required_layer_roles(config: ModelConfig) -> tuple[str, ...]:
     roles += list(MOE_ROLES) if config.moe else ["w_gate", "w_up", "w_down"]
     if config.qkv_bias:
         roles += ["bq", "bk", "bv"]
+    if config.attn_out_bias:
+        roles += ["bo"]
+    if config.attn_sinks:
+        roles += ["attn_sinks"]
+    if config.moe_bias:
+        roles += list(MOE_BIAS_ROLES)
     if config.qk_norm:
         roles += ["q_norm", "k_norm"]
     return tuple(roles)
@@ -190,7 +214,8 @@ def expected_shape(role: str, config: ModelConfig) -> tuple[int, ...]:
         "wv": (c.kv_size, c.hidden_size),
         "wqkv": (c.q_size + 2 * c.kv_size, c.hidden_size),
         "wo": (c.hidden_size, c.q_size),
-        "bq": (c.q_size,), "bk": (c.kv_size,), "bv": (c.kv_size,),
+        "bq": (c.q_size,), "bk": (c.kv_size,), "bv": (c.kv_size,), "bo": (c.hidden_size,),
+        "attn_sinks": (c.num_heads,),
         "q_norm": (c.q_size if whole else c.head_dim,), "k_norm": (c.kv_size if whole else c.head_dim,),
         "w_gate": (c.intermediate_size, c.hidden_size),
         "w_up": (c.intermediate_size, c.hidden_size),
@@ -200,7 +225,8 @@ def expected_shape(role: str, config: ModelConfig) -> tuple[int, ...]:
     if c.moe:
         e, f = c.num_experts, c.expert_ffn
         shapes.update(router=(e, c.hidden_size), experts_gate=(e, f, c.hidden_size), experts_up=(e, f, c.hidden_size),
-                      experts_down=(e, c.hidden_size, f))
+                      experts_down=(e, c.hidden_size, f), router_bias=(e,), experts_gate_bias=(e, f),
+                      experts_up_bias=(e, f), experts_down_bias=(e, c.hidden_size))
     return shapes[role]
 
 
@@ -218,7 +244,7 @@ def tensor_name(role: str, fmt: str, layer: int | None = None, arch: str = "llam
 def expert_tensor_name(role: str, layer: int, expert: int, arch: str) -> str | None:
     """The HF name of one expert's tensor of an experts role (None where the architecture has no such role)."""
     r = roles_of(arch).get(role)
-    return None if r is None or r.hf is None else r.hf.format(i=layer, e=expert)
+    return None if r is None or r.hf is None or "{e}" not in r.hf else r.hf.format(i=layer, e=expert)
 
 
 def name_to_role(fmt: str, num_layers: int, arch: str = "llama") -> dict[str, tuple[str, int | None]]:

@@ -9,7 +9,7 @@ from ..errors import MissingTensorError, ModelFormatError, ShapeMismatchError, U
 from ..quant.types import qtype_info
 from functools import lru_cache
 
-from .roles import (FUSED, MOE_ROLES, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, stacked,
+from .roles import (FUSED, MOE_BIAS_ROLES, MOE_ROLES, ROLES, expected_shape, required_global_roles, required_layer_roles, roles_of, stacked,
                     tensor_name)
 
 RoleKey = tuple[str, "int | None"]  # (role, layer); layer is None for global roles
@@ -85,6 +85,12 @@ def validate_roles(source) -> dict[RoleKey, str]:
         unused_roles |= {"bq", "bk", "bv"}
     if not config.qk_norm:
         unused_roles |= {"q_norm", "k_norm"}
+    if not config.attn_out_bias:
+        unused_roles.add("bo")
+    if not config.attn_sinks:
+        unused_roles.add("attn_sinks")
+    if not config.moe_bias:
+        unused_roles |= set(MOE_BIAS_ROLES)
     if config.rope_scaling is None or config.rope_scaling.kind != "longrope":
         unused_roles |= {"rope_factors_long", "rope_factors_short"}
     unused = [n for (role, _), n in found.items() if role in unused_roles]
@@ -118,7 +124,7 @@ def validate_roles(source) -> dict[RoleKey, str]:
     for (role, layer), name in found.items():
         t = source.tensors[name]
         want = expected_shape(role, config)
-        if role in MOE_ROLES and (len(t.shape) != len(want) or t.shape[0] != want[0]):
+        if role in MOE_ROLES + MOE_BIAS_ROLES and (len(t.shape) != len(want) or t.shape[0] != want[0]):
             raise ShapeMismatchError(f"shape {list(t.shape)} holds {t.shape[0] if t.shape else 0} experts but the "
                                      f"config says {want[0]} (expected {list(want)})", path=path, tensor=name)
         if tuple(t.shape) != want:

@@ -18,11 +18,11 @@ from ..ops.attention import DecodeAttention, ExtendAttention, PrefillAttention, 
 from ..ops.fused import Stream
 from ..ops.routes import KernelConfig, using
 from ..weights import Params
-from . import gemma, llama, moe, olmo2
+from . import gemma, gpt_oss, llama, moe, olmo2
 
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
                                    "olmo2": olmo2, "phi3": llama, "gemma2": gemma, "gemma3": gemma,
-                                   "mixtral": moe, "qwen3moe": moe}
+                                   "mixtral": moe, "qwen3moe": moe, "gptoss": gpt_oss}
 
 
 def family(config: ModelConfig) -> ModuleType:
@@ -34,9 +34,10 @@ def family(config: ModelConfig) -> ModuleType:
 
 
 def rope(params: Params, config: ModelConfig) -> Rope:
-    """The RoPE tables' parts: the weights' inverse frequencies, longrope's attention factor, Gemma 3's local ones."""
+    """The RoPE tables' parts: the weights' inverse frequencies, longrope's or YaRN's attention factor, Gemma 3's
+    local ones."""
     s = config.rope_scaling
-    factor = s.attention_factor if s is not None and s.kind == "longrope" else 1.0
+    factor = s.attention_factor if s is not None and s.kind in ("longrope", "yarn") else 1.0
     return Rope(params.rope_inv_freq, factor, params.rope_local_inv_freq)
 
 

@@ -12,8 +12,9 @@ reads gather them (the reference) or walk them in the paged decode kernel; the m
 
 Per-call features (static, chosen by the block): `window=w` (a query at position i sees keys i-w+1..i;
 the cache keeps every position, the window is a mask), `softcap=c` (logits -> c * tanh(logits / c), as
-Gemma 2), `rope="local"` (the second RoPE table, Gemma 3's sliding layers). The decode kernel route
-declines them (and partial RoPE); then the reference runs.
+Gemma 2), `rope="local"` (the second RoPE table, Gemma 3's sliding layers), `sinks=` (gpt-oss: a learned
+logit per query head [Hq], an extra entry of the softmax's denominator that no value goes with). The decode
+kernel route declines them (and partial RoPE); then the reference runs.
 """
 from __future__ import annotations
 
@@ -36,7 +37,18 @@ def _softcap(scores, softcap):
     return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
 
 
-def decode_attention_ref(q, k_cache, v_cache, lengths, scale, window=None, softcap=None):
+def _softmax(scores, sinks, hkv: int):
+    """The softmax over the keys (the last axis) of scores [B, Hkv, G, ..., S]; with sinks [Hq = Hkv * G],
+    each head's sink logit joins the denominator (its probability is dropped), as transformers' gpt-oss."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    b, _, g = scores.shape[:3]
+    sink = jnp.asarray(sinks, jnp.float32).reshape((1, hkv, g) + (1,) * (scores.ndim - 3))
+    full = jnp.concatenate([scores, jnp.broadcast_to(sink, scores.shape[:-1] + (1,))], axis=-1)
+    return jax.nn.softmax(full, axis=-1)[..., :-1]
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, scale, window=None, softcap=None, sinks=None):
     """q [B, Hq, D]; k/v_cache [B, Hkv, S, D]; lengths [B] valid positions (incl. current). -> [B, Hq, D]."""
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
@@ -47,13 +59,13 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale, window=None, softc
     if window is not None:   # the query sits at lengths - 1
         valid &= j >= lengths[:, None] - window
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = _softmax(scores, sinks, hkv)
     out = jnp.einsum("bhgs,bhsd->bhgd", probs, v_cache.astype(jnp.float32))
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
 def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer: int, window=None,
-                                softcap=None):
+                                softcap=None, sinks=None):
     """One decode step's attention with its cache update, in XLA ops.
 
     q [B, Hq, D], k/v [B, Hkv, D]: the new token's projections before RoPE; k/v_cache: the stacks
@@ -65,12 +77,12 @@ def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale,
     rows = jnp.arange(q.shape[0])
     k_cache = k_cache.at[layer, rows, :, pos].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[layer, rows, :, pos].set(v.astype(v_cache.dtype))
-    return (decode_attention_ref(q, k_cache[layer], v_cache[layer], pos + 1, scale, window, softcap),
+    return (decode_attention_ref(q, k_cache[layer], v_cache[layer], pos + 1, scale, window, softcap, sinks),
             k_cache, v_cache)
 
 
 def paged_decode_attention_update_ref(q, k, v, k_pages, v_pages, tables, pos, cos, sin, scale, layer: int,
-                                      window=None, softcap=None):
+                                      window=None, softcap=None, sinks=None):
     """decode_attention_update_ref through block tables: k/v_pages the pools [L, P, Hkv, ps, D],
     tables [B, max_pages]. Writes the rotated k and v at pos of each sequence's pages in layer
     `layer`, attends over its gathered pages. -> (out [B, Hq, D], k_pages, v_pages)."""
@@ -78,10 +90,10 @@ def paged_decode_attention_update_ref(q, k, v, k_pages, v_pages, tables, pos, co
     k_pages = write_pages(k_pages, tables, layer, pos[:, None], k[:, None])
     v_pages = write_pages(v_pages, tables, layer, pos[:, None], v[:, None])
     return (decode_attention_ref(q, gather_pages(k_pages, tables, layer), gather_pages(v_pages, tables, layer),
-                                 pos + 1, scale, window, softcap), k_pages, v_pages)
+                                 pos + 1, scale, window, softcap, sinks), k_pages, v_pages)
 
 
-def prefill_attention(q, k, v, lengths, scale, window=None, softcap=None):
+def prefill_attention(q, k, v, lengths, scale, window=None, softcap=None, sinks=None):
     """Causal attention within a prompt. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B]. -> [B, T, Hq, D].
 
     Key j is visible to query i when j <= i (and i - j < window) and j < lengths[b]; padded queries compute
@@ -97,7 +109,7 @@ def prefill_attention(q, k, v, lengths, scale, window=None, softcap=None):
         causal &= pos[None, :] > pos[:, None] - window
     visible = causal[None] & (pos[None, None, :] < lengths[:, None, None])  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = _softmax(scores, sinks, hkv)
     out = jnp.einsum("bhgts,bshd->bthgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
@@ -200,7 +212,7 @@ class PrefillAttention(_Attention):
                    lengths=lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
-                 rope: str = "global"):
+                 rope: str = "global", sinks=None):
         """q [B, T, Hq, D], k/v [B, T, Hkv, D] before RoPE -> (attention @ wo.T [B, T, hidden], self updated)."""
         cos, sin = self._tables(rope)
         window = self._window(window)
@@ -213,7 +225,7 @@ class PrefillAttention(_Attention):
         else:
             pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             ks, vs = self._write(k, v, pos, pos < self.lengths[:, None])
-        out = prefill_attention(q, k, v, self.lengths, self.scale, window, softcap)
+        out = prefill_attention(q, k, v, self.lengths, self.scale, window, softcap, sinks)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, t, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
@@ -222,7 +234,7 @@ class PrefillAttention(_Attention):
         return self._cache(self.k, self.v, self.lengths.astype(jnp.int32))
 
 
-def extend_attention(q, k_cache, v_cache, start, lengths, scale, window=None, softcap=None):
+def extend_attention(q, k_cache, v_cache, start, lengths, scale, window=None, softcap=None, sinks=None):
     """A prompt chunk's attention over the cache. q [B, C, Hq, D] at positions start + i; k/v_cache
     [B, Hkv, S, D] already holding the chunk; lengths [B] valid tokens of the chunk. -> [B, C, Hq, D].
 
@@ -238,7 +250,7 @@ def extend_attention(q, k_cache, v_cache, start, lengths, scale, window=None, so
     if window is not None:
         visible &= j[None, None, :] > qpos[:, :, None] - window
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = _softmax(scores, sinks, hkv)
     out = jnp.einsum("bhgcs,bhsd->bchgd", probs, v_cache.astype(jnp.float32))
     return out.reshape(b, c, hq, d).astype(q.dtype)
 
@@ -258,7 +270,7 @@ class ExtendAttention(_Attention):
                    start=start, lengths=lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
-                 rope: str = "global"):
+                 rope: str = "global", sinks=None):
         cos, sin = self._tables(rope)
         window = self._window(window)
         with jax.named_scope("rope"):
@@ -268,7 +280,7 @@ class ExtendAttention(_Attention):
         # padding is not written: in a paged cache its positions may lie in pages the sequence does not own
         ks, vs = self._write(k, v, pos, jnp.arange(c)[None, :] < self.lengths[:, None])
         k_rows, v_rows = self._rows(ks, vs)
-        out = extend_attention(q, k_rows, v_rows, self.start, self.lengths, self.scale, window, softcap)
+        out = extend_attention(q, k_rows, v_rows, self.start, self.lengths, self.scale, window, softcap, sinks)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, c, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
@@ -290,7 +302,7 @@ class DecodeAttention(_Attention):
                    pos=cache.lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
-                 rope: str = "global"):
+                 rope: str = "global", sinks=None):
         """q [B, Hq, D], k/v [B, Hkv, D] before RoPE -> (attention @ wo.T [B, hidden] (maybe a
         SplitSum), self with k/v written at pos)."""
         cos, sin = self._tables(rope)
@@ -302,10 +314,10 @@ class DecodeAttention(_Attention):
                              (q, k, v, self.k, self.v, self.tables))
         args += (self.pos, cos, sin, self.scale, self.layer)
         kernel = route(op, q.shape[0], wo)
-        res = (kernel(*args, wo, partial(linear, unsummed=True), window=window, softcap=softcap)
+        res = (kernel(*args, wo, partial(linear, unsummed=True), window=window, softcap=softcap, sinks=sinks)
                if kernel is not None else None)
         if res is None:
-            out, ks, vs = ref(*args, window, softcap)
+            out, ks, vs = ref(*args, window, softcap, sinks)
             with jax.named_scope("o"):
                 res = linear(out.reshape(out.shape[0], -1), wo, unsummed=True), ks, vs
         y, ks, vs = res

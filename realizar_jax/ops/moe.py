@@ -12,7 +12,9 @@ Both round as the dense MLP does (each projection accumulated in float32, rounde
 chosen experts' outputs are weighted and summed in float32, rounded once.
 
 The router's logits are computed by the exact reference dot on every route: an approximate one (int8
-activations) could flip which experts a token picks. A kernel route ("moe" in ops/routes.py) may take
+activations) could flip which experts a token picks. Per-call features (gpt-oss): `router_bias=`,
+`order="topk_softmax"` (the top_k logits, then their softmax), `biases=` (the experts' gate, up and down
+biases [experts, out]) and `activation="clamped_swiglu"` with its `limit=` and `alpha=`. A kernel route ("moe" in ops/routes.py) may take
 the experts' matmuls; none is registered yet, so every platform runs the formulations here.
 """
 from __future__ import annotations
@@ -24,15 +26,24 @@ from jax import lax
 from ..quant.dequant import dequantize_blocks
 from ..quant.qtensor import QTensor
 from .fused import ACTIVATIONS, Stream, as_stream, _check_norm
-from ..layers import rms_norm as _rms_norm
+from ..layers import clamped_swiglu, rms_norm as _rms_norm
 from .linear import reference_linear
 from .routes import route, rows_of
 
 
-def route_experts(logits, k: int, normalize: bool):
+ORDERS = ("softmax_topk", "topk_softmax")
+
+
+def route_experts(logits, k: int, normalize: bool, order: str = "softmax_topk"):
     """Router logits [..., experts] -> (weights float32 [..., k], expert ids int32 [..., k]): softmax in
     float32, the k largest probabilities (ties: the lower expert id first, as lax.top_k orders them),
-    renormalized to sum to 1 when `normalize` (Mixtral always; Qwen3-MoE with norm_topk_prob)."""
+    renormalized to sum to 1 when `normalize` (Mixtral always; Qwen3-MoE with norm_topk_prob).
+    order="topk_softmax" (gpt-oss): the k largest logits, then the softmax over those k (`normalize` moot)."""
+    if order not in ORDERS:
+        raise ValueError(f"route_experts: order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "topk_softmax":
+        top, ids = lax.top_k(jnp.asarray(logits).astype(jnp.float32), k)
+        return jax.nn.softmax(top, axis=-1), ids.astype(jnp.int32)
     probs = jax.nn.softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
     top, ids = lax.top_k(probs, k)
     if normalize:
@@ -61,11 +72,17 @@ def _dot(x, w, spec: str):
     return jnp.einsum(spec, x, w, precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _gathered(x, ids, w_gate, w_up, w_down, act):
+def _bias(y, b, ids):
+    """y + the biases [experts, out] of experts ids (any int shape), in y's dtype; y itself when b is None."""
+    return y if b is None else y + jnp.take(b, ids, axis=0).astype(y.dtype)
+
+
+def _gathered(x, ids, w_gate, w_up, w_down, act, biases=(None, None, None)):
     """x [N, H], ids [N, k] -> [N, k, H]: every token's chosen experts, their weights gathered per token."""
-    gate = _dot(x, _take(w_gate, ids, x.dtype), "nh,nkfh->nkf")
-    up = _dot(x, _take(w_up, ids, x.dtype), "nh,nkfh->nkf")
-    return _dot(act(gate, up), _take(w_down, ids, x.dtype), "nkf,nkhf->nkh")
+    bg, bu, bd = biases
+    gate = _bias(_dot(x, _take(w_gate, ids, x.dtype), "nh,nkfh->nkf"), bg, ids)
+    up = _bias(_dot(x, _take(w_up, ids, x.dtype), "nh,nkfh->nkf"), bu, ids)
+    return _bias(_dot(act(gate, up), _take(w_down, ids, x.dtype), "nkf,nkhf->nkh"), bd, ids)
 
 
 BLOCK = 64   # the most rows of one expert's block in the grouped formulation
@@ -78,7 +95,7 @@ def _block_rows(assignments: int, experts: int) -> int:
     return int(min(BLOCK, max(8, -(-share // 8) * 8)))
 
 
-def _grouped(x, ids, w_gate, w_up, w_down, act):
+def _grouped(x, ids, w_gate, w_up, w_down, act, biases=(None, None, None)):
     """x [N, H], ids [N, k] -> [N, k, H]: the assignments sorted by expert into blocks of one expert each,
     each used block multiplied by its expert's weights (that expert alone dequantized)."""
     n, k = ids.shape
@@ -104,8 +121,10 @@ def _grouped(x, ids, w_gate, w_up, w_down, act):
             ex = block_expert[i]
             rows = lax.dynamic_slice_in_dim(x_pad, i * b, b)
             pick = lambda w: _take(w, ex, x.dtype)   # noqa: E731
-            out = reference_linear(act(reference_linear(rows, pick(w_gate)), reference_linear(rows, pick(w_up))),
-                                   pick(w_down))
+            bg, bu, bd = biases
+            gate = _bias(reference_linear(rows, pick(w_gate)), bg, ex)
+            up = _bias(reference_linear(rows, pick(w_up)), bu, ex)
+            out = _bias(reference_linear(act(gate, up), pick(w_down)), bd, ex)
             return lax.dynamic_update_slice_in_dim(y_pad, out, i * b, 0)
         return lax.cond(i < used, run, lambda y: y, y_pad)   # a scan, not a while loop: jax.grad goes through
 
@@ -114,34 +133,52 @@ def _grouped(x, ids, w_gate, w_up, w_down, act):
     return y.reshape(n, k, hidden)
 
 
-def moe(x, router, w_gate, w_up, w_down, *, top_k: int, normalize: bool, activation: str = "silu"):
-    """The routed gated MLP of x [..., H]: sum over the router's top_k experts of weight * down(act(gate) * up),
-    in x's dtype. router [E, H]; w_gate/w_up [E, F, H]; w_down [E, H, F]."""
+def _activation(activation: str, limit, alpha):
+    if activation == "clamped_swiglu":
+        if limit is None or alpha is None:
+            raise ValueError("moe: activation 'clamped_swiglu' needs limit= and alpha=")
+        return lambda gate, up: clamped_swiglu(gate, up, alpha, limit)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"moe: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"moe: activation must be one of {', '.join(ACTIVATIONS)}, clamped_swiglu, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def moe(x, router, w_gate, w_up, w_down, *, top_k: int, normalize: bool, activation: str = "silu",
+        router_bias=None, order: str = "softmax_topk", biases=None, limit: float | None = None,
+        alpha: float | None = None):
+    """The routed gated MLP of x [..., H]: sum over the router's top_k experts of weight * down(act(gate) * up),
+    in x's dtype. router [E, H]; w_gate/w_up [E, F, H]; w_down [E, H, F]. router_bias [E] (added to the
+    router's float32 logits); biases: (gate [E, F], up [E, F], down [E, H]) added to each expert's
+    projections (None: none); order: route_experts'; activation "clamped_swiglu" takes limit and alpha
+    (layers.clamped_swiglu)."""
+    act = _activation(activation, limit, alpha)
     x = jnp.asarray(x)
     _check_experts(x, router, w_gate, w_up, w_down)
+    biases = (None, None, None) if biases is None else tuple(biases)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    weights, ids = route_experts(reference_linear(x2, router), top_k, normalize)
+    logits = reference_linear(x2, router)
+    if router_bias is not None:
+        logits = logits.astype(jnp.float32) + jnp.asarray(router_bias, jnp.float32)
+    weights, ids = route_experts(logits, top_k, normalize, order)
     kernel = route("moe", rows_of(x2), w_gate)
-    y = kernel(x2, weights, ids, w_gate, w_up, w_down, activation) if kernel is not None else None
+    y = (kernel(x2, weights, ids, w_gate, w_up, w_down, activation, biases=biases, limit=limit, alpha=alpha)
+         if kernel is not None else None)   # a kernel route declines what it lacks (biases, the clamp)
     if y is None:
-        act = ACTIVATIONS[activation]
         # gathering copies k experts per row: cheaper than the grouped loop until the copies outnumber the stack
         form = _gathered if x2.shape[0] * top_k <= w_gate.shape[0] else _grouped
-        per_expert = form(x2, ids, w_gate, w_up, w_down, act)
+        per_expert = form(x2, ids, w_gate, w_up, w_down, act, biases)
         y = jnp.einsum("nkh,nk->nh", per_expert.astype(jnp.float32), weights,
                        precision=lax.Precision.HIGHEST).astype(x.dtype)
     return y.reshape(*lead, x.shape[-1])
 
 
 def norm_moe(stream, norm_weight, eps: float, router, w_gate, w_up, w_down, *, top_k: int, normalize: bool,
-             activation: str = "silu") -> tuple:
+             activation: str = "silu", **features) -> tuple:
     """(the stream with its delta added, moe(rms_norm(stream), ...)): the mixture-of-experts MLP of a pre-norm
-    block, as norm_mlp is the dense one's."""
+    block, as norm_mlp is the dense one's. features: moe's router_bias, order, biases, limit, alpha."""
     stream, norm_weight = as_stream(stream), jnp.asarray(norm_weight)
     _check_norm(stream.x, norm_weight, "norm_moe")
     x = stream.value()
     return Stream(x), moe(_rms_norm(x, norm_weight, eps), router, w_gate, w_up, w_down, top_k=top_k,
-                          normalize=normalize, activation=activation)
+                          normalize=normalize, activation=activation, **features)

@@ -196,27 +196,28 @@ def mlp_swiglu_dense(x, delta, norm, eps, w_gate, w_up, w_down, activation):
 
 
 def decode_attention_kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer, wo, project, *,
-                            window=None, softcap=None):
+                            window=None, softcap=None, sinks=None):
     """RoPE, the cache write and attention in one launch per layer; the splits merged inside the o
     projection's int8 prep where wo takes prepared int8s, else by XLA, then `project` (ops' linear).
-    Declines a sliding window, soft-capped logits and partial RoPE (the kernel has none of them)."""
+    Declines a sliding window, soft-capped logits, attention sinks and partial RoPE (the kernel has none
+    of them)."""
     return _attention_then_o(attention_kernels.decode_attention_update, (q, k, v, k_cache, v_cache, pos, cos, sin),
-                             scale, layer, wo, project, window, softcap)
+                             scale, layer, wo, project, window, softcap, sinks)
 
 
 def paged_decode_attention_kernel(q, k, v, k_pages, v_pages, tables, pos, cos, sin, scale, layer, wo, project, *,
-                                  window=None, softcap=None):
+                                  window=None, softcap=None, sinks=None):
     """decode_attention_kernel through block tables (kernels/paged_attention.py); declines the same."""
     return _attention_then_o(paged_attention_kernels.paged_decode_attention_update,
                              (q, k, v, k_pages, v_pages, tables, pos, cos, sin), scale, layer, wo, project, window,
-                             softcap)
+                             softcap, sinks)
 
 
-def _attention_then_o(kernel, args, scale, layer, wo, project, window, softcap):
+def _attention_then_o(kernel, args, scale, layer, wo, project, window, softcap, sinks):
     cfg = current()
     q, cos = args[0], args[-2]
     B, Hq, D = q.shape
-    if window is not None or softcap is not None or cos.shape[-1] != D:
+    if window is not None or softcap is not None or sinks is not None or cos.shape[-1] != D:
         return None
     int8 = takes_prepared(wo, B, q.dtype, cfg) and (Hq * D) % x_q8_group(wo.qtype) == 0
     res = kernel(*args, scale, layer, cfg=cfg, merge=not int8)

@@ -14,7 +14,7 @@ Constructors:
 
 How a GGUF vocab becomes a `tokenizers` object (mirroring llama.cpp's llama-vocab.cpp):
 * 'gpt2' (byte-level BPE): tokens + merges, the split regex named by tokenizer.ggml.pre (llama-bpe/llama3,
-  qwen2, gpt-2/default; others fall back to GPT-2's with a warning), byte-level mapping, `ignore_merges` for
+  qwen2, gpt-2/default, gpt-4o (o200k: gpt-oss); others fall back to GPT-2's with a warning), byte-level mapping, `ignore_merges` for
   Llama 3 as llama.cpp sets it. Qwen2 names also get NFC normalisation, as its tokenizer.json has.
 * 'llama' (SentencePiece): llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose concatenation
   is the highest-scoring token; a BPE whose merges are ranked by that score (what HF's LlamaConverter does)
