@@ -7,10 +7,11 @@ driver; ptxas assembles it (registers, spills, shared memory) and nvdisasm shows
 kernel that would not compile on the device fails here, and its register count and instruction stream
 can be read before a device call is spent on it.
 
-The toolchain is three wheels from the package index, downloaded once into the cache directory
-(compile_cache.cache_dir()'s parent / "cuda-toolchain"): jax-cudaNN-plugin and jax-cudaNN-pjrt of the
+The toolchain is four wheels from the package index, downloaded once (toolchain_dir(): beside the
+compilation cache, or $REALIZAR_CUDA_TOOLCHAIN_DIR): jax-cudaNN-plugin and jax-cudaNN-pjrt of the
 installed jax version (the Triton pipeline; loaded from there, never installed, so this process keeps
-its CPU backend) and NVIDIA's ptxas and nvdisasm. Nothing here runs code on a GPU.
+its CPU backend) and NVIDIA's ptxas and nvdisasm (pinned). Nothing here runs code on a GPU. The
+pipeline is loaded once per process (_triton_compiler), from the first Toolchain asked.
 """
 from __future__ import annotations
 
