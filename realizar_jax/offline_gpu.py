@@ -8,7 +8,7 @@ kernel that would not compile on the device fails here, and its register count a
 can be read before a device call is spent on it.
 
 The toolchain is four wheels from the package index, downloaded once (toolchain_dir(): beside the
-compilation cache, or $REALIZAR_CUDA_TOOLCHAIN_DIR): jax-cudaNN-plugin and jax-cudaNN-pjrt of the
+compilation cache, or where the caller says: the CLI's $REALIZAR_CUDA_TOOLCHAIN_DIR): jax-cudaNN-plugin and jax-cudaNN-pjrt of the
 installed jax version (the Triton pipeline; loaded from there, never installed, so this process keeps
 its CPU backend) and NVIDIA's ptxas and nvdisasm (pinned). Nothing here runs code on a GPU. The
 pipeline is loaded once per process (_triton_compiler), from the first Toolchain asked.
@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import importlib.machinery
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -44,13 +43,11 @@ class ToolchainError(RealizarError):
     message names the step and the kernel)."""
 
 
-TOOLCHAIN_ENV = "REALIZAR_CUDA_TOOLCHAIN_DIR"
+TOOLCHAIN_ENV = "REALIZAR_CUDA_TOOLCHAIN_DIR"   # read by the CLI (cli/gpu_compile.py), handed to fetch()
 
 
 def toolchain_dir() -> Path:
-    """$REALIZAR_CUDA_TOOLCHAIN_DIR, else cuda-toolchain/ beside the compilation cache."""
-    if os.environ.get(TOOLCHAIN_ENV):
-        return Path(os.environ[TOOLCHAIN_ENV]).expanduser()
+    """Where fetch() keeps the toolchain when not told: cuda-toolchain/ beside the compilation cache."""
     from .compile_cache import cache_dir
     return cache_dir().parent / "cuda-toolchain"
 
@@ -94,7 +91,7 @@ class Toolchain:
     @classmethod
     def fetch(cls, root: Path | None = None) -> "Toolchain":
         import jax
-        root = Path(root) if root else toolchain_dir()
+        root = Path(root).expanduser() if root else toolchain_dir()
         version = jax.__version__
         plugin = root / f"jax-cuda{CUDA_MAJOR}-{version}"
         _fetch(f"jax-cuda{CUDA_MAJOR}-plugin=={version}", plugin / "plugin")

@@ -110,7 +110,7 @@ def test_bad_arguments_fail_before_anything_is_fetched(args, message, tmp_path):
 
 def _toolchain():
     try:
-        return og.Toolchain.fetch()
+        return og.Toolchain.fetch(os.environ.get(og.TOOLCHAIN_ENV) or None)
     except og.ToolchainError as e:
         pytest.skip(f"offline CUDA toolchain unavailable: {e}")
 
@@ -140,9 +140,10 @@ def test_a_kernel_that_cannot_compile_is_named():
                                            max_seq_len=64, kernels=GPU))[0]
     broken = og.TritonCall(call.name, call.ir[: len(call.ir) // 2], call.num_warps, call.num_stages, call.grid,
                            call.where)
-    script = ("import sys, pickle; from realizar_jax import offline_gpu as og\n"
+    script = ("import os, sys, pickle; from realizar_jax import offline_gpu as og\n"
               "call = pickle.loads(sys.stdin.buffer.read())\n"
-              "try:\n    og.compile_call(call, og.Toolchain.fetch())\nexcept og.ToolchainError as e:\n"
+              "try:\n    og.compile_call(call, og.Toolchain.fetch(os.environ.get(og.TOOLCHAIN_ENV) or None))\n"
+              "except og.ToolchainError as e:\n"
               "    print('ERR', e); sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(broken), capture_output=True, timeout=300)
     assert r.returncode == 3, (r.stdout, r.stderr[-2000:])

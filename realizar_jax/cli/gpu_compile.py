@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -100,7 +101,7 @@ def format_rows(label: str, rows: list[dict]) -> str:
 def _gpu_compile(args) -> int:
     from .. import offline_gpu as og
     kernels = _checked(args)
-    toolchain = og.Toolchain.fetch()
+    toolchain = og.Toolchain.fetch(os.environ.get(og.TOOLCHAIN_ENV) or None)
     report = dict(shape=args.shape, quant=args.quant, arch=args.arch, steps={})
     for label, lowered in _steps(args, args.rows, kernels):
         t = time.perf_counter()
