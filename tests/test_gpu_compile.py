@@ -93,7 +93,8 @@ def test_prefill_lowers_for_the_gpu_on_a_cpu():
 
 @pytest.mark.parametrize("args, message", [
     (["--arch", "sm90"], "--arch must look like sm_90a"),
-    (["--tiles", "{bad"], "REALIZAR_GEMV_TILES must be JSON"),
+    (["--tiles", "{bad"], "--tiles: REALIZAR_GEMV_TILES must be JSON"),
+    (["--shape", "tiny", "--rows", "8", "--tiles", '{"QMM_Q4_K_16": [1]}'], "must be 5 ints"),   # found tracing
     (["--kernel", "qmatmul("], "--kernel is not a regular expression"),
     (["--prefill", "-1"], "--prefill must be >= 0"),
     (["--rows", "0"], "batch sizes must be >= 1"),

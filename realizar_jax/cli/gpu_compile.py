@@ -54,8 +54,11 @@ def _checked(args):
             re.compile(args.kernel)
         except re.error as e:
             raise ValueError(f"--kernel is not a regular expression: {e}") from None
-    return KernelConfig(pallas=True, interpret=False, int8_activations=not args.float_activations,
-                        tiles=parse_tiles(args.tiles) if args.tiles else ())
+    try:
+        tiles = parse_tiles(args.tiles) if args.tiles else ()
+    except ValueError as e:
+        raise ValueError(f"--tiles: {e}") from None
+    return KernelConfig(pallas=True, interpret=False, int8_activations=not args.float_activations, tiles=tiles)
 
 
 def _steps(args, batches, kernels):
@@ -101,11 +104,13 @@ def format_rows(label: str, rows: list[dict]) -> str:
 def _gpu_compile(args) -> int:
     from .. import offline_gpu as og
     kernels = _checked(args)
+    # every step lowered first: what fails while tracing (a tile of the wrong length) fails before the download
+    steps = [(label, og.triton_calls(lowered)) for label, lowered in _steps(args, args.rows, kernels)]
     toolchain = og.Toolchain.fetch(os.environ.get(og.TOOLCHAIN_ENV) or None)
     report = dict(shape=args.shape, quant=args.quant, arch=args.arch, steps={})
-    for label, lowered in _steps(args, args.rows, kernels):
+    for label, found in steps:
         t = time.perf_counter()
-        calls = [c for c in og.triton_calls(lowered) if not args.kernel or re.search(args.kernel, c.name)]
+        calls = [c for c in found if not args.kernel or re.search(args.kernel, c.name)]
         compiled = [og.compile_call(c, toolchain, args.arch) for c in calls]
         rows = _group(compiled)
         report["steps"][label] = rows
