@@ -292,6 +292,33 @@ def test_qmatmul_matches_reference(qtype, rows, nsb, m, summed, seed):
     assert _rel(y, xf @ ref.T) < 5e-3
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(qtype=st.sampled_from(["Q4_K", "Q5_K", "Q6_K", "Q8_0"]), seed=st.integers(0, 2**31), rows=st.sampled_from([1, 3, 16]),
+       nsb=st.integers(1, 3))
+def test_qmatmul_fast_dequant_is_the_layout_dequant(qtype, seed, rows, nsb):
+    """The kernel's own dequantizers (quant bits selected in place into a float's mantissa) give
+    layout.dequant_parts' values bit for bit in interpret mode. On the GPU, Q6_K's are the same
+    operations (Q8_0's too); Q4_K's q * s - m is one fma there, rounded once: emulated exactly in float64 (where
+    q * s - m is exact), at most one float32 ulp from the reference."""
+    from realizar_jax.kernels.layout import dequant_parts
+    from realizar_jax.kernels.qdot import q4k_scales
+    from realizar_jax.kernels.qmatmul import FAST_DEQUANT
+    rng = np.random.default_rng(seed)
+    w, _ = _packed(qtype, rows, nsb * 256, rng)
+    ref = [np.asarray(a) for a in dequant_parts(qtype, list(w.parts))]
+    fast = [np.asarray(a) for a in FAST_DEQUANT[qtype](list(w.parts), True)]
+    assert len(fast) == len(ref) and all(f.shape == r.shape and np.array_equal(f, r) for f, r in zip(fast, ref))
+    if qtype != "Q4_K":   # (Q5_K's fma is Q4_K's; its exact emulation needs the fifth bits: the kernel test covers it)
+        return
+    qs, meta, dm = (np.asarray(a) for a in w.parts)
+    (se, so), (me, mo) = (tuple(np.asarray(v, np.float64) for v in pair) for pair in q4k_scales(meta, dm))
+    for (k, h), r in zip([(k, h) for k in range(4) for h in range(2)], ref):
+        q = ((qs.astype(np.uint32) >> (8 * k + 4 * h)) & 15).astype(np.float64)
+        s, m = (se, me) if h == 0 else (so, mo)
+        once = (q * s[..., None] - m[..., None]).astype(np.float32).reshape(r.shape)
+        assert np.all(np.abs(once.astype(np.float64) - r) <= np.spacing(np.abs(r).astype(np.float32)))
+
+
 def test_qmatmul_rejects_what_it_cannot_take():
     w, _ = _packed("Q4_K", 32, 256, np.random.default_rng(0))
     with pytest.raises(ValueError, match="float32"):

@@ -4,7 +4,8 @@ The file's blocks interleave f16 scales with packed quants, which a Triton tile 
 vectors. `repack_for_gpu` splits each block's fields into separate arrays whose leading axes are
 [rows, superblocks] (a superblock = 256 input values for every type here, so one kernel tiling
 fits all), keeping every quant bit and every scale. Device bytes vs file bytes:
-Q8_0, Q4_0, Q6_K, Q5_K: identical; Q4_K: 148 / 144 (+2.8%, the 6-bit sub-scales stored as bytes).
+Q8_0, Q4_0, Q6_K: identical; Q4_K: 148 / 144 (+2.8%, the 6-bit sub-scales stored as bytes); Q5_K: 180 / 176
+(+2.3%, the same).
 
 Each layout also fixes how the 256 input values of a superblock are split into "parts": a part
 is the set of values that one packed array field (e.g. the low nibbles) multiplies. The kernels
@@ -112,33 +113,26 @@ def _dequant_q4_k(p, done):
 
 
 def _repack_q5_k(xp, b):
+    """Q4_K's words (qs, meta, dm) plus the fifth bits as int32 words: byte k of qh word w is the qh
+    byte l = 4w + k, whose bit 2j + h is the fifth bit of chunk j's value l, sub-block 2j + h."""
     b = b[:, :, 0]
     rows, nsb = b.shape[:2]
     sc, m = _k_scales(xp, b[..., 4:16])
-    qs = b[..., -128:].reshape(rows, nsb, 4, 32)
-    qh = b[..., 16:48]   # [r, nsb, 32]: bit 2j -> sub-block 2j, bit 2j+1 -> 2j+1
-    return (qs, qh, sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2], _f16(xp, b[..., 0:2]),
-            _f16(xp, b[..., 2:4]))
+    qs = _as(xp, b[..., -128:].reshape(rows, nsb, 4, 32), np.int32)
+    qh = _as(xp, b[..., 16:48], np.int32)               # [r, nsb, 8]
+    meta = xp.stack([sc[..., 0::2], sc[..., 1::2], m[..., 0::2], m[..., 1::2]], axis=-1)
+    return qs, qh, _as(xp, meta, np.int32)[..., 0], _as(xp, b[..., 0:4], np.int32)[..., 0]
 
 
 def _dequant_q5_k(p, done):
-    f32 = jnp.float32
-    qs, qh, sce, sco, me, mo, d, dmin = p
-    q = qs.astype(jnp.int32)
-    d = d.astype(f32)[..., None]
-    dmin = dmin.astype(f32)[..., None]
-    lo, hi = q & 15, q >> 4
-    h = qh.astype(jnp.int32)[:, :, None, :]   # [N, S, 32] -> bit 2j / 2j+1 of byte l for chunk j
-    sh = (jnp.arange(4, dtype=jnp.int32) * 2).reshape(1, 1, 4, 1)
-    lo = lo + (((h >> sh) & 1) << 4)
-    hi = hi + (((h >> (sh + 1)) & 1) << 4)
-    out = []
-    for v, sc, m in ((lo, sce, me), (hi, sco, mo)):
-        s = (d * sc.astype(f32))[..., None]
-        mm = (dmin * m.astype(f32))[..., None]
-        w = _small_int_to_f32(v) * s - mm
-        out.append(done(w, 128))
-    return out
+    qs, qh, meta, dm = p                                # qs int32 words [N, S, 4, 8], qh [N, S, 8]
+    scale, mins = q4k_scales(meta, dm)
+    scale, mins = [s[..., None] for s in scale], [m[..., None] for m in mins]
+    h = qh[:, :, None, :]
+    chunk_bit = (jnp.arange(4, dtype=jnp.int32) * 2).reshape(1, 1, 4, 1)   # bit 2j of chunk j
+    return [done(_small_int_to_f32(((qs >> (8 * k + 4 * hh)) & 15) | (((h >> (8 * k + hh + chunk_bit)) & 1) << 4))
+                 * scale[hh] - mins[hh], 32)
+            for k in range(4) for hh in range(2)]
 
 
 def _repack_q6_k(xp, b):
@@ -217,8 +211,9 @@ GPU_LAYOUTS: dict[str, GpuLayout] = {lay.qtype: lay for lay in (
     # part (k, h): byte k of each word, low (h=0) or high nibble
     GpuLayout("Q4_K", (4, 2, 8, 4), tuple((_, h, _, k) for k in range(4) for h in range(2)), _dequant_q4_k,
               _repack_q4_k, (8, 4, 8)),
-    # part h: the low (h=0) or high nibbles of each 32-byte chunk j, sub-block 2j + h
-    GpuLayout("Q5_K", (4, 2, 32), tuple((_, h) for h in range(2)), _dequant_q5_k, _repack_q5_k, (2, 4, 32)),
+    # as Q4_K's parts, each value's fifth bit from the qh words
+    GpuLayout("Q5_K", (4, 2, 8, 4), tuple((_, h, _, k) for k in range(4) for h in range(2)), _dequant_q5_k,
+              _repack_q5_k, (8, 4, 8)),
     # part (c, k): quant c (group 4t+c) from byte k of each word
     GpuLayout("Q6_K", (4, 4, 4, 4), tuple((_, c, _, k) for c in range(4) for k in range(4)), _dequant_q6_k,
               _repack_q6_k, (16, 4, 4)),
