@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..cache import DEFAULT_PAGE_SIZE, NULL_PAGE, page_bytes, pages_for
-from ..generate import bucket_length
+from ..generate import MIN_BUCKET, bucket_length
 from . import state as S
 from .pages import PagePool, page_keys
 from .requests import (Choice, Completion, ContextLengthError, EngineClosedError, Event, OptionError,
@@ -407,8 +407,8 @@ class Engine:
     def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = False,
                workers: int | None = None) -> float:
         """Compile what serving will run, so the first requests don't: prefill (every batch size) and
-        insert for every prompt bucket up to prefill_chunk (or those of `prompt_lengths`), extend,
-        start, and the greedy and sampling decode variants (also with logprobs if asked; penalties
+        insert for every prompt bucket up to prefill_chunk (or those of `prompt_lengths`), extend at
+        its chunk lengths and row counts, start, and the greedy and sampling decode variants (also with logprobs if asked; penalties
         compile when first used). Nothing runs: each step is lowered from abstract shapes (a step's
         output shapes feed the next one's lowering) and compiled on `workers` threads (default: up to
         8, one per core), since XLA compiles release the GIL. Returns the wall seconds it took."""
@@ -443,7 +443,13 @@ class Engine:
                     pre = compile_later(self.steps.prefill, p, ints(b, n), ints(b))
                     compile_later(self.steps.insert, None, state, pre, i32, i32, setting, table)
             chunk = ints(1, self.prefill_chunk)
-            _, logits = compile_later(self.steps.extend, p, state, i32, chunk, i32, ints(1), table, flag)
+            flags = lambda r: jax.ShapeDtypeStruct((r,), jnp.bool_)  # noqa: E731
+            for n in self.extend_lengths():
+                for r in sorted({_prefill_rows(g) for g in range(1, min(slots, self._extend_rows(n)) + 1)}):
+                    _, out = compile_later(self.steps.extend, p, state, ints(r), ints(r, n), ints(r), ints(r),
+                                           ints(r, self.max_pages), flags(r))
+                    if r == 1:
+                        logits = out   # [1, V]: what start takes
             compile_later(self.steps.start, None, state, i32, logits, setting, i32)
             compile_later(self.steps.mark, None, state, i32, chunk, ints(1), flag, flag)
             compile_later(self.steps.copy, None, state, ints(slots), ints(slots))
@@ -519,11 +525,13 @@ class Engine:
 
     def _admit(self) -> None:
         budget, spent = self.prefill_budget, 0
+        extends: list[_Choice] = []   # one chunk each this turn, batched by _extend
         # long prompts already in slots continue first, one chunk each per turn
-        for ch in list(self._prefilling):
+        for ch in self._prefilling:
             if spent >= budget:
-                return
-            spent += self._extend(ch)
+                break
+            extends.append(ch)
+            spent += self._part_length(ch)
         group: list[RequestHandle] = []   # short prompts admitted together share one batched prefill
         while self._queue and spent < budget:
             with self._cond:
@@ -557,9 +565,13 @@ class Engine:
             else:
                 for ch in todo:
                     self._prefilling.append(ch)
-                spent += self._extend(self._prefilling[-len(todo)])
+                    if spent < budget:
+                        extends.append(ch)
+                        spent += self._part_length(ch)
         if group:
             self._prefill(group)
+        if extends:
+            self._extend(extends)
 
     def _place(self, todo: list[_Choice], free: list[int]) -> bool | None:
         """Slots and pages for a request's unfinished choices. -> True: a fresh short prompt without a
@@ -661,34 +673,71 @@ class Engine:
                                          jnp.asarray(output))
         return len(ids) > 0
 
-    def _extend(self, ch: _Choice) -> int:
-        """One chunk of ch.ids() after what its slot's cache holds; the last one starts the choice."""
-        ids = ch.ids()
-        c = self.prefill_chunk
-        reset = False
-        if ch.fresh:
-            # the first chunk: what the cache holds without an extend (cached pages, produced tokens)
-            # goes into the slot's seen mask and counts
-            ch.fresh = False
-            marked = self._mark(ch, ch.sampled[:ch.resumed], reset=True, output=True)
-            marked = self._mark(ch, ids[:ch.prefilled], reset=not marked, output=False) or marked
-            reset = not marked
-        part = ids[ch.prefilled:ch.prefilled + c]
-        tokens = np.zeros((1, c), np.int32)
-        tokens[0, :len(part)] = part
-        self.state, logits = self.steps.extend(self.model.params, self.state, jnp.int32(ch.slot), jnp.asarray(tokens),
-                                               jnp.int32(ch.prefilled), jnp.asarray([len(part)], jnp.int32),
-                                               jnp.asarray(self.pool.tables[ch.slot]), jnp.asarray(reset))
-        ch.prefilled += len(part)
-        self._counts["prefilled"] += len(part)
-        self._register(ch)
-        if ch.prefilled >= len(ids):
-            self._prefilling.remove(ch)
-            self.state, first = self.steps.start(None, self.state, jnp.int32(ch.slot), logits, ch.setting(),
-                                                 jnp.int32(ch.resumed))
-            ch.decoding = True
-            self._pending.append(_Pending("first", first, [ch]))
-        return len(part)
+    def _part_length(self, ch: _Choice) -> int:
+        """Tokens of ch's next extend chunk."""
+        return min(len(ch.ids()) - ch.prefilled, self.prefill_chunk)
+
+    def extend_lengths(self) -> tuple[int, ...]:
+        """The chunk lengths extend runs at: a quarter chunk (the tail of a prompt whose prefix is cached,
+        or of a chunked one) and the full chunk. Two, not every bucket: a tail's length is anything up
+        to the prompt's (a preempted request's holds what it generated), and each compiles per row count."""
+        quarter = self.prefill_chunk // 4
+        return (quarter, self.prefill_chunk) if quarter >= MIN_BUCKET else (self.prefill_chunk,)
+
+    def _extend_rows(self, chunk: int) -> int:
+        """The most rows one extend call of `chunk`-token chunks takes: a PREFILL_BATCHES size within
+        prefill_budget tokens (the chunk's attention scores grow with rows x chunk x max_seq_len)."""
+        return max([b for b in PREFILL_BATCHES if b * chunk <= self.prefill_budget] or [1])
+
+    def _extend(self, chs: list[_Choice]) -> None:
+        """The next chunk of each choice's ids() after what its slot's cache holds. Chunks padded to the
+        same extend length go in one call (rows padded to 1, 4 or 16), so the tails of many prompts with
+        a cached prefix prefill together; a choice's last chunk starts it."""
+        parts = []
+        for ch in chs:
+            reset = False
+            if ch.fresh:
+                # the first chunk: what the cache holds without an extend (cached pages, produced tokens)
+                # goes into the slot's seen mask and counts
+                ch.fresh = False
+                marked = self._mark(ch, ch.sampled[:ch.resumed], reset=True, output=True)
+                marked = self._mark(ch, ch.ids()[:ch.prefilled], reset=not marked, output=False) or marked
+                reset = not marked
+            parts.append((ch, ch.ids()[ch.prefilled:ch.prefilled + self.prefill_chunk], reset))
+        by_bucket: dict[int, list] = {}
+        for part in parts:
+            t = next(n for n in self.extend_lengths() if n >= len(part[1]))
+            by_bucket.setdefault(t, []).append(part)
+        for t, group in sorted(by_bucket.items()):
+            most = self._extend_rows(t)
+            for i in range(0, len(group), most):
+                self._extend_call(t, group[i:i + most])
+
+    def _extend_call(self, t: int, group: list) -> None:
+        rows = _prefill_rows(len(group))
+        slots = np.full((rows,), self.max_slots, np.int32)   # padding rows: out of range, dropped
+        tokens = np.zeros((rows, t), np.int32)
+        starts, lengths = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+        tables = np.zeros((rows, self.max_pages), np.int32)
+        reset = np.zeros((rows,), bool)
+        for r, (ch, part, first) in enumerate(group):
+            slots[r], starts[r], lengths[r], reset[r] = ch.slot, ch.prefilled, len(part), first
+            tokens[r, :len(part)] = part
+            tables[r] = self.pool.tables[ch.slot]
+        self.state, logits = self.steps.extend(self.model.params, self.state, jnp.asarray(slots), jnp.asarray(tokens),
+                                               jnp.asarray(starts), jnp.asarray(lengths), jnp.asarray(tables),
+                                               jnp.asarray(reset))
+        for r, (ch, part, _) in enumerate(group):
+            ch.prefilled += len(part)
+            self._counts["prefilled"] += len(part)
+            self._register(ch)
+            if ch.prefilled >= len(ch.ids()):
+                self._prefilling.remove(ch)
+                self.state, first = self.steps.start(None, self.state, jnp.int32(ch.slot),
+                                                     jax.lax.dynamic_slice_in_dim(logits, r, 1),
+                                                     ch.setting(), jnp.int32(ch.resumed))
+                ch.decoding = True
+                self._pending.append(_Pending("first", first, [ch]))
 
     def _rows(self, used: int) -> int:
         """The decode rows bucket that covers slots [0, used): 1, 4, 16, ... (admission fills the lowest

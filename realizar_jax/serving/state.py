@@ -163,22 +163,24 @@ def insert(state: SlotState, pre: Prefilled, row, slot, setting: SlotSettings, t
     return start(state, slot, jax.lax.dynamic_slice_in_dim(pre.logits, row, 1, 0), setting, jnp.int32(0))
 
 
-def extend(params: Params, state: SlotState, slot, tokens, start_pos, length, table, reset, *, config: ModelConfig,
+def extend(params: Params, state: SlotState, slots, tokens, start_pos, length, tables, reset, *, config: ModelConfig,
            dtype, kernels: KernelConfig):
-    """A chunk tokens [1, C] (length [1] real) of a prompt into `slot` (table row `table`) at position
-    start_pos (a scalar; the positions before it are in the slot's pages already: earlier chunks, or
-    cached prefix pages). reset (a bool scalar): the chunk starts the slot's seen mask (else adds to it).
-    -> (state, logits [1, V] at the chunk's last real token)."""
+    """Chunks tokens [R, C] of R prompts (length [R] real tokens each) into slots [R] (their table rows
+    tables [R, max_pages]) at positions start_pos [R]; the positions before a row's start are in its
+    pages already (earlier chunks, or cached prefix pages). reset [R]: the row's chunk starts its slot's
+    seen mask (else adds to it). A padding row has length 0 and a slot out of range: nothing of it is
+    written or kept. -> (state, logits [R, V] at each row's last real token)."""
     cache = state.cache
-    one = PagedKVCache(cache.k, cache.v, table[None], None)
-    logits, one = model_extend(params, one, tokens, jnp.reshape(start_pos, (1,)), length, config=config,
-                               dtype=dtype, kernels=kernels)
-    cache = PagedKVCache(one.k, one.v, _row_set(cache.tables, slot, table),
-                         _row_set(cache.lengths, slot, one.lengths[0]))
-    old = jnp.where(reset, False, state.seen[slot])
-    seen = _row_set(state.seen, slot, old | _seen_row(tokens, length[0], state.seen.shape[1]))
-    active = _row_set(state.active, slot, False)
-    return dataclasses.replace(state, cache=cache, seen=seen, active=active), logits
+    rows = PagedKVCache(cache.k, cache.v, tables, None)
+    logits, rows = model_extend(params, rows, tokens, start_pos, length, config=config, dtype=dtype,
+                                kernels=kernels)
+    put = lambda x, value: x.at[slots].set(jnp.asarray(value, x.dtype), mode="drop")  # noqa: E731
+    cache = PagedKVCache(rows.k, rows.v, put(cache.tables, tables), put(cache.lengths, rows.lengths))
+    vocab = state.seen.shape[1]
+    old = jnp.where(reset[:, None], False, state.seen[jnp.minimum(slots, state.seen.shape[0] - 1)])
+    new = jax.vmap(lambda t, n: _seen_row(t, n, vocab))(tokens, length)
+    state = dataclasses.replace(state, cache=cache, seen=put(state.seen, old | new), active=put(state.active, False))
+    return state, logits
 
 
 def mark(state: SlotState, slot, tokens, length, reset, output):
