@@ -678,11 +678,10 @@ class Engine:
         return min(len(ch.ids()) - ch.prefilled, self.prefill_chunk)
 
     def extend_lengths(self) -> tuple[int, ...]:
-        """The chunk lengths extend runs at: a quarter chunk (the tail of a prompt whose prefix is cached,
-        or of a chunked one) and the full chunk. Two, not every bucket: a tail's length is anything up
-        to the prompt's (a preempted request's holds what it generated), and each compiles per row count."""
-        quarter = self.prefill_chunk // 4
-        return (quarter, self.prefill_chunk) if quarter >= MIN_BUCKET else (self.prefill_chunk,)
+        """The chunk lengths extend runs at: the prompt buckets up to the full chunk (a tail is padded at
+        most 2x; its length is anything up to the prompt's, a preempted request's holding what it
+        generated, so warm-up compiles them all)."""
+        return tuple(1 << k for k in range(MIN_BUCKET.bit_length() - 1, self.prefill_chunk.bit_length()))
 
     def _extend_rows(self, chunk: int) -> int:
         """The most rows one extend call of `chunk`-token chunks takes: a PREFILL_BATCHES size within
@@ -706,8 +705,7 @@ class Engine:
             parts.append((ch, ch.ids()[ch.prefilled:ch.prefilled + self.prefill_chunk], reset))
         by_bucket: dict[int, list] = {}
         for part in parts:
-            t = next(n for n in self.extend_lengths() if n >= len(part[1]))
-            by_bucket.setdefault(t, []).append(part)
+            by_bucket.setdefault(bucket_length(len(part[1]), self.prefill_chunk), []).append(part)
         for t, group in sorted(by_bucket.items()):
             most = self._extend_rows(t)
             for i in range(0, len(group), most):

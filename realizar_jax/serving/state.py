@@ -13,8 +13,8 @@ The KV cache is paged (cache.PagedKVCache): one pool of pages shared by the slot
 slot. The host allocator (pages.py) picks the pages; every call that writes a slot's cache takes the
 slot's table row (insert, extend) or all tables (decode) from the host, so the device tables are
 always the allocator's. The cache API the scheduler uses is `insert` (a prefilled prompt into a
-slot's pages), `extend` (a prompt chunk into a slot from any position: chunked prefill, or the rest
-of a prompt whose prefix pages are cached), `copy` (copy-on-write of shared pages), `release` masks
+slot's pages), `extend` (prompt chunks into several slots, each from any position: chunked prefill,
+or the rest of a prompt whose prefix pages are cached), `copy` (copy-on-write of shared pages), `release` masks
 in `decode` (free slots) and the per-slot lengths.
 """
 from __future__ import annotations
