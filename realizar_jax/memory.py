@@ -65,10 +65,20 @@ class MemoryEstimate:
     batch: int
     kv_dtype: str
     parameters: int
+    page_size: int = 16    # positions per KV page (the serving engine's pool)
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.workspace
+
+    @property
+    def kv_pages(self) -> int:
+        """Pages of page_size positions that hold every sequence at max_seq_len."""
+        return self.batch * -(-self.max_seq_len // self.page_size)
+
+    @property
+    def kv_page_bytes(self) -> int:
+        return self.kv_cache // (self.batch * self.max_seq_len) * self.page_size
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -76,12 +86,14 @@ class MemoryEstimate:
         return self.kv_cache // self.max_seq_len
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "kv_pages": self.kv_pages, "kv_page_bytes": self.kv_page_bytes}
 
 
 def estimate_memory(config: ModelConfig, max_seq_len: int, batch: int = 1, kv_dtype="bfloat16",
-                    weight_bytes: int | None = None, prefill_chunk: int | None = None) -> MemoryEstimate:
-    """Device bytes to serve `batch` sequences of up to `max_seq_len` tokens.
+                    weight_bytes: int | None = None, prefill_chunk: int | None = None,
+                    page_size: int = 16) -> MemoryEstimate:
+    """Device bytes to serve `batch` sequences of up to `max_seq_len` tokens (the KV cache also as
+    pages of `page_size` positions: what the serving engine's pool holds).
 
     weight_bytes: the weights as packed on the device (see weight_bytes_of); default: every
     parameter in bfloat16. prefill_chunk: tokens prefilled at once (default min(max_seq_len, 512)).
@@ -104,7 +116,8 @@ def estimate_memory(config: ModelConfig, max_seq_len: int, batch: int = 1, kv_dt
     logits = batch * t * c.vocab_size * 4
     kv_name = kv_dtype if isinstance(kv_dtype, str) else np.dtype(kv_dtype).name
     return MemoryEstimate(weights=int(weight_bytes), kv_cache=kv, workspace=activations + scores + logits,
-                          max_seq_len=max_seq_len, batch=batch, kv_dtype=kv_name, parameters=params)
+                          max_seq_len=max_seq_len, batch=batch, kv_dtype=kv_name, parameters=params,
+                          page_size=page_size)
 
 
 def weight_bytes_of(source, dense_dtype=None, dequantized: bool = False) -> int:
@@ -140,7 +153,8 @@ def check_fits(estimate: MemoryEstimate, free_bytes: int, path=None) -> None:
         return
     what = f"{path}: " if path is not None else ""
     msg = (f"{what}model needs {_gib(e.total)} of device memory (weights {_gib(e.weights)}, KV cache "
-           f"{_gib(e.kv_cache)} for max_seq_len={e.max_seq_len} batch={e.batch} {e.kv_dtype}, workspace "
+           f"{_gib(e.kv_cache)} for max_seq_len={e.max_seq_len} batch={e.batch} {e.kv_dtype}: {e.kv_pages} pages "
+           f"of {e.page_size} positions, workspace "
            f"{_gib(e.workspace)}) but only {_gib(free_bytes)} is free.")
     hints = []
     room = free_bytes - e.weights - e.workspace

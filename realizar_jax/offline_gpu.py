@@ -353,18 +353,25 @@ def abstract_params(config, quant: str, dtype="bfloat16"):
                   rope_inv_freq=jax.ShapeDtypeStruct(inv.shape, jnp.float32), rope_local_inv_freq=local)
 
 
-def lower_decode(params, config, *, slots: int, max_seq_len: int, kernels, dtype="bfloat16", steps: int = 1):
-    """The serving engine's decode chunk (serving.state.decode) for `slots` active rows, lowered for CUDA."""
+def lower_decode(params, config, *, slots: int, max_seq_len: int, kernels, dtype="bfloat16", steps: int = 1,
+                 page_size: int | None = None):
+    """The serving engine's decode chunk (serving.state.decode) for `slots` active rows over a page pool
+    that holds every slot's max_seq_len positions, lowered for CUDA."""
     import functools
     import jax
     import jax.numpy as jnp
+    from .cache import DEFAULT_PAGE_SIZE
     from .serving import state as st
     dtype = jnp.dtype(dtype)
-    state = jax.eval_shape(functools.partial(st.new_state, config, slots, max_seq_len, dtype))
+    page_size = page_size or DEFAULT_PAGE_SIZE
+    per_slot = -(-max_seq_len // page_size)
+    state = jax.eval_shape(functools.partial(st.new_state, config, slots, max_seq_len, dtype,
+                                             slots * per_slot + 1, page_size))
     release = jax.ShapeDtypeStruct((slots,), jnp.bool_)
+    tables = jax.ShapeDtypeStruct((slots, per_slot), jnp.int32)
     fn = functools.partial(st.decode, config=config, dtype=dtype, kernels=kernels)
-    return lower_for_gpu(fn, params, state, release, steps=steps, logprobs=False, sample=False, penalize=False,
-                         rows=slots)
+    return lower_for_gpu(fn, params, state, release, tables, steps=steps, logprobs=False, sample=False,
+                         penalize=False, rows=slots)
 
 
 def lower_prefill(params, config, *, batch: int, tokens: int, kernels, dtype="bfloat16"):

@@ -182,14 +182,17 @@ def test_bench_end_to_end_on_tiny(tmp_path, quant, capsys):
     assert "decode tok/s" in capsys.readouterr().out
 
 
-def test_bench_several_batches_in_one_process(tmp_path, capsys):
+@pytest.mark.parametrize("pages", [[], ["--page-size", "8"]], ids=["contiguous", "paged"])
+def test_bench_several_batches_in_one_process(tmp_path, capsys, pages):
     """--batch 1,3 measures both on one load: one JSON result per batch (the first also at the top
-    level), the matmul FLOPs per step proportional to the batch, one table row each."""
+    level), the matmul FLOPs per step proportional to the batch, one table row each; with --page-size
+    the KV cache is paged."""
     out = tmp_path / "r.json"
     rc = bench_main(["--shape", "tiny", "--quant", "q8_0", "--prompt-len", "8", "--gen", "3", "--batch", "1,3",
-                     "--dir", str(tmp_path), "--json", str(out)])
+                     "--dir", str(tmp_path), "--json", str(out), *pages])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert res["kv_page_size"] == (8 if pages else None)
     one, three = res["batches"]
     assert (one["batch"], three["batch"], res["batch"]) == (1, 3, 1)
     assert res["decode_tok_s"] == one["decode_tok_s"]

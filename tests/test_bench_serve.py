@@ -395,3 +395,20 @@ def test_summarise_matches_numpy(recs, max_tokens):
         assert e["first"] == next(r["error_message"] for r in recs if r["error"] == kind)
     assert s["short"] == sum(r["completion_tokens"] < max_tokens for r in ok)
     assert s["malformed_lines"] == sum(r["malformed_lines"] for r in recs)
+
+
+def test_shared_prefix_probe_then_every_request_repeats_it(serve, tmp_path, capsys):
+    fake = serve()
+    rc, res = bench(tmp_path, fake.url, "--clients", "1,2", "--max-tokens", "4", "--prompt-tokens", "40",
+                    "--requests-per-client", "2", "--warmup", "1", "--shared-prefix", "60")
+    assert rc == 0
+    sp = res["shared_prefix"]
+    assert sp["tokens"] == 60 and sp["words"] == 30   # 2 tokens a word, as the warm-up measured
+    assert sp["probe"]["error"] is None and sp["probe"]["prompt_tokens"] == 2 * (30 + 20)
+    prompts = [b["prompt"] for b in fake.bodies]
+    prefix = prompts[1][:prompts[1].index("\n\n") + 2]
+    assert len(prefix.split()) == 30 and not prompts[0].startswith(prefix)   # the warm-up goes without it
+    assert all(p.startswith(prefix) for p in prompts[1:]) and len(set(prompts[1:])) == len(prompts) - 1
+    for lv in res["levels"]:
+        assert lv["ttft_p50_over_first"] == pytest.approx(lv["ttft_p50_s"] / sp["probe"]["ttft_s"])
+    assert "shared prefix ~60 tokens" in capsys.readouterr().out

@@ -353,7 +353,7 @@ def test_other_errors_in_openai_shape(served, client):
     assert e.value.body["param"] == "temperature"
 
 
-def test_models_health_metrics(served, client):
+def test_models_health_metrics(served, client, engine):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
     greedy(client, PROMPTS[0], max_tokens=3)
@@ -361,9 +361,13 @@ def test_models_health_metrics(served, client):
     for name in ["realizar:num_requests_waiting", "realizar:num_requests_running", "realizar:kv_cache_usage_perc",
                  "realizar:time_to_first_token_seconds", "realizar:inter_token_latency_seconds",
                  "realizar:e2e_request_latency_seconds", "realizar:prompt_tokens", "realizar:generation_tokens",
-                 "realizar:request_success", "realizar:request_errors"]:
+                 "realizar:request_success", "realizar:request_errors", "realizar:kv_cache_pages_total",
+                 "realizar:kv_cache_pages_in_use", "realizar:kv_cache_pages_cached", "realizar:prefix_cache_hits",
+                 "realizar:prefix_cache_queries", "realizar:prefix_cache_hit_rate", "realizar:num_preemptions"]:
         assert name in families, name
     assert 0.0 <= metric(served.url, "realizar:kv_cache_usage_perc") <= 1.0
+    assert metric(served.url, "realizar:kv_cache_pages_total") == engine.pool.usable
+    assert metric(served.url, "realizar:prefix_cache_queries_total") >= 1
     assert metric(served.url, "realizar:e2e_request_latency_seconds_count") >= 1
     assert metric(served.url, "realizar:prompt_tokens_total") >= 1
 
@@ -463,14 +467,17 @@ def test_signal_drains_in_flight_requests(model):
 
 def test_serve_cli_sigterm_exits_0(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "realizar_jax.cli.main", "serve", "--port", "0", "--max-slots",
-                             "2", "--model-name", "m", "--warmup", "16"], stderr=subprocess.PIPE, text=True)
+                             "2", "--model-name", "m", "--warmup", "16", "--kv-cache-memory", "0.01", "--page-size",
+                             "32", "--no-prefix-cache"], stderr=subprocess.PIPE, text=True)
     try:
-        url = None
+        url, said = None, []
         for line in proc.stderr:
+            said.append(line)
             if " ready on " in line:
                 url = line.split(" ready on ")[1].split()[0]
                 break
         assert url, "no ready line"
+        assert any("pages of 32 positions" in x and "prefix cache off" in x for x in said), said
         assert httpx.get(url + "/models").json()["data"][0]["id"] == "m"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -483,7 +490,8 @@ def test_serve_cli_bad_flags():
     with pytest.raises(SystemExit) as e:
         main(["serve", "--port", "70000"])
     assert e.value.code == 2
-    for flags in (["--warmup", "some"], ["--request-timeout", "-1"], ["--request-timeout", "nan"]):
+    for flags in (["--warmup", "some"], ["--request-timeout", "-1"], ["--request-timeout", "nan"],
+                  ["--page-size", "12"], ["--kv-cache-memory", "0"], ["--kv-cache-memory", "lots"]):
         with pytest.raises(SystemExit) as e:
             main(["serve", *flags])
         assert e.value.code == 2

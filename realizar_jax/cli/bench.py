@@ -115,20 +115,22 @@ def jax_leaves_2d(tree) -> list:
 
 
 def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profile=None, variants=None,
-              log=print) -> dict:
+              page_size=None, log=print) -> dict:
     """Load once; time prefill and decode at each batch size (an int or a sequence of them); then
     again under each variant's KernelConfig. The first batch's numbers are the result's top level;
-    with several, res["batches"] holds one result per batch (the first included)."""
+    with several, res["batches"] holds one result per batch (the first included). page_size: keep the
+    KV cache in pages of that many positions, scattered over the pool as a serving engine's are
+    (default: contiguous rows)."""
     import jax
     import jax.numpy as jnp
 
     from .. import engine, models as M
-    from ..cache import init_cache
+    from ..cache import PagedKVCache, init_cache, init_paged_cache, pages_for
     from ..generate import DECODE_CHUNK
 
     batches = [batch] if isinstance(batch, int) else [int(b) for b in batch]
     batch = batches[0]
-    res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen,
+    res: dict = {"model": str(path), "batch": batch, "prompt_len": prompt_len, "gen": gen, "kv_page_size": page_size,
                  "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "jax": jax.__version__}
     on_gpu = jax.default_backend() == "gpu"
@@ -148,10 +150,18 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
     log(f"loaded in {res['load_s']:.1f}s; weights on device {res['weight_device_bytes']/1e9:.3f} GB "
         f"(file {res['file_bytes']/1e9:.3f} GB)")
 
+    def new_cache(batch: int):
+        kv = jnp.dtype(dtype)
+        if page_size is None:
+            return init_cache(config, batch, max_seq, kv)
+        per = pages_for(max_seq, page_size)
+        cache = init_paged_cache(config, 1 + batch * per, page_size, batch, max_seq, kv)
+        order = np.random.default_rng(1).permutation(np.arange(1, cache.pages)).reshape(batch, per)
+        return PagedKVCache(cache.k, cache.v, jnp.asarray(order, jnp.int32), cache.lengths)
+
     def measure(out: dict, kernels: KernelConfig, batch: int):
         """Compile and time prefill + decode of `batch` sequences under this KernelConfig (a static
         argument of the steps)."""
-        kv = jnp.dtype(dtype)
         read = out["decode_read_bytes"] = decode_read_bytes(params, config, batch)
         flops = out["decode_matmul_flops"] = decode_matmul_flops(params, batch, config)
         rng = np.random.default_rng(0)
@@ -172,13 +182,13 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             return tok, c, out
         decode = jax.jit(steps, donate_argnums=1)
 
-        cache = init_cache(config, batch, max_seq, kv)
+        cache = new_cache(batch)
         t = time.perf_counter()
         prefill_c = prefill.lower(params, cache, tokens, lengths).compile()
         out["compile_prefill_s"] = time.perf_counter() - t
         times = []
         for _ in range(3):
-            cache = init_cache(config, batch, max_seq, kv)
+            cache = new_cache(batch)
             jax.block_until_ready(cache)
             t = time.perf_counter()
             logits, cache = prefill_c(params, cache, tokens, lengths)
@@ -219,7 +229,7 @@ def run_bench(path, *, batch=1, prompt_len=512, gen=128, dtype="bfloat16", profi
             f"({out['decode_pct_read']:.0f}% of read bw, {out['decode_pct_copy']:.0f}% of copy bw), "
             f"{out['decode_TFLOPs']:.1f} TFLOP/s")
         def prefill_once():
-            fresh = init_cache(config, batch, max_seq, kv)
+            fresh = new_cache(batch)
             return prefill_c(params, fresh, tokens, lengths)[0]
         return decode_c, cache, tok, logits, prefill_once
 
@@ -386,7 +396,11 @@ def bench_main(argv=None) -> int:
                          "(int8_activations, pallas, tiles=JSON; same loaded weights; repeat for more variants)")
     ap.add_argument("--profile", metavar="DIR", help="also trace one decode call per batch and one prefill with "
                     "jax.profiler into DIR/decode_b<B> and DIR/prefill and print the kernels that take the time")
+    ap.add_argument("--page-size", type=int, metavar="N", help="keep the KV cache in pages of N positions (a "
+                    "power of two), scattered over a pool as the serving engine's are; default: contiguous rows")
     args = ap.parse_args(argv)
+    if args.page_size is not None and (args.page_size < 1 or args.page_size & (args.page_size - 1)):
+        return fail(ap.prog, f"--page-size must be a power of two, got {args.page_size}", 2)
     try:
         for spec in args.ab:
             parse_kernel_variant(spec, KernelConfig())
@@ -409,7 +423,7 @@ def bench_main(argv=None) -> int:
             write_synthetic_gguf(path, shape, args.quant)
         synth_s = time.perf_counter() - t
     res = run_bench(path, batch=args.batch, prompt_len=args.prompt_len, gen=args.gen, dtype=args.dtype,
-                    profile=args.profile, variants=args.ab)
+                    profile=args.profile, variants=args.ab, page_size=args.page_size)
     res["synth_s"] = synth_s
     if args.shape:
         res["shape"], res["quant"] = args.shape, args.quant

@@ -6,6 +6,10 @@ For each client count, that many async clients send streaming completions back t
 keep-alive HTTP/1.1 connection, and every request's time to first token, inter-token gaps and end-to-end
 latency are recorded. Only standard OpenAI fields are relied on, plus `ignore_eos` (which llama.cpp's
 llama-server and vLLM accept; --no-ignore-eos leaves it out), so the same run can be pointed at any of them.
+
+--shared-prefix N puts one system prompt of about N tokens before every request's own words: one probe
+request sends it first (its TTFT is the uncached one), then every level's requests repeat it, so a
+server with a prefix cache answers them faster; the table gives their TTFT p50 over the probe's.
 """
 from __future__ import annotations
 
@@ -84,9 +88,11 @@ class Target:
         # words per prompt: refined from the warm-up's usage.prompt_tokens (a tokenizer that splits words
         # into many tokens may need a --prompt-words start so the warm-up itself fits the context)
         self.n_words = args.prompt_words or args.prompt_tokens
+        self.prefix = ""   # --shared-prefix: the system prompt every measured request starts with
 
     def body(self, prompt: str) -> dict:
         a = self.args
+        prompt = self.prefix + prompt
         body = {"model": self.model, "max_tokens": a.max_tokens, "temperature": a.temperature, "stream": True,
                 "stream_options": {"include_usage": True}}
         if a.ignore_eos:
@@ -284,6 +290,14 @@ def print_table(result: dict, out=None) -> None:
                   num(lv["req_s"], "{:.2f}"), ms(lv["ttft_p50_s"]), ms(lv["ttft_p99_s"]), ms(lv["itl_p50_s"]),
                   ms(lv["itl_p99_s"]), num(lv["e2e_p50_s"], "{:.2f}"), num(lv["decode_tok_s_p50"]))
     console.print(t)
+    sp = result.get("shared_prefix")
+    if sp:
+        probe = sp["probe"]
+        first = "-" if probe.get("ttft_s") is None else f"{probe['ttft_s'] * 1e3:.1f} ms"
+        console.print(f"shared prefix ~{sp['tokens']} tokens: first request's TTFT {first}; later requests' TTFT "
+                      "p50 / first's: " + ", ".join(f"{lv['clients']} clients {lv['ttft_p50_over_first']:.2f}"
+                                                   for lv in result["levels"] if "ttft_p50_over_first" in lv),
+                      markup=False)
     for lv in result["levels"]:
         for kind, e in lv["errors"].items():
             console.print(f"clients={lv['clients']}: {e['count']} x {kind}; first: {e['first']}", markup=False)
@@ -327,6 +341,14 @@ async def bench(args, levels: list[int]) -> dict:
                            "ignore_eos": args.ignore_eos, "warmup": args.warmup, "timeout_s": args.timeout,
                            "seed": args.seed, "api_key": bool(args.api_key)},  # whether one was sent, not the key
               "levels": [], "requests": []}
+    if args.shared_prefix:
+        words = max(1, round(args.shared_prefix * target.n_words / args.prompt_tokens))
+        target.prefix = make_prompt(words, args.seed, "shared prefix") + "\n\n"
+        probe = (await run_level(target, 1, epoch, ("prefix probe",), 1, None, "prefix probe"))[0]
+        result["shared_prefix"] = {"tokens": args.shared_prefix, "words": words, "probe": probe}
+        log(f"shared prefix of {words} words: the first request (uncached) "
+            + (f"had {probe['prompt_tokens']} prompt tokens, TTFT {probe['ttft_s'] * 1e3:.1f} ms"
+               if probe["error"] is None and probe["ttft_s"] is not None else f"failed: {probe['error_message']}"))
     for n, clients in enumerate(levels):
         log(f"clients={clients}: "
             + (f"{args.duration:g} s" if args.duration else f"{clients * args.requests_per_client} requests"))
@@ -335,6 +357,9 @@ async def bench(args, levels: list[int]) -> dict:
         for r in records:
             r["level"] = n
         lv = {"clients": clients, **summarise(records, args.max_tokens if args.ignore_eos else None)}
+        probe_ttft = result.get("shared_prefix", {}).get("probe", {}).get("ttft_s")
+        if probe_ttft and lv["ttft_p50_s"] is not None:
+            lv["ttft_p50_over_first"] = lv["ttft_p50_s"] / probe_ttft
         result["levels"].append(lv)
         result["requests"].extend(records)
         log(f"clients={clients}: {lv['ok']}/{lv['requests']} ok in {lv['wall_s']:.1f} s, "
@@ -368,6 +393,9 @@ def bench_serve_main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, metavar="S", help="seconds one request may take in all (300)")
     ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random prompt words (0)")
     ap.add_argument("--json", metavar="OUT.json", help="write settings, per-level results and every request's record here")
+    ap.add_argument("--shared-prefix", type=positive_int, metavar="N",
+                    help="a system prompt of about N tokens before every request's prompt, sent once alone first "
+                         "(uncached) and then by every measured request (prefix caching)")
     args = ap.parse_args(argv)
     try:
         levels = parse_clients(args.clients)

@@ -94,7 +94,8 @@ def _print_tables(report: dict) -> None:
 
     m = report["memory"]
     console.print(f"memory for max_seq_len={m['max_seq_len']} batch={m['batch']}: weights {_gib(m['weights'])} "
-                  f"({m['dense_dtype']} dense) + KV cache {_gib(m['kv_cache'])} ({m['kv_dtype']}) + workspace "
+                  f"({m['dense_dtype']} dense) + KV cache {_gib(m['kv_cache'])} ({m['kv_dtype']}: {m['kv_pages']} "
+                  f"pages of {m['page_size']} positions, {m['kv_page_bytes'] / 2**20:.2f} MiB each) + workspace "
                   f"{_gib(m['workspace'])} = [bold]{_gib(m['total'])}[/bold]")
     d = m.get("dequantized")
     if d is not None:

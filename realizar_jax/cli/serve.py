@@ -44,7 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "of these prompt lengths")
     p.add_argument("--request-timeout", type=_seconds, metavar="S",
                    help="end a request after S seconds (finish_reason 'timeout'); default: no limit")
+    p.add_argument("--kv-cache-memory", type=_gib, metavar="GB",
+                   help="device memory of the KV-cache page pool, in GiB (default: enough for every slot at "
+                        "--max-seq-len; with less, requests hold only the pages they fill and the newest is "
+                        "preempted and recomputed when the pool runs out)")
+    p.add_argument("--page-size", type=_page_size, default=16, metavar="N",
+                   help="positions per KV-cache page, a power of two (default: 16)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the cached KV pages of a repeated prompt prefix (on by default)")
     return p
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of GiB, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -113,7 +138,12 @@ def cmd_serve(args) -> int:
     path = _resolve_model(args.model)
     model = rj.load(path, dtype=args.dtype, max_seq_len=args.max_seq_len, quantize=args.quantize)
     name = args.model_name or ("realizar-jax-default" if args.model is None else (path.stem or path.name))
-    engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue, decode_chunk=args.decode_chunk)
+    engine = model.engine(max_slots=args.max_slots, max_queue=args.max_queue, decode_chunk=args.decode_chunk,
+                          kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
+                          prefix_cache=args.prefix_cache)
+    print(f"realizar-jax serve: KV cache {engine.pool.usable} pages of {engine.page_size} positions "
+          f"({engine.pool.usable * engine.page_size} tokens), prefix cache {'on' if args.prefix_cache else 'off'}",
+          file=sys.stderr, flush=True)
     if args.warmup != "none":
         print(f"realizar-jax serve: compiling ({args.max_slots} slots) ...", file=sys.stderr, flush=True)
         seconds = engine.warmup(None if args.warmup == "all" else args.warmup)

@@ -6,6 +6,10 @@ updated)`, with q/k/v the block's projections before RoPE. Decode asks the route
 kernel (RoPE, cache write and attention in one launch, the merge in the o projection's prep); the
 jnp functions here are the reference and the CPU path.
 
+The storage is the cache's (cache.py): a contiguous KVCache, or a PagedKVCache whose block tables the
+attention objects carry (`tables`, None for the contiguous one). Writes go to each sequence's pages,
+reads gather them (the reference) or walk them in the paged decode kernel; the models do not know which.
+
 Per-call features (static, chosen by the block): `window=w` (a query at position i sees keys i-w+1..i;
 the cache keeps every position, the window is a mask), `softcap=c` (logits -> c * tanh(logits / c), as
 Gemma 2), `rope="local"` (the second RoPE table, Gemma 3's sliding layers), `sinks=` (gpt-oss: a learned
@@ -21,7 +25,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache
+from ..cache import KVCache, PagedKVCache, gather_pages, write_pages
 from ..layers import apply_rope, rope_tables
 from .linear import linear
 from .routes import route
@@ -77,6 +81,18 @@ def decode_attention_update_ref(q, k, v, k_cache, v_cache, pos, cos, sin, scale,
             k_cache, v_cache)
 
 
+def paged_decode_attention_update_ref(q, k, v, k_pages, v_pages, tables, pos, cos, sin, scale, layer: int,
+                                      window=None, softcap=None, sinks=None):
+    """decode_attention_update_ref through block tables: k/v_pages the pools [L, P, Hkv, ps, D],
+    tables [B, max_pages]. Writes the rotated k and v at pos of each sequence's pages in layer
+    `layer`, attends over its gathered pages. -> (out [B, Hq, D], k_pages, v_pages)."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_pages = write_pages(k_pages, tables, layer, pos[:, None], k[:, None])
+    v_pages = write_pages(v_pages, tables, layer, pos[:, None], v[:, None])
+    return (decode_attention_ref(q, gather_pages(k_pages, tables, layer), gather_pages(v_pages, tables, layer),
+                                 pos + 1, scale, window, softcap, sinks), k_pages, v_pages)
+
+
 def prefill_attention(q, k, v, lengths, scale, window=None, softcap=None, sinks=None):
     """Causal attention within a prompt. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; lengths [B]. -> [B, T, Hq, D].
 
@@ -120,7 +136,8 @@ def _as_rope(rope) -> Rope:
 
 @dataclass(frozen=True)
 class _Attention:
-    """The cache stacks k/v [L, B, Hkv, S, D], the RoPE tables of the positions being computed (and a
+    """The cache stacks k/v (contiguous [L, B, Hkv, S, D], or page pools [L, P, Hkv, ps, D] with the
+    block tables [B, max_pages] in `tables`), the RoPE tables of the positions being computed (and a
     second pair for rope="local" calls, or None), and the layer (static) the next call reads and writes."""
     k: jax.Array
     v: jax.Array
@@ -129,14 +146,20 @@ class _Attention:
     scale: float = field(metadata=dict(static=True))
     layer: int = field(default=0, metadata=dict(static=True))
     local: tuple | None = None
+    tables: jax.Array | None = None
 
     def at_layer(self, layer: int):
         return dataclasses.replace(self, layer=layer)
 
+    @property
+    def positions(self) -> int:
+        """The positions a sequence's cache holds (S)."""
+        return self.k.shape[3] if self.tables is None else self.tables.shape[1] * self.k.shape[3]
+
     def _window(self, window: int | None) -> int | None:
         """window, or None where it cannot bite: every position the cache holds (S) is within it, so the
         mask is all-causal (the decode kernel, which has no window, then takes the call)."""
-        return None if window is None or window >= self.k.shape[3] else window
+        return None if window is None or window >= self.positions else window
 
     def _tables(self, rope: str):
         if rope == "global":
@@ -144,6 +167,34 @@ class _Attention:
         if rope == "local" and self.local is not None:
             return self.local
         raise ValueError(f"attention: rope must be 'global' or 'local' (with local frequencies), got {rope!r}")
+
+    def _write(self, k, v, pos, valid=None):
+        """The stacks with k/v [B, C, Hkv, D] at positions pos [B, C] of layer self.layer (positions past
+        the cache, or where valid [B, C] is False, dropped)."""
+        if self.tables is not None:
+            return (write_pages(self.k, self.tables, self.layer, pos, k, valid),
+                    write_pages(self.v, self.tables, self.layer, pos, v, valid))
+        if valid is not None:
+            pos = jnp.where(valid, pos, self.k.shape[3])
+        rows = jnp.arange(k.shape[0])[:, None]
+        # k/v [B, C, Hkv, D] land at cache[layer, b, :, pos]
+        return (self.k.at[self.layer, rows, :, pos].set(k.astype(self.k.dtype), mode="drop"),
+                self.v.at[self.layer, rows, :, pos].set(v.astype(self.v.dtype), mode="drop"))
+
+    def _rows(self, ks, vs):
+        """Layer self.layer of the stacks as contiguous rows [B, Hkv, S, D] (paged: gathered)."""
+        if self.tables is None:
+            return ks[self.layer], vs[self.layer]
+        return gather_pages(ks, self.tables, self.layer), gather_pages(vs, self.tables, self.layer)
+
+    def _cache(self, k, v, lengths):
+        if self.tables is None:
+            return KVCache(k, v, lengths)
+        return PagedKVCache(k, v, self.tables, lengths)
+
+
+def _tables_of(cache) -> jax.Array | None:
+    return cache.tables if isinstance(cache, PagedKVCache) else None
 
 
 @jax.tree_util.register_dataclass
@@ -157,7 +208,8 @@ class PrefillAttention(_Attention):
         """rope: a Rope, or the inverse frequencies alone."""
         b = lengths.shape[0]
         (cos, sin), local = _as_rope(rope).tables(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-        return cls(cache.k, cache.v, cos, sin, scale, 0, local, lengths)
+        return cls(k=cache.k, v=cache.v, cos=cos, sin=sin, scale=scale, local=local, tables=_tables_of(cache),
+                   lengths=lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
                  rope: str = "global", sinks=None):
@@ -167,15 +219,19 @@ class PrefillAttention(_Attention):
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, t = q.shape[:2]
-        ks = self.k.at[self.layer, :, :, :t].set(k.swapaxes(1, 2).astype(self.k.dtype))
-        vs = self.v.at[self.layer, :, :, :t].set(v.swapaxes(1, 2).astype(self.v.dtype))
+        if self.tables is None:   # one slice update of the contiguous rows
+            ks = self.k.at[self.layer, :, :, :t].set(k.swapaxes(1, 2).astype(self.k.dtype))
+            vs = self.v.at[self.layer, :, :, :t].set(v.swapaxes(1, 2).astype(self.v.dtype))
+        else:
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            ks, vs = self._write(k, v, pos, pos < self.lengths[:, None])
         out = prefill_attention(q, k, v, self.lengths, self.scale, window, softcap, sinks)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, t, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
 
-    def cache(self) -> KVCache:
-        return KVCache(self.k, self.v, self.lengths.astype(jnp.int32))
+    def cache(self):
+        return self._cache(self.k, self.v, self.lengths.astype(jnp.int32))
 
 
 def extend_attention(q, k_cache, v_cache, start, lengths, scale, window=None, softcap=None, sinks=None):
@@ -210,7 +266,8 @@ class ExtendAttention(_Attention):
     @classmethod
     def begin(cls, cache: KVCache, rope, start, lengths, c: int, scale: float) -> "ExtendAttention":
         (cos, sin), local = _as_rope(rope).tables(start[:, None] + jnp.arange(c, dtype=jnp.int32)[None, :])
-        return cls(cache.k, cache.v, cos, sin, scale, 0, local, start, lengths)
+        return cls(k=cache.k, v=cache.v, cos=cos, sin=sin, scale=scale, local=local, tables=_tables_of(cache),
+                   start=start, lengths=lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
                  rope: str = "global", sinks=None):
@@ -219,19 +276,17 @@ class ExtendAttention(_Attention):
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, c = q.shape[:2]
-        rows = jnp.arange(b)[:, None]
         pos = self.start[:, None] + jnp.arange(c)[None, :]               # [B, C]
-        # k/v [B, C, Hkv, D] land at cache[layer, b, :, pos]; padding past max_seq_len is dropped
-        ks = self.k.at[self.layer, rows, :, pos].set(k.astype(self.k.dtype), mode="drop")
-        vs = self.v.at[self.layer, rows, :, pos].set(v.astype(self.v.dtype), mode="drop")
-        out = extend_attention(q, ks[self.layer], vs[self.layer], self.start, self.lengths, self.scale, window,
-                               softcap, sinks)
+        # padding is not written: in a paged cache its positions may lie in pages the sequence does not own
+        ks, vs = self._write(k, v, pos, jnp.arange(c)[None, :] < self.lengths[:, None])
+        k_rows, v_rows = self._rows(ks, vs)
+        out = extend_attention(q, k_rows, v_rows, self.start, self.lengths, self.scale, window, softcap, sinks)
         with jax.named_scope("o"):
             y = linear(out.reshape(b, c, -1), wo, unsummed=True)
         return y, dataclasses.replace(self, k=ks, v=vs)
 
-    def cache(self) -> KVCache:
-        return KVCache(self.k, self.v, (self.start + self.lengths).astype(jnp.int32))
+    def cache(self):
+        return self._cache(self.k, self.v, (self.start + self.lengths).astype(jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -243,7 +298,8 @@ class DecodeAttention(_Attention):
     @classmethod
     def start(cls, cache: KVCache, rope, scale: float) -> "DecodeAttention":
         (cos, sin), local = _as_rope(rope).tables(cache.lengths)   # [B, R], shared by the layers
-        return cls(cache.k, cache.v, cos, sin, scale, 0, local, cache.lengths)
+        return cls(k=cache.k, v=cache.v, cos=cos, sin=sin, scale=scale, local=local, tables=_tables_of(cache),
+                   pos=cache.lengths)
 
     def __call__(self, q, k, v, wo, *, window: int | None = None, softcap: float | None = None,
                  rope: str = "global", sinks=None):
@@ -251,16 +307,21 @@ class DecodeAttention(_Attention):
         SplitSum), self with k/v written at pos)."""
         cos, sin = self._tables(rope)
         window = self._window(window)
-        args = (q, k, v, self.k, self.v, self.pos, cos, sin, self.scale, self.layer)
-        kernel = route("decode_attention", q.shape[0], wo)
+        if self.tables is None:
+            op, ref, args = "decode_attention", decode_attention_update_ref, (q, k, v, self.k, self.v)
+        else:
+            op, ref, args = ("paged_decode_attention", paged_decode_attention_update_ref,
+                             (q, k, v, self.k, self.v, self.tables))
+        args += (self.pos, cos, sin, self.scale, self.layer)
+        kernel = route(op, q.shape[0], wo)
         res = (kernel(*args, wo, partial(linear, unsummed=True), window=window, softcap=softcap, sinks=sinks)
                if kernel is not None else None)
         if res is None:
-            out, ks, vs = decode_attention_update_ref(*args, window, softcap, sinks)
+            out, ks, vs = ref(*args, window, softcap, sinks)
             with jax.named_scope("o"):
                 res = linear(out.reshape(out.shape[0], -1), wo, unsummed=True), ks, vs
         y, ks, vs = res
         return y, dataclasses.replace(self, k=ks, v=vs)
 
-    def cache(self) -> KVCache:
-        return KVCache(self.k, self.v, self.pos + 1)
+    def cache(self):
+        return self._cache(self.k, self.v, self.pos + 1)

@@ -24,7 +24,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from ..kernels import attention as attention_kernels
+from ..kernels import attention as attention_kernels, paged_attention as paged_attention_kernels
 from ..kernels.gemv import (fusable, gemv, gemv_multi, gemv_prepared, gemv_swiglu, swiglu_fusable,
                             takes_prepared)
 from ..kernels.layout import GpuQTensor, x_part_order
@@ -201,19 +201,32 @@ def decode_attention_kernel(q, k, v, k_cache, v_cache, pos, cos, sin, scale, lay
     projection's int8 prep where wo takes prepared int8s, else by XLA, then `project` (ops' linear).
     Declines a sliding window, soft-capped logits, attention sinks and partial RoPE (the kernel has none
     of them)."""
+    return _attention_then_o(attention_kernels.decode_attention_update, (q, k, v, k_cache, v_cache, pos, cos, sin),
+                             scale, layer, wo, project, window, softcap, sinks)
+
+
+def paged_decode_attention_kernel(q, k, v, k_pages, v_pages, tables, pos, cos, sin, scale, layer, wo, project, *,
+                                  window=None, softcap=None, sinks=None):
+    """decode_attention_kernel through block tables (kernels/paged_attention.py); declines the same."""
+    return _attention_then_o(paged_attention_kernels.paged_decode_attention_update,
+                             (q, k, v, k_pages, v_pages, tables, pos, cos, sin), scale, layer, wo, project, window,
+                             softcap, sinks)
+
+
+def _attention_then_o(kernel, args, scale, layer, wo, project, window, softcap, sinks):
     cfg = current()
+    q, cos = args[0], args[-2]
     B, Hq, D = q.shape
     if window is not None or softcap is not None or sinks is not None or cos.shape[-1] != D:
         return None
     int8 = takes_prepared(wo, B, q.dtype, cfg) and (Hq * D) % x_q8_group(wo.qtype) == 0
-    res = attention_kernels.decode_attention_update(q, k, v, k_cache, v_cache, pos, cos, sin, scale, layer,
-                                                    cfg=cfg, merge=not int8)
+    res = kernel(*args, scale, layer, cfg=cfg, merge=not int8)
     if res is None:
         return None
     out, k_cache, v_cache = res
     if int8:
         o, m, l = out
-        words, scales = merge_quantize_x(o, m, l, x_q8_group(wo.qtype), heads_per_kv=Hq // k_cache.shape[-3],
+        words, scales = merge_quantize_x(o, m, l, x_q8_group(wo.qtype), heads_per_kv=Hq // k_cache.shape[2],
                                          dtype=q.dtype, cfg=cfg)
         y = SplitSum(gemv_prepared(words, scales, wo, cfg=cfg, summed=False), q.dtype)
     else:
@@ -237,6 +250,8 @@ ROUTES = {
     ("mlp", "gemv", "dense"): mlp_swiglu_dense,
     # weight kind: the o projection's (the attention runs the kernel for either)
     **{("decode_attention", rows, kind): decode_attention_kernel
+       for rows in ("gemv", "gemv8", "mm", "gemm") for kind in ("gpu", "dense", "packed")},
+    **{("paged_decode_attention", rows, kind): paged_decode_attention_kernel
        for rows in ("gemv", "gemv8", "mm", "gemm") for kind in ("gpu", "dense", "packed")},
 }
 

@@ -1,11 +1,13 @@
 """Prometheus metrics of one app, in its own CollectorRegistry (several apps in one process do not
 collide). The three gauges are the ones the Kubernetes Gateway API Inference Extension's model-server
-protocol scrapes (vLLM's names under our prefix); they read engine.metrics() at scrape time."""
+protocol scrapes (vLLM's names under our prefix); they read engine.metrics() at scrape time, as do
+the paged cache's page gauges and its prefix-cache and preemption counters (the engine counts them)."""
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # vLLM's buckets: TTFT and inter-token latency span sub-millisecond GPU steps to queued CPU requests.
@@ -15,6 +17,35 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
+
+
+class _CacheCollector:
+    """The KV pages and the engine's own counters, read at scrape time (an engine without a paged
+    cache reports zeros)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self.engine.metrics()
+        get = lambda f: float(getattr(m, f, 0) or 0)   # noqa: E731
+        for name, doc, field in [("realizar:kv_cache_pages_total", "KV-cache pages of the pool", "pages_total"),
+                                 ("realizar:kv_cache_pages_in_use", "KV-cache pages held by requests", "pages_in_use"),
+                                 ("realizar:kv_cache_pages_cached", "Full KV pages in the prefix cache", "pages_cached"),
+                                 ("realizar:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
+                                  "prompt tokens looked up, since start", "prefix_cache_hit_rate")]:
+            yield GaugeMetricFamily(name, doc, value=get(field))
+        for name, doc, field in [("realizar:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  "prefix_cache_queries"),
+                                 ("realizar:prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
+                                  "prefilled)", "prefix_cache_hits"),
+                                 ("realizar:prefill_tokens", "Prompt tokens prefilled", "prefill_tokens"),
+                                 ("realizar:num_preemptions", "Requests preempted for lack of KV pages (then "
+                                  "recomputed)", "preemptions")]:
+            yield CounterMetricFamily(name, doc, value=get(field))
 
 
 class ServerMetrics:
@@ -27,6 +58,7 @@ class ServerMetrics:
                                  ("realizar:kv_cache_usage_perc", "KV cache usage, 0..1 (1 = full)",
                                   "kv_cache_usage")]:
             Gauge(name, doc, registry=r).set_function(lambda f=field: float(getattr(engine.metrics(), f)))
+        r.register(_CacheCollector(engine))
         self.ttft = Histogram("realizar:time_to_first_token_seconds", "Submit to first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("realizar:inter_token_latency_seconds",

@@ -149,6 +149,7 @@ class RequestStats:
     first_token: float | None = None  # first token read on the host
     finished: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0            # prompt tokens found in the prefix cache (not prefilled)
     generated_tokens: int = 0         # over all choices, stop/EOS tokens not counted
 
     @property

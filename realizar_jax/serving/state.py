@@ -9,9 +9,13 @@ serves every mix of requests and settings; the state is donated to each call and
 A slot's sampled token at its g-th generated position uses the key fold_in(slot key, g): a request's
 seed gives the same tokens whatever its batchmates (as long as its logits are the same).
 
-The cache API the scheduler uses is `insert` (a prefilled prompt into a slot), `extend` (a further
-prompt chunk into a slot), `release` masks in `decode` (free slots) and the per-slot lengths: a paged
-cache can replace the storage behind them without the scheduler changing.
+The KV cache is paged (cache.PagedKVCache): one pool of pages shared by the slots, a block table per
+slot. The host allocator (pages.py) picks the pages; every call that writes a slot's cache takes the
+slot's table row (insert, extend) or all tables (decode) from the host, so the device tables are
+always the allocator's. The cache API the scheduler uses is `insert` (a prefilled prompt into a
+slot's pages), `extend` (prompt chunks into several slots, each from any position: chunked prefill,
+or the rest of a prompt whose prefix pages are cached), `copy` (copy-on-write of shared pages), `release` masks
+in `decode` (free slots) and the per-slot lengths.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, init_cache
+from ..cache import PagedKVCache, copy_pages, init_cache, init_paged_cache, page_bytes, write_pages_all_layers
 from ..config import ModelConfig
 from ..kernels.tuning import KernelConfig
 from ..models import decode_logits, extend as model_extend, prefill as model_prefill
@@ -67,7 +71,7 @@ def settings(*, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penal
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SlotState:
-    cache: KVCache            # k/v [L, S, Hkv, T, D], lengths [S]
+    cache: PagedKVCache       # pools k/v [L, P, Hkv, ps, D], tables [S, max_pages], lengths [S]
     tokens: jax.Array         # i32 [S]: the next decode input (each slot's last sampled token)
     active: jax.Array         # bool [S]: decoding (not finished, not free)
     remaining: jax.Array      # i32 [S]: tokens the slot may still produce
@@ -85,20 +89,22 @@ class SlotState:
         return self.tokens.shape[0]
 
 
-def new_state(config: ModelConfig, slots: int, max_seq_len: int, kv_dtype) -> SlotState:
+def new_state(config: ModelConfig, slots: int, max_seq_len: int, kv_dtype, pages: int, page_size: int) -> SlotState:
+    """`pages` pages of `page_size` positions (the null page included), tables covering max_seq_len."""
     s, v = slots, config.vocab_size
     f, i = jnp.float32, jnp.int32
     sampling = SamplingParams(jnp.zeros((s,), f), jnp.zeros((s,), i), jnp.ones((s,), f), jnp.zeros((s,), f),
                               jnp.ones((s,), f))
-    return SlotState(init_cache(config, s, max_seq_len, kv_dtype), jnp.zeros((s,), i), jnp.zeros((s,), bool),
+    cache = init_paged_cache(config, pages, page_size, s, max_seq_len, kv_dtype)
+    return SlotState(cache, jnp.zeros((s,), i), jnp.zeros((s,), bool),
                      jnp.zeros((s,), i), jnp.zeros((s,), i), sampling, jnp.zeros((s,), f), jnp.zeros((s,), f),
                      jnp.zeros((s, 2), jnp.uint32), jnp.full((s, STOP_IDS), -1, i), jnp.zeros((s, v), bool),
                      jnp.zeros((s, v), i))
 
 
-def state_bytes(config: ModelConfig, slots: int, max_seq_len: int, kv_dtype) -> int:
-    kv = 2 * config.num_layers * slots * config.num_kv_heads * max_seq_len * config.head_dim
-    return kv * jnp.dtype(kv_dtype).itemsize + slots * config.vocab_size * 5
+def state_bytes(config: ModelConfig, slots: int, kv_dtype, pages: int, page_size: int) -> int:
+    """Device bytes of a state: the page pool and the per-slot seen/counts rows (the rest is small)."""
+    return pages * page_bytes(config, page_size, kv_dtype) + slots * config.vocab_size * 5
 
 
 @jax.tree_util.register_dataclass
@@ -142,42 +148,66 @@ def _seen_row(tokens, length, vocab: int):
     return jnp.zeros((vocab + 1,), bool).at[ids].set(True)[:vocab]
 
 
-def insert(state: SlotState, pre: Prefilled, row, slot, setting: SlotSettings):
-    """Write prompt `row` of a prefilled batch into `slot` and start it (its first token sampled from
-    the prompt's logits). -> (state, Sampled [1] with logprobs)."""
+def insert(state: SlotState, pre: Prefilled, row, slot, setting: SlotSettings, table):
+    """Write prompt `row` of a prefilled batch into `slot`'s pages (its table row `table` [max_pages])
+    and start it (its first token sampled from the prompt's logits). -> (state, Sampled [1] with logprobs)."""
     cache = state.cache
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, 1)   # noqa: E731  (the batch axis of k/v)
-    k = jax.lax.dynamic_update_slice(cache.k, take(pre.k).astype(cache.k.dtype), (0, slot, 0, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache.v, take(pre.v).astype(cache.v.dtype), (0, slot, 0, 0, 0))
     length = pre.length[row]
-    cache = KVCache(k, v, _row_set(cache.lengths, slot, length))
+    # the row's [L, T, Hkv, D]
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, row, 1, keepdims=False).swapaxes(1, 2)  # noqa: E731
+    k = write_pages_all_layers(cache.k, table, take(pre.k), length)
+    v = write_pages_all_layers(cache.v, table, take(pre.v), length)
+    cache = PagedKVCache(k, v, _row_set(cache.tables, slot, table), _row_set(cache.lengths, slot, length))
     seen = _row_set(state.seen, slot, _seen_row(pre.tokens[row], length, state.seen.shape[1]))
     state = dataclasses.replace(state, cache=cache, seen=seen)
-    return start(state, slot, jax.lax.dynamic_slice_in_dim(pre.logits, row, 1, 0), setting)
+    return start(state, slot, jax.lax.dynamic_slice_in_dim(pre.logits, row, 1, 0), setting, jnp.int32(0))
 
 
-def extend(params: Params, state: SlotState, slot, tokens, start_pos, length, *, config: ModelConfig, dtype,
-           kernels: KernelConfig):
-    """A chunk tokens [1, C] (length [1] real) of a long prompt into `slot` at position start_pos (a
-    scalar; 0 resets the slot). -> (state, logits [1, V] at the chunk's last real token)."""
+def extend(params: Params, state: SlotState, slots, tokens, start_pos, length, tables, reset, *, config: ModelConfig,
+           dtype, kernels: KernelConfig):
+    """Chunks tokens [R, C] of R prompts (length [R] real tokens each) into slots [R] (their table rows
+    tables [R, max_pages]) at positions start_pos [R]; the positions before a row's start are in its
+    pages already (earlier chunks, or cached prefix pages). reset [R]: the row's chunk starts its slot's
+    seen mask (else adds to it). A padding row has length 0 and a slot out of range: nothing of it is
+    written or kept. -> (state, logits [R, V] at each row's last real token)."""
     cache = state.cache
-    shape = (cache.k.shape[0], 1) + cache.k.shape[2:]
-    row = KVCache(jax.lax.dynamic_slice(cache.k, (0, slot, 0, 0, 0), shape),
-                  jax.lax.dynamic_slice(cache.v, (0, slot, 0, 0, 0), shape), None)
-    logits, row = model_extend(params, row, tokens, jnp.reshape(start_pos, (1,)), length, config=config,
-                               dtype=dtype, kernels=kernels)
-    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, row.k, (0, slot, 0, 0, 0)),
-                    jax.lax.dynamic_update_slice(cache.v, row.v, (0, slot, 0, 0, 0)),
-                    _row_set(cache.lengths, slot, row.lengths[0]))
-    old = jnp.where(start_pos == 0, False, state.seen[slot])
-    seen = _row_set(state.seen, slot, old | _seen_row(tokens, length[0], state.seen.shape[1]))
-    active = _row_set(state.active, slot, False)
-    return dataclasses.replace(state, cache=cache, seen=seen, active=active), logits
+    rows = PagedKVCache(cache.k, cache.v, tables, None)
+    logits, rows = model_extend(params, rows, tokens, start_pos, length, config=config, dtype=dtype,
+                                kernels=kernels)
+    put = lambda x, value: x.at[slots].set(jnp.asarray(value, x.dtype), mode="drop")  # noqa: E731
+    cache = PagedKVCache(rows.k, rows.v, put(cache.tables, tables), put(cache.lengths, rows.lengths))
+    vocab = state.seen.shape[1]
+    old = jnp.where(reset[:, None], False, state.seen[jnp.minimum(slots, state.seen.shape[0] - 1)])
+    new = jax.vmap(lambda t, n: _seen_row(t, n, vocab))(tokens, length)
+    state = dataclasses.replace(state, cache=cache, seen=put(state.seen, old | new), active=put(state.active, False))
+    return state, logits
 
 
-def start(state: SlotState, slot, logits, setting: SlotSettings):
+def mark(state: SlotState, slot, tokens, length, reset, output):
+    """Tokens [1, C] (length [1] real) into `slot`'s seen mask, and with output (a bool scalar) into
+    its output-token counts; reset (a bool scalar) clears both first. For what the slot's cache holds
+    without an extend having seen it: a cached prefix, a preempted request's generated tokens."""
+    v = state.seen.shape[1]
+    seen = jnp.where(reset, False, state.seen[slot]) | _seen_row(tokens, length[0], v)
+    ids = jnp.where(jnp.arange(tokens.shape[-1]) < length[0], tokens.reshape(-1), v)
+    add = jnp.zeros((v + 1,), jnp.int32).at[ids].add(1)[:v]
+    counts = jnp.where(reset, 0, state.counts[slot]) + jnp.where(output, add, 0)
+    return dataclasses.replace(state, seen=_row_set(state.seen, slot, seen),
+                               counts=_row_set(state.counts, slot, counts))
+
+
+def copy(state: SlotState, src, dst):
+    """Pages src [K] copied onto pages dst [K] (copy on write; NULL_PAGE pairs pad)."""
+    cache = state.cache
+    return dataclasses.replace(state, cache=PagedKVCache(copy_pages(cache.k, src, dst), copy_pages(cache.v, src, dst),
+                                                         cache.tables, cache.lengths))
+
+
+def start(state: SlotState, slot, logits, setting: SlotSettings, generated):
     """Set `slot`'s settings and sample its first token from the prompt's logits [1, V] (the cache and
-    seen mask already hold the prompt). -> (state, Sampled [1] with logprobs)."""
+    seen mask already hold the prompt). generated (an i32 scalar): tokens the request produced before
+    (a preempted one, recomputed: its cache holds them, `mark` counted them); its next token is then
+    drawn at that position of its key, as it would have been. -> (state, Sampled [1] with logprobs)."""
     sp = state.sampling
     sampling = SamplingParams(*(_row_set(getattr(sp, f), slot, getattr(setting, f))
                                 for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")))
@@ -186,8 +216,9 @@ def start(state: SlotState, slot, logits, setting: SlotSettings):
         presence_penalty=_row_set(state.presence_penalty, slot, setting.presence_penalty),
         frequency_penalty=_row_set(state.frequency_penalty, slot, setting.frequency_penalty),
         keys=_row_set(state.keys, slot, setting.key), stop_ids=_row_set(state.stop_ids, slot, setting.stop_ids),
-        counts=_row_set(state.counts, slot, jnp.zeros_like(state.counts[0])),
-        generated=_row_set(state.generated, slot, 0), remaining=_row_set(state.remaining, slot, setting.max_tokens),
+        counts=_row_set(state.counts, slot, jnp.where(generated == 0, 0, state.counts[slot])),
+        generated=_row_set(state.generated, slot, generated),
+        remaining=_row_set(state.remaining, slot, setting.max_tokens - generated),
         active=_row_set(state.active, slot, True))
     # the slot's rows alone, so the first token sees exactly the settings decode would use
     one = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, 0),
@@ -241,16 +272,17 @@ def _advance(state: SlotState, tok):
         seen=state.seen.at[rows, tok].set(state.seen[rows, tok] | took), counts=state.counts.at[rows, tok].add(took.astype(jnp.int32)))
 
 
-def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: bool, sample: bool, penalize: bool,
+def decode(params: Params, state: SlotState, release, tables, *, steps: int, logprobs: bool, sample: bool, penalize: bool,
            rows: int, config: ModelConfig, dtype, kernels: KernelConfig):
-    """Free the `release` slots [S] bool, then `steps` decode steps of every active slot in one call.
+    """Free the `release` slots [S] bool, take the host's block tables [S, max_pages], then `steps`
+    decode steps of every active slot in one call.
     -> (state, Sampled [steps, S]: -1 where a slot was not active at that step). logprobs / sample /
     penalize (static): whether any slot asks for logprobs, samples (temperature > 0), has penalties.
     rows (static): only slots [0, rows) are stepped (the others hold no request), so one request on a
     64-slot engine costs a 1-row step, not a 64-row one."""
     cache = state.cache
     state = dataclasses.replace(state, active=state.active & ~release,
-                                cache=KVCache(cache.k, cache.v, jnp.where(release, 0, cache.lengths)))
+                                cache=PagedKVCache(cache.k, cache.v, tables, jnp.where(release, 0, cache.lengths)))
     full = state
     if rows < full.slots:   # only the first `rows` slots hold requests: step those alone
         state = _first_rows(full, rows)
@@ -258,7 +290,8 @@ def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: b
     def step(state, _):
         logits, cache = decode_logits(params, state.cache, state.tokens, config=config, dtype=dtype, kernels=kernels)
         # a slot that is not active keeps its length (its write at that position is beyond its content)
-        cache = KVCache(cache.k, cache.v, jnp.where(state.active, cache.lengths, state.cache.lengths))
+        cache = PagedKVCache(cache.k, cache.v, cache.tables, jnp.where(state.active, cache.lengths,
+                                                                        state.cache.lengths))
         tok, out = _pick(state, logits.astype(jnp.float32), sample=sample, penalize=penalize, with_logprobs=logprobs)
         emitted = jnp.where(state.active, tok, -1)
         state = _advance(dataclasses.replace(state, cache=cache), tok)
@@ -272,22 +305,23 @@ def decode(params: Params, state: SlotState, release, *, steps: int, logprobs: b
     return state, out
 
 
-def _slot_axes(state: SlotState) -> list[int]:
-    """The slot axis of each leaf of a SlotState: 1 for the cache's k/v [L, S, ...], else 0."""
+def _slot_axes(state: SlotState) -> list[int | None]:
+    """The slot axis of each leaf of a SlotState: None for the page pools (shared, not per slot), else 0."""
     def axis(path):
         names = [getattr(k, "name", None) for k in path]
-        return 1 if names[:1] == ["cache"] and names[-1] in ("k", "v") else 0
+        return None if names[:1] == ["cache"] and names[-1] in ("k", "v") else 0
     return [axis(path) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
 def _first_rows(state: SlotState, rows: int) -> SlotState:
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    return treedef.unflatten([jax.lax.slice_in_dim(x, 0, rows, axis=a) for x, a in zip(leaves, _slot_axes(state))])
+    return treedef.unflatten([x if a is None else jax.lax.slice_in_dim(x, 0, rows, axis=a)
+                              for x, a in zip(leaves, _slot_axes(state))])
 
 
 def _put_rows(full: SlotState, part: SlotState) -> SlotState:
     leaves, treedef = jax.tree_util.tree_flatten(full)
-    return treedef.unflatten([jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=a) for x, y, a in
+    return treedef.unflatten([y if a is None else jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=a) for x, y, a in
                               zip(leaves, jax.tree_util.tree_leaves(part), _slot_axes(full))])
 
 
@@ -302,9 +336,11 @@ class SlotSteps:
         self.insert = Compiled(jax.jit(lambda _, *a: insert(*a), donate_argnums=(1,)))
         self.start = Compiled(jax.jit(lambda _, *a: start(*a), donate_argnums=(1,)))
         self.extend = Compiled(jax.jit(partial(extend, **static), donate_argnums=(1,)))
+        self.mark = Compiled(jax.jit(lambda _, *a: mark(*a), donate_argnums=(1,)))
+        self.copy = Compiled(jax.jit(lambda _, *a: copy(*a), donate_argnums=(1,)))
         self.decode = Compiled(jax.jit(partial(decode, **static), static_argnames=("steps", "logprobs", "sample", "penalize", "rows"),
                                        donate_argnums=(1,)))
-        self.all = (self.prefill, self.insert, self.start, self.extend, self.decode)
+        self.all = (self.prefill, self.insert, self.start, self.extend, self.mark, self.copy, self.decode)
 
     @property
     def compile_seconds(self) -> float:
