@@ -363,8 +363,14 @@ def test_models_health_metrics(served, client, engine):
                  "realizar:e2e_request_latency_seconds", "realizar:prompt_tokens", "realizar:generation_tokens",
                  "realizar:request_success", "realizar:request_errors", "realizar:kv_cache_pages_total",
                  "realizar:kv_cache_pages_in_use", "realizar:kv_cache_pages_cached", "realizar:prefix_cache_hits",
-                 "realizar:prefix_cache_queries", "realizar:prefix_cache_hit_rate", "realizar:num_preemptions"]:
+                 "realizar:prefix_cache_queries", "realizar:prefix_cache_hit_rate", "realizar:num_preemptions",
+                 "realizar:request_queue_time_seconds", "realizar:request_prefill_time_seconds",
+                 "realizar:request_decode_time_seconds", "realizar:engine_seconds"]:
         assert name in families, name
+    phases = {s.labels["phase"]: s.value for s in families["realizar:engine_seconds"].samples}
+    assert set(phases) == {"host", "device_wait", "idle", "compile"} and phases["host"] > 0 and phases["device_wait"] > 0
+    assert metric(served.url, "realizar:request_queue_time_seconds_count") >= 1
+    assert metric(served.url, "realizar:request_prefill_time_seconds_count") >= 1
     assert 0.0 <= metric(served.url, "realizar:kv_cache_usage_perc") <= 1.0
     assert metric(served.url, "realizar:kv_cache_pages_total") == engine.pool.usable
     assert metric(served.url, "realizar:prefix_cache_queries_total") >= 1

@@ -176,6 +176,18 @@ def test_cancel_frees_the_slot_at_the_next_chunk(model):
         assert e.metrics().running == 0 and e.metrics().kv_cache_usage == 0
 
 
+def test_the_scheduler_time_by_phase_adds_up_to_its_wall_time(model):
+    t0 = time.perf_counter()
+    with model.engine(max_slots=2, decode_chunk=2) as e:
+        e.submit([5, 6, 7], max_tokens=12, ignore_eos=True).result(timeout=60)
+        time.sleep(0.2)   # idle: the scheduler thread waits for work
+        m = e.metrics()
+        wall = time.perf_counter() - t0
+    assert m.host_seconds > 0 and m.device_wait_seconds > 0 and m.idle_seconds >= 0.15
+    assert 0 < m.compile_seconds_in_loop <= m.compile_seconds   # no warm-up: the steps compiled in the loop
+    assert m.host_seconds + m.device_wait_seconds + m.idle_seconds + m.compile_seconds_in_loop <= wall
+
+
 def test_deadline_ends_a_request_with_timeout(model):
     with model.engine(max_slots=1, decode_chunk=2) as e:
         c = e.submit([5, 6], max_tokens=240, ignore_eos=True, deadline_s=0.3).result(timeout=60)

@@ -1,7 +1,8 @@
 """Prometheus metrics of one app, in its own CollectorRegistry (several apps in one process do not
 collide). The three gauges are the ones the Kubernetes Gateway API Inference Extension's model-server
 protocol scrapes (vLLM's names under our prefix); they read engine.metrics() at scrape time, as do
-the paged cache's page gauges and its prefix-cache and preemption counters (the engine counts them)."""
+the paged cache's page gauges, its prefix-cache and preemption counters and the scheduler thread's
+time by phase (the engine counts them)."""
 from __future__ import annotations
 
 import time
@@ -46,6 +47,13 @@ class _CacheCollector:
                                  ("realizar:num_preemptions", "Requests preempted for lack of KV pages (then "
                                   "recomputed)", "preemptions")]:
             yield CounterMetricFamily(name, doc, value=get(field))
+        phases = CounterMetricFamily("realizar:engine_seconds", "The scheduler thread's wall time by phase: host "
+                                     "(dispatch, bookkeeping), device_wait (blocked reading results), idle, "
+                                     "compile (a shape warm-up did not compile)", labels=["phase"])
+        for phase, field in (("host", "host_seconds"), ("device_wait", "device_wait_seconds"),
+                             ("idle", "idle_seconds"), ("compile", "compile_seconds_in_loop")):
+            phases.add_metric([phase], get(field))
+        yield phases
 
 
 class ServerMetrics:
@@ -66,6 +74,14 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("realizar:e2e_request_latency_seconds", "Submit to last token",
                              buckets=E2E_BUCKETS, registry=r)
+        # where a request's time goes, as vLLM splits it: waiting for a slot (or pages, or the prefill
+        # budget), admitted to first token (prefill), first to last token
+        self.queue_time = Histogram("realizar:request_queue_time_seconds", "Submit to admitted into a slot",
+                                    buckets=TTFT_BUCKETS, registry=r)
+        self.prefill_time = Histogram("realizar:request_prefill_time_seconds", "Admitted to first token",
+                                      buckets=TTFT_BUCKETS, registry=r)
+        self.decode_time = Histogram("realizar:request_decode_time_seconds", "First token to last token",
+                                     buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("realizar:prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("realizar:generation_tokens", "Generated tokens of finished requests",
                                          registry=r)
@@ -78,8 +94,13 @@ class ServerMetrics:
         """Record one engine request once it is over (stats: RequestStats; finish_reasons: the engine's, per choice)."""
         end = stats.finished if stats.finished is not None else time.perf_counter()
         self.e2e.observe(max(0.0, end - stats.submitted))
+        if stats.admitted is not None:
+            self.queue_time.observe(max(0.0, stats.admitted - stats.submitted))
         if stats.first_token is not None:
             self.ttft.observe(max(0.0, stats.first_token - stats.submitted))
+            self.decode_time.observe(max(0.0, end - stats.first_token))
+            if stats.admitted is not None:
+                self.prefill_time.observe(max(0.0, stats.first_token - stats.admitted))
             per_choice = stats.generated_tokens / max(1, len(finish_reasons))
             if per_choice > 1:
                 self.itl.observe(max(0.0, end - stats.first_token) / (per_choice - 1))

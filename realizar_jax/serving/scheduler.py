@@ -59,6 +59,13 @@ class EngineMetrics:
     prefix_cache_hits: int = 0      # of those, tokens found cached (not prefilled)
     prefill_tokens: int = 0         # prompt tokens prefilled (run through the model)
     preemptions: int = 0            # requests preempted for lack of pages (then recomputed)
+    # the scheduler thread's wall time since start: dispatching and bookkeeping on the host, blocked
+    # reading results (the device is behind), waiting for work, and compiling a shape warm-up did not
+    # (every stream stops meanwhile): where TTFT and throughput go
+    host_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    compile_seconds_in_loop: float = 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -299,6 +306,8 @@ class Engine:
         self._no_release = jnp.zeros((self.max_slots,), bool)
         self._no_copy = jnp.full((self.max_slots,), NULL_PAGE, jnp.int32)
         self._counts = dict(queries=0, hits=0, prefilled=0, preemptions=0)
+        self._seconds = dict(host=0.0, device_wait=0.0, idle=0.0, compile=0.0)
+        self._idle_since: float | None = None
         self._admissions = 0
         self._eos = frozenset(c.eos_token_ids) | frozenset(getattr(model.tokenizer, "eos_ids", ()) or ())
         self._cond = threading.Condition()
@@ -400,9 +409,13 @@ class Engine:
     def metrics(self) -> EngineMetrics:
         with self._cond:
             pool, n = self.pool, self._counts
+            t = dict(self._seconds)
+            if self._idle_since is not None:
+                t["idle"] += time.perf_counter() - self._idle_since
             return EngineMetrics(len(self._queue), len(self._running), pool.in_use / pool.usable, self.max_slots,
                                  self.max_queue, self.steps.compiles, self.steps.compile_seconds, pool.usable,
-                                 pool.in_use, pool.cached, n["queries"], n["hits"], n["prefilled"], n["preemptions"])
+                                 pool.in_use, pool.cached, n["queries"], n["hits"], n["prefilled"], n["preemptions"],
+                                 t["host"], t["device_wait"], t["idle"], t["compile"])
 
     def warmup(self, prompt_lengths: Sequence[int] | None = None, logprobs: bool = False,
                workers: int | None = None) -> float:
@@ -491,17 +504,27 @@ class Engine:
 
     # ---- the scheduler thread ----
     def _loop(self) -> None:
+        t = self._seconds   # written by this thread only
         while True:
             with self._cond:
+                self._idle_since = time.perf_counter()   # (metrics() counts a wait in progress)
                 while not (self._queue or self._running or self._pending or self._cancels):
                     if self._closing:
                         return
                     self._cond.wait()
+                t1 = time.perf_counter()
+                t["idle"] += t1 - self._idle_since
+                self._idle_since = None
                 cancels, self._cancels = self._cancels, []
+            waited, compiled = t["device_wait"] + t["idle"], self.steps.compile_seconds
             try:
                 self._turn(cancels)
             except Exception as e:   # a device error: fail what was in flight, keep serving
                 self._fail_all(e)
+            # the turn's time less its reads, short waits (counted where they happen) and compiles
+            t["compile"] += self.steps.compile_seconds - compiled
+            t["host"] += time.perf_counter() - t1 - (t["device_wait"] + t["idle"] - waited) \
+                - (self.steps.compile_seconds - compiled)
 
     def _turn(self, cancels) -> None:
         now = time.perf_counter()
@@ -520,8 +543,10 @@ class Engine:
         while self._pending and (len(self._pending) > 1 or not dispatched):
             self._read(self._pending.popleft())
         if not dispatched and not pending_before and len(self._pending) == 0 and not cancels:
+            t = time.perf_counter()
             with self._cond:   # nothing to do this turn (e.g. waiting for slots): don't spin
                 self._cond.wait(0.005)
+            self._seconds["idle"] += time.perf_counter() - t
 
     def _admit(self) -> None:
         budget, spent = self.prefill_budget, 0
@@ -833,8 +858,10 @@ class Engine:
         return True
 
     def _read(self, item: _Pending) -> None:
+        t = time.perf_counter()
         got = jax.device_get(item.sampled)
         now = time.perf_counter()
+        self._seconds["device_wait"] += now - t
         if item.kind == "first":
             ch = item.owners[0]
             h = ch.handle
