@@ -103,6 +103,7 @@ class GenerationStats:
     decode_s: float = 0.0
     compile_s: float = 0.0
     decode_tokens: int = 0
+    cached_tokens: int = 0   # prompt tokens found in the engine's prefix cache (not prefilled)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -113,7 +114,8 @@ class GenerationStats:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_tok_s:.1f} tok/s, "
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (f"prompt {self.prompt_tokens} tok{cached}, prefill {self.prefill_tok_s:.1f} tok/s, "
                 f"generated {self.generated_tokens} tok, decode {self.decode_tok_s:.1f} tok/s, "
                 f"compile {self.compile_s:.2f} s")
 
@@ -134,7 +136,8 @@ def generation_stats(handles) -> GenerationStats:
     """The stats of finished engine requests taken together (one request: its own)."""
     hs = [h for h in handles if h.stats.first_token is not None and h.stats.finished is not None]
     st = GenerationStats(prompt_tokens=sum(h.stats.prompt_tokens for h in handles),
-                         generated_tokens=sum(h.stats.generated_tokens for h in handles))
+                         generated_tokens=sum(h.stats.generated_tokens for h in handles),
+                         cached_tokens=sum(h.stats.cached_tokens for h in handles))
     if not hs:
         return st
     admitted = min(h.stats.admitted for h in hs)

@@ -2,7 +2,7 @@
 on GitHub sees the text and figures. tests/test_notebooks.py runs them again and checks what is
 committed (executed in order, no errors, figures present, small).
 
-    python scripts/refresh_notebooks.py
+    python scripts/refresh_notebooks.py [NAME ...]   # names like 01_quickstart; default every notebook
 """
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ def main() -> int:
             "display_name": "realizar-jax", "language": "python", "env": env}))
         os.environ["JUPYTER_PATH"] = home
         os.environ.pop("REALIZAR_NOTEBOOK_MODEL", None)   # the embedded model, as a reader's machine has
-        for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        paths = sorted((ROOT / "notebooks").glob("*.ipynb"))
+        wanted = set(sys.argv[1:])
+        if unknown := wanted - {p.stem for p in paths}:
+            print(f"refresh_notebooks: no notebook named {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        for path in [p for p in paths if not wanted or p.stem in wanted]:
             nb = nbformat.read(path, as_version=4)
             t = time.perf_counter()
             nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=600, allow_errors=False,

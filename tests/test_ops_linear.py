@@ -116,7 +116,7 @@ def test_mxfp4_has_no_gpu_layout_and_takes_the_reference(monkeypatch):
     w = (np.random.default_rng(2).standard_normal((OUT, IN)) * 0.05).astype(np.float32)
     q, raw = qtensor(w, "MXFP4")
     assert repack_for_gpu(q) is q
-    assert all(kind != "packed" or op == "decode_attention" for op, _, kind in routes.ROUTES)
+    assert all(kind != "packed" or op in ("decode_attention", "paged_decode_attention") for op, _, kind in routes.ROUTES)
     for key in list(routes.ROUTES):
         monkeypatch.setitem(routes.ROUTES, key, lambda *a, _key=key, **k: pytest.fail(f"route {_key} taken"))
     x = jnp.asarray(np.random.default_rng(3).standard_normal((3, IN)), jnp.float32)

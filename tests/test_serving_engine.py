@@ -256,6 +256,26 @@ def test_async_events_equal_the_sync_result(model, engine):
     assert texts == [done.choices[0].text] * 3 and done.choices[0].text
 
 
+def test_a_consumer_that_falls_behind_gets_the_due_events_joined(engine):
+    """Read after the request is over and every event is due: a choice's consecutive events come as
+    one (n=2: the two choices' runs alternate per decode chunk), their text, tokens and logprobs the
+    Completion's."""
+    async def main(n):
+        h = engine.submit("def f(x):", n=n, max_tokens=24, ignore_eos=True, temperature=0.8, seed=3, logprobs=2)
+        done = await h.completion()
+        await asyncio.sleep(0.3)   # past the last chunk's paced release times (at most 0.25 s out)
+        return done, [ev async for ev in h.events()]
+
+    for n, most in ((1, 1), (2, 24 // 4 + 1)):
+        done, events = asyncio.run(main(n))
+        for c in done.choices:
+            mine = [ev for ev in events if ev.choice == c.index]
+            assert len(mine) <= most and mine[-1].finish_reason == "length"
+            assert "".join(ev.text for ev in mine) == c.text
+            assert sum((ev.token_ids for ev in mine), ()) == c.token_ids
+            assert sum((ev.logprobs for ev in mine), ()) == c.logprobs and len(c.logprobs) == 24
+
+
 def test_streams_arrive_paced_not_in_chunk_bursts(model):
     """With decode_chunk=8 a chunk's tokens are released over the chunk's duration: no 8-token bursts."""
     with model.engine(max_slots=1, decode_chunk=8) as e:

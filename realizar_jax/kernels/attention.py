@@ -180,12 +180,28 @@ def _check_update(q, k, v, k_cache, v_cache, pos, cos, sin, layer):
     L, B, Hkv, _, D = k_cache.shape
     if not 0 <= layer < L:
         raise ValueError(f"decode_attention_update: layer {layer} is not in the cache's {L} layers")
+    check_step_operands("decode_attention_update", "the cache needs", q, k, v, pos, cos, sin, B, Hkv, D)
+
+
+def check_step_operands(fn: str, holder: str, q, k, v, pos, cos, sin, B: int, Hkv: int, D: int) -> None:
+    """ValueError naming the one decode step's operand (q, k, v before RoPE; pos; cos/sin at pos) whose
+    shape does not fit B sequences of Hkv kv heads of head dim D."""
     want = {"q": (B, q.shape[1], D), "k": (B, Hkv, D), "v": (B, Hkv, D), "pos": (B,), "cos": (B, D), "sin": (B, D)}
     for name, a in (("q", q), ("k", k), ("v", v), ("pos", pos), ("cos", cos), ("sin", sin)):
         if a.shape != want[name]:
-            raise ValueError(f"decode_attention_update: {name} has shape {a.shape}, the cache needs {want[name]}")
+            raise ValueError(f"{fn}: {name} has shape {a.shape}, {holder} {want[name]}")
     if q.shape[1] % Hkv:
-        raise ValueError(f"decode_attention_update: {q.shape[1]} query heads do not group over {Hkv} kv heads")
+        raise ValueError(f"{fn}: {q.shape[1]} query heads do not group over {Hkv} kv heads")
+
+
+def decode_tile(cfg: KernelConfig, key: str, default: tuple) -> tuple:
+    """A decode attention kernel's (positions per block, splits, warps, stages), KernelConfig's tile
+    `key` overriding `default`."""
+    tile = cfg.tile(key, default, min_value=0)
+    if tile[0] < 16 or tile[0] & (tile[0] - 1) or min(tile[2:]) < 1:
+        raise ValueError(f"tile '{key}' must be [positions per block (a power of two >= 16), splits "
+                         f"(0: auto), warps, stages], got {list(tile)}")
+    return tile
 
 
 # (positions per block, splits (0: enough for ~2 programs per SM), warps, stages) of the fused
@@ -194,11 +210,7 @@ ATTN_TILE = (64, 0, 4, 2)
 
 
 def attention_tile(cfg: KernelConfig) -> tuple:
-    tile = cfg.tile("ATTN", ATTN_TILE, min_value=0)
-    if tile[0] < 16 or tile[0] & (tile[0] - 1) or min(tile[2:]) < 1:
-        raise ValueError(f"tile 'ATTN' must be [positions per block (a power of two >= 16), splits "
-                         f"(0: auto), warps, stages], got {list(tile)}")
-    return tile
+    return decode_tile(cfg, "ATTN", ATTN_TILE)
 
 
 def _tile_plan(q_shape, k_cache_shape, cfg: KernelConfig):

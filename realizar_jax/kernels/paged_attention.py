@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .attention import NEG, _merge
+from .attention import NEG, _merge, check_step_operands, decode_tile
 from .tuning import KernelConfig
 
 
@@ -154,12 +154,7 @@ def _check(q, k, v, k_pages, v_pages, tables, pos, cos, sin, layer):
     B = q.shape[0]
     if tables.ndim != 2 or tables.shape[0] != B:
         raise ValueError(f"paged_decode_attention_update: tables has shape {tables.shape}, need [{B}, max_pages]")
-    want = {"q": (B, q.shape[1], D), "k": (B, Hkv, D), "v": (B, Hkv, D), "pos": (B,), "cos": (B, D), "sin": (B, D)}
-    for name, a in (("q", q), ("k", k), ("v", v), ("pos", pos), ("cos", cos), ("sin", sin)):
-        if a.shape != want[name]:
-            raise ValueError(f"paged_decode_attention_update: {name} has shape {a.shape}, the pools need {want[name]}")
-    if q.shape[1] % Hkv:
-        raise ValueError(f"paged_decode_attention_update: {q.shape[1]} query heads do not group over {Hkv} kv heads")
+    check_step_operands("paged_decode_attention_update", "the pools need", q, k, v, pos, cos, sin, B, Hkv, D)
 
 
 # (positions per block, splits (0: enough for ~2 programs per SM), warps, stages); the KernelConfig's
@@ -168,11 +163,7 @@ PAGED_ATTN_TILE = (64, 0, 4, 2)
 
 
 def paged_attention_tile(cfg: KernelConfig) -> tuple:
-    tile = cfg.tile("PAGED_ATTN", PAGED_ATTN_TILE, min_value=0)
-    if tile[0] < 16 or tile[0] & (tile[0] - 1) or min(tile[2:]) < 1:
-        raise ValueError(f"tile 'PAGED_ATTN' must be [positions per block (a power of two >= 16), splits "
-                         f"(0: auto), warps, stages], got {list(tile)}")
-    return tile
+    return decode_tile(cfg, "PAGED_ATTN", PAGED_ATTN_TILE)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "layer", "cfg", "merge"))

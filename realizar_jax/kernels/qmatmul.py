@@ -122,11 +122,11 @@ def _q4_k_parts(p, interpret: bool) -> list:
     return out
 
 
-def _six_bits_f32(low, high, at: int, interpret: bool):
-    """float32(2**(23 - at) + nib + 16 * hi), exactly, for at <= 17: nib the 4 bits of `low` at bit
-    `at`, hi the 2 bits of `high` at bit at + 4, both selected in place into the mantissa of
-    2**(23 - at) (two LOP3s on the GPU)."""
-    m_lo, m_hi, magic = 15 << at, 3 << (at + 4), (150 - at) << 23
+def _bits_f32(low, high, at: int, high_bits: int, interpret: bool):
+    """float32(2**(23 - at) + nib + 16 * hi), exactly, for at + 4 + high_bits <= 23: nib the 4 bits of
+    `low` at bit `at`, hi the `high_bits` bits of `high` at bit at + 4, both selected in place into the
+    mantissa of 2**(23 - at) (two LOP3s on the GPU). Q6_K's quants have 2 high bits, Q5_K's one."""
+    m_lo, m_hi, magic = 15 << at, ((1 << high_bits) - 1) << (at + 4), (150 - at) << 23
     if interpret:
         bits = (low & m_lo) | (high & m_hi) | magic
     else:
@@ -139,7 +139,7 @@ def _six_bits_f32(low, high, at: int, interpret: bool):
 def _q6_k_parts(p, interpret: bool) -> list:
     """layout.dequant_parts for Q6_K, bit for bit, in fewer instructions per value: quant c's low
     nibble (bit 8k + 4(c % 2) of its ql word) and high 2 bits (bit 8k + 2c of the h word, shifted
-    once per c to sit 4 above the nibble) are selected in place into one float (_six_bits_f32);
+    once per c to sit 4 above the nibble) are selected in place into one float (_bits_f32);
     subtracting 2**(23 - at) + 32 is exact, and the product with the scale rounds as the reference's.
     Bytes 2 and 3 come from the words shifted right by 16 once."""
     e, o, h, sc_words, d = p                           # words int32 [N, S, 4, 4]
@@ -154,23 +154,10 @@ def _q6_k_parts(p, interpret: bool) -> list:
         for k in range(4):
             low, high, at = (lows, hc, 8 * k) if k < 2 else (lows16, hc16, 8 * (k - 2))
             at += 4 * (c % 2)
-            f = _six_bits_f32(low, high, at, interpret)
+            f = _bits_f32(low, high, at, 2, interpret)
             w = (f - float(2 ** (23 - at) + 32)) * sc
             out.append(w.reshape(w.shape[0], w.shape[1], 16))
     return out
-
-
-def _five_bits_f32(low, high, at: int, interpret: bool):
-    """float32(2**(23 - at) + nib + 16 * hi), exactly, for at <= 18: nib the 4 bits of `low` at bit
-    `at`, hi the bit of `high` at bit at + 4, both selected in place (two LOP3s on the GPU)."""
-    m_lo, m_hi, magic = 15 << at, 1 << (at + 4), (150 - at) << 23
-    if interpret:
-        bits = (low & m_lo) | (high & m_hi) | magic
-    else:
-        [bits] = plgpu.elementwise_inline_asm(
-            f"lop3.b32 $0, $1, {m_lo}, {magic}, 0xEA;\n\tlop3.b32 $0, $2, {m_hi}, $0, 0xEA;", args=[low, high],
-            constraints="=&r,r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(low.shape, jnp.int32)])
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _q5_k_parts(p, interpret: bool) -> list:
@@ -191,7 +178,7 @@ def _q5_k_parts(p, interpret: bool) -> list:
             pos = 8 * k + 4 * hh
             half = 0 if k < 2 else 1
             low, at = (qs, pos) if half == 0 else (high, pos - 16)
-            q = _five_bits_f32(low, fifth[half, hh], at, interpret) - float(2 ** (23 - at))
+            q = _bits_f32(low, fifth[half, hh], at, 1, interpret) - float(2 ** (23 - at))
             w = _fma(q, scale[hh][..., None], -mins[hh][..., None], interpret)
             out.append(w.reshape(w.shape[0], w.shape[1], 32))
     return out

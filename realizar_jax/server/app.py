@@ -286,6 +286,17 @@ def create_app(engine, model_name: str, *, model=None, max_body_bytes: int = MAX
 async def merged(handles, reasons):
     """(handle index, Event) from all handles as they come, each choice's finish_reason noted in
     reasons[handle][choice]; an engine error ('error' finish) raises EngineRequestError."""
+    def noted(i, ev):
+        if ev.finish_reason:
+            reasons[i][ev.choice] = ev.finish_reason
+        if ev.finish_reason == "error":
+            raise EngineRequestError(ev.error or "the engine failed this request")
+        return i, ev
+
+    if len(handles) == 1:   # the usual request: its events as they come, without a task and a queue
+        async for ev in handles[0].events():
+            yield noted(0, ev)
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, h):
@@ -307,11 +318,7 @@ async def merged(handles, reasons):
             elif isinstance(ev, BaseException):
                 raise ev
             else:
-                if ev.finish_reason:
-                    reasons[i][ev.choice] = ev.finish_reason
-                if ev.finish_reason == "error":
-                    raise EngineRequestError(ev.error or "the engine failed this request")
-                yield i, ev
+                yield noted(i, ev)
     finally:
         for t in tasks:
             t.cancel()

@@ -166,7 +166,11 @@ class RequestHandle:
             yield ev
 
     async def events(self):
-        """The Events as an async iterator (never blocks the event loop)."""
+        """The Events as an async iterator (never blocks the event loop), each released at its time (a
+        decode chunk's tokens spread over the chunk). A consumer that falls behind gets the events of a
+        choice that are due by then as one (their text, tokens and logprobs joined): as many wakeups
+        and, in the server, SSE chunks as it can take, since the per-event work of the HTTP layer, not
+        the device, bounds the tokens per second of many streams."""
         loop = asyncio.get_running_loop()
         i = 0
         while True:
@@ -186,6 +190,13 @@ class RequestHandle:
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            with self._cond:
+                now = time.perf_counter()
+                while i < len(self._events) and ev.finish_reason is None:
+                    nxt, at = self._events[i]
+                    if at > now or nxt.choice != ev.choice:
+                        break
+                    ev, i = _joined(ev, nxt), i + 1
             yield ev
 
     def result(self, timeout: float | None = None) -> Completion:
@@ -226,6 +237,12 @@ class RequestHandle:
     def compile_seconds_between(self, a: str, b: str) -> float:
         m = self._compile_marks
         return m.get(b, 0.0) - m.get(a, 0.0) if a in m and b in m else 0.0
+
+
+def _joined(a: Event, b: Event) -> Event:
+    """Two consecutive Events of one choice as one."""
+    lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or ()) + (b.logprobs or ())
+    return Event(a.choice, a.text + b.text, a.token_ids + b.token_ids, lps, b.finish_reason, b.error)
 
 
 def _prefill_rows(prompts: int) -> int:
@@ -703,10 +720,12 @@ class Engine:
         return min(len(ch.ids()) - ch.prefilled, self.prefill_chunk)
 
     def extend_lengths(self) -> tuple[int, ...]:
-        """The chunk lengths extend runs at: the prompt buckets up to the full chunk (a tail is padded at
-        most 2x; its length is anything up to the prompt's, a preempted request's holding what it
-        generated, so warm-up compiles them all)."""
-        return tuple(1 << k for k in range(MIN_BUCKET.bit_length() - 1, self.prefill_chunk.bit_length()))
+        """The chunk lengths extend runs at, each compiled at every row count: an eighth, a half and the
+        whole prefill chunk (64, 256 and 512 by default). A tail (of a prompt whose prefix is cached, of
+        a chunked prompt, of a preempted request's recompute) can have any length: three lengths pad
+        it at most 4x (2x above an eighth chunk) for 7 compiles at 16 slots, not 16 for every bucket."""
+        c = self.prefill_chunk
+        return tuple(sorted({max(MIN_BUCKET, c // 8), max(MIN_BUCKET, c // 2), c}))
 
     def _extend_rows(self, chunk: int) -> int:
         """The most rows one extend call of `chunk`-token chunks takes: a PREFILL_BATCHES size within
@@ -730,7 +749,8 @@ class Engine:
             parts.append((ch, ch.ids()[ch.prefilled:ch.prefilled + self.prefill_chunk], reset))
         by_bucket: dict[int, list] = {}
         for part in parts:
-            by_bucket.setdefault(bucket_length(len(part[1]), self.prefill_chunk), []).append(part)
+            t = next(n for n in self.extend_lengths() if n >= len(part[1]))
+            by_bucket.setdefault(t, []).append(part)
         for t, group in sorted(by_bucket.items()):
             most = self._extend_rows(t)
             for i in range(0, len(group), most):
