@@ -473,7 +473,7 @@ def test_signal_drains_in_flight_requests(model):
 
 def test_serve_cli_sigterm_exits_0(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "realizar_jax.cli.main", "serve", "--port", "0", "--max-slots",
-                             "2", "--model-name", "m", "--warmup", "16", "--kv-cache-memory", "0.01", "--page-size",
+                             "2", "--model-name", "m", "--warmup", "none", "--kv-cache-memory", "0.01", "--page-size",
                              "32", "--no-prefix-cache"], stderr=subprocess.PIPE, text=True)
     try:
         url, said = None, []

@@ -194,8 +194,8 @@ class RequestHandle:
                 now = time.perf_counter()
                 while i < len(self._events) and ev.finish_reason is None:
                     nxt, at = self._events[i]
-                    if at > now or nxt.choice != ev.choice:
-                        break
+                    if at > now or nxt.choice != ev.choice or nxt.finish_reason == "error":
+                        break   # (an engine failure stays its own event: the text before it is kept)
                     ev, i = _joined(ev, nxt), i + 1
             yield ev
 
@@ -723,7 +723,7 @@ class Engine:
         """The chunk lengths extend runs at, each compiled at every row count: an eighth, a half and the
         whole prefill chunk (64, 256 and 512 by default). A tail (of a prompt whose prefix is cached, of
         a chunked prompt, of a preempted request's recompute) can have any length: three lengths pad
-        it at most 4x (2x above an eighth chunk) for 7 compiles at 16 slots, not 16 for every bucket."""
+        it at most 4x (2x above half a chunk) for 7 compiles at 16 slots, not 16 for every bucket."""
         c = self.prefill_chunk
         return tuple(sorted({max(MIN_BUCKET, c // 8), max(MIN_BUCKET, c // 2), c}))
 
