@@ -276,6 +276,29 @@ def test_a_consumer_that_falls_behind_gets_the_due_events_joined(engine):
             assert sum((ev.logprobs for ev in mine), ()) == c.logprobs and len(c.logprobs) == 24
 
 
+def test_an_engine_failure_is_not_joined_into_the_text_before_it(model):
+    """A device error mid-stream ends the request with finish_reason 'error'; read late, the tokens that
+    came before it still arrive in an event of their own (the server sends them, then the error)."""
+    with model.engine(max_slots=1, decode_chunk=2) as e:
+        dispatch, calls = e._dispatch_decode, []
+
+        def failing():
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("boom")
+            return dispatch()
+        e._dispatch_decode = failing
+
+        async def main():
+            h = e.submit([5, 6, 7], max_tokens=40, ignore_eos=True)
+            await h.completion()
+            await asyncio.sleep(0.3)
+            return [ev async for ev in h.events()]
+        events = asyncio.run(main())
+    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+    assert len(events) >= 2 and events[-2].finish_reason is None and len(events[-2].token_ids) >= 2
+
+
 def test_streams_arrive_paced_not_in_chunk_bursts(model):
     """With decode_chunk=8 a chunk's tokens are released over the chunk's duration: no 8-token bursts."""
     with model.engine(max_slots=1, decode_chunk=8) as e:
